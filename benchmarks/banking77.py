@@ -1,0 +1,149 @@
+"""BANKING77 benchmark of the default recipe: few-shot, full data, and with a source stage.
+
+    python benchmarks/banking77.py                      # all three runs (about 30 min on 2 cores)
+    python benchmarks/banking77.py --runs few_shot      # just the 10-shot run
+
+Reads ../shared/data (override with --data-dir), writes results/banking77.{json,md}.
+Each run is a separate process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# Published 10-shot BANKING77 test accuracies (Zhang et al. 2021, DNNC/CPFT tables).
+PUBLISHED = {
+    "few_shot": "RoBERTa-base 84.27%, BERT-large 83.42%",
+    "full": "BERT-large 93.66%",
+    "transfer": "CPFT (125M, contrastive pre-training) 87.20%",
+}
+
+
+def runs(data: Path) -> dict[str, dict]:
+    target = {"data.valid": str(data / "banking77/valid.csv"), "data.test": str(data / "banking77/test.csv")}
+    return {
+        "few_shot": {"data.train": str(data / "banking77/train_10.csv"), **target},
+        # 8,622 rows: 3 epochs already pass the point where validation stops improving.
+        "full": {"data.train": str(data / "banking77/train.csv"), **target, "training.epochs": 3},
+        "transfer": {
+            "data.train": str(data / "banking77/train_10.csv"),
+            **target,
+            "data.source": str(data / "clinc150/train.csv"),
+            "source_training.epochs": 1,
+        },
+    }
+
+
+def run_one(name: str, data: Path, work: Path) -> dict:
+    from transferdesk.config import load_config
+    from transferdesk.train import train_and_register
+
+    overrides = {**runs(data)[name], "output": str(work / "registry"), "name": f"banking77-{name}"}
+    cfg = load_config(None, overrides)
+    start = time.perf_counter()
+    version = train_and_register(cfg)
+    wall = time.perf_counter() - start
+    metrics = json.loads((version / "metrics.json").read_text())
+    return {
+        "run": name,
+        "overrides": {k: v for k, v in overrides.items() if not k.startswith("data.")},
+        "train_file": Path(cfg.data.train).name,
+        "source_file": cfg.data.source and Path(cfg.data.source).name,
+        "test_accuracy": metrics["accuracy"],
+        "test_macro_f1": metrics["macro_f1"],
+        "train_seconds": metrics["train_seconds"],
+        "source_seconds": metrics.get("source_seconds"),
+        "best_epoch": metrics["best_epoch"],
+        "epochs_run": len(metrics["valid_history"]),
+        "wall_seconds": wall,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "predict_per_s": metrics["test"]["speed"]["throughput_per_s"],
+        "latency_ms_p50": metrics["test"]["speed"]["latency_ms_p50"],
+        "model": str(version),
+        "published": PUBLISHED[name],
+    }
+
+
+def markdown(results: list[dict], machine: str) -> str:
+    lines = [
+        f"Measured on {machine}.",
+        "",
+        "| run | train file | source stage | test accuracy | macro-F1 | training time | "
+        "peak memory | published |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        source = f"{r['source_file']} ({r['source_seconds']:.0f} s)" if r["source_file"] else "none"
+        lines.append(
+            f"| {r['run']} | {r['train_file']} | {source} | {r['test_accuracy']:.2%} | "
+            f"{r['test_macro_f1']:.2%} | {r['train_seconds']:.0f} s ({r['epochs_run']} epochs) | "
+            f"{r['peak_rss_gib']:.2f} GiB | {r['published']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["few_shot", "full", "transfer"],
+        choices=["few_shot", "full", "transfer"],
+    )
+    parser.add_argument("--work", type=Path, default=HERE / "work", help="registry for the runs")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one run, JSON out
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.data_dir, args.work)))
+        return
+    if not (args.data_dir / "banking77" / "train_10.csv").is_file():
+        sys.exit(f"error: BANKING77 not found under {args.data_dir}; pass --data-dir")
+    results = []
+    for name in args.runs:
+        print(f"== {name}", flush=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--data-dir",
+                str(args.data_dir),
+                "--work",
+                str(args.work),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1], indent=2), flush=True)
+    machine = (
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}"
+    )
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / "banking77.json"
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    merged = {**previous.get("runs", {}), **{r["run"]: r for r in results}}
+    out.write_text(json.dumps({"machine": machine, "runs": merged}, indent=2))
+    (args.results / "banking77.md").write_text(markdown(list(merged.values()), machine))
+    print((args.results / "banking77.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""End-to-end runs of the real bundled all-MiniLM-L6-v2 on the bundled sample data."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from transferdesk.cli import main
+from transferdesk.data import read_dataset
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import load_model
+
+pytestmark = pytest.mark.integration
+
+# Short schedules: enough to show learning well above chance within the suite's time budget.
+FAST = ["--training.epochs", "4", "--runtime.progress", "false"]
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bundled") / "registry"
+
+
+@pytest.fixture(scope="module")
+def sample_model(registry: Path) -> Path:
+    """`transferdesk train` with no data flags: the bundled sample, default backbone."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferdesk.cli", "train", "--output", str(registry), *FAST],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_evaluate_predict_beats_chance(sample_model: Path, capsys) -> None:
+    metrics = json.loads((sample_model / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.6  # 20 intents + out-of-scope: chance is under 5%
+    assert metrics["test"]["oos_auroc"] > 0.6
+    assert main(["evaluate", str(sample_model), "--data", "sample:retail/test.csv"]) == 0
+    evaluated = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
+    assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert main(["predict", str(sample_model), "where is my parcel? it was due monday", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["intent"] in ("track_order", "delivery_delayed")
+
+
+def test_tampered_real_model_is_refused(sample_model: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(sample_model, tmp_path / "v1")
+    config = copy / "encoder" / "config.json"
+    config.write_text(config.read_text().replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
+    with pytest.raises(TransferDeskError, match=r"altered: encoder/config\.json"):
+        load_model(copy)
+    assert main(["predict", str(copy), "hello"]) == 2
+
+
+def test_source_stage_then_target_stage(registry: Path, capsys) -> None:
+    args = [
+        "train",
+        "--source",
+        "sample:customer_service/train.csv",
+        "--output",
+        str(registry),
+        "--name",
+        "with-source",
+        "--source_training.epochs",
+        "1",
+        *FAST,
+    ]
+    assert main(args) == 0
+    version = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    info = json.loads((version / "model.json").read_text())
+    checkpoint = Path(info["source_checkpoint"])
+    source = json.loads((checkpoint / "source.json").read_text())
+    assert source["intents"] == len(read_dataset("sample:customer_service/train.csv")[0].intents)
+    assert json.loads((version / "metrics.json").read_text())["accuracy"] > 0.6
+    model, _, _ = load_model(checkpoint.parent.parent / "with-source")  # newest version
+    assert len(model.labels) == 20

@@ -1,0 +1,140 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transferdesk.cli import build_parser, main
+
+
+def _tiny_train_args(tiny_config, toy_files: dict) -> list[str]:
+    return [
+        "train",
+        "--train",
+        str(toy_files["train"]),
+        "--valid",
+        str(toy_files["valid"]),
+        "--test",
+        str(toy_files["test"]),
+        "--backbone",
+        tiny_config.model.backbone,
+        "--output",
+        tiny_config.output,
+        "--training.epochs",
+        "2",
+        "--model.max_length",
+        "16",
+        "--runtime.progress",
+        "false",
+        "--runtime.num_threads",
+        "1",
+    ]
+
+
+@pytest.fixture
+def trained(tiny_config, toy_files: dict, capsys: pytest.CaptureFixture) -> Path:
+    assert main(_tiny_train_args(tiny_config, toy_files)) == 0
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert path.is_dir()
+    return path
+
+
+def test_train_prints_the_new_version_last(trained: Path) -> None:
+    assert trained.name == "v1" and (trained / "manifest.json").is_file()
+
+
+def test_cli_overrides_reach_the_saved_config(trained: Path) -> None:
+    saved = (trained / "config.yaml").read_text()
+    assert "epochs: 2" in saved and "max_length: 16" in saved
+
+
+def test_evaluate_writes_metrics_report_and_plot(trained: Path, toy_files: dict, capsys) -> None:
+    assert main(["evaluate", str(trained), "--data", str(toy_files["test"])]) == 0
+    out = capsys.readouterr().out
+    metrics_path = Path(out.strip().splitlines()[-1])
+    metrics = json.loads(metrics_path.read_text())
+    assert {"accuracy", "macro_f1", "per_intent", "oos_recall", "oos_auroc", "speed"} <= metrics.keys()
+    assert (metrics_path.parent / "confusion.png").is_file() and "| accuracy |" in out
+    assert main(["models", "show", str(trained)]) == 0  # evaluations do not break the manifest
+
+
+def test_predict_json_and_file(trained: Path, tmp_path: Path, capsys) -> None:
+    lines = tmp_path / "texts.txt"
+    lines.write_text("forgot my password\n\nwhere is my parcel\n")
+    assert (
+        main(
+            ["predict", str(trained), "refund status please", "--file", str(lines), "--top-k", "2", "--json"]
+        )
+        == 0
+    )
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["text"] for r in rows] == ["refund status please", "forgot my password", "where is my parcel"]
+    assert all(len(r["top"]) == 2 and r["top"][0]["confidence"] >= r["top"][1]["confidence"] for r in rows)
+    assert main(["predict", str(trained), "where is my parcel"]) == 0
+    assert "→" in capsys.readouterr().out
+
+
+def test_models_list(trained: Path, capsys) -> None:
+    assert main(["models", "list", str(trained.parent.parent), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["version"]) for r in rows] == [("intent-classifier", 1)]
+
+
+def test_data_check_exit_codes(toy_files: dict, tmp_path: Path, capsys) -> None:
+    assert main(["data", "check", str(toy_files["train"])]) == 0
+    assert "12 rows, 3 intents" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,a\n,a\nbye,b\nbye,b\n")
+    assert main(["data", "check", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert f"{bad}:3: error: empty utterance" in out and "exact duplicate" in out
+    assert main(["data", "check", str(toy_files["test"]), "--against", str(toy_files["train"])]) == 0
+
+
+def test_user_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
+    cases = [
+        ["predict", str(tmp_path / "missing-model"), "hello"],
+        ["train", "--train", str(tmp_path / "missing.csv")],
+        ["train", "--training.epochs", "-1"],
+        ["train", "--config", str(tmp_path / "nope.yaml")],
+    ]
+    for argv in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "transferdesk.cli", *argv], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert proc.stderr.splitlines()[-1].startswith("error:") or "error:" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_setting() -> None:
+    parser = build_parser()
+    train_help = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in (
+        "--train",
+        "--valid",
+        "--test",
+        "--source",
+        "--backbone",
+        "--config",
+        "--output",
+        "--training.encoder_lr",
+        "--source_training.epochs",
+        "--runtime.precision",
+        "--model.pooling",
+        "--data.few_shot_k",
+    ):
+        assert flag in train_help
+    for argv in (
+        ["--help"],
+        ["train", "--help"],
+        ["evaluate", "--help"],
+        ["predict", "--help"],
+        ["data", "check", "--help"],
+        ["models", "list", "--help"],
+        ["models", "show", "--help"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 0

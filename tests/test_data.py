@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_csv
+from transferdesk.config import DataConfig
+from transferdesk.data import (
+    check_eval_data,
+    check_training_data,
+    few_shot,
+    load_splits,
+    raise_on_errors,
+    read_dataset,
+    sample_path,
+    stratified_split,
+    summarize,
+)
+from transferdesk.errors import TransferDeskError
+
+
+def _messages(problems: list) -> str:
+    return "\n".join(str(p) for p in problems)
+
+
+def test_reads_csv_tsv_and_jsonl_alike(tmp_path: Path) -> None:
+    rows = [("hi there", "greet"), ("bye now", "leave")]
+    write_csv(tmp_path / "a.csv", rows)
+    (tmp_path / "a.tsv").write_text("text\tlabel\nhi there\tgreet\nbye now\tleave\n")
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "label": lab}) for t, lab in rows))
+    for name in ("a.csv", "a.tsv", "a.jsonl"):
+        ds, problems = read_dataset(tmp_path / name)
+        assert (ds.texts, ds.labels, problems) == (["hi there", "bye now"], ["greet", "leave"], [])
+
+
+def test_configurable_column_names(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "a.csv", [("hello", "greet")], header=("utterance", "intent"))
+    ds, _ = read_dataset(path, "utterance", "intent")
+    assert ds.labels == ["greet"]
+    with pytest.raises(TransferDeskError, match=r"missing column\(s\) text, label.*utterance, intent"):
+        read_dataset(path)
+
+
+def test_row_problems_are_reported_with_file_and_row(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "bad.csv", [("fine text", "a"), ("", "a"), ("no label", ""), ("ok", "b")])
+    ds, problems = read_dataset(path)
+    text = _messages(problems)
+    assert f"{path}:3: error: empty utterance" in text
+    assert f"{path}:4: error: missing label" in text
+    assert ds.texts == ["fine text", "ok"]
+
+
+def test_jsonl_non_text_and_bad_json(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": 42, "label": "a"}\n{not json\n[1]\n{"text": "fine", "label": "a"}\n')
+    _, problems = read_dataset(path)
+    text = _messages(problems)
+    assert ":1: error: utterance is not text: 42" in text
+    assert ":2: error: not valid JSON" in text
+    assert ":3: error: each line must be a JSON object" in text
+
+
+def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("text,label\nhello,a\ncaf\xe9 please,a\n".encode("latin-1"))
+    _, problems = read_dataset(path)
+    assert [(p.severity, p.row) for p in problems] == [("error", 3)]
+    assert "UTF-8" in problems[0].message
+
+
+def test_training_checks(tmp_path: Path) -> None:
+    rows = [
+        ("a b", "x"),
+        ("a b", "x"),
+        ("c d", "x"),
+        ("same", "x"),
+        ("same", "y"),
+        ("e f", "y"),
+        ("lonely", "z"),
+        ("out there", "oos"),
+        ("o2", "oos"),
+    ]
+    ds, _ = read_dataset(write_csv(tmp_path / "t.csv", rows))
+    cleaned, problems = check_training_data(ds, "oos")
+    text = _messages(problems)
+    assert ":3: warning: exact duplicate of row 2; dropped" in text
+    assert "error: the same text has labels x, y" in text
+    assert "error: intent 'z' has 1 example" in text
+    assert "2 out-of-scope ('oos') rows are not trained on" in text
+    assert "oos" not in cleaned.labels and cleaned.texts.count("a b") == 1
+    with pytest.raises(TransferDeskError, match="2 problem"):
+        raise_on_errors(problems)
+
+
+def test_eval_labels_training_never_saw(tmp_path: Path) -> None:
+    ds, _ = read_dataset(write_csv(tmp_path / "e.csv", [("q", "x"), ("r", "new"), ("s", "oos")]))
+    problems = check_eval_data(ds, ["x"], "oos")
+    assert len(problems) == 1 and "1 rows have labels training never saw (new)" in problems[0].message
+
+
+def test_missing_and_unsupported_files(tmp_path: Path) -> None:
+    with pytest.raises(TransferDeskError, match="not found"):
+        read_dataset(tmp_path / "nope.csv")
+    (tmp_path / "data.xlsx").write_text("x")
+    with pytest.raises(TransferDeskError, match=r"unsupported file type \.xlsx"):
+        read_dataset(tmp_path / "data.xlsx")
+
+
+def test_few_shot_is_seeded_and_balanced() -> None:
+    ds, _ = read_dataset("sample:customer_service/train.csv")
+    a, b, c = few_shot(ds, 5, seed=1), few_shot(ds, 5, seed=1), few_shot(ds, 5, seed=2)
+    assert set(a.counts().values()) == {5} and len(a.counts()) == len(ds.counts())
+    assert a.texts == b.texts and a.texts != c.texts
+
+
+def test_stratified_split_keeps_every_intent_on_both_sides() -> None:
+    ds, _ = read_dataset("sample:retail/train.csv")
+    train, valid = stratified_split(ds, 0.2, seed=0)
+    assert set(train.intents) == set(valid.intents) == set(ds.intents)
+    assert set(valid.counts().values()) == {2}
+    assert not set(train.texts) & set(valid.texts) and len(train) + len(valid) == len(ds)
+
+
+def test_bundled_sample_data_is_clean_and_sized_as_documented() -> None:
+    cfg = DataConfig(
+        train="sample:retail/train.csv",
+        valid="sample:retail/valid.csv",
+        test="sample:retail/test.csv",
+        source="sample:customer_service/train.csv",
+    )
+    splits = load_splits(cfg, seed=0)
+    assert len(splits.intents) == 20 and set(splits.train.counts().values()) == {10}
+    assert splits.test is not None and splits.test.counts()["oos"] >= 20
+    assert min(c for lab, c in splits.test.counts().items() if lab != "oos") >= 8
+    assert splits.source is not None and len(splits.source.intents) >= 30
+    assert min(splits.source.counts().values()) >= 25
+    assert sample_path("README.md").is_file()
+
+
+def test_summary() -> None:
+    ds, _ = read_dataset("sample:retail/valid.csv")
+    s = summarize(ds)
+    assert s["intents"] == 20 and s["out_of_scope_rows"] == 15
+    assert s["words"]["min"] <= s["words"]["mean"] <= s["words"]["max"]

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transferdesk.data import Dataset
+from transferdesk.evaluate import (
+    apply_threshold,
+    auroc,
+    choose_threshold,
+    classification_metrics,
+    confusion_matrix,
+    most_confused,
+    oos_metrics,
+    write_evaluation,
+)
+
+
+def test_classification_metrics_by_hand() -> None:
+    true = ["a", "a", "b", "b", "c"]
+    pred = ["a", "b", "b", "b", "a"]
+    m = classification_metrics(true, pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["per_intent"]["a"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert m["per_intent"]["b"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_intent"]["c"]["f1"] == 0.0
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_auroc_matches_definition() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.3, 0.2])
+    assert auroc(scores, np.array([True, True, False, False, False])) == 1.0
+    assert auroc(scores, np.array([False, False, True, True, True])) == 0.0
+    # 1 of the 2×2 positive/negative pairs is ordered wrongly
+    assert auroc(np.array([0.9, 0.5, 0.6, 0.1]), np.array([True, True, False, False])) == 0.75
+    assert auroc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # a tie counts half
+    assert np.isnan(auroc(scores, np.zeros(5, dtype=bool)))
+
+
+def test_threshold_separates_out_of_scope_on_validation() -> None:
+    labels = ["a", "b"]
+    probs = np.array([[0.95, 0.05], [0.1, 0.9], [0.55, 0.45], [0.6, 0.4]])
+    true = ["a", "b", "oos", "oos"]
+    t = choose_threshold(true, probs, labels, "oos")
+    assert 0.6 < t <= 0.9
+    assert apply_threshold(probs, labels, t, "oos") == true
+    metrics = oos_metrics(true, probs, apply_threshold(probs, labels, t, "oos"), "oos")
+    assert metrics["oos_recall"] == 1.0 and metrics["in_scope_accuracy"] == 1.0
+    assert metrics["oos_auroc"] == 1.0
+
+
+def test_threshold_without_oos_rows_keeps_most_in_scope() -> None:
+    probs = np.linspace(0.3, 1.0, 100)[:, None] * np.array([[1.0, 0.0]]) + np.array([[0.0, 0.0]])
+    t = choose_threshold(["a"] * 100, probs, ["a", "b"], "oos")
+    kept = np.mean(probs.max(axis=1) >= t)
+    assert 0.9 <= kept < 1.0
+
+
+def test_confusions_and_report_files(tmp_path: Path) -> None:
+    true, pred = ["a", "a", "b", "b"], ["a", "b", "b", "a"]
+    assert confusion_matrix(true, pred, ["a", "b"]).tolist() == [[1, 1], [1, 1]]
+    assert most_confused(["a", "a", "a", "b"], ["b", "b", "c", "b"])[0] == ("a", "b", 2)
+    metrics = {
+        **classification_metrics(true, pred, ["a", "b"]),
+        "rows": 4,
+        "data": "x.csv",
+        "threshold": 0.0,
+        "predictions": pred,
+        "speed": {"throughput_per_s": 100.0, "latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "batch_size": 8},
+    }
+    write_evaluation(metrics, Dataset(["t1", "t2", "t3", "t4"], true), ["a", "b"], tmp_path, "title")
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert "| accuracy | 50.00% |" in (tmp_path / "report.md").read_text()
+    assert '"macro_f1"' in (tmp_path / "metrics.json").read_text()

@@ -1,0 +1,121 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferdesk.config import RunConfig, StageConfig
+from transferdesk.data import read_dataset
+from transferdesk.train import (
+    build_model,
+    build_optimizer,
+    run_training,
+    source_key,
+    warmup_linear_decay,
+)
+
+
+def _with(cfg: RunConfig, **overrides: object) -> RunConfig:
+    """cfg with dotted overrides, e.g. _with(cfg, **{"training.epochs": 1})."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return RunConfig.model_validate(data)
+
+
+def test_warmup_then_linear_decay() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = warmup_linear_decay(opt, total_steps=10, warmup_ratio=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] == pytest.approx(0.125)
+
+
+def test_optimizer_groups_and_frozen_layers(tiny_config: RunConfig) -> None:
+    model = build_model(tiny_config.model.backbone, ["a", "b"], tiny_config.model, torch.device("cpu"))
+    for p in model.network.encoder.embeddings.parameters():
+        p.requires_grad = False
+    stage = StageConfig(encoder_lr=1e-5, head_lr=1e-3, weight_decay=0.1)
+    groups = build_optimizer(model.network, stage).param_groups
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {
+        (1e-5, 0.1),
+        (1e-5, 0.0),
+        (1e-3, 0.1),
+        (1e-3, 0.0),
+    }
+    optimised = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in model.network.encoder.embeddings.parameters())
+    bias = model.network.head.bias
+    assert [g["weight_decay"] for g in groups if any(p is bias for p in g["params"])] == [0.0]
+
+
+def test_training_learns_the_toy_task(tiny_config: RunConfig) -> None:
+    result = run_training(tiny_config)
+    losses = [h["loss"] for h in result.fit.history]
+    assert losses[-1] < losses[0] * 0.7
+    assert result.fit.best_metric >= 0.8  # six validation rows; chance is 1/3
+    assert [h["epoch"] for h in result.fit.history] == list(range(1, result.fit.epochs_run + 1))
+    assert 0.0 < result.model.threshold < 1.0
+
+
+def test_seeded_runs_repeat_exactly(tiny_config: RunConfig) -> None:
+    cfg = _with(tiny_config, **{"training.epochs": 2, "model.head_init": "random"})
+    a, b = run_training(cfg), run_training(cfg)
+    assert torch.equal(a.model.network.head.weight, b.model.network.head.weight)
+    c = run_training(_with(cfg, **{"runtime.seed": 7}))
+    assert not torch.equal(a.model.network.head.weight, c.model.network.head.weight)
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_config: RunConfig) -> None:
+    # A learning rate this small cannot improve on the prototype head: no epoch beats the first.
+    cfg = _with(
+        tiny_config,
+        **{
+            "training.epochs": 10,
+            "training.patience": 2,
+            "training.encoder_lr": 1e-12,
+            "training.head_lr": 1e-12,
+        },
+    )
+    result = run_training(cfg)
+    assert result.fit.stopped_early and result.fit.epochs_run == 3 and result.fit.best_epoch == 1
+
+
+def test_no_validation_file_means_stratified_split(tiny_config: RunConfig) -> None:
+    result = run_training(_with(tiny_config, **{"data.valid": None, "data.valid_fraction": 0.25}))
+    assert set(result.splits.valid.counts().values()) == {1}
+    assert set(result.splits.train.counts().values()) == {3}
+
+
+def test_source_stage_trains_once_and_is_reused(
+    tiny_config: RunConfig, toy_files: dict, tmp_path: Path
+) -> None:
+    cfg = _with(tiny_config, **{"data.source": str(toy_files["train"]), "source_training.epochs": 1})
+    first = run_training(cfg)
+    checkpoint = first.source_checkpoint
+    assert checkpoint is not None and (checkpoint / "source.json").is_file()
+    assert checkpoint.name == source_key(cfg)
+    stamp = (checkpoint / "source.json").stat().st_mtime_ns
+    second = run_training(cfg)
+    assert second.source_checkpoint == checkpoint
+    assert (checkpoint / "source.json").stat().st_mtime_ns == stamp
+    assert "source_seconds" in second.timings
+    # A source checkpoint is a backbone in its own right.
+    reused = run_training(_with(tiny_config, **{"model.backbone": str(checkpoint)}))
+    assert reused.fit.best_metric > 0
+    # Other source settings make another checkpoint.
+    assert source_key(_with(cfg, **{"source_training.epochs": 2})) != source_key(cfg)
+
+
+def test_few_shot_k_limits_training_rows(tiny_config: RunConfig) -> None:
+    result = run_training(_with(tiny_config, **{"data.few_shot_k": 2}))
+    assert set(result.splits.train.counts().values()) == {2}
+    full, _ = read_dataset(tiny_config.data.train)
+    assert len(result.splits.train) < len(full)

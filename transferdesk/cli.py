@@ -1,0 +1,318 @@
+"""`transferdesk` command line: train, evaluate, predict, data check, models list|show."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from transferdesk.config import RunConfig, iter_fields, load_config
+from transferdesk.errors import TransferDeskError
+
+log = logging.getLogger("transferdesk")
+
+# Short flags (and their metavars) for the settings people change most; every setting also
+# has a --section.field flag.
+ALIASES = {
+    "data.train": ("--train", "FILE"),
+    "data.valid": ("--valid", "FILE"),
+    "data.test": ("--test", "FILE"),
+    "data.source": ("--source", "FILE"),
+    "model.backbone": ("--backbone", "NAME_OR_DIR"),
+    "output": ("--output", "DIR"),
+    "name": ("--name", "NAME"),
+}
+NULL_WORDS = {"none", "null", ""}
+
+
+def _metavar(annotation: Any) -> str:
+    """INT, FLOAT, {mean,cls}, INT|NONE … from a field's type annotation."""
+    if get_origin(annotation) is Literal:
+        return "{" + ",".join(map(str, get_args(annotation))) + "}"
+    parts = get_args(annotation) or (annotation,)
+    return "|".join(getattr(p, "__name__", str(p)).upper().replace("NONETYPE", "NONE") for p in parts)
+
+
+def add_run_config_flags(parser: argparse.ArgumentParser, model: type = RunConfig) -> None:
+    """One flag per RunConfig setting, generated so --help can never drift from the config."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for dotted, info in iter_fields(model):
+        section = dotted.split(".")[0] if "." in dotted else "run"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} settings")
+        short, metavar = ALIASES.get(dotted, (None, _metavar(info.annotation)))
+        flags = dict.fromkeys(f for f in (short, f"--{dotted}") if f)
+        default = info.get_default(call_default_factory=True)
+        groups[section].add_argument(
+            *flags,
+            dest=dotted,
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{info.description} [default: {default}]",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {
+        key: (None if isinstance(v, str) and v.lower() in NULL_WORDS else v)
+        for key, v in vars(args).items()
+        if "." in key or key in ("output", "name")
+    }
+    return load_config(args.config, overrides)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from transferdesk.train import train_and_register
+
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return
+    print(train_and_register(cfg))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from transferdesk.data import check_eval_data, raise_on_errors, read_dataset
+    from transferdesk.evaluate import evaluate, write_evaluation
+    from transferdesk.registry import load_model
+
+    model, cfg, info = load_model(args.model, args.device)
+    ds, problems = read_dataset(args.data, cfg.data.text_column, cfg.data.label_column)
+    raise_on_errors(problems + check_eval_data(ds, model.labels, cfg.data.oos_label))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = (
+        Path(args.output)
+        if args.output
+        else Path(info["path"]) / "evaluations" / f"{Path(args.data).stem}-{stamp}"
+    )
+    if out.exists() and any(out.iterdir()):
+        raise TransferDeskError(f"output directory {out} is not empty; choose a new --output")
+    metrics = evaluate(model, ds, cfg.data.oos_label, args.batch_size)
+    labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in metrics else [])
+    write_evaluation(metrics, ds, labels, out, f"{cfg.name} v{info['version']} on {args.data}")
+    print((out / "report.md").read_text(), end="")
+    print(out / "metrics.json")
+
+
+def _read_lines(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise TransferDeskError(f"--file {path} not found")
+    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from transferdesk.registry import load_model
+
+    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
+    if not texts:
+        raise TransferDeskError("nothing to predict: give texts as arguments or --file FILE")
+    model, cfg, _ = load_model(args.model, args.device)
+    results = model.top_k(texts, args.top_k)
+    rows = []
+    for text, ranked in zip(texts, results, strict=True):
+        out_of_scope = ranked[0][1] < model.threshold
+        rows.append(
+            {
+                "text": text,
+                "intent": cfg.data.oos_label if out_of_scope else ranked[0][0],
+                "out_of_scope": out_of_scope,
+                "top": [{"intent": lab, "confidence": round(p, 4)} for lab, p in ranked],
+            }
+        )
+    if args.json:
+        _print_json(rows)
+        return
+    for row in rows:
+        print(f"{row['text']}\n  → {row['intent']}" + ("  (below threshold)" if row["out_of_scope"] else ""))
+        for alt in row["top"]:
+            print(f"    {alt['confidence']:6.1%}  {alt['intent']}")
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from transferdesk.data import check_eval_data, check_training_data, read_dataset, summarize
+
+    ds, problems = read_dataset(args.file, args.text_column, args.label_column)
+    if args.against:
+        train, found = read_dataset(args.against, args.text_column, args.label_column)
+        problems += check_eval_data(ds, train.intents, args.oos_label)
+    else:
+        _, found = check_training_data(ds, args.oos_label)
+        problems += found
+    summary = summarize(ds, args.oos_label)
+    if args.json:
+        _print_json({**summary, "problems": [vars(p) for p in problems]})
+    else:
+        print(
+            f"{summary['file']}: {summary['rows']} rows, {summary['intents']} intents, "
+            f"{summary['out_of_scope_rows']} out-of-scope rows"
+        )
+        counts = summary["examples_per_intent"]
+        if counts:
+            print(f"examples per intent: min {min(counts.values())}, max {max(counts.values())}")
+            width = max(len(k) for k in counts)
+            for intent, n in counts.items():
+                print(f"  {intent:<{width}}  {n:>5}  {'#' * min(n, 40)}")
+        for unit in ("chars", "words"):
+            s = summary[unit]
+            print(f"length in {unit}: min {s['min']}, mean {s['mean']}, p95 {s['p95']}, max {s['max']}")
+        errors = sum(p.severity == "error" for p in problems)
+        print(f"\n{errors} error(s), {len(problems) - errors} warning(s)")
+        for p in problems:
+            print(f"  {p}")
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    from transferdesk.registry import list_versions
+
+    rows = list_versions(args.registry)
+    if args.json:
+        _print_json(rows)
+        return
+    if not rows:
+        print(f"no models in {args.registry}")
+        return
+    print(f"{'model':<24} {'ver':>4}  {'created':<25} {'intents':>7} {'test acc':>8}  source / path")
+    for r in rows:
+        acc = f"{r['test_accuracy']:.2%}" if r["test_accuracy"] is not None else "-"
+        print(
+            f"{r['name']:<24} {r['version']:>4}  {r['created']:<25} {r['intents']:>7} {acc:>8}  "
+            f"{r['source']}\n{'':>64}{r['path']}"
+        )
+
+
+def cmd_models_show(args: argparse.Namespace) -> None:
+    from transferdesk.registry import resolve_model_dir, verify
+
+    root = resolve_model_dir(args.model)
+    manifest = verify(root)
+    if args.json:
+        _print_json(
+            {
+                "path": str(root),
+                "manifest": manifest,
+                "model": json.loads((root / "model.json").read_text()),
+                "metrics": json.loads((root / "metrics.json").read_text()),
+            }
+        )
+        return
+    print((root / "model_card.md").read_text(), end="")
+    print(f"\nPath: {root}\nFiles: {len(manifest['files'])}, all match the manifest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transferdesk",
+        description="Few-shot intent classifiers by transfer learning: train, evaluate, "
+        "predict, check data, browse the model registry.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="fine-tune a classifier (optionally after a source stage) and register it",
+        description="Fine-tune encoder + linear head on the target data (after a source-task "
+        "stage when --source is given), score the test file once, and save a new version in "
+        "the registry. The last line printed is the new version's path. With no --train, "
+        "trains on the bundled Northwind Market sample. Settings come from the defaults, "
+        "then --config YAML, then the flags below.",
+    )
+    train.add_argument("--config", help="YAML file with run settings (same shape as --print-config)")
+    train.add_argument(
+        "--print-config", action="store_true", help="print the resolved configuration as YAML and exit"
+    )
+    add_run_config_flags(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a registered model on a labelled file",
+        description="Accuracy, macro-F1, per-intent precision/recall/F1, confusion matrix, "
+        "out-of-scope metrics (when the file has out-of-scope rows) and speed. Writes "
+        "metrics.json, report.md and confusion.png to a new directory.",
+    )
+    evaluate.add_argument("model", help="registry version directory (or model directory: newest version)")
+    evaluate.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL file")
+    evaluate.add_argument("--output", help="output directory [default: MODEL/evaluations/<file>-<time>]")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="prediction batch size [default: 64]")
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser(
+        "predict",
+        help="top intents with confidences for some texts",
+        description="Print the top intents with confidences; a top confidence below the "
+        "model's threshold means out-of-scope.",
+    )
+    predict.add_argument("model", help="registry version directory (or model directory: newest version)")
+    predict.add_argument("texts", nargs="*", help="utterances to classify")
+    predict.add_argument("--file", help="text file with one utterance per line")
+    predict.add_argument("--top-k", type=int, default=3, help="alternatives to show [default: 3]")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    predict.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="inspect data files").add_subparsers(
+        dest="data_command", required=True, metavar="SUBCOMMAND"
+    )
+    check = data.add_parser(
+        "check",
+        help="summarise a data file and list its problems",
+        description="Summary (intents, examples per intent, lengths) and every problem with "
+        "file and row. Exit code 1 when a problem would stop training.",
+    )
+    check.add_argument("file", help="CSV, TSV or JSONL file")
+    check.add_argument(
+        "--against", metavar="TRAIN", help="check FILE as evaluation data for this training file"
+    )
+    check.add_argument("--text-column", default="text", help="[default: text]")
+    check.add_argument("--label-column", default="label", help="[default: label]")
+    check.add_argument("--oos-label", default="oos", help="out-of-scope label [default: oos]")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=cmd_data_check)
+
+    models = sub.add_parser("models", help="browse a model registry").add_subparsers(
+        dest="models_command", required=True, metavar="SUBCOMMAND"
+    )
+    listing = models.add_parser("list", help="every version in a registry")
+    listing.add_argument("registry", nargs="?", default="registry", help="[default: registry]")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_models_list)
+    show = models.add_parser("show", help="model card of a version, after verifying its files")
+    show.add_argument("model", help="registry version directory (or model directory: newest version)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    show.set_defaults(func=cmd_models_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args) or 0
+    except TransferDeskError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was registered", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

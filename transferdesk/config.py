@@ -1,0 +1,190 @@
+"""Run configuration: one pydantic object describes a training run end to end.
+
+The same `RunConfig` is read from YAML, overridden from the CLI (`--section.field value`),
+stored inside every registry version, and reused by Ray Tune and Ray Serve.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from transferdesk.errors import TransferDeskError
+
+
+class Section(BaseModel):
+    # Unknown keys are almost always typos; refuse them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str | None = Field(
+        None,
+        description="Target-task training file (CSV, TSV or JSONL). "
+        "Unset: the bundled Northwind Market sample (with its valid and test files).",
+    )
+    valid: str | None = Field(
+        None, description="Validation file; unset: a stratified split of the training file."
+    )
+    test: str | None = Field(None, description="Test file, scored once on the final model.")
+    source: str | None = Field(
+        None, description="Source-task training file; set it to fine-tune on it before the target."
+    )
+    text_column: str = Field("text", description="Column (or JSONL key) holding the utterance.")
+    label_column: str = Field("label", description="Column (or JSONL key) holding the intent.")
+    oos_label: str = Field("oos", description="Label that marks out-of-scope utterances.")
+    few_shot_k: int | None = Field(
+        None, ge=1, description="Keep only k training examples per intent (seeded sample)."
+    )
+    valid_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of training data held out when no valid file is given."
+    )
+
+
+class ModelConfig(Section):
+    backbone: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Pretrained encoder: the bundled all-MiniLM-L6-v2, a local Hugging Face "
+        "model directory, a registry version or source checkpoint, or a hub id.",
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        "mean", description="Sentence vector: mean of token states, or the [CLS] state."
+    )
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the linear head.")
+    max_length: int = Field(64, ge=8, le=512, description="Tokens kept per utterance.")
+    head_init: Literal["prototypes", "random"] = Field(
+        "prototypes",
+        description="Start the head from class-mean embeddings (helps few-shot) or at random.",
+    )
+
+
+class StageConfig(Section):
+    """Optimisation settings of one fine-tuning stage (source or target)."""
+
+    epochs: int = Field(10, ge=1, description="Maximum passes over the training data.")
+    batch_size: int = Field(16, ge=1, description="Utterances per optimiser step.")
+    encoder_lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate of the encoder.")
+    head_lr: float = Field(2e-3, gt=0, description="Peak AdamW learning rate of the linear head.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/norms).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
+    patience: int = Field(
+        3, ge=1, description="Stop after this many epochs without a better validation metric."
+    )
+    freeze_layers: int = Field(
+        0, ge=0, description="Freeze the embeddings and this many lower encoder layers."
+    )
+    monitor: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="Validation metric for early stopping and checkpoint choice."
+    )
+
+
+class SourceStageConfig(StageConfig):
+    """The source stage: many labels and plenty of data, so a few epochs suffice and keep
+    the encoder close to its pretrained geometry, which the few-shot target stage needs."""
+
+    epochs: int = Field(3, ge=1, description="Maximum passes over the source data.")
+    batch_size: int = Field(32, ge=1, description="Utterances per optimiser step.")
+    encoder_lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate of the encoder.")
+    head_lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate of the linear head.")
+    patience: int = Field(2, ge=1, description="Stop after this many epochs without improving.")
+
+
+class RuntimeConfig(Section):
+    seed: int = Field(13, description="Seed for sampling, splits, initialisation and shuffling.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: auto picks CUDA when present."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU."
+    )
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch; unset: one per available core."
+    )
+    eval_batch_size: int = Field(64, ge=1, description="Utterances per batch when predicting.")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class RunConfig(Section):
+    name: str = Field(
+        "intent-classifier",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Model name in the registry.",
+    )
+    output: str = Field("registry", description="Registry directory new versions are written to.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: StageConfig = StageConfig()
+    source_training: SourceStageConfig = SourceStageConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _few_shot_needs_room(self) -> RunConfig:
+        if self.data.few_shot_k == 1 and self.data.valid is None:
+            raise ValueError("data.few_shot_k=1 leaves nothing to validate on; give data.valid")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid configuration in {origin}:\n" + "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], origin: str = "configuration") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise TransferDeskError(_format_validation_error(err, origin)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TransferDeskError(f"config file {path} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise TransferDeskError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise TransferDeskError(f"config file {path} must hold a mapping of sections at top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then dotted overrides such as {"training.epochs": 5}."""
+    data = load_yaml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return build_config(data, origin=str(path) if path else "command-line options")
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TransferDeskError(f"cannot set {dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf setting as (dotted name, FieldInfo), for generating CLI flags."""
+    out: list[tuple[str, Any]] = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(iter_fields(ann, f"{dotted}."))
+        else:
+            out.append((dotted, info))
+    return out

@@ -1,0 +1,417 @@
+"""Fine-tuning: an optional source stage, then the few-shot target stage.
+
+The recipe is the classic BERT one (encoder + linear head, AdamW, linear warm-up and
+decay, gradient clipping) plus early stopping on validation data and a head started
+from class-mean embeddings, which matters when each intent has only a handful of rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from transferdesk.config import ModelConfig, RunConfig, RuntimeConfig, StageConfig
+from transferdesk.data import (
+    Dataset,
+    Splits,
+    load_splits,
+    resolve_path,
+    stratified_split,
+    with_sample_defaults,
+)
+from transferdesk.errors import TransferDeskError
+from transferdesk.evaluate import (
+    apply_threshold,
+    choose_threshold,
+    classification_metrics,
+    evaluate,
+    write_evaluation,
+)
+from transferdesk.model import (
+    IntentClassifier,
+    TrainedModel,
+    autocast,
+    autocast_dtype,
+    freeze_lower_layers,
+    length_sorted_batches,
+    load_encoder,
+    resolve_backbone,
+    select_device,
+    tokenize,
+)
+from transferdesk.registry import (
+    model_card,
+    save_source_checkpoint,
+    save_weights,
+    seal,
+    source_checkpoint_dir,
+    staging,
+)
+
+log = logging.getLogger(__name__)
+
+# Share of the source data held out to early-stop the source stage.
+SOURCE_VALID_FRACTION = 0.1
+# Head logits start as this × cosine(sentence, class mean): a softmax temperature that is
+# confident enough to give useful gradients from the first step, but not saturated.
+PROTOTYPE_LOGIT_SCALE = 20.0
+
+
+def configure_runtime(runtime: RuntimeConfig) -> torch.device:
+    """Seed everything and pick threads and device; returns the device to train on."""
+    random.seed(runtime.seed)
+    np.random.seed(runtime.seed)
+    torch.manual_seed(runtime.seed)
+    threads = runtime.num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return select_device(runtime.device)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metric: float
+    epochs_run: int
+    seconds: float
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+
+def build_optimizer(model: IntentClassifier, stage: StageConfig) -> torch.optim.AdamW:
+    """Separate learning rates for encoder and head; no weight decay on biases and norms."""
+    groups = []
+    for part, lr in ((model.encoder, stage.encoder_lr), (model.head, stage.head_lr)):
+        params = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.ndim >= 2]
+        no_decay = [p for n, p in params if p.ndim < 2]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": stage.weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def warmup_linear_decay(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:  # 1) linear warm-up from 0 to the peak rate
+            return (step + 1) / warmup
+        # 2) linear decay from the peak to 0 at the last step
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def init_head_from_prototypes(model: TrainedModel, ds: Dataset) -> None:
+    """Point each class's head row at the mean embedding of its examples."""
+    net = model.network
+    net.eval()
+    index = {lab: i for i, lab in enumerate(model.labels)}
+    sums = torch.zeros(len(model.labels), net.head.in_features, device=model.device)
+    for idx in length_sorted_batches(ds.texts, 64):
+        batch = tokenize(model.tokenizer, [ds.texts[i] for i in idx], model.max_length)
+        emb = net.embed(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+        emb = nn.functional.normalize(emb.float(), dim=-1)
+        targets = torch.tensor([index[ds.labels[i]] for i in idx], device=model.device)
+        sums.index_add_(0, targets, emb)
+    prototypes = nn.functional.normalize(sums, dim=-1)
+    # The head sees unnormalised embeddings: divide by their typical norm to get cosines.
+    sample = tokenize(model.tokenizer, ds.texts[:256], model.max_length)
+    norm = net.embed(sample["input_ids"].to(model.device), sample["attention_mask"].to(model.device))
+    scale = PROTOTYPE_LOGIT_SCALE / norm.float().norm(dim=-1).mean()
+    net.head.weight.copy_(prototypes * scale)
+    net.head.bias.zero_()
+
+
+def validation_score(model: TrainedModel, valid: Dataset, batch_size: int) -> dict:
+    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied)."""
+    known = set(model.labels)
+    rows = [i for i, lab in enumerate(valid.labels) if lab in known]
+    if not rows:
+        raise TransferDeskError(f"validation data {valid.path} shares no intent with the training data")
+    sub = valid.subset(rows)
+    probs = model.predict_proba(sub.texts, batch_size)
+    pred = [model.labels[j] for j in probs.argmax(axis=1)]
+    scores = classification_metrics(sub.labels, pred, model.labels)
+    return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist()
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+def fit(
+    model: TrainedModel,
+    train: Dataset,
+    valid: Dataset,
+    stage: StageConfig,
+    runtime: RuntimeConfig,
+    log_dir: Path | None = None,
+    desc: str = "train",
+) -> FitResult:
+    """Train in place; on return the model holds the weights of its best validation epoch."""
+    net, device = model.network, model.device
+    index = {lab: i for i, lab in enumerate(model.labels)}
+    targets = torch.tensor([index[lab] for lab in train.labels])
+    steps_per_epoch = math.ceil(len(train) / stage.batch_size)
+    optimizer = build_optimizer(net, stage)
+    scheduler = warmup_linear_decay(optimizer, steps_per_epoch * stage.epochs, stage.warmup_ratio)
+    amp_dtype = autocast_dtype(device, runtime.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    generator = torch.Generator().manual_seed(runtime.seed)
+    writer = _summary_writer(log_dir)
+    best, best_state, history = -1.0, None, []
+    start, bad_epochs, step, epoch = time.perf_counter(), 0, 0, 0
+    bar = tqdm(
+        total=steps_per_epoch * stage.epochs,
+        desc=desc,
+        unit="step",
+        disable=not runtime.progress,
+        dynamic_ncols=True,
+    )
+    for epoch in range(1, stage.epochs + 1):
+        net.train()
+        epoch_loss = 0.0
+        for idx in _batches(len(train), stage.batch_size, generator):
+            batch = tokenize(model.tokenizer, [train.texts[i] for i in idx], model.max_length)
+            with autocast(device, runtime.precision):
+                logits = net(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                loss = nn.functional.cross_entropy(logits.float(), targets[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), stage.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            epoch_loss += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}", best=f"{max(best, 0):.3f}")
+            if writer:
+                writer.add_scalar(f"{desc}/loss", loss.item(), step)
+                writer.add_scalar(f"{desc}/lr_encoder", scheduler.get_last_lr()[0], step)
+        scores = validation_score(model, valid, runtime.eval_batch_size)
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": epoch_loss / len(train),
+                **scores,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+        if writer:
+            for name, value in scores.items():
+                writer.add_scalar(f"{desc}/valid_{name}", value, step)
+        if scores[stage.monitor] > best:
+            best, bad_epochs = scores[stage.monitor], 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
+        else:
+            bad_epochs += 1
+            if bad_epochs >= stage.patience:
+                break
+    bar.close()
+    if writer:
+        writer.close()
+    net.load_state_dict(best_state)
+    best_epoch = max(history, key=lambda h: h[stage.monitor])["epoch"]
+    return FitResult(best_epoch, best, epoch, time.perf_counter() - start, epoch < stage.epochs, history)
+
+
+def _summary_writer(log_dir: Path | None) -> object | None:
+    if log_dir is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def build_model(
+    backbone: str,
+    labels: list[str],
+    model_cfg: ModelConfig,
+    device: torch.device,
+    pretrained: bool = True,
+) -> TrainedModel:
+    encoder, tokenizer = load_encoder(backbone, pretrained=pretrained)
+    net = IntentClassifier(encoder, len(labels), model_cfg.pooling, model_cfg.dropout).to(device)
+    return TrainedModel(net, tokenizer, labels, model_cfg.max_length, device=device)
+
+
+def train_stage(
+    backbone: str,
+    train: Dataset,
+    valid: Dataset,
+    cfg: RunConfig,
+    stage: StageConfig,
+    device: torch.device,
+    log_dir: Path | None,
+    desc: str,
+    pretrained: bool = True,
+) -> tuple[TrainedModel, FitResult]:
+    model = build_model(backbone, train.intents, cfg.model, device, pretrained)
+    freeze_lower_layers(model.network.encoder, stage.freeze_layers)
+    if cfg.model.head_init == "prototypes":
+        init_head_from_prototypes(model, train)
+    result = fit(model, train, valid, stage, cfg.runtime, log_dir, desc)
+    log.info(
+        "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
+        desc,
+        stage.monitor,
+        result.best_metric,
+        result.best_epoch,
+        result.epochs_run,
+        result.seconds,
+    )
+    return model, result
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_key(cfg: RunConfig) -> str:
+    """Identifies a source checkpoint: same backbone, data and settings → same checkpoint."""
+    parts = {
+        "backbone": resolve_backbone(cfg.model.backbone),
+        "source_sha256": file_sha256(resolve_path(cfg.data.source)),
+        "stage": cfg.source_training.model_dump(),
+        "model": cfg.model.model_dump(exclude={"backbone"}),
+        "columns": [cfg.data.text_column, cfg.data.label_column, cfg.data.oos_label],
+        "seed": cfg.runtime.seed,
+    }
+    blob = json.dumps(parts, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
+    """Fine-tune the backbone on the source task once; later runs reuse the checkpoint."""
+    target = source_checkpoint_dir(cfg.output, source_key(cfg))
+    if (target / "source.json").is_file():
+        log.info("reusing source checkpoint %s", target)
+        return target
+    train, valid = stratified_split(source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
+    model, result = train_stage(
+        cfg.model.backbone, train, valid, cfg, cfg.source_training, device, None, "source stage"
+    )
+    info = {
+        "backbone": cfg.model.backbone,
+        "source": cfg.data.source,
+        "source_sha256": file_sha256(resolve_path(cfg.data.source)),
+        "intents": len(source.intents),
+        "examples": len(source),
+        "best_valid": result.best_metric,
+        "epochs_run": result.epochs_run,
+        "seconds": result.seconds,
+        "settings": cfg.source_training.model_dump(),
+    }
+    return save_source_checkpoint(model, target, info)
+
+
+@dataclass
+class RunResult:
+    model: TrainedModel
+    splits: Splits
+    fit: FitResult
+    source_checkpoint: Path | None
+    timings: dict[str, float]
+
+
+def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
+    """Both stages, ending with the out-of-scope threshold chosen on validation data."""
+    cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
+    device = configure_runtime(cfg.runtime)
+    splits = load_splits(cfg.data, cfg.runtime.seed)
+    log.info(
+        "training on %d examples of %d intents (%s), validating on %d, device %s",
+        len(splits.train),
+        len(splits.intents),
+        cfg.data.train,
+        len(splits.valid),
+        device,
+    )
+    timings: dict[str, float] = {}
+    backbone, checkpoint = cfg.model.backbone, None
+    if splits.source is not None:
+        t0 = time.perf_counter()
+        checkpoint = source_stage(cfg, splits.source, device)
+        backbone = str(checkpoint)
+        timings["source_seconds"] = time.perf_counter() - t0
+    model, result = train_stage(
+        backbone, splits.train, splits.valid, cfg, cfg.training, device, log_dir, "target stage"
+    )
+    timings["train_seconds"] = result.seconds
+    probs = model.predict_proba(splits.valid.texts, cfg.runtime.eval_batch_size)
+    model.threshold = choose_threshold(splits.valid.labels, probs, model.labels, cfg.data.oos_label)
+    valid_pred = apply_threshold(probs, model.labels, model.threshold, cfg.data.oos_label)
+    log.info(
+        "out-of-scope threshold %.3f chosen on validation data (%d predicted out-of-scope)",
+        model.threshold,
+        valid_pred.count(cfg.data.oos_label),
+    )
+    return RunResult(model, splits, result, checkpoint, timings)
+
+
+def train_and_register(cfg: RunConfig) -> Path:
+    """Train, score on the test file once, and save a new registry version; returns its path."""
+    with staging(cfg.output, cfg.name) as tmp:
+        result = run_training(cfg, log_dir=tmp / "logs")
+        cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
+        model, splits = result.model, result.splits
+        metrics: dict = {
+            "valid_history": result.fit.history,
+            "best_epoch": result.fit.best_epoch,
+            **result.timings,
+        }
+        if splits.test is not None:
+            test = evaluate(model, splits.test, cfg.data.oos_label, cfg.runtime.eval_batch_size)
+            labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in test else [])
+            write_evaluation(test, splits.test, labels, tmp / "test", f"{cfg.name}: test set")
+            test.pop("predictions")
+            metrics = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "test": test, **metrics}
+            log.info(
+                "test accuracy %.2f%%, macro-F1 %.2f%% (%d rows)",
+                100 * test["accuracy"],
+                100 * test["macro_f1"],
+                len(splits.test),
+            )
+        info = {
+            "backbone": cfg.model.backbone,
+            "source": cfg.data.source,
+            "source_checkpoint": str(result.source_checkpoint or "") or None,
+            "labels": model.labels,
+            "threshold": model.threshold,
+            "train_examples": len(splits.train),
+            "device": str(model.device),
+            "timings": result.timings,
+        }
+        save_weights(model, tmp)
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        (tmp / "model.json").write_text(json.dumps(info, indent=2))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (tmp / "model_card.md").write_text(model_card(cfg, info, metrics))
+        return seal(tmp, cfg.output, cfg.name)
