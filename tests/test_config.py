@@ -63,3 +63,13 @@ def test_every_leaf_setting_is_listed() -> None:
     assert "training.encoder_lr" in names and "runtime.precision" in names
     assert "data" not in names  # sections are not leaves
     assert all(info.description for _, info in iter_fields(RunConfig))
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name
+)
+def test_ready_made_configs_load(path: Path) -> None:
+    first_line = path.read_text().splitlines()[0]
+    assert first_line == f"# transferdesk train --config configs/{path.name}"
+    cfg = load_config(path)
+    assert cfg.data.train and cfg.data.test

@@ -65,6 +65,7 @@ def test_confusions_and_report_files(tmp_path: Path) -> None:
         "rows": 4,
         "data": "x.csv",
         "threshold": 0.0,
+        "below_threshold": 0.0,
         "predictions": pred,
         "speed": {"throughput_per_s": 100.0, "latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "batch_size": 8},
     }

@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     except TransferDeskError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # permissions, full disk, a path that is a directory…
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; check the path and its permissions", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; nothing was registered", file=sys.stderr)
         return 130

@@ -320,9 +320,14 @@ def summarize(ds: Dataset, oos_label: str = "oos") -> dict:
 def raise_on_errors(problems: list[Problem]) -> None:
     """Log warnings; refuse to go on when any problem is an error."""
     errors = [p for p in problems if p.severity == "error"]
-    for p in problems:
-        if p.severity == "warning":
-            log.warning("%s", p)
+    warnings = [p for p in problems if p.severity == "warning"]
+    for p in warnings[:MAX_PROBLEMS_SHOWN]:
+        log.warning("%s", p)
+    if len(warnings) > MAX_PROBLEMS_SHOWN:
+        log.warning(
+            "… and %d more warnings (`transferdesk data check FILE` lists them all)",
+            len(warnings) - MAX_PROBLEMS_SHOWN,
+        )
     if errors:
         shown = "\n".join(f"  {p}" for p in errors[:MAX_PROBLEMS_SHOWN])
         more = len(errors) - MAX_PROBLEMS_SHOWN

@@ -117,16 +117,25 @@ def measure_speed(model: TrainedModel, texts: list[str], batch_size: int) -> dic
     }
 
 
-def evaluate(model: TrainedModel, ds: Dataset, oos_label: str, batch_size: int = 64) -> dict:
+def evaluate(
+    model: TrainedModel, ds: Dataset, oos_label: str, batch_size: int = 64, progress: bool = True
+) -> dict:
     """All metrics for one labelled file; out-of-scope metrics when it has `oos_label` rows."""
     start = time.perf_counter()
-    probs = model.predict_proba(ds.texts, batch_size)
+    probs = model.predict_proba(ds.texts, batch_size, progress)
     predict_seconds = time.perf_counter() - start
-    pred = apply_threshold(probs, model.labels, model.threshold, oos_label)
+    # Scored as the data allows: with out-of-scope rows the threshold is part of the task
+    # (a message below it counts as predicted out-of-scope); without them, plain argmax.
     has_oos = oos_label in ds.labels
+    pred = apply_threshold(probs, model.labels, model.threshold if has_oos else 0.0, oos_label)
     labels = model.labels + ([oos_label] if has_oos else [])
     metrics = classification_metrics(ds.labels, pred, labels)
-    metrics.update(rows=len(ds), data=ds.path, threshold=model.threshold)
+    metrics.update(
+        rows=len(ds),
+        data=ds.path,
+        threshold=model.threshold,
+        below_threshold=float(np.mean(probs.max(axis=1) < model.threshold)),
+    )
     if has_oos:
         metrics.update(oos_metrics(ds.labels, probs, pred, oos_label))
     metrics["speed"] = measure_speed(model, ds.texts, batch_size)
@@ -207,6 +216,7 @@ def report_markdown(metrics: dict, y_true: list[str], title: str) -> str:
         ]
     speed = metrics["speed"]
     lines += [
+        f"| below the confidence threshold (to a human) | {metrics['below_threshold']:.1%} |",
         f"| throughput | {speed['throughput_per_s']:.0f} utterances/s (batch {speed['batch_size']}) |",
         f"| latency p50 / p95 | {speed['latency_ms_p50']:.1f} / {speed['latency_ms_p95']:.1f} ms |",
         "",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import transformers
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from transferdesk.errors import TransferDeskError
@@ -149,10 +150,11 @@ class TrainedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         self.network.eval()
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for idx in length_sorted_batches(texts, batch_size):
+        batches = length_sorted_batches(texts, batch_size)
+        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
             batch = tokenize(self.tokenizer, [texts[i] for i in idx], self.max_length)
             with autocast(self.device):
                 logits = self.network(

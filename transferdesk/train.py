@@ -388,7 +388,9 @@ def train_and_register(cfg: RunConfig) -> Path:
             **result.timings,
         }
         if splits.test is not None:
-            test = evaluate(model, splits.test, cfg.data.oos_label, cfg.runtime.eval_batch_size)
+            test = evaluate(
+                model, splits.test, cfg.data.oos_label, cfg.runtime.eval_batch_size, cfg.runtime.progress
+            )
             labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in test else [])
             write_evaluation(test, splits.test, labels, tmp / "test", f"{cfg.name}: test set")
             test.pop("predictions")
