@@ -1,0 +1,1 @@
+"""Ray Serve application serving registry models (next milestone: see the issue tracker)."""

@@ -104,3 +104,18 @@ def test_not_a_model(tmp_path: Path) -> None:
         load_model(tmp_path)
     with pytest.raises(TransferDeskError, match="does not exist"):
         list_versions(tmp_path / "nothing")
+
+
+def test_threshold_applies_only_to_data_with_out_of_scope_rows(registered: Path) -> None:
+    from transferdesk.data import Dataset
+    from transferdesk.evaluate import evaluate
+
+    model, _, _ = load_model(registered)
+    model.threshold = 1.01  # every message is below it
+    in_scope = Dataset(["where is my parcel", "forgot my password"], ["track_order", "reset_password"])
+    plain = evaluate(model, in_scope, "oos", progress=False)
+    assert plain["below_threshold"] == 1.0 and "oos" not in plain["predictions"]
+    mixed = Dataset([*in_scope.texts, "weather today"], [*in_scope.labels, "oos"])
+    scored = evaluate(model, mixed, "oos", progress=False)
+    assert scored["predictions"] == ["oos"] * 3 and scored["oos_recall"] == 1.0
+    assert scored["in_scope_accuracy"] == 0.0

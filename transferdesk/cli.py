@@ -209,6 +209,19 @@ def cmd_models_show(args: argparse.Namespace) -> None:
     print(f"\nPath: {root}\nFiles: {len(manifest['files'])}, all match the manifest")
 
 
+MODEL_HELP = "registry version directory (or a model directory: its newest version)"
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to run the model [default: auto]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transferdesk",
@@ -242,11 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-scope metrics (when the file has out-of-scope rows) and speed. Writes "
         "metrics.json, report.md and confusion.png to a new directory.",
     )
-    evaluate.add_argument("model", help="registry version directory (or model directory: newest version)")
+    _add_model_args(evaluate)
     evaluate.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL file")
     evaluate.add_argument("--output", help="output directory [default: MODEL/evaluations/<file>-<time>]")
     evaluate.add_argument("--batch-size", type=int, default=64, help="prediction batch size [default: 64]")
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser(
@@ -255,12 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the top intents with confidences; a top confidence below the "
         "model's threshold means out-of-scope.",
     )
-    predict.add_argument("model", help="registry version directory (or model directory: newest version)")
+    _add_model_args(predict)
     predict.add_argument("texts", nargs="*", help="utterances to classify")
     predict.add_argument("--file", help="text file with one utterance per line")
     predict.add_argument("--top-k", type=int, default=3, help="alternatives to show [default: 3]")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
-    predict.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     predict.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="inspect data files").add_subparsers(
@@ -290,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=cmd_models_list)
     show = models.add_parser("show", help="model card of a version, after verifying its files")
-    show.add_argument("model", help="registry version directory (or model directory: newest version)")
+    show.add_argument("model", help=MODEL_HELP)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_models_show)
     return parser
