@@ -119,3 +119,35 @@ def test_few_shot_k_limits_training_rows(tiny_config: RunConfig) -> None:
     assert set(result.splits.train.counts().values()) == {2}
     full, _ = read_dataset(tiny_config.data.train)
     assert len(result.splits.train) < len(full)
+
+
+def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
+    from transferdesk.train import supervised_contrastive
+
+    targets = torch.tensor([0, 0, 1, 1])
+    clustered = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    mixed = clustered[[0, 2, 1, 3]]
+    assert supervised_contrastive(clustered, targets, 0.1) < supervised_contrastive(mixed, targets, 0.1)
+    assert supervised_contrastive(clustered, torch.arange(4), 0.1) == 0.0  # no positive pairs
+
+
+def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
+    from transferdesk.data import load_splits
+    from transferdesk.train import train_stage
+
+    cfg = _with(tiny_config, **{"training.objective": "supcon", "training.epochs": 4})
+    splits = load_splits(cfg.data, cfg.runtime.seed)
+    seen: list[tuple[int, bool]] = []
+    _, result = train_stage(
+        cfg.model.backbone,
+        splits.train,
+        splits.valid,
+        cfg,
+        cfg.training,
+        torch.device("cpu"),
+        None,
+        "test",
+        on_epoch=lambda entry, improved, model: seen.append((entry["epoch"], improved)),
+    )
+    assert [e for e, _ in seen] == [1, 2, 3, 4] and seen[0][1] is True
+    assert result.history[-1]["loss"] < result.history[0]["loss"]

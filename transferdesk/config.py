@@ -80,6 +80,11 @@ class StageConfig(Section):
     monitor: Literal["accuracy", "macro_f1"] = Field(
         "accuracy", description="Validation metric for early stopping and checkpoint choice."
     )
+    objective: Literal["cross_entropy", "supcon"] = Field(
+        "cross_entropy",
+        description="Loss: cross-entropy, or cross-entropy plus a supervised contrastive term "
+        "that keeps same-intent sentences close (CPFT-style; mostly for source stages).",
+    )
 
 
 class SourceStageConfig(StageConfig):

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +69,8 @@ SOURCE_VALID_FRACTION = 0.1
 # Head logits start as this × cosine(sentence, class mean): a softmax temperature that is
 # confident enough to give useful gradients from the first step, but not saturated.
 PROTOTYPE_LOGIT_SCALE = 20.0
+# SupCon temperature: 0.1 is the value of the SupCon and CPFT papers for sentence encoders.
+SUPCON_TEMPERATURE = 0.1
 
 
 def configure_runtime(runtime: RuntimeConfig) -> torch.device:
@@ -160,6 +162,39 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[li
         yield order[i : i + batch_size]
 
 
+def supervised_contrastive(
+    embeddings: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """SupCon loss (Khosla et al., 2020): pull same-intent sentences together on the unit sphere.
+
+    Anchors without a same-intent partner in the batch contribute nothing.
+    """
+    z = nn.functional.normalize(embeddings.float(), dim=-1)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positives = (targets[:, None] == targets[None, :]) & ~self_mask
+    counts = positives.sum(1)
+    has = counts > 0
+    if not has.any():
+        return z.sum() * 0.0
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)
+    return -(pos_log_prob[has] / counts[has]).mean()
+
+
+def stage_loss(
+    net: IntentClassifier, batch: dict[str, torch.Tensor], targets: torch.Tensor, objective: str
+) -> torch.Tensor:
+    embeddings = net.embed(batch["input_ids"], batch["attention_mask"])
+    loss = nn.functional.cross_entropy(net.head(net.dropout(embeddings)).float(), targets)
+    if objective == "supcon":
+        loss = loss + supervised_contrastive(embeddings, targets, SUPCON_TEMPERATURE)
+    return loss
+
+
+EpochHook = Callable[[dict, bool, TrainedModel], None]
+
+
 def fit(
     model: TrainedModel,
     train: Dataset,
@@ -168,16 +203,21 @@ def fit(
     runtime: RuntimeConfig,
     log_dir: Path | None = None,
     desc: str = "train",
+    on_epoch: EpochHook | None = None,
 ) -> FitResult:
-    """Train in place; on return the model holds the weights of its best validation epoch."""
+    """Train in place; on return the model holds the weights of its best validation epoch.
+
+    `on_epoch(entry, improved, model)` runs after each validation (Ray Tune reports there).
+    """
     net, device = model.network, model.device
     index = {lab: i for i, lab in enumerate(model.labels)}
     targets = torch.tensor([index[lab] for lab in train.labels])
     steps_per_epoch = math.ceil(len(train) / stage.batch_size)
     optimizer = build_optimizer(net, stage)
     scheduler = warmup_linear_decay(optimizer, steps_per_epoch * stage.epochs, stage.warmup_ratio)
-    amp_dtype = autocast_dtype(device, runtime.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=autocast_dtype(device, runtime.precision) == torch.float16
+    )
     generator = torch.Generator().manual_seed(runtime.seed)
     writer = _summary_writer(log_dir)
     best, best_state, history = -1.0, None, []
@@ -195,8 +235,9 @@ def fit(
         for idx in _batches(len(train), stage.batch_size, generator):
             batch = tokenize(model.tokenizer, [train.texts[i] for i in idx], model.max_length)
             with autocast(device, runtime.precision):
-                logits = net(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                loss = nn.functional.cross_entropy(logits.float(), targets[idx].to(device))
+                loss = stage_loss(
+                    net, {k: v.to(device) for k, v in batch.items()}, targets[idx].to(device), stage.objective
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -212,24 +253,26 @@ def fit(
                 writer.add_scalar(f"{desc}/loss", loss.item(), step)
                 writer.add_scalar(f"{desc}/lr_encoder", scheduler.get_last_lr()[0], step)
         scores = validation_score(model, valid, runtime.eval_batch_size)
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": epoch_loss / len(train),
-                **scores,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        entry = {
+            "epoch": epoch,
+            "loss": epoch_loss / len(train),
+            **scores,
+            "seconds": time.perf_counter() - start,
+        }
+        history.append(entry)
         if writer:
             for name, value in scores.items():
                 writer.add_scalar(f"{desc}/valid_{name}", value, step)
-        if scores[stage.monitor] > best:
+        improved = scores[stage.monitor] > best
+        if improved:
             best, bad_epochs = scores[stage.monitor], 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
         else:
             bad_epochs += 1
-            if bad_epochs >= stage.patience:
-                break
+        if on_epoch:
+            on_epoch(entry, improved, model)
+        if bad_epochs >= stage.patience:
+            break
     bar.close()
     if writer:
         writer.close()
@@ -268,12 +311,13 @@ def train_stage(
     log_dir: Path | None,
     desc: str,
     pretrained: bool = True,
+    on_epoch: EpochHook | None = None,
 ) -> tuple[TrainedModel, FitResult]:
     model = build_model(backbone, train.intents, cfg.model, device, pretrained)
     freeze_lower_layers(model.network.encoder, stage.freeze_layers)
     if cfg.model.head_init == "prototypes":
         init_head_from_prototypes(model, train)
-    result = fit(model, train, valid, stage, cfg.runtime, log_dir, desc)
+    result = fit(model, train, valid, stage, cfg.runtime, log_dir, desc, on_epoch)
     log.info(
         "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
         desc,
@@ -365,15 +409,45 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         backbone, splits.train, splits.valid, cfg, cfg.training, device, log_dir, "target stage"
     )
     timings["train_seconds"] = result.seconds
-    probs = model.predict_proba(splits.valid.texts, cfg.runtime.eval_batch_size)
-    model.threshold = choose_threshold(splits.valid.labels, probs, model.labels, cfg.data.oos_label)
-    valid_pred = apply_threshold(probs, model.labels, model.threshold, cfg.data.oos_label)
-    log.info(
-        "out-of-scope threshold %.3f chosen on validation data (%d predicted out-of-scope)",
-        model.threshold,
-        valid_pred.count(cfg.data.oos_label),
-    )
+    calibrate_threshold(model, splits.valid, cfg)
     return RunResult(model, splits, result, checkpoint, timings)
+
+
+def calibrate_threshold(model: TrainedModel, valid: Dataset, cfg: RunConfig) -> None:
+    """Set the out-of-scope confidence threshold from validation data."""
+    probs = model.predict_proba(valid.texts, cfg.runtime.eval_batch_size)
+    model.threshold = choose_threshold(valid.labels, probs, model.labels, cfg.data.oos_label)
+    below = apply_threshold(probs, model.labels, model.threshold, cfg.data.oos_label)
+    log.info(
+        "out-of-scope threshold %.3f chosen on validation data (%d of %d below it)",
+        model.threshold,
+        below.count(cfg.data.oos_label),
+        len(valid),
+    )
+
+
+def write_version(
+    tmp: Path, model: TrainedModel, cfg: RunConfig, test: Dataset | None, metrics: dict, info: dict
+) -> None:
+    """Score the test file (once, here) and write every file of a registry version into tmp."""
+    if test is not None:
+        scores = evaluate(model, test, cfg.data.oos_label, cfg.runtime.eval_batch_size, cfg.runtime.progress)
+        labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in scores else [])
+        write_evaluation(scores, test, labels, tmp / "test", f"{cfg.name}: test set")
+        scores.pop("predictions")
+        metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "test": scores, **metrics}
+        log.info(
+            "test accuracy %.2f%%, macro-F1 %.2f%% (%d rows)",
+            100 * scores["accuracy"],
+            100 * scores["macro_f1"],
+            len(test),
+        )
+    info = {"labels": model.labels, "threshold": model.threshold, "device": str(model.device), **info}
+    save_weights(model, tmp)
+    (tmp / "config.yaml").write_text(cfg.to_yaml())
+    (tmp / "model.json").write_text(json.dumps(info, indent=2))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / "model_card.md").write_text(model_card(cfg, info, metrics))
 
 
 def train_and_register(cfg: RunConfig) -> Path:
@@ -381,39 +455,13 @@ def train_and_register(cfg: RunConfig) -> Path:
     with staging(cfg.output, cfg.name) as tmp:
         result = run_training(cfg, log_dir=tmp / "logs")
         cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
-        model, splits = result.model, result.splits
-        metrics: dict = {
-            "valid_history": result.fit.history,
-            "best_epoch": result.fit.best_epoch,
-            **result.timings,
-        }
-        if splits.test is not None:
-            test = evaluate(
-                model, splits.test, cfg.data.oos_label, cfg.runtime.eval_batch_size, cfg.runtime.progress
-            )
-            labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in test else [])
-            write_evaluation(test, splits.test, labels, tmp / "test", f"{cfg.name}: test set")
-            test.pop("predictions")
-            metrics = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"], "test": test, **metrics}
-            log.info(
-                "test accuracy %.2f%%, macro-F1 %.2f%% (%d rows)",
-                100 * test["accuracy"],
-                100 * test["macro_f1"],
-                len(splits.test),
-            )
+        metrics = {"valid_history": result.fit.history, "best_epoch": result.fit.best_epoch, **result.timings}
         info = {
             "backbone": cfg.model.backbone,
             "source": cfg.data.source,
-            "source_checkpoint": str(result.source_checkpoint or "") or None,
-            "labels": model.labels,
-            "threshold": model.threshold,
-            "train_examples": len(splits.train),
-            "device": str(model.device),
+            "source_checkpoint": str(result.source_checkpoint) if result.source_checkpoint else None,
+            "train_examples": len(result.splits.train),
             "timings": result.timings,
         }
-        save_weights(model, tmp)
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        (tmp / "model.json").write_text(json.dumps(info, indent=2))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (tmp / "model_card.md").write_text(model_card(cfg, info, metrics))
+        write_version(tmp, result.model, cfg, result.splits.test, metrics, info)
         return seal(tmp, cfg.output, cfg.name)
