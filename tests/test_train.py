@@ -151,3 +151,15 @@ def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     )
     assert [e for e, _ in seen] == [1, 2, 3, 4] and seen[0][1] is True
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
+    from transferdesk.train import shuffled_batches
+
+    lengths = [(i * 37) % 100 for i in range(200)]
+    batches = shuffled_batches(lengths, 10, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 30  # random batches of 10 would spread about 80
+    again = shuffled_batches(lengths, 10, torch.Generator().manual_seed(0))
+    assert again == batches

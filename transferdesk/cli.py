@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -63,6 +64,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if "." in key or key in ("output", "name")
     }
     return load_config(args.config, overrides)
+
+
+def config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML, so 4, 1e-4, true, [8, 16] and null all work."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. search.num_samples=4")
+        out[key] = yaml.safe_load(value) if value else None
+    return out
 
 
 def _print_json(data: Any) -> None:
@@ -304,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("model", help=MODEL_HELP)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_models_show)
+    # Commands of the packages built on the core (tuning: `tune`), found through their
+    # entry points so that the core never imports them.
+    for entry in entry_points(group="transferdesk.commands"):
+        entry.load()(sub)
     return parser
 
 

@@ -7,7 +7,7 @@ stored inside every registry version, and reused by Ray Tune and Ray Serve.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -136,6 +136,9 @@ class RunConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+C = TypeVar("C", bound="RunConfig")
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = []
     for e in err.errors():
@@ -144,9 +147,10 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     return f"invalid configuration in {origin}:\n" + "\n".join(lines)
 
 
-def build_config(data: dict[str, Any], origin: str = "configuration") -> RunConfig:
+def build_config(data: dict[str, Any], origin: str = "configuration", schema: type[C] = RunConfig) -> C:
+    """Validate into `schema` (RunConfig or an extension of it), with errors that name settings."""
     try:
-        return RunConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise TransferDeskError(_format_validation_error(err, origin)) from None
 
@@ -164,12 +168,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, schema: type[C] = RunConfig
+) -> C:
     """Defaults, then the YAML file, then dotted overrides such as {"training.epochs": 5}."""
     data = load_yaml(path) if path else {}
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
-    return build_config(data, origin=str(path) if path else "command-line options")
+    return build_config(data, str(path) if path else "command-line options", schema)
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

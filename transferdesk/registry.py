@@ -143,7 +143,7 @@ def model_card(cfg: RunConfig, info: dict, metrics: dict) -> str:
         "",
         f"- Target data: `{cfg.data.train}` ({info['train_examples']} examples, "
         f"{len(info['labels'])} intents)",
-        f"- Source stage: {'`' + cfg.data.source + '`' if cfg.data.source else 'none'}",
+        f"- Source stage: {'`' + info['source'] + '`' if info.get('source') else 'none'}",
         f"- Out-of-scope threshold: {info['threshold']:.3f} (confidence below it → `{cfg.data.oos_label}`)",
         f"- Training time: {info['timings'].get('train_seconds', 0):.0f} s on {info['device']}",
     ]
@@ -199,21 +199,26 @@ def resolve_model_dir(spec: str | Path) -> Path:
     return versions[-1][1]
 
 
-def load_model(spec: str | Path, device: str = "auto") -> tuple[TrainedModel, RunConfig, dict]:
-    """Verify the manifest, then load network, tokenizer, labels and threshold."""
+def load_weights(root: Path, cfg: RunConfig, device: str = "auto", threshold: float = 0.0) -> TrainedModel:
+    """Network, tokenizer and labels saved by save_weights (no manifest check: see load_model)."""
     from transferdesk.model import load_encoder
 
-    root = resolve_model_dir(spec)
-    manifest = verify(root)
-    cfg = load_run_config(root)
-    info = json.loads((root / "model.json").read_text())
     labels = json.loads((root / "labels.json").read_text())
     encoder, tokenizer = load_encoder(str(root / "encoder"))
     net = IntentClassifier(encoder, len(labels), cfg.model.pooling, cfg.model.dropout)
     net.head.load_state_dict(load_file(root / "head.safetensors"))
     torch_device = select_device(device)
     net.to(torch_device).eval()
-    model = TrainedModel(net, tokenizer, labels, cfg.model.max_length, info["threshold"], torch_device)
+    return TrainedModel(net, tokenizer, labels, cfg.model.max_length, threshold, torch_device)
+
+
+def load_model(spec: str | Path, device: str = "auto") -> tuple[TrainedModel, RunConfig, dict]:
+    """Verify the manifest, then load network, tokenizer, labels and threshold."""
+    root = resolve_model_dir(spec)
+    manifest = verify(root)
+    cfg = load_run_config(root)
+    info = json.loads((root / "model.json").read_text())
+    model = load_weights(root, cfg, device, info["threshold"])
     return model, cfg, {**info, "path": str(root), "version": manifest.get("version")}
 
 

@@ -1,0 +1,128 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.tuning.conftest import write_spec
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import load_model, verify
+from tuning.config import load_spec
+from tuning.run import export, prepare_spec, search, tune_and_export
+
+
+def _rows(version: Path) -> list[dict]:
+    with open(version / "search" / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_source_stage_trained_once_and_test_split_unread(
+    local_ray, tiny_backbone: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "train.csv"  # the toy training data doubles as a source task
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        candidates=[
+            {"name": "tiny", "backbone": str(tiny_backbone)},
+            {"name": "tiny+src", "backbone": str(tiny_backbone), "source": str(source)},
+            {"name": "tiny+src-again", "backbone": str(tiny_backbone), "source": str(source)},
+        ],
+        search={"num_samples": 5, "algorithm": "random"},
+    )
+    spec = prepare_spec(load_spec(path))
+    test = Path(spec.data.test)
+    good = test.read_bytes()
+    test.write_bytes(b"text,label\n\xff\xfe broken,oos\n")  # any read of it would fail the trial
+    results = search(spec)
+    assert not results.errors and len(results) == 5
+    checkpoints = list((tmp_path / "registry" / "sources").iterdir())
+    assert len(checkpoints) == 1  # two candidates, one shared source stage, trained once
+    assert len({r.config["candidate"] for r in results}) >= 2
+    test.write_bytes(good)
+    version = export(spec, results)
+    assert verify(version)
+    _, cfg, info = load_model(version)
+    assert cfg.data.test == str(test) and info["candidate"] in {"tiny", "tiny+src", "tiny+src-again"}
+    metrics = json.loads((version / "metrics.json").read_text())
+    assert "accuracy" in metrics and metrics["search"]["trials"] == 5
+    assert len(_rows(version)) == 5 and (version / "search" / "curves.png").is_file()
+    assert (version / "search" / "search.yaml").is_file() and (version / "search" / "trials.md").is_file()
+
+
+def test_asha_stops_weak_trials_early(local_ray, tiny_backbone: Path, tmp_path: Path) -> None:
+    # Learning rates from useless (1e-9) to useful: ASHA should cut the useless ones.
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        space={"epochs": 6, "encoder_lr": [1e-9, 1e-3], "head_lr": [1e-9, 1e-2]},
+        search={"num_samples": 8, "algorithm": "random"},
+    )
+    version = tune_and_export(load_spec(path))
+    rows = _rows(version)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert any(r["stopped_early"] == "True" for r in rows)
+    assert any(int(r["epochs_run"]) == 6 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"candidates": []}, "candidates"),
+        ({"space": {"encoder_lr": [1e-3, 1e-5]}}, "low 0.001 is above high"),
+        ({"candidates": [{"name": "x", "source": "/nonexistent/source.csv"}]}, "not found"),
+        ({"candidates": [{"name": "x", "backbone": "/nonexistent/model"}]}, "neither a model directory"),
+        ({"search": {"gpus_per_trial": 4}}, "asks for 4 GPU but the cluster has 0"),
+        ({"candidates": [{"name": "x", "pretrained": False, "source": "a.csv"}]}, "cannot have a source"),
+    ],
+)
+def test_bad_specs_fail_before_any_trial(local_ray, tiny_backbone, tmp_path, sections, message) -> None:
+    with pytest.raises(TransferDeskError, match=message):
+        tune_and_export(load_spec(write_spec(tmp_path, tiny_backbone, **sections)))
+    assert not (tmp_path / "tune").exists()  # no trial ran
+
+
+def test_existing_search_is_not_overwritten(local_ray, tiny_backbone, tmp_path) -> None:
+    spec = load_spec(write_spec(tmp_path, tiny_backbone, search={"num_samples": 1}))
+    tune_and_export(spec)
+    with pytest.raises(TransferDeskError, match=r"already exists.*--resume"):
+        tune_and_export(spec)
+    with pytest.raises(TransferDeskError, match="nothing to resume"):
+        tune_and_export(spec.model_copy(update={"name": "other"}), resume=True)
+
+
+def test_interrupted_search_resumes_without_losing_finished_trials(
+    tiny_backbone: Path, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        space={"epochs": 3, "batch_size": [4]},
+        search={"num_samples": 3, "max_concurrent": 1, "algorithm": "optuna"},
+    )
+    experiment = tmp_path / "tune" / "toy-search"
+    command = [sys.executable, "-m", "tuning", str(path)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(experiment.glob("run_trial_*"))) < 2:  # one at a time: the 2nd starts after the 1st ends
+        assert first.poll() is None and time.monotonic() < deadline, "first trial never finished"
+        time.sleep(0.5)
+    done = {
+        p.name: (p / "result.json").read_text()
+        for p in experiment.glob("run_trial_*")
+        if (p / "result.json").is_file() and '"done": true' in (p / "result.json").read_text()
+    }
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode != 0 and "--resume" in err
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    version = Path(resumed.stdout.strip().splitlines()[-1])
+    assert len(_rows(version)) == 3
+    for name, before in done.items():  # finished trials were kept, not run again
+        assert (experiment / name / "result.json").read_text() == before

@@ -1,0 +1,8 @@
+"""`python -m tuning CONFIG.yaml [--resume] [--address ADDR]`: the Ray Job entrypoint."""
+
+import sys
+
+from transferdesk.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,42 @@
+"""`transferdesk tune` and `python -m tuning`: one parser, two entry points."""
+
+from __future__ import annotations
+
+import argparse
+
+from transferdesk.cli import config_overrides
+
+
+def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "tune",
+        help="search hyperparameters and source models with Ray Tune; export the best",
+        description="Search fine-tuning hyperparameters and source-model candidates with Ray "
+        "Tune (Optuna or random search, ASHA early stopping), then score the best checkpoint "
+        "once on the test file and save it as a new registry version, whose path is printed "
+        "last. Starts a local Ray unless --address or RAY_ADDRESS names a cluster.",
+    )
+    parser.add_argument("config", help="tuning YAML (run settings + candidates, space, search)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted search of the same name, keeping finished trials",
+    )
+    parser.add_argument("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local]")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set search.num_samples=4 (repeatable)",
+    )
+    parser.set_defaults(func=cmd_tune)
+    return parser
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from tuning.config import load_spec
+    from tuning.run import tune_and_export
+
+    spec = load_spec(args.config, config_overrides(args.set))
+    print(tune_and_export(spec, args.address, args.resume))

@@ -1,0 +1,210 @@
+"""Run a search: check everything, connect to Ray, train source stages once, search with
+Optuna (or random) + ASHA, then export the best checkpoint into the registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
+from transferdesk.errors import TransferDeskError
+from transferdesk.model import resolve_backbone
+from transferdesk.registry import load_weights, seal, staging
+from transferdesk.train import calibrate_threshold, write_version
+from tuning.config import TuneSpec
+from tuning.report import plot_curves, trial_rows, write_table
+from tuning.sources import prepare_backbones
+from tuning.space import param_space
+from tuning.trainable import run_trial
+
+log = logging.getLogger(__name__)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Trials run in other working directories (and on other nodes): no relative paths."""
+    if path is None or path.startswith(SAMPLE_PREFIX) or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _absolute_backbone(name: str) -> str:
+    return str(Path(name).resolve()) if Path(name).expanduser().is_dir() else name
+
+
+def prepare_spec(spec: TuneSpec) -> TuneSpec:
+    """Fill sample defaults, make paths absolute, and check every file and backbone exists."""
+    data = with_sample_defaults(spec.data)
+    data = data.model_copy(
+        update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source")}
+    )
+    candidates = [
+        c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
+        for c in spec.candidates
+    ]
+    search = spec.search.model_copy(update={"storage_path": _absolute(spec.search.storage_path)})
+    spec = spec.model_copy(
+        update={"data": data, "candidates": candidates, "search": search, "output": _absolute(spec.output)}
+    )
+    for path in (data.train, data.valid, data.test, *(c.source for c in candidates)):
+        if path:
+            resolve_path(path)  # raises a clear error for a missing or unsupported file
+    for candidate in candidates:
+        resolve_backbone(candidate.backbone)
+    load_splits(data.model_copy(update={"test": None}), spec.runtime.seed)  # data problems, up front
+    return spec
+
+
+def connect(address: str | None, spec: TuneSpec) -> None:
+    """Start a local Ray, or join the cluster at `address` / RAY_ADDRESS; check its resources."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        try:
+            ray.init(
+                address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+            )
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise TransferDeskError(
+                f"cannot reach the Ray cluster at {address}: {err}. Check the address "
+                "(ray://host:10001 or host:6379) or unset it to start a local Ray"
+            ) from None
+    available = ray.cluster_resources()
+    for resource, wanted in (("CPU", spec.search.cpus_per_trial), ("GPU", spec.search.gpus_per_trial)):
+        if wanted > available.get(resource, 0):
+            raise TransferDeskError(
+                f"each trial asks for {wanted:g} {resource} but the cluster has "
+                f"{available.get(resource, 0):g}; lower search.{resource.lower()}s_per_trial "
+                "or add nodes"
+            )
+
+
+def experiment_path(spec: TuneSpec) -> str:
+    return f"{spec.search.storage_path.rstrip('/')}/{spec.name}"
+
+
+def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), backbones=backbones),
+        {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial},
+    )
+    path = experiment_path(spec)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise TransferDeskError(f"nothing to resume at {path}; run without --resume to start")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(path):
+        raise TransferDeskError(
+            f"a search named {spec.name!r} already exists at {path}; continue it with --resume, "
+            "or set another name (--name)"
+        )
+    metric = spec.search.metric
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=metric, mode="max", seed=spec.search.seed)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
+    if spec.search.max_concurrent and spec.search.algorithm == "optuna":
+        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=spec.search.max_concurrent)
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.space.epochs[1],
+        grace_period=spec.search.grace_period,
+        reduction_factor=spec.search.reduction_factor,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode="max",
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=spec.search.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            storage_path=spec.search.storage_path,
+            failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+def search(spec: TuneSpec, address: str | None = None, resume: bool = False) -> tune.ResultGrid:
+    """Everything before export. Reads training and validation data only."""
+    connect(address, spec)
+    backbones = prepare_backbones(spec)
+    results = build_tuner(spec, backbones, resume).fit()
+    finished = results.num_terminated + results.num_errors
+    if finished < spec.search.num_samples:  # Ctrl-C: Tune saved its state and returned early
+        raise TransferDeskError(
+            f"search interrupted after {finished} of {spec.search.num_samples} trials; its state is "
+            f"in {experiment_path(spec)}: run the same command with --resume to continue"
+        )
+    if not any(r.checkpoint for r in results):
+        errors = "; ".join(str(e).splitlines()[-1] for e in results.errors[:3])
+        raise TransferDeskError(f"no trial finished an epoch, nothing to export ({errors})")
+    return results
+
+
+def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
+    """The best checkpoint, scored once on the test file, as a new registry version."""
+    metric = spec.search.metric
+    best = max((r for r in results if r.checkpoint), key=lambda r: r.metrics_dataframe[metric].max())
+    rows = trial_rows(results, metric)
+    with staging(spec.output, spec.name) as tmp, best.checkpoint.as_directory() as checkpoint:
+        from transferdesk.registry import load_run_config
+
+        cfg = load_run_config(Path(checkpoint))
+        cfg = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={"test": spec.data.test}),
+                "name": spec.name,
+                "output": spec.output,
+            }
+        )
+        model = load_weights(Path(checkpoint), cfg)
+        splits = load_splits(cfg.data, cfg.runtime.seed)
+        calibrate_threshold(model, splits.valid, cfg)
+        search_dir = tmp / "search"
+        write_table(rows, search_dir)
+        plot_curves(results, metric, search_dir / "curves.png")
+        (search_dir / "search.yaml").write_text(spec.to_yaml())
+        candidate = spec.candidate(best.config["candidate"])
+        metrics = {
+            "search": {
+                "best_config": best.config,
+                f"best_valid_{metric}": rows[0][f"best_{metric}"],
+                "trials": len(rows),
+                "experiment": experiment_path(spec),
+            }
+        }
+        info = {
+            "backbone": candidate.backbone,
+            "source": candidate.source,
+            "candidate": candidate.name,
+            "pretrained": candidate.pretrained,
+            "source_checkpoint": cfg.model.backbone if candidate.source else None,
+            "train_examples": len(splits.train),
+            "timings": {},
+        }
+        write_version(tmp, model, cfg, splits.test, metrics, info)
+        return seal(tmp, spec.output, spec.name)
+
+
+def tune_and_export(spec: TuneSpec, address: str | None = None, resume: bool = False) -> Path:
+    spec = prepare_spec(spec)
+    results = search(spec, address, resume)
+    version = export(spec, results)
+    log.info("search state in %s; trial table in %s", experiment_path(spec), version / "search" / "trials.md")
+    return version
