@@ -10,7 +10,6 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import ConcurrencyLimiter
 
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
@@ -107,12 +106,14 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(metric=metric, mode="max", seed=spec.search.seed)
+        limit = spec.search.max_concurrent  # Tune wraps a Searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=spec.search.seed)
-    if spec.search.max_concurrent and spec.search.algorithm == "optuna":
-        search_alg = ConcurrencyLimiter(search_alg, max_concurrent=spec.search.max_concurrent)
+        search_alg = BasicVariantGenerator(
+            random_state=spec.search.seed, max_concurrent=spec.search.max_concurrent or 0
+        )
+        limit = None  # a generator limits itself
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=spec.space.epochs[1],
@@ -128,7 +129,9 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune
             search_alg=search_alg,
             scheduler=scheduler,
             num_samples=spec.search.num_samples,
-            max_concurrent_trials=spec.search.max_concurrent,
+            max_concurrent_trials=limit,
+            # A trial's process imports torch and transformers; reusing it saves seconds a trial.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=spec.name,

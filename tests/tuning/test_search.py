@@ -102,8 +102,10 @@ def test_interrupted_search_resumes_without_losing_finished_trials(
     path = write_spec(
         tmp_path,
         tiny_backbone,
-        space={"epochs": 3, "batch_size": [4]},
-        search={"num_samples": 3, "max_concurrent": 1, "algorithm": "optuna"},
+        # 40 epochs make each trial last seconds, so Ctrl-C lands mid-search.
+        space={"epochs": 40, "batch_size": [4]},
+        training={"patience": 50},
+        search={"num_samples": 4, "max_concurrent": 1, "algorithm": "optuna"},
     )
     experiment = tmp_path / "tune" / "toy-search"
     command = [sys.executable, "-m", "tuning", str(path)]
@@ -123,6 +125,6 @@ def test_interrupted_search_resumes_without_losing_finished_trials(
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     version = Path(resumed.stdout.strip().splitlines()[-1])
-    assert len(_rows(version)) == 3
+    assert len(_rows(version)) == 4
     for name, before in done.items():  # finished trials were kept, not run again
         assert (experiment / name / "result.json").read_text() == before

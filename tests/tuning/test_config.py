@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+from ray.tune.search.sample import Categorical, Float, Integer
+
+from transferdesk.errors import TransferDeskError
+from tuning.config import TuneSpec, load_spec
+from tuning.space import TARGETS, param_space, trial_config
+
+CONFIGS = Path(__file__).parent.parent.parent / "configs"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(CONFIGS.glob("*.yaml")) if p.read_text().startswith("# transferdesk tune")],
+    ids=lambda p: p.name,
+)
+def test_ready_made_tuning_configs_load(path: Path) -> None:
+    assert path.read_text().splitlines()[0] == f"# transferdesk tune configs/{path.name}"
+    spec = load_spec(path)
+    assert spec.candidates and spec.search.num_samples >= 1
+
+
+def test_space_domains() -> None:
+    spec = TuneSpec.model_validate(
+        {
+            "candidates": [{"name": "a"}, {"name": "b", "source": "s.csv", "objective": "supcon"}],
+            "space": {
+                "encoder_lr": [1e-5, 1e-4],
+                "epochs": [3, 6],
+                "batch_size": [8, 16],
+                "dropout": 0.1,
+                "pooling": ["cls"],
+            },
+        }
+    )
+    space = param_space(spec)
+    assert isinstance(space["encoder_lr"], Float) and isinstance(space["epochs"], Integer)
+    assert space["epochs"].upper == 7  # inclusive range; Tune's upper bound is exclusive
+    assert isinstance(space["batch_size"], Categorical) and isinstance(space["candidate"], Categorical)
+    assert space["dropout"] == 0.1 and space["pooling"] == "cls"
+
+
+def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
+    spec = TuneSpec.model_validate({"data": {"train": "t.csv", "test": "test.csv", "source": "s.csv"}})
+    params = {name: 1 for name in TARGETS} | {
+        "encoder_lr": 3e-5,
+        "head_lr": 4e-3,
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.0,
+        "dropout": 0.05,
+        "pooling": "cls",
+        "max_length": 32,
+        "batch_size": 8,
+        "epochs": 4,
+        "freeze_layers": 1,
+        "candidate": "minilm",
+    }
+    cfg = trial_config(spec, params, "/ckpt", threads=1)
+    assert (cfg.training.encoder_lr, cfg.training.epochs, cfg.model.pooling) == (3e-5, 4, "cls")
+    assert cfg.model.backbone == "/ckpt" and cfg.data.test is None and cfg.data.source is None
+    assert cfg.runtime.num_threads == 1 and not cfg.runtime.progress
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"candidates": []}, "candidates"),
+        ({"candidates": [{"name": "a"}, {"name": "a"}]}, "unique"),
+        ({"space": {"epochs": [5, 2]}}, "low 5 is above high 2"),
+        ({"space": {"batch_size": []}}, "batch_size"),
+        ({"search": {"num_samples": 0}}, "num_samples"),
+        ({"space": {"encoder_lr": [0, 1e-4]}}, "positive"),
+    ],
+)
+def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, message: str) -> None:
+    import yaml
+
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(TransferDeskError, match=message):
+        load_spec(path)
