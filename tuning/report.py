@@ -21,7 +21,7 @@ def trial_rows(results: ResultGrid, metric: str) -> list[dict]:
         epochs_run = int(frame["epoch"].max()) if reported else 0
         rows.append(
             {
-                "trial": Path(result.path).name.split("_")[0] if result.path else "?",
+                "trial": (result.metrics or {}).get("trial_id", "?"),
                 "candidate": params.get("candidate"),
                 **{name: params.get(name) for name in TARGETS},
                 f"best_{metric}": float(frame[metric].max()) if reported else math.nan,

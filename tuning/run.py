@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -23,6 +24,10 @@ from tuning.space import param_space
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
+CONNECT_TIMEOUT_S = 5
+# Keeping one checkpoint per trial (CheckpointConfig(num_to_keep=1)) makes Tune snapshot its
+# state at every improvement and warn about it; the state is small, the warning is noise.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 def _absolute(path: str | None) -> str | None:
@@ -59,10 +64,27 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     return spec
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of reconnect attempts, when nothing listens."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as err:
+        raise TransferDeskError(
+            f"cannot reach the Ray cluster at {address} ({err}); check the address "
+            "(ray://host:10001 or host:6379) and that the cluster is up, or unset it to start "
+            "a local Ray"
+        ) from None
+
+
 def connect(address: str | None, spec: TuneSpec) -> None:
     """Start a local Ray, or join the cluster at `address` / RAY_ADDRESS; check its resources."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            _check_reachable(address)
         try:
             ray.init(
                 address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING

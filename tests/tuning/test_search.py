@@ -128,3 +128,18 @@ def test_interrupted_search_resumes_without_losing_finished_trials(
     assert len(_rows(version)) == 4
     for name, before in done.items():  # finished trials were kept, not run again
         assert (experiment / name / "result.json").read_text() == before
+
+
+def test_unreachable_cluster_is_a_clear_error(tiny_backbone: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = write_spec(tmp_path, tiny_backbone)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuning", str(path), "--address", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "tune").exists()
