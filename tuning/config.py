@@ -37,6 +37,9 @@ def _pair(value: Any) -> Any:
     return [value, value] if isinstance(value, int | float) else value
 
 
+RANGES = ("encoder_lr", "head_lr", "epochs", "warmup_ratio", "weight_decay", "dropout", "freeze_layers")
+
+
 class SearchSpace(Section):
     """Ranges are [low, high] (a single number fixes the value); lists are choices."""
 
@@ -51,28 +54,11 @@ class SearchSpace(Section):
     max_length: list[int] = Field([64], min_length=1, description="Choices.")
     freeze_layers: tuple[int, int] = Field((0, 0), description="Integer range.")
 
-    _pairs = field_validator(
-        "encoder_lr",
-        "head_lr",
-        "epochs",
-        "warmup_ratio",
-        "weight_decay",
-        "dropout",
-        "freeze_layers",
-        mode="before",
-    )(_pair)
+    _pairs = field_validator(*RANGES, mode="before")(_pair)
 
     @model_validator(mode="after")
     def _ordered(self) -> SearchSpace:
-        for name in (
-            "encoder_lr",
-            "head_lr",
-            "epochs",
-            "warmup_ratio",
-            "weight_decay",
-            "dropout",
-            "freeze_layers",
-        ):
+        for name in RANGES:
             low, high = getattr(self, name)
             if low > high:
                 raise ValueError(f"space.{name}: low {low} is above high {high}")
