@@ -57,6 +57,7 @@ from transferdesk.registry import (
     save_source_checkpoint,
     save_weights,
     seal,
+    sha256,
     source_checkpoint_dir,
     staging,
 )
@@ -337,19 +338,11 @@ def train_stage(
     return model, result
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def source_key(cfg: RunConfig) -> str:
     """Identifies a source checkpoint: same backbone, data and settings → same checkpoint."""
     parts = {
         "backbone": resolve_backbone(cfg.model.backbone),
-        "source_sha256": file_sha256(resolve_path(cfg.data.source)),
+        "source_sha256": sha256(resolve_path(cfg.data.source)),
         "stage": cfg.source_training.model_dump(),
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "columns": [cfg.data.text_column, cfg.data.label_column, cfg.data.oos_label],
@@ -372,7 +365,7 @@ def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
     info = {
         "backbone": cfg.model.backbone,
         "source": cfg.data.source,
-        "source_sha256": file_sha256(resolve_path(cfg.data.source)),
+        "source_sha256": sha256(resolve_path(cfg.data.source)),
         "intents": len(source.intents),
         "examples": len(source),
         "best_valid": result.best_metric,
