@@ -103,6 +103,14 @@ class TuneSpec(RunConfig):
             raise ValueError(f"candidate names must be unique, got {names}")
         return self
 
+    def base_run(self) -> RunConfig:
+        """The run settings every trial and source stage starts from: no progress bars (Tune
+        shows its own) and one torch thread per CPU reserved for it."""
+        base = RunConfig.model_validate(self.model_dump(include=set(RunConfig.model_fields)))
+        threads = max(1, int(self.search.cpus_per_trial))
+        runtime = base.runtime.model_copy(update={"progress": False, "num_threads": threads})
+        return base.model_copy(update={"runtime": runtime})
+
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)
 

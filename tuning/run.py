@@ -15,7 +15,7 @@ from ray.tune.schedulers import ASHAScheduler
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
 from transferdesk.model import resolve_backbone
-from transferdesk.registry import load_weights, seal, staging
+from transferdesk.registry import load_run_config, load_weights, seal, staging
 from transferdesk.train import calibrate_threshold, write_version
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
@@ -188,8 +188,6 @@ def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
     best = max((r for r in results if r.checkpoint), key=lambda r: r.metrics_dataframe[metric].max())
     rows = trial_rows(results, metric)
     with staging(spec.output, spec.name) as tmp, best.checkpoint.as_directory() as checkpoint:
-        from transferdesk.registry import load_run_config
-
         cfg = load_run_config(Path(checkpoint))
         cfg = cfg.model_copy(
             update={

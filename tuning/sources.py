@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def source_config(spec: TuneSpec, candidate: Candidate) -> RunConfig:
-    base = RunConfig.model_validate(spec.model_dump(include=set(RunConfig.model_fields)))
+    base = spec.base_run()
     stage = base.source_training.model_copy(
         update={
             "objective": candidate.objective,
@@ -32,7 +32,6 @@ def source_config(spec: TuneSpec, candidate: Candidate) -> RunConfig:
             "model": base.model.model_copy(update={"backbone": candidate.backbone}),
             "data": base.data.model_copy(update={"source": candidate.source}),
             "source_training": stage,
-            "runtime": base.runtime.model_copy(update={"progress": False}),
         }
     )
 
@@ -53,13 +52,6 @@ def prepare_backbones(spec: TuneSpec) -> dict[str, str]:
     pending: dict[str, tuple[ray.ObjectRef, list[str]]] = {}
     for candidate in (c for c in spec.candidates if c.source):
         cfg = source_config(spec, candidate)
-        cfg = cfg.model_copy(
-            update={
-                "runtime": cfg.runtime.model_copy(
-                    update={"num_threads": max(1, int(spec.search.cpus_per_trial))}
-                )
-            }
-        )
         key = source_key(cfg)
         if key not in pending:
             task = _train_source.options(

@@ -45,13 +45,12 @@ def param_space(spec: TuneSpec) -> dict[str, Any]:
     return space
 
 
-def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str, threads: int) -> RunConfig:
+def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunConfig:
     """The RunConfig of one trial: the base run with the sampled values, never the test file."""
-    data = RunConfig.model_validate(spec.model_dump(include=set(RunConfig.model_fields))).model_dump()
+    data = spec.base_run().model_dump()
     for name, dotted in TARGETS.items():
         section, field = dotted.split(".")
         data[section][field] = params[name]
     data["model"]["backbone"] = backbone
     data["data"].update(test=None, source=None)  # source stages are prepared before the search
-    data["runtime"].update(progress=False, num_threads=threads)
     return RunConfig.model_validate(data)

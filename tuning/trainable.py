@@ -21,8 +21,7 @@ REPORTED = ("epoch", "loss", "accuracy", "macro_f1")
 def run_trial(params: dict, spec_json: str, backbones: dict[str, str]) -> None:
     spec = TuneSpec.model_validate_json(spec_json)
     candidate = spec.candidate(params["candidate"])
-    threads = max(1, int(spec.search.cpus_per_trial))
-    cfg = trial_config(spec, params, backbones[candidate.name], threads)
+    cfg = trial_config(spec, params, backbones[candidate.name])
     device = configure_runtime(cfg.runtime)
     splits = load_splits(cfg.data, cfg.runtime.seed)  # train and valid only: cfg.data.test is None
 

@@ -56,7 +56,7 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         "freeze_layers": 1,
         "candidate": "minilm",
     }
-    cfg = trial_config(spec, params, "/ckpt", threads=1)
+    cfg = trial_config(spec, params, "/ckpt")
     assert (cfg.training.encoder_lr, cfg.training.epochs, cfg.model.pooling) == (3e-5, 4, "cls")
     assert cfg.model.backbone == "/ckpt" and cfg.data.test is None and cfg.data.source is None
     assert cfg.runtime.num_threads == 1 and not cfg.runtime.progress
