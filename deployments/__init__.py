@@ -1,1 +1,1 @@
-"""Ray Serve application serving registry models (next milestone: see the issue tracker)."""
+"""Ray Serve application of TransferDesk: serves a registry model over HTTP (see app.py)."""

@@ -105,25 +105,25 @@ def toy_files(tmp_path: Path) -> dict[str, Path]:
     }
 
 
+def tiny_run(backbone: Path, files: dict[str, Path], output: Path, **overrides: object) -> RunConfig:
+    """A run of the tiny model on toy data files that finishes in a few seconds."""
+    settings = {
+        "output": str(output),
+        **{f"data.{split}": str(path) for split, path in files.items()},
+        "model.backbone": str(backbone),
+        "model.max_length": 16,
+        "model.dropout": 0.0,
+        "training.epochs": 10,
+        "training.patience": 10,
+        "training.batch_size": 4,
+        "training.encoder_lr": 3e-4,
+        "training.head_lr": 1e-2,
+        "runtime.progress": False,
+        "runtime.num_threads": 1,
+    }
+    return load_config(None, {**settings, **overrides})
+
+
 @pytest.fixture
 def tiny_config(tiny_backbone: Path, toy_files: dict[str, Path], tmp_path: Path) -> RunConfig:
-    """A run of the tiny model on the toy data that finishes in a few seconds."""
-    return load_config(
-        None,
-        {
-            "output": str(tmp_path / "registry"),
-            "data.train": str(toy_files["train"]),
-            "data.valid": str(toy_files["valid"]),
-            "data.test": str(toy_files["test"]),
-            "model.backbone": str(tiny_backbone),
-            "model.max_length": 16,
-            "model.dropout": 0.0,
-            "training.epochs": 10,
-            "training.patience": 10,
-            "training.batch_size": 4,
-            "training.encoder_lr": 3e-4,
-            "training.head_lr": 1e-2,
-            "runtime.progress": False,
-            "runtime.num_threads": 1,
-        },
-    )
+    return tiny_run(tiny_backbone, toy_files, tmp_path / "registry")

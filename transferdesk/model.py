@@ -155,13 +155,21 @@ class TrainedModel:
         probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         batches = length_sorted_batches(texts, batch_size)
         for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
-            batch = tokenize(self.tokenizer, [texts[i] for i in idx], self.max_length)
-            with autocast(self.device):
-                logits = self.network(
-                    batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                )
-            probs[idx] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            probs[idx] = self._proba(tokenize(self.tokenizer, [texts[i] for i in idx], self.max_length))
         return probs
+
+    @torch.inference_mode()
+    def proba_from_ids(self, ids: list[list[int]]) -> np.ndarray:
+        """Probabilities for texts tokenized elsewhere (Serve's tokenizer), padded together.
+        Longer inputs are cut to this model's max_length, keeping the closing special token."""
+        self.network.eval()
+        cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
+        return self._proba(self.tokenizer.pad({"input_ids": cut}, return_tensors="pt"))
+
+    def _proba(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        with autocast(self.device):
+            logits = self.network(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     def top_k(self, texts: list[str], k: int = 3) -> list[list[tuple[str, float]]]:
         probs = self.predict_proba(texts)

@@ -22,6 +22,13 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted search of the same name, keeping finished trials",
     )
+    parser.add_argument(
+        "--resume-if-exists",
+        dest="resume",
+        action="store_const",
+        const="auto",
+        help="continue the search if it exists, else start it (for retried Ray Jobs)",
+    )
     parser.add_argument("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local]")
     parser.add_argument(
         "--set",

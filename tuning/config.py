@@ -83,6 +83,14 @@ class SearchSettings(Section):
     )
     max_failures: int = Field(2, ge=0, description="Retries of a crashed trial.")
     seed: int | None = Field(13, description="Seed of the search algorithm.")
+    baseline: bool = Field(
+        True,
+        description="First trials: the run's own training settings on each candidate, so the "
+        "table shows what the source model and what the search added.",
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Stop starting trials after this many seconds; the best so far is exported."
+    )
 
 
 class TuneSpec(RunConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from ray.tune import ResultGrid
@@ -12,7 +13,12 @@ from ray.tune import ResultGrid
 from tuning.space import TARGETS
 
 
-def trial_rows(results: ResultGrid, metric: str) -> list[dict]:
+def _matches(params: dict, point: dict) -> bool:
+    return all(params.get(key) == value for key, value in point.items())
+
+
+def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ()) -> list[dict]:
+    """One row per trial, best first; `baseline` marks trials of the untuned recipe."""
     rows = []
     for result in results:
         frame = result.metrics_dataframe
@@ -28,6 +34,7 @@ def trial_rows(results: ResultGrid, metric: str) -> list[dict]:
                 "epochs_run": epochs_run,
                 "wall_s": round(float(frame["time_total_s"].iloc[-1]), 1) if reported else math.nan,
                 "stopped_early": epochs_run < int(params.get("epochs", 0)),
+                "baseline": any(_matches(params, point) for point in baselines),
                 "status": "error" if result.error else "ok",
             }
         )

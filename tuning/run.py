@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
+from typing import Literal
 
 import ray
 from ray import tune
@@ -20,7 +22,7 @@ from transferdesk.train import calibrate_threshold, write_version
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.sources import prepare_backbones
-from tuning.space import param_space
+from tuning.space import baseline_points, param_space
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
@@ -108,12 +110,17 @@ def experiment_path(spec: TuneSpec) -> str:
     return f"{spec.search.storage_path.rstrip('/')}/{spec.name}"
 
 
-def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune.Tuner:
+Resume = bool | Literal["auto"]  # "auto": resume when the search exists, else start it
+
+
+def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), backbones=backbones),
         {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial},
     )
     path = experiment_path(spec)
+    if resume == "auto":  # a retried Ray Job: continue the search its first attempt started
+        resume = tune.Tuner.can_restore(path)
     if resume:
         if not tune.Tuner.can_restore(path):
             raise TransferDeskError(f"nothing to resume at {path}; run without --resume to start")
@@ -124,16 +131,19 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune
             "or set another name (--name)"
         )
     metric = spec.search.metric
+    points = baseline_points(spec) if spec.search.baseline else None
     if spec.search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(metric=metric, mode="max", seed=spec.search.seed)
+        search_alg = OptunaSearch(metric=metric, mode="max", seed=spec.search.seed, points_to_evaluate=points)
         limit = spec.search.max_concurrent  # Tune wraps a Searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
         search_alg = BasicVariantGenerator(
-            random_state=spec.search.seed, max_concurrent=spec.search.max_concurrent or 0
+            points_to_evaluate=points,
+            random_state=spec.search.seed,
+            max_concurrent=spec.search.max_concurrent or 0,
         )
         limit = None  # a generator limits itself
     scheduler = ASHAScheduler(
@@ -152,6 +162,7 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune
             scheduler=scheduler,
             num_samples=spec.search.num_samples,
             max_concurrent_trials=limit,
+            time_budget_s=spec.search.time_budget_s,
             # A trial's process imports torch and transformers; reusing it saves seconds a trial.
             reuse_actors=True,
         ),
@@ -165,13 +176,16 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: bool) -> tune
     )
 
 
-def search(spec: TuneSpec, address: str | None = None, resume: bool = False) -> tune.ResultGrid:
+def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> tune.ResultGrid:
     """Everything before export. Reads training and validation data only."""
     connect(address, spec)
     backbones = prepare_backbones(spec)
+    started = time.monotonic()
     results = build_tuner(spec, backbones, resume).fit()
     finished = results.num_terminated + results.num_errors
-    if finished < spec.search.num_samples:  # Ctrl-C: Tune saved its state and returned early
+    budget = spec.search.time_budget_s
+    out_of_time = budget is not None and time.monotonic() - started >= budget
+    if finished < spec.search.num_samples and not out_of_time:  # Ctrl-C: Tune saved its state
         raise TransferDeskError(
             f"search interrupted after {finished} of {spec.search.num_samples} trials; its state is "
             f"in {experiment_path(spec)}: run the same command with --resume to continue"
@@ -186,7 +200,7 @@ def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
     """The best checkpoint, scored once on the test file, as a new registry version."""
     metric = spec.search.metric
     best = max((r for r in results if r.checkpoint), key=lambda r: r.metrics_dataframe[metric].max())
-    rows = trial_rows(results, metric)
+    rows = trial_rows(results, metric, baseline_points(spec) if spec.search.baseline else [])
     with staging(spec.output, spec.name) as tmp, best.checkpoint.as_directory() as checkpoint:
         cfg = load_run_config(Path(checkpoint))
         cfg = cfg.model_copy(
@@ -225,7 +239,7 @@ def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
         return seal(tmp, spec.output, spec.name)
 
 
-def tune_and_export(spec: TuneSpec, address: str | None = None, resume: bool = False) -> Path:
+def tune_and_export(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> Path:
     spec = prepare_spec(spec)
     results = search(spec, address, resume)
     version = export(spec, results)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
+from ray.tune.search.sample import Domain
 
 from transferdesk.config import RunConfig
 from tuning.config import TuneSpec
@@ -43,6 +44,28 @@ def param_space(spec: TuneSpec) -> dict[str, Any]:
     names = [c.name for c in spec.candidates]
     space["candidate"] = tune.choice(names) if len(names) > 1 else names[0]
     return space
+
+
+def _clip(value: Any, domain: Any) -> Any:
+    if isinstance(domain, list):
+        return value if value in domain else domain[0]
+    low, high = domain
+    return min(max(value, low), high)
+
+
+def baseline_points(spec: TuneSpec) -> list[dict[str, Any]]:
+    """The run's own settings (clipped into the space) once per candidate: the trials that
+    tell what the search added over the untuned recipe, and what each source model adds."""
+    base = spec.base_run()
+    searched = {name for name, value in param_space(spec).items() if isinstance(value, Domain)}
+    recipe = {}
+    for name, dotted in TARGETS.items():
+        section, field = dotted.split(".")
+        if name in searched:  # fixed values are not part of the search algorithm's space
+            recipe[name] = _clip(getattr(getattr(base, section), field), getattr(spec.space, name))
+    if "candidate" not in searched:
+        return [recipe]
+    return [{**recipe, "candidate": c.name} for c in spec.candidates]
 
 
 def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunConfig:

@@ -1,0 +1,240 @@
+"""Ray Serve load benchmark: end-to-end HTTP throughput and latency against the raw
+in-process ceiling of the same model, on this machine.
+
+    python benchmarks/serve_load.py                        # model: registry/northwind-tuned
+    python benchmarks/serve_load.py --model registry/x/v3 --seconds 20
+
+1. Ceiling: the model's batched predict loop in this process (no HTTP, no Serve).
+2. `serve run deployments/serve.yaml` with that model; an async httpx load generator on
+   127.0.0.1 sends one message a request at several concurrency levels, each bounded in
+   time, and records requests/s, p50/p95/p99 latency and errors.
+3. CPU seconds each Serve process used during the load (which deployment is the
+   bottleneck) and the classifier replicas' resident memory.
+Writes results/serve_load.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+KEY = "benchmark-key"
+SERVE_PROCESSES = ("Ingress", "Tokenizer", "Classifier", "Router", "ProxyActor")
+
+
+def messages() -> list[str]:
+    from transferdesk.data import read_dataset
+
+    ds, _ = read_dataset("sample:retail/test.csv", "text", "label")
+    return list(ds.texts)
+
+
+def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float) -> dict:
+    import torch
+
+    from transferdesk.registry import load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, _, _ = load_model(model_dir, "cpu")
+    model.predict_proba(texts[:batch_size])  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.predict_proba(texts, batch_size=batch_size)
+        done += len(texts)
+    return {
+        "per_s": done / (time.perf_counter() - start),
+        "batch_size": batch_size,
+        "threads": os.cpu_count(),
+    }
+
+
+def start_serve(model_dir: str, port: int, log: Path) -> subprocess.Popen:
+    config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
+    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["model"] = str(Path(model_dir).resolve())
+    path = Path(tempfile.mkdtemp()) / "serve.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {**os.environ, "TRANSFERDESK_API_KEYS": KEY}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=out)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(2)
+        if proc.poll() is not None:
+            sys.exit(f"error: serve run exited; see {log}")
+    sys.exit(f"error: the service did not come up; see {log}")
+
+
+async def level(url: str, texts: list[str], concurrency: int, seconds: float, max_requests: int) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def user(client: httpx.AsyncClient, offset: int) -> None:
+        nonlocal errors
+        i = offset
+        while time.perf_counter() < stop and len(latencies) + errors < max_requests:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/classify", json={"text": texts[i % len(texts)]}, headers=headers)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors += 1
+            i += concurrency
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(user(client, k) for k in range(concurrency)))
+        wall = time.perf_counter() - start
+    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (np.nan,) * 3
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "per_s": len(latencies) / wall,
+        "p50_ms": float(p50),
+        "p95_ms": float(p95),
+        "p99_ms": float(p99),
+    }
+
+
+def serve_pids() -> dict[int, str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    pids = {}
+    for line in out.splitlines()[1:]:
+        pid, _, args = line.strip().partition(" ")
+        for name in SERVE_PROCESSES:
+            if re.search(rf"ray::(ServeReplica:\w+:)?{name}\b", args):
+                pids[int(pid)] = name
+    return pids
+
+
+def cpu_seconds(pids: dict[int, str]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid, name in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def rss_gib(pids: dict[int, str], name: str) -> list[float]:
+    sizes = []
+    for pid, process in pids.items():
+        if process == name:
+            status = Path(f"/proc/{pid}/status").read_text()
+            sizes.append(int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 2**20)
+    return sizes
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Measured on {r['machine']}; model {r['model']}.",
+        "",
+        f"Raw in-process ceiling (batched predict loop, batch {r['ceiling']['batch_size']}, "
+        f"{r['ceiling']['threads']} threads): **{r['ceiling']['per_s']:.0f} messages/s**.",
+        "",
+        "| concurrency | requests/s | share of ceiling | p50 ms | p95 ms | p99 ms | requests | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for x in r["levels"]:
+        lines.append(
+            f"| {x['concurrency']} | {x['per_s']:.1f} | {x['per_s'] / r['ceiling']['per_s']:.0%} | "
+            f"{x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['requests']} | {x['errors']} |"
+        )
+    cpu = r["cpu_seconds_under_load"]
+    total = sum(cpu.values()) or 1
+    lines += [
+        "",
+        "CPU seconds per Serve process type during the load: "
+        + ", ".join(
+            f"{k} {v:.0f} s ({v / total:.0%})" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+        ),
+        "",
+        f"Classifier replicas: {r['classifier_replicas']}, resident memory "
+        + ", ".join(f"{g:.2f} GiB" for g in r["classifier_rss_gib"]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="registry/northwind-tuned", help="registry version or model dir")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    parser.add_argument("--seconds", type=float, default=20, help="per concurrency level")
+    parser.add_argument("--max-requests", type=int, default=20000, help="per concurrency level")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+
+    from transferdesk.registry import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(args.model))
+    texts = messages()
+    print("== ceiling", flush=True)
+    top = ceiling(model_dir, texts, 16, args.seconds)
+    print(json.dumps(top), flush=True)
+    log = Path(tempfile.mkdtemp()) / "serve.log"
+    proc = start_serve(model_dir, args.port, log)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        asyncio.run(level(url, texts, 4, 5, 10**6))  # warm-up
+        pids = serve_pids()
+        before = cpu_seconds(pids)
+        levels = []
+        for concurrency in args.concurrency:
+            levels.append(asyncio.run(level(url, texts, concurrency, args.seconds, args.max_requests)))
+            print(json.dumps(levels[-1]), flush=True)
+        pids = serve_pids()  # autoscaling may have added replicas
+        after = cpu_seconds(pids)
+        result = {
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+            "model": model_dir,
+            "ceiling": top,
+            "levels": levels,
+            "cpu_seconds_under_load": {k: after[k] - before.get(k, 0.0) for k in after},
+            "classifier_replicas": sum(name == "Classifier" for name in pids.values()),
+            "classifier_rss_gib": rss_gib(pids, "Classifier"),
+        }
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "serve_load.json").write_text(json.dumps(result, indent=2))
+    (args.results / "serve_load.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`transferdesk serve [MODEL]`: `serve run deployments/serve.yaml` with a model, a routing
+policy and an API key filled in, and a ready curl command printed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs
+from transferdesk.cli import config_overrides
+from transferdesk.config import set_dotted
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import resolve_model_dir
+
+SERVE_YAML = Path(__file__).with_name("serve.yaml")
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "serve",
+        help="serve a registry model over HTTP with Ray Serve (intent → queue, or a human agent)",
+        description="Start Ray Serve locally with deployments/serve.yaml and the given model. "
+        f"API keys come from ${KEYS_ENV} or ${KEYS_FILE_ENV}; with neither, a one-time key is "
+        "generated and printed. Ctrl-C stops it.",
+    )
+    parser.add_argument("model", nargs="?", help="version or model directory [default: serve.yaml's]")
+    parser.add_argument("--config", default=str(SERVE_YAML), help="Serve config [default: %(default)s]")
+    parser.add_argument("--policy", help="routing policy YAML [default: serve.yaml's]")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    parser.add_argument("--no-auth", action="store_true", help="no API key needed: local development only")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg, e.g. top_k=5"
+    )
+    parser.set_defaults(func=cmd_serve)
+    return parser
+
+
+def serve_config(args: argparse.Namespace) -> dict:
+    """serve.yaml with the command line applied and every path made absolute."""
+    config = yaml.safe_load(Path(args.config).read_text())
+    app = config["applications"][0]
+    values = app.setdefault("args", {})
+    for key, value in config_overrides(args.set).items():
+        set_dotted(values, key, value)
+    if args.model:
+        values["model"] = args.model
+    if args.policy:
+        values["routing_policy"] = args.policy
+    if args.no_auth:
+        set_dotted(values, "auth.disabled", True)
+    settings = ServeArgs.model_validate(values).resolved()
+    resolve_model_dir(settings.model)  # a clear error now, not a failed deployment later
+    app["args"] = settings.model_dump()
+    config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    config = serve_config(args)
+    env = dict(os.environ)
+    auth = not config["applications"][0]["args"]["auth"]["disabled"]
+    if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
+        env[KEYS_ENV] = secrets.token_urlsafe(24)
+        print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
+    serve = shutil.which("serve")
+    if serve is None:
+        raise TransferDeskError(
+            "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-serve-", delete=False) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    key = f' -H "Authorization: Bearer ${KEYS_ENV}"' if auth else ""
+    print(
+        f"serving {config['applications'][0]['args']['model']} at http://{args.host}:{args.port} "
+        "(Ctrl-C stops it). When it says the application is RUNNING, try:\n\n"
+        + (f"  export {KEYS_ENV}={env[KEYS_ENV]}\n" if auth and KEYS_ENV in env else "")
+        + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
+        """-d '{"text": "where is my parcel? it was due on monday"}'\n""",
+        flush=True,
+    )
+    os.execvpe(serve, [serve, "run", f.name], env)

@@ -1,0 +1,64 @@
+"""Settings of the serving application: the `args` of deployments/serve.yaml, validated
+before any replica starts. The model's own RunConfig travels inside its registry version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+
+from transferdesk.config import Section
+
+KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
+KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a mounted Secret)
+
+
+class Batching(Section):
+    """The classifier's dynamic batching. Also settable at run time through its user_config."""
+
+    max_batch_size: int = Field(16, ge=1, le=256, description="Texts per forward pass at most.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+    )
+
+
+class Limits(Section):
+    max_text_chars: int = Field(1000, ge=1, description="Longest accepted message, in characters.")
+    max_batch_texts: int = Field(64, ge=1, description="Most texts in one request.")
+    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
+
+
+class Auth(Section):
+    disabled: bool = Field(
+        False, description="Accept requests without an API key. For local development only."
+    )
+
+
+class ServeArgs(Section):
+    model: str = Field(
+        "registry/northwind-tuned",
+        description="Registry version directory, or a model directory meaning its newest version.",
+    )
+    routing_policy: str = Field("deployments/policies/northwind.yaml", description="Routing policy YAML.")
+    device: str = Field("auto", description="auto (a GPU when one is assigned), cpu, cuda or cuda:N.")
+    top_k: int = Field(3, ge=1, le=10, description="Alternatives returned with each answer.")
+    batching: Batching = Batching()
+    limits: Limits = Limits()
+    auth: Auth = Auth()
+    log_texts: bool = Field(
+        False, description="Write message texts to the logs. They are personal data: off by default."
+    )
+
+    def resolved(self) -> ServeArgs:
+        """Absolute paths: replicas do not share the working directory of `serve run`."""
+        update = {k: str(Path(getattr(self, k)).expanduser().resolve()) for k in ("model", "routing_policy")}
+        return self.model_copy(update=update)
+
+
+def api_keys() -> list[bytes]:
+    """Keys from $TRANSFERDESK_API_KEYS and the file named by $TRANSFERDESK_API_KEYS_FILE."""
+    keys = os.environ.get(KEYS_ENV, "").split(",")
+    if path := os.environ.get(KEYS_FILE_ENV):
+        keys += Path(path).read_text().splitlines()
+    return [k.strip().encode() for k in keys if k.strip()]

@@ -1,0 +1,153 @@
+"""One real `serve run` for the Serve tests of a module (an app takes a minute to come up on
+2 cores; per module, not per session, so it is gone before the tuning tests start Ray):
+two registry versions of the tiny model, and two applications of deployments/serve.yaml:
+/, with API keys, and /open, with auth explicitly disabled."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from deployments.cli import SERVE_YAML
+from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
+from transferdesk.train import train_and_register
+
+KEYS = ("test-key-one", "test-key-two")
+START_TIMEOUT_S = 300
+ROOT = Path(__file__).resolve().parents[2]
+# A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token file.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_policy(path: Path, min_confidence: float = 0.0, version: str = "test-1") -> Path:
+    routes = {intent: {"destination": f"{intent}-queue", "priority": "high"} for intent in TOY_INTENTS}
+    policy = {
+        "version": version,
+        "min_confidence": min_confidence,
+        "fallback": {"destination": "human-agents"},
+        "routes": routes,
+    }
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
+@dataclass
+class Service:
+    url: str
+    config: dict
+    config_path: Path
+    dashboard: str
+    policy: Path
+    versions: list[Path]
+    log: Path
+
+    def client(self, key: str | None = KEYS[0], prefix: str = "") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url + prefix, headers=headers, timeout=60)
+
+    def deploy(self, config: dict) -> None:
+        """`serve deploy` a changed config to the running cluster, as an operator would."""
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        subprocess.run(
+            ["serve", "deploy", str(self.config_path), "--address", self.dashboard],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, **RAY_ENV},
+        )
+
+
+def _train_versions(tmp: Path, backbone: Path) -> list[Path]:
+    files = {
+        "train": write_csv(tmp / "train.csv", toy_rows(0, 6)),
+        "valid": write_csv(tmp / "valid.csv", [*toy_rows(6, 8), ("weather on mars", "oos")]),
+    }
+    versions = []
+    for seed in (1, 2):  # two versions of one model, with different weights
+        overrides = {"name": "toy", "runtime.seed": seed, "training.epochs": 15, "model.dropout": 0.1}
+        cfg = tiny_run(backbone, files, tmp / "registry", **overrides)
+        versions.append(train_and_register(cfg))
+    return versions
+
+
+def _config(versions: list[Path], policy: Path, port: int) -> dict:
+    """serve.yaml with the tiny model, small CPU shares (2 cores hold both apps), and an /open
+    copy of the app without auth."""
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    app["args"].update(model=str(versions[0]), routing_policy=str(policy))
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0.1}
+        deployment["autoscaling_config"]["min_replicas"] = 1
+    classifier = next(d for d in app["deployments"] if d["name"] == "Classifier")
+    classifier["autoscaling_config"]["min_replicas"] = 2  # one may be killed by a test
+    open_app = yaml.safe_load(yaml.safe_dump(app))
+    open_app.update(name="open", route_prefix="/open")
+    open_app["args"]["auth"] = {"disabled": True}
+    for deployment in open_app["deployments"]:
+        deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    config["applications"] = [app, open_app]
+    return config
+
+
+def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if all(httpx.get(f"{url}{p}/healthz", timeout=5).status_code == 200 for p in ("", "/open")):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    pytest.fail(f"the Serve app did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Iterator[Service]:
+    if shutil.which("serve") is None:
+        pytest.fail("Ray Serve's `serve` command is not installed")
+    tmp = tmp_path_factory.mktemp("serve")
+    versions = _train_versions(tmp, tiny_backbone)
+    policy = write_policy(tmp / "policy.yaml")
+    port = free_port()
+    config = _config(versions, policy, port)
+    config_path = tmp / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = tmp / "serve.log"
+    env = {**os.environ, **RAY_ENV, "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            ["serve", "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc, log)
+        match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
+        dashboard = f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
+        yield Service(url, config, config_path, dashboard, policy, versions, log)
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

