@@ -8,6 +8,8 @@ ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 FROM ${RAY_IMAGE}
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Created by the image's user (WORKDIR alone would make it root's).
+RUN mkdir -p /home/ray/app
 WORKDIR /home/ray/app
 # torch first, from the index of the right build (CPU or CUDA), so the project's pin is met
 # without pulling the other build.

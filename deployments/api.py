@@ -72,7 +72,7 @@ class Classification(BaseModel):
 
 class ClassifyResponse(BaseModel):
     request_id: str
-    model_version: str
+    model_version: str = Field(description="Two, comma-separated, only during a model switch.")
     results: list[Classification]
 
 
@@ -88,7 +88,7 @@ class Decision(BaseModel):
 
 class RouteResponse(BaseModel):
     request_id: str
-    model_version: str
+    model_version: str = Field(description="Two, comma-separated, only during a model switch.")
     policy_version: str
     decisions: list[Decision]
 
@@ -184,7 +184,12 @@ async def _limits_and_metrics(request: Request, call_next: Any) -> Any:
             return error(request, 411, "length_required", "send a Content-Length header")
         if int(length) > limit:
             return error(request, 413, "body_too_large", f"request body over {limit} bytes", "body")
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception:  # answered by the outermost 500 handler: count it here first
+        if ingress:
+            ingress.observe(request, 500, time.perf_counter() - start)
+        raise
     if ingress:
         ingress.observe(request, response.status_code, time.perf_counter() - start)
     return response
@@ -272,7 +277,8 @@ class Ingress:
         texts = self._checked(body)
         ids = await self.tokenizer.remote(texts)
         predictions = await asyncio.gather(*(self.classifier.remote(x) for x in ids))
-        request.state.model = predictions[0]["model_version"]
+        # The texts of one request may be batched on replicas mid-way through a model switch.
+        request.state.model = ",".join(sorted({p["model_version"] for p in predictions}))
         if self.settings.log_texts:
             log.info("texts: %s", texts)
         return predictions

@@ -117,8 +117,10 @@ class Classifier:
         cfg = ClassifierConfig.model_validate(config)
         self.predict.set_max_batch_size(cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        if cfg.model and cfg.model != self.requested:
-            await self._switch(cfg.model)
+        if cfg.model:
+            path = str(Path(cfg.model).expanduser().resolve())
+            if path != self.requested or self.switch_error:  # a refused switch is retried
+                await self._switch(path)
 
     async def _switch(self, path: str) -> None:
         """Load beside the current model, then swap one reference: requests never wait on it.
@@ -131,9 +133,9 @@ class Classifier:
                     f"{new['version']} uses another tokenizer than the served model; deploy it as a "
                     "new application version (change `args.model`) instead of a user_config switch"
                 )
-        except (TransferDeskError, OSError, ValueError) as err:
-            self.switch_error = str(err)
-            log.error("model switch to %s refused: %s", path, err)
+        except Exception as err:  # anything (a bad path, out of memory): keep serving the old model
+            self.switch_error = str(err) if isinstance(err, TransferDeskError) else f"cannot load {path}"
+            log.exception("model switch to %s refused", path)
             return
         self.served, self.switch_error = new, None
         log.info("now serving %s", new["version"])
@@ -147,7 +149,7 @@ class Classifier:
         return [self._ranked(served, p) for p in probs]
 
     @staticmethod
-    def _ranked(served: dict, probs: np.ndarray, k: int = 10) -> dict:
+    def _ranked(served: dict, probs: np.ndarray, k: int = 11) -> dict:  # top_k ≤ 10 alternatives
         order = np.argsort(-probs)[:k]
         labels = served["labels"]
         return {
@@ -190,7 +192,7 @@ class Router:
             return
         self.checked = now
         try:
-            mtime = self.path.stat().st_mtime
+            mtime = self.path.stat().st_mtime  # before reading: an edit meanwhile is seen next time
             if mtime != self.mtime:
                 self.policy, self.mtime = load_policy(self.path, self.labels), mtime
                 log.info("routing policy %s loaded", self.policy.version)
@@ -199,7 +201,8 @@ class Router:
 
     def __call__(self, predictions: list[dict], top_k: int) -> list[dict]:
         self._maybe_reload()
-        return [decide(self.policy, p["top"][: top_k + 1], p["threshold"]) for p in predictions]
+        policy = self.policy  # one policy for the whole request, even if a reload lands meanwhile
+        return [decide(policy, p["top"][: top_k + 1], p["threshold"]) for p in predictions]
 
     def version(self) -> str:
         self._maybe_reload()

@@ -82,7 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "(Ctrl-C stops it). When it says the application is RUNNING, try:\n\n"
         + (f"  export {KEYS_ENV}={env[KEYS_ENV]}\n" if auth and KEYS_ENV in env else "")
         + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
-        """-d '{"text": "where is my parcel? it was due on monday"}'\n""",
+        """-d '{"text": "where is my parcel? it was due on monday"}'\n\n"""
+        f"The Serve config is {f.name}: to switch models in place, `serve deploy` a copy of it "
+        "with `model:` added to the Classifier's user_config.\n",
         flush=True,
     )
     os.execvpe(serve, [serve, "run", f.name], env)

@@ -5,7 +5,7 @@ from ray.tune.search.sample import Categorical, Float, Integer
 
 from transferdesk.errors import TransferDeskError
 from tuning.config import TuneSpec, load_spec
-from tuning.space import TARGETS, param_space, trial_config
+from tuning.space import TARGETS, baseline_points, param_space, trial_config
 
 CONFIGS = Path(__file__).parent.parent.parent / "configs"
 
@@ -80,3 +80,18 @@ def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, m
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(TransferDeskError, match=message):
         load_spec(path)
+
+
+def test_baseline_points_are_the_run_recipe_inside_the_space() -> None:
+    spec = TuneSpec.model_validate(
+        {
+            "training": {"encoder_lr": 5e-5, "batch_size": 16},
+            "candidates": [{"name": "a"}, {"name": "b", "pretrained": False}],
+            "space": {"encoder_lr": [1e-4, 1e-3], "batch_size": [8, 32], "dropout": 0.1},
+        }
+    )
+    points = baseline_points(spec)
+    assert [p["candidate"] for p in points] == ["a", "b"]
+    assert points[0]["encoder_lr"] == 1e-4  # clipped into the range
+    assert points[0]["batch_size"] == 8  # 16 is not a choice: the first choice
+    assert "dropout" not in points[0]  # fixed values are not searched

@@ -63,6 +63,20 @@ def test_asha_stops_weak_trials_early(local_ray, tiny_backbone: Path, tmp_path: 
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     assert any(r["stopped_early"] == "True" for r in rows)
     assert any(int(r["epochs_run"]) == 6 for r in rows)
+    assert sum(r["baseline"] == "True" for r in rows) == 1  # the untuned recipe ran first
+
+
+def test_time_budget_ends_the_search_and_still_exports(
+    local_ray, tiny_backbone: Path, tmp_path: Path
+) -> None:
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        space={"epochs": 3},
+        search={"num_samples": 200, "max_concurrent": 2, "time_budget_s": 20},
+    )
+    rows = _rows(tune_and_export(load_spec(path)))
+    assert 1 <= len(rows) < 200
 
 
 @pytest.mark.parametrize(
