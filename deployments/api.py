@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, api_keys
+from deployments.config import CALL_TEXTS, KEYS_ENV, KEYS_FILE_ENV, ServeArgs, api_keys
 from deployments.routing import Priority
 from transferdesk import __version__
 from transferdesk.errors import TransferDeskError
@@ -276,7 +276,10 @@ class Ingress:
     async def _predict(self, request: Request, body: TextsRequest) -> list[dict]:
         texts = self._checked(body)
         ids = await self.tokenizer.remote(texts)
-        predictions = await asyncio.gather(*(self.classifier.remote(x) for x in ids))
+        # One classifier call per CALL_TEXTS texts: few handle calls, and no call larger than a batch.
+        calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
+        parts = await asyncio.gather(*(self.classifier.remote(call) for call in calls))
+        predictions = [p for part in parts for p in part]
         # The texts of one request may be batched on replicas mid-way through a model switch.
         request.state.model = ",".join(sorted({p["model_version"] for p in predictions}))
         if self.settings.log_texts:
@@ -300,7 +303,7 @@ class Ingress:
             )
             for p in predictions
         ]
-        log.info("classify n=%d model=%s", len(results), request.state.model)
+        log.debug("classify n=%d model=%s", len(results), request.state.model)
         return ClassifyResponse(
             request_id=_request_id(request), model_version=request.state.model, results=results
         )
@@ -310,7 +313,7 @@ class Ingress:
         """Where each message should go: a queue and priority, or a human agent."""
         predictions = await self._predict(request, body)
         decisions = await self.router.remote(predictions, self._top_k(body))
-        log.info(
+        log.debug(
             "route n=%d model=%s handoffs=%d",
             len(decisions),
             request.state.model,

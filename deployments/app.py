@@ -27,6 +27,11 @@ TOKENIZER_FILE = "encoder/tokenizer.json"
 POLICY_CHECK_S = 2.0  # how often the router looks for an edited policy file
 
 
+def count_texts(calls: list[list[list[int]]]) -> int:
+    """A batch's size in texts, not in calls (@serve.batch's batch_size_fn)."""
+    return sum(len(call) for call in calls)
+
+
 def _torch_threads() -> int:
     """One torch thread per CPU Ray assigned to this replica (at least one)."""
     import ray
@@ -93,11 +98,11 @@ class ClassifierConfig(Batching):
 class Classifier:
     """Encoder + head over batches of token ids; swaps model versions without a restart."""
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", threads: int | None = None) -> None:
         import torch
         from ray.serve.metrics import Histogram
 
-        torch.set_num_threads(_torch_threads())
+        torch.set_num_threads(threads or _torch_threads())
         self.device = device
         self.served = self._load(model)
         self.requested = model
@@ -140,13 +145,16 @@ class Classifier:
         self.served, self.switch_error = new, None
         log.info("now serving %s", new["version"])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def predict(self, batch: list[list[int]]) -> list[dict]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=count_texts)
+    async def predict(self, calls: list[list[list[int]]]) -> list[list[dict]]:
+        """One forward pass over the texts of several calls (each call: one request's texts)."""
         served = self.served  # one model for the whole batch, even if a switch lands meanwhile
-        self.batch_sizes.observe(len(batch), tags={"model_version": served["version"]})
+        flat = [ids for call in calls for ids in call]
+        self.batch_sizes.observe(len(flat), tags={"model_version": served["version"]})
         # In a thread, so requests keep arriving (and the next batch fills) during the forward pass.
-        probs = await asyncio.to_thread(served["model"].proba_from_ids, batch)
-        return [self._ranked(served, p) for p in probs]
+        probs = await asyncio.to_thread(served["model"].proba_from_ids, flat)
+        ranked = iter([self._ranked(served, p) for p in probs])
+        return [[next(ranked) for _ in call] for call in calls]
 
     @staticmethod
     def _ranked(served: dict, probs: np.ndarray, k: int = 11) -> dict:  # top_k ≤ 10 alternatives
@@ -158,7 +166,8 @@ class Classifier:
             "top": [(labels[i], round(float(probs[i]), 6)) for i in order],
         }
 
-    async def __call__(self, ids: list[int]) -> dict:
+    async def __call__(self, ids: list[list[int]]) -> list[dict]:
+        """Ranked intents for up to CALL_TEXTS tokenized texts."""
         return await self.predict(ids)
 
     def info(self) -> dict:
@@ -216,7 +225,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     load_policy(settings.routing_policy, summary["labels"])  # and on a bad routing policy
     tokenizer = Tokenizer.bind(settings.model)
     classifier = Classifier.options(user_config=settings.batching.model_dump()).bind(
-        settings.model, settings.device
+        settings.model, settings.device, settings.classifier_threads
     )
     router = Router.bind(settings.routing_policy, summary["labels"])
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

@@ -12,14 +12,17 @@ from transferdesk.config import Section
 
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
 KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a mounted Secret)
+CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at least one call
 
 
 class Batching(Section):
     """The classifier's dynamic batching. Also settable at run time through its user_config."""
 
-    max_batch_size: int = Field(16, ge=1, le=256, description="Texts per forward pass at most.")
+    max_batch_size: int = Field(
+        16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
+    )
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+        0.01, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
     )
 
 
@@ -43,6 +46,9 @@ class ServeArgs(Section):
     routing_policy: str = Field("deployments/policies/northwind.yaml", description="Routing policy YAML.")
     device: str = Field("auto", description="auto (a GPU when one is assigned), cpu, cuda or cuda:N.")
     top_k: int = Field(3, ge=1, le=10, description="Alternatives returned with each answer.")
+    classifier_threads: int | None = Field(
+        None, ge=1, description="torch threads per classifier replica (unset: the CPUs Ray assigned it)."
+    )
     batching: Batching = Batching()
     limits: Limits = Limits()
     auth: Auth = Auth()
