@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 import yaml
 
+from deployments.cli import installed_command
 from transferdesk.cli import config_overrides
 from transferdesk.config import set_dotted
 
@@ -78,7 +79,8 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: list[str]) -> s
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "TRANSFERDESK_API_KEYS": KEY}
     with open(log, "w") as out:
-        proc = subprocess.Popen(["serve", "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=out)
+        serve = installed_command("serve") or "serve"
+        proc = subprocess.Popen([serve, "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:

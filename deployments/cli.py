@@ -7,6 +7,7 @@ import argparse
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def serve_config(args: argparse.Namespace) -> dict:
     return config
 
 
+def installed_command(name: str) -> str | None:
+    """A console script of this Python environment, even when its bin/ is not on PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else shutil.which(name)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     config = serve_config(args)
     env = dict(os.environ)
@@ -69,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
         env[KEYS_ENV] = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
-    serve = shutil.which("serve")
+    serve = installed_command("serve")
     if serve is None:
         raise TransferDeskError(
             "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,13 +19,14 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAML
+from deployments.cli import SERVE_YAML, installed_command
 from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
 from transferdesk.train import train_and_register
 
 KEYS = ("test-key-one", "test-key-two")
 START_TIMEOUT_S = 300
 ROOT = Path(__file__).resolve().parents[2]
+SERVE = installed_command("serve")
 # A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token file.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
@@ -67,7 +67,7 @@ class Service:
         """`serve deploy` a changed config to the running cluster, as an operator would."""
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         subprocess.run(
-            ["serve", "deploy", str(self.config_path), "--address", self.dashboard],
+            [SERVE, "deploy", str(self.config_path), "--address", self.dashboard],
             check=True,
             cwd=ROOT,
             env={**os.environ, **RAY_ENV},
@@ -124,7 +124,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Iterator[Service]:
-    if shutil.which("serve") is None:
+    if SERVE is None:
         pytest.fail("Ray Serve's `serve` command is not installed")
     tmp = tmp_path_factory.mktemp("serve")
     versions = _train_versions(tmp, tiny_backbone)
@@ -137,7 +137,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     env = {**os.environ, **RAY_ENV, "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            ["serve", "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            [SERVE, "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     try:

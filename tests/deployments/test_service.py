@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -192,10 +192,15 @@ def _hammer(service: Service, stop: threading.Event, outcomes: list) -> None:
 
 
 def _classifier_pids() -> set[int]:
-    out = subprocess.run(
-        ["pgrep", "-f", "ServeReplica:transferdesk:Classifier"], capture_output=True, text=True
-    )
-    return {int(p) for p in out.stdout.split()}
+    """Processes of classifier replicas, found by their Ray process title."""
+    pids = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"ServeReplica:transferdesk:Classifier" in (proc / "cmdline").read_bytes():
+                pids.add(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
 
 
 def test_model_switch_under_load_loses_no_request(service: Service) -> None:

