@@ -148,6 +148,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:
-            proc.wait(60)
+            proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
