@@ -41,6 +41,8 @@ test: lint
 benchmark: install
 	$(PY) benchmarks/banking77.py
 	$(PY) benchmarks/banking77_tune.py
+	# The load test serves the sample model that `make demo` exports; train it if missing.
+	test -d registry/northwind-tuned || $(VENV)/bin/transferdesk tune configs/tune-sample.yaml
 	$(PY) benchmarks/serve_load.py
 
 clean:

@@ -17,7 +17,7 @@ import numpy as np
 from ray import serve
 
 from deployments.api import Ingress
-from deployments.config import Batching, ServeArgs
+from deployments.config import ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import MANIFEST, load_model, resolve_model_dir
@@ -76,16 +76,12 @@ class Tokenizer:
         return self.tokenizer(texts, truncation=True, max_length=self.limit)["input_ids"]
 
 
-class ClassifierConfig(Batching):
-    """The classifier's user_config: batching, and `model` to switch versions in place."""
-
-    model: str | None = None
-
-
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     # Above max_batch_size, so a replica holds enough requests to fill a batch.
     max_ongoing_requests=48,
+    # Defaults when serve.yaml sets none; reconfigure() needs a user_config to be called at all.
+    user_config=ClassifierConfig().model_dump(exclude_none=True),
     autoscaling_config={
         "min_replicas": 1,
         "max_replicas": 2,
@@ -224,8 +220,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     summary = model_summary(settings.model)  # fails fast on a missing model
     load_policy(settings.routing_policy, summary["labels"])  # and on a bad routing policy
     tokenizer = Tokenizer.bind(settings.model)
-    classifier = Classifier.options(user_config=settings.batching.model_dump()).bind(
-        settings.model, settings.device, settings.classifier_threads
-    )
+    classifier = Classifier.bind(settings.model, settings.device, settings.classifier_threads)
     router = Router.bind(settings.routing_policy, summary["labels"])
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

@@ -15,8 +15,9 @@ KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a 
 CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at least one call
 
 
-class Batching(Section):
-    """The classifier's dynamic batching. Also settable at run time through its user_config."""
+class ClassifierConfig(Section):
+    """The Classifier's user_config (deployments/serve.yaml): batching, and `model` to switch
+    versions in place. Changes reach the running replicas without a restart."""
 
     max_batch_size: int = Field(
         16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
@@ -24,6 +25,7 @@ class Batching(Section):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
     )
+    model: str | None = Field(None, description="Registry version to switch to (unset: args.model).")
 
 
 class Limits(Section):
@@ -49,7 +51,6 @@ class ServeArgs(Section):
     classifier_threads: int | None = Field(
         None, ge=1, description="torch threads per classifier replica (unset: the CPUs Ray assigned it)."
     )
-    batching: Batching = Batching()
     limits: Limits = Limits()
     auth: Auth = Auth()
     log_texts: bool = Field(

@@ -6,6 +6,7 @@ import torch
 from transferdesk.errors import TransferDeskError
 from transferdesk.model import (
     IntentClassifier,
+    TrainedModel,
     autocast_dtype,
     bundled_backbone_dir,
     freeze_lower_layers,
@@ -49,6 +50,18 @@ def test_classifier_shapes_and_mean_pooling_ignores_padding(tiny_backbone: Path,
     padded = net.embed(batch["input_ids"], batch["attention_mask"])[1]
     single = net.embed(alone["input_ids"], alone["attention_mask"])[0]
     assert torch.allclose(padded, single, atol=1e-5)
+
+
+def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path) -> None:
+    # Serve tokenizes in one deployment and classifies in another: same answer as in-process.
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=6)
+    texts = ["where is my parcel", "refund", "my password is not working please reset it now"]
+    ids = tokenizer(texts)["input_ids"]  # unpadded, not cut: the last one is longer than 6
+    assert len(ids[2]) > 6
+    by_ids, by_text = model.proba_from_ids(ids), model.predict_proba(texts)
+    assert by_ids.shape == (3, 3)
+    assert torch.allclose(torch.from_numpy(by_ids), torch.from_numpy(by_text), atol=1e-5)
 
 
 def test_random_init_has_same_shape_other_weights(tiny_backbone: Path) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.config import ServeArgs
+from deployments.config import CALL_TEXTS, ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
 
@@ -76,3 +76,9 @@ def test_serve_yaml_args_are_valid_serve_args() -> None:
     assert names == {"Ingress", "Tokenizer", "Classifier", "Router"}
     classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
     assert classifier["max_ongoing_requests"] > classifier["user_config"]["max_batch_size"]
+    ClassifierConfig.model_validate(classifier["user_config"])
+
+
+def test_a_batch_must_hold_one_ingress_call() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ClassifierConfig(max_batch_size=CALL_TEXTS - 1)
