@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.config import CALL_TEXTS, KEYS_ENV, KEYS_FILE_ENV, ServeArgs, api_keys
 from deployments.routing import Priority
@@ -173,26 +174,44 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error(request, 500, "internal_error", "internal error; quote the request id to support")
 
 
-@api.middleware("http")
-async def _limits_and_metrics(request: Request, call_next: Any) -> Any:
-    ingress = LIVE.get("ingress")
-    start = time.perf_counter()
-    if ingress and request.method == "POST":
-        limit = ingress.settings.limits.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
-            return error(request, 411, "length_required", "send a Content-Length header")
-        if int(length) > limit:
-            return error(request, 413, "body_too_large", f"request body over {limit} bytes", "body")
-    try:
-        response = await call_next(request)
-    except Exception:  # answered by the outermost 500 handler: count it here first
-        if ingress:
-            ingress.observe(request, 500, time.perf_counter() - start)
-        raise
-    if ingress:
-        ingress.observe(request, response.status_code, time.perf_counter() - start)
-    return response
+class LimitsAndMetrics:
+    """Refuses oversized or unsized bodies before they are read, and counts and times every
+    request. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream a request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ingress = LIVE.get("ingress")
+        if scope["type"] != "http" or ingress is None:
+            return await self.app(scope, receive, send)
+        request, start, status = Request(scope), time.perf_counter(), 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:  # an exception still counts (as a 500) before the outermost handler answers it
+            refusal = _body_refusal(request, ingress.settings.limits.max_body_bytes)
+            await (refusal or self.app)(scope, receive, send_and_note)
+        finally:
+            ingress.observe(request, status, time.perf_counter() - start)
+
+
+def _body_refusal(request: Request, limit: int) -> JSONResponse | None:
+    if request.method != "POST":
+        return None
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        return error(request, 411, "length_required", "send a Content-Length header")
+    if int(length) > limit:
+        return error(request, 413, "body_too_large", f"request body over {limit} bytes", "body")
+    return None
+
+
+api.add_middleware(LimitsAndMetrics)
 
 
 async def authorize(

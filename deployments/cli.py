@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs
+from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, serve_env
 from transferdesk.cli import config_overrides
 from transferdesk.config import set_dotted
 from transferdesk.errors import TransferDeskError
@@ -71,7 +71,7 @@ def installed_command(name: str) -> str | None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     config = serve_config(args)
-    env = dict(os.environ)
+    env = serve_env()
     auth = not config["applications"][0]["args"]["auth"]["disabled"]
     if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
         env[KEYS_ENV] = secrets.token_urlsafe(24)

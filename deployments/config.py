@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -13,6 +14,11 @@ from transferdesk.config import Section
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
 KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a mounted Secret)
 CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at least one call
+# Ray Serve's high-throughput data path, read by Ray's processes at start (so environment, not
+# serve.yaml): HAProxy in place of the Python HTTP proxy, forwarding straight to the Ingress
+# replicas, and gRPC between deployments. On 2 cores it halved the Ingress's CPU per request
+# and took the proxy's (6 ms a request) away. k8s/ sets the same on the Ray containers.
+FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 class ClassifierConfig(Section):
@@ -23,7 +29,7 @@ class ClassifierConfig(Section):
         16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
     )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+        0.0, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
     )
     model: str | None = Field(None, description="Registry version to switch to (unset: args.model).")
 
@@ -48,6 +54,11 @@ class ServeArgs(Section):
     routing_policy: str = Field("deployments/policies/northwind.yaml", description="Routing policy YAML.")
     device: str = Field("auto", description="auto (a GPU when one is assigned), cpu, cuda or cuda:N.")
     top_k: int = Field(3, ge=1, le=10, description="Alternatives returned with each answer.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Of the classifier's forward passes. auto: bf16 or fp16 on a GPU, fp32 on CPU. "
+        "bf16 on CPU is ~1.7x faster where the CPU has AVX512-BF16 or AMX (see README).",
+    )
     classifier_threads: int | None = Field(
         None, ge=1, description="torch threads per classifier replica (unset: the CPUs Ray assigned it)."
     )
@@ -61,6 +72,11 @@ class ServeArgs(Section):
         """Absolute paths: replicas do not share the working directory of `serve run`."""
         update = {k: str(Path(getattr(self, k)).expanduser().resolve()) for k in ("model", "routing_policy")}
         return self.model_copy(update=update)
+
+
+def serve_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for `serve run`: FAST_PATH_ENV unless the caller set those variables."""
+    return {**FAST_PATH_ENV, **(os.environ if base is None else base)}
 
 
 def api_keys() -> list[bytes]:

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,31 @@ def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path
     assert torch.allclose(torch.from_numpy(by_ids), torch.from_numpy(by_text), atol=1e-5)
 
 
+def test_length_sorted_passes_keep_input_order(tiny_backbone: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
+    texts = ["a much longer message about a parcel", "hi", "refund please", "x", "where is my order now"]
+    ids = tokenizer(texts)["input_ids"]
+    whole = model.proba_from_ids(ids, batch_size=64)
+    for per_pass in (1, 2):  # sorted by length into passes, answered in the order asked
+        assert np.allclose(model.proba_from_ids(ids, batch_size=per_pass), whole, atol=1e-5)
+    assert not np.allclose(whole[0], whole[1])
+
+
+def test_bf16_predictions_on_cpu_stay_close_to_fp32(tiny_backbone: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
+    texts = ["where is my parcel", "refund", "reset my password please"]
+    fp32 = model.predict_proba(texts)
+    model.precision = "bf16"
+    bf16 = model.predict_proba(texts)
+    assert not np.array_equal(bf16, fp32)  # autocast really ran in bf16
+    assert np.allclose(bf16, fp32, atol=0.02)
+    model.for_serving("bf16")  # weights cast once instead of on every call: the same answers
+    assert model.network.head.weight.dtype == torch.bfloat16
+    assert np.allclose(model.predict_proba(texts), bf16, atol=1e-6)
+
+
 def test_random_init_has_same_shape_other_weights(tiny_backbone: Path) -> None:
     pre, _ = load_encoder(str(tiny_backbone))
     rand, _ = load_encoder(str(tiny_backbone), pretrained=False)
@@ -87,7 +113,8 @@ def test_freeze_lower_layers(tiny_backbone: Path) -> None:
 def test_mixed_precision_choice() -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert autocast_dtype(cpu, "auto") is None
-    assert autocast_dtype(cpu, "bf16") is None  # no CPU autocast: fp32 with a warning
+    assert autocast_dtype(cpu, "bf16") is torch.bfloat16  # asked for explicitly: CPU autocast
+    assert autocast_dtype(cpu, "fp16") is None  # fp32, with a warning
     assert autocast_dtype(cuda, "fp16") is torch.float16
     assert autocast_dtype(cuda, "bf16") is torch.bfloat16
     assert autocast_dtype(cuda, "fp32") is None

@@ -104,7 +104,7 @@ class RuntimeConfig(Section):
         "auto", description="Where to train: auto picks CUDA when present."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU."
+        "auto", description="auto: bf16 (or fp16) autocast on CUDA, fp32 on CPU; bf16 works on CPU too."
     )
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; unset: one per available core."

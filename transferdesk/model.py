@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 
@@ -132,8 +134,8 @@ def tokenize(tokenizer: object, texts: list[str], max_length: int) -> dict[str, 
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
 
-def length_sorted_batches(texts: list[str], batch_size: int) -> list[list[int]]:
-    """Batches of similar length so padding, and so wasted compute, stays small."""
+def length_sorted_batches(texts: Sequence[Sized], batch_size: int) -> list[list[int]]:
+    """Batches of similar length (texts or token ids) so padding, and so wasted compute, stays small."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -148,28 +150,48 @@ class TrainedModel:
     max_length: int
     threshold: float = 0.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "auto"  # of predictions; see autocast_dtype
 
     @torch.inference_mode()
     def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        self.network.eval()
-        probs = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        batches = length_sorted_batches(texts, batch_size)
-        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
-            probs[idx] = self._proba(tokenize(self.tokenizer, [texts[i] for i in idx], self.max_length))
-        return probs
+        encode = partial(tokenize, self.tokenizer, max_length=self.max_length)
+        return self._passes(texts, batch_size, encode, progress)
 
     @torch.inference_mode()
-    def proba_from_ids(self, ids: list[list[int]]) -> np.ndarray:
-        """Probabilities for texts tokenized elsewhere (Serve's tokenizer), padded together.
-        Longer inputs are cut to this model's max_length, keeping the closing special token."""
-        self.network.eval()
+    def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+        """Probabilities for texts tokenized elsewhere (Serve's tokenizer). Longer inputs are
+        cut to this model's max_length, keeping the closing special token."""
         cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
-        return self._proba(self.tokenizer.pad({"input_ids": cut}, return_tensors="pt"))
+        return self._passes(cut, batch_size, self._pad)
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+
+    def _passes(
+        self, items: Sequence[Sized], batch_size: int, encode: Callable, progress: bool = False
+    ) -> np.ndarray:
+        """Forward passes over length-sorted batches of texts or token ids, in input order."""
+        self.network.eval()
+        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        batches = length_sorted_batches(items, batch_size)
+        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+            probs[idx] = self._proba(encode([items[i] for i in idx]))
+        return probs
 
     def _proba(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             logits = self.network(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def for_serving(self, precision: str) -> None:
+        """Predict under this precision from now on. Linear weights are cast once, where autocast
+        would cast them on every call (most of a short message's pass on CPU); the answers are
+        the same. Inference only: training needs the fp32 weights."""
+        self.precision = precision
+        if dtype := autocast_dtype(self.device, precision):
+            for module in self.network.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(dtype)
 
     def top_k(self, texts: list[str], k: int = 3) -> list[list[tuple[str, float]]]:
         probs = self.predict_proba(texts)
@@ -179,10 +201,13 @@ class TrainedModel:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """Mixed-precision dtype for this device, or None for full fp32."""
+    """Mixed-precision dtype for this device, or None for full fp32. On CPU only an explicit
+    bf16 (fast where the CPU has AVX512-BF16 or AMX); auto stays fp32 there."""
+    if device.type == "cpu" and precision == "bf16":
+        return torch.bfloat16
     if precision == "fp32" or device.type != "cuda":
-        if precision in ("bf16", "fp16") and device.type != "cuda":
-            log.warning("precision=%s needs CUDA; using fp32 on %s", precision, device)
+        if precision == "fp16":
+            log.warning("precision=fp16 needs CUDA; using fp32 on %s", device)
         return None
     if precision == "fp16":
         return torch.float16

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from deployments.cli import SERVE_YAML, installed_command
+from deployments.config import serve_env
 from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
 from transferdesk.train import train_and_register
 
@@ -134,7 +135,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     config_path = tmp / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = tmp / "serve.log"
-    env = {**os.environ, **RAY_ENV, "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
+    env = {**serve_env(), **RAY_ENV, "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [SERVE, "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT

@@ -4,8 +4,11 @@ fuzz run against its OpenAPI schema, model switch, replica failure. One `serve r
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -179,6 +182,45 @@ def test_no_server_error_and_no_schema_violation(service: Service) -> None:
             case.call_and_validate(headers={"Authorization": f"Bearer {KEYS[0]}"}, checks=CHECKS)
 
         fuzz()
+
+
+def _ray_metrics() -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) from every metrics endpoint of the newest local Ray session:
+    the one `serve run` started for this module."""
+    discovery = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
+    samples = []
+    for target in (t for group in json.loads(discovery.read_text()) for t in group["targets"]):
+        try:
+            text = httpx.get(f"http://{target}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for match in re.finditer(r"^(ray_transferdesk_\w+)\{(.*)\} (\S+)$", text, re.MULTILINE):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def test_request_and_batch_metrics_are_exported(service: Service) -> None:
+    with service.client() as client:
+        version = client.post("/v1/classify", json={"text": "where is my parcel"}).json()["model_version"]
+    ingress = {"deployment": "Ingress", "route": "/v1/classify", "model_version": version}
+    wanted = {
+        "ray_transferdesk_requests_total": {**ingress, "status": "200"},
+        "ray_transferdesk_request_latency_ms_count": ingress,
+        "ray_transferdesk_batch_size_count": {"deployment": "Classifier", "model_version": version},
+    }
+
+    def found() -> set[str]:
+        hits = set()
+        for name, labels, value in _ray_metrics():
+            if name in wanted and value > 0 and labels.items() >= wanted[name].items():
+                hits.add(name)
+        return hits
+
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while found() != set(wanted) and time.monotonic() < deadline:
+        time.sleep(3)
+    assert found() == set(wanted)
 
 
 def _hammer(service: Service, stop: threading.Event, outcomes: list) -> None:

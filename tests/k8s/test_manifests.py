@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from deployments.cli import installed_command
+from deployments.config import FAST_PATH_ENV
 from tests.k8s.kuberay_schema import KubeRayValidator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,24 +126,37 @@ def _applications(service: dict) -> list[dict]:
     return yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
 
 
-def _without_sizes(applications: list[dict]) -> list[dict]:
-    sizes = {"ray_actor_options", "user_config", "autoscaling_config", "max_ongoing_requests"}
+SIZES = {"ray_actor_options", "user_config", "autoscaling_config", "max_ongoing_requests"}
+
+
+def _without(applications: list[dict], keys: set[str]) -> list[dict]:
     out = copy.deepcopy(applications)
     for app in out:
-        app["deployments"] = [{k: v for k, v in d.items() if k not in sizes} for d in app["deployments"]]
+        app["deployments"] = [{k: v for k, v in d.items() if k not in keys} for d in app["deployments"]]
     return out
 
 
 def test_serve_config_is_the_one_in_deployments(rendered: dict) -> None:
     serve_yaml = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())["applications"]
+    # Cluster nodes get whole CPUs per replica where serve.yaml packs a 2-CPU laptop.
     for target in ("base", "overlays/local"):
-        assert _applications(one(rendered[target], "RayService")) == serve_yaml, target
+        service = _applications(one(rendered[target], "RayService"))
+        assert _without(service, {"ray_actor_options"}) == _without(serve_yaml, {"ray_actor_options"}), target
     # Production resizes replicas for GPUs; what runs, and with which args, stays the same.
     production = _applications(one(rendered["overlays/production"], "RayService"))
-    assert _without_sizes(production) == _without_sizes(serve_yaml)
+    assert _without(production, SIZES) == _without(serve_yaml, SIZES)
     classifier = next(d for d in production[0]["deployments"] if d["name"] == "Classifier")
     assert classifier["ray_actor_options"]["num_gpus"] == 1
     assert classifier["max_ongoing_requests"] > classifier["user_config"]["max_batch_size"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_serving_pods_run_serve_on_the_fast_data_path(rendered: dict, target: str) -> None:
+    # Read by every Ray process at start: a pod without them would proxy in Python again.
+    for name, template in _pod_templates(one(rendered[target], "RayService")):
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV, name
 
 
 def test_routing_policy_configmap_is_the_one_in_deployments(rendered: dict) -> None:
