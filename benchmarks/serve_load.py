@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 KEY = "benchmark-key"
 SERVE_PROCESSES = ("Ingress", "Tokenizer", "Classifier", "Router", "ProxyActor")
+HAPROXY = re.compile(r"(^|/)haproxy\s")  # the HTTP front of the fast data path
 
 
 def messages() -> list[str]:
@@ -149,6 +150,8 @@ def serve_pids() -> dict[int, str]:
         for name in SERVE_PROCESSES:
             if re.search(rf"ray::(ServeReplica:\w+:)?{name}\b", args):
                 pids[int(pid)] = name
+        if HAPROXY.search(args):
+            pids[int(pid)] = "HAProxy"
     return pids
 
 

@@ -131,7 +131,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _request_id(request: Request) -> str:
-    return request.headers.get("x-request-id", "")  # set by Serve's proxy when the client did not
+    return request.headers.get("x-request-id", "")  # set by Serve when the client did not
 
 
 def error(request: Request, status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -196,6 +196,9 @@ class LimitsAndMetrics:
         try:  # an exception still counts (as a 500) before the outermost handler answers it
             refusal = _body_refusal(request, ingress.settings.limits.max_body_bytes)
             await (refusal or self.app)(scope, receive, send_and_note)
+        except asyncio.CancelledError:  # the client went away or timed out: no answer was sent
+            status = 499
+            raise
         finally:
             ingress.observe(request, status, time.perf_counter() - start)
 

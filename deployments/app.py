@@ -153,7 +153,7 @@ class Classifier:
         self.served, self.switch_error = new, None
         log.info("now serving %s", new["version"])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=count_texts)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=count_texts)
     async def predict(self, calls: list[list[list[int]]]) -> list[list[dict]]:
         """One forward pass over the texts of several calls (each call: one request's texts)."""
         served = self.served  # one model for the whole batch, even if a switch lands meanwhile

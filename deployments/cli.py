@@ -73,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     config = serve_config(args)
     env = serve_env()
     auth = not config["applications"][0]["args"]["auth"]["disabled"]
+    if not auth:
+        print("warning: API-key authentication is DISABLED: for local development only")
     if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
         env[KEYS_ENV] = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
@@ -91,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
         """-d '{"text": "where is my parcel? it was due on monday"}'\n\n"""
         f"The Serve config is {f.name}: to switch models in place, `serve deploy` a copy of it "
-        "with `model:` added to the Classifier's user_config.\n",
+        "with `model:` added to the Classifier's user_config. Replica logs (JSON, with request "
+        "ids) are under /tmp/ray/session_latest/logs/serve/.\n",
         flush=True,
     )
     os.execvpe(serve, [serve, "run", f.name], env)

@@ -17,8 +17,16 @@ CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at le
 # Ray Serve's high-throughput data path, read by Ray's processes at start (so environment, not
 # serve.yaml): HAProxy in place of the Python HTTP proxy, forwarding straight to the Ingress
 # replicas, and gRPC between deployments. On 2 cores it halved the Ingress's CPU per request
-# and took the proxy's (6 ms a request) away. k8s/ sets the same on the Ray containers.
-FAST_PATH_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# and took the Python proxy's 6 ms a request away. The throughput mode would also hold up to
+# 1,000 log records before writing them (at low traffic, for hours): written at once instead.
+# Replica logs go to Serve's log files, not to `serve run`'s terminal (RAY_SERVE_LOG_TO_STDERR=1
+# puts them there too, at a measured 10% of single-message throughput on 2 cores).
+# k8s/ sets the same on the Ray containers.
+FAST_PATH_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
 
 
 class ClassifierConfig(Section):

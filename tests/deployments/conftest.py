@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVE = installed_command("serve")
 # A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token file.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+def isolated_env(ray_tmp: Path) -> dict[str, str]:
+    """Ray's and HAProxy's files and side ports of their own, so this cluster does not clash
+    with another Serve on the machine (HAProxy's defaults are fixed paths under /tmp and ports)."""
+    # Short names: Ray puts a node id (56 characters) into each path, and HAProxy allows 97.
+    return {
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(ray_tmp / "h.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(ray_tmp / "a.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(ray_tmp / "m.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+    }
 
 
 def free_port() -> int:
@@ -59,6 +75,7 @@ class Service:
     policy: Path
     versions: list[Path]
     log: Path
+    ray_tmp: Path  # this cluster's RAY_TMPDIR: its session files, metrics targets among them
 
     def client(self, key: str | None = KEYS[0], prefix: str = "") -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -135,7 +152,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     config_path = tmp / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = tmp / "serve.log"
-    env = {**serve_env(), **RAY_ENV, "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
+    # Short, under /tmp: Ray's socket paths inside it must stay under 108 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="td-ray-", dir="/tmp"))
+    env = {**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [SERVE, "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
@@ -145,10 +164,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
         _wait_until_up(url, proc, log)
         match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
         dashboard = f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
-        yield Service(url, config, config_path, dashboard, policy, versions, log)
+        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp)
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -184,10 +183,11 @@ def test_no_server_error_and_no_schema_violation(service: Service) -> None:
         fuzz()
 
 
-def _ray_metrics() -> list[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) from every metrics endpoint of the newest local Ray session:
-    the one `serve run` started for this module."""
-    discovery = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
+def _ray_metrics(service: Service) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) from every metrics endpoint of the service's Ray cluster."""
+    discovery = service.ray_tmp / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
+    if not discovery.is_file():  # not written yet
+        return []
     samples = []
     for target in (t for group in json.loads(discovery.read_text()) for t in group["targets"]):
         try:
@@ -212,7 +212,7 @@ def test_request_and_batch_metrics_are_exported(service: Service) -> None:
 
     def found() -> set[str]:
         hits = set()
-        for name, labels, value in _ray_metrics():
+        for name, labels, value in _ray_metrics(service):
             if name in wanted and value > 0 and labels.items() >= wanted[name].items():
                 hits.add(name)
         return hits

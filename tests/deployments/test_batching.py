@@ -1,0 +1,59 @@
+"""The Classifier's batching, in-process: the deployment class driven by plain asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from ray import serve
+
+from deployments.app import Classifier
+from tests.deployments.conftest import _train_versions
+
+FORWARD_S = 0.2  # a forward pass slow enough for calls to arrive during it
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
+    return _train_versions(tmp_path_factory.mktemp("batching"), tiny_backbone)[0]
+
+
+def test_calls_arriving_during_a_forward_pass_form_the_next_batch(
+    version: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classifier = Classifier.func_or_class(str(version), threads=1)
+    # @serve.batch reads its replica's max_ongoing_requests (serve.yaml's) on its first call.
+    replica = SimpleNamespace(
+        _deployment_config=SimpleNamespace(max_ongoing_requests=48),
+        app_name="transferdesk",
+        deployment="Classifier",
+        replica_tag="test",
+    )
+    monkeypatch.setattr(serve.context, "_INTERNAL_REPLICA_CONTEXT", replica)
+    model = classifier.served["model"]
+    passes: list[int] = []
+    forward = model.proba_from_ids
+
+    def timed_forward(ids: list[list[int]], batch_size: int) -> np.ndarray:
+        passes.append(len(ids))
+        time.sleep(FORWARD_S)
+        return forward(ids, batch_size)
+
+    model.proba_from_ids = timed_forward
+    tok = model.tokenizer
+
+    async def main() -> list[list[dict]]:
+        async def call(i: int) -> list[dict]:
+            await asyncio.sleep(i * FORWARD_S / 40)  # the first alone, ten more early in its pass
+            return await classifier([tok(f"where is parcel {i}")["input_ids"]])
+
+        return await asyncio.gather(*(call(i) for i in range(11)))
+
+    answers = asyncio.run(main())
+    assert [len(a) for a in answers] == [1] * 11
+    # The first call ran alone (no batch timer); the ten that arrived meanwhile ran together.
+    assert passes == [1, 10]
