@@ -12,10 +12,18 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) -e ".[dev]"
-	# checkov (the manifests' security scan) pins many packages: its own venv keeps them apart.
+	touch $@
+
+# checkov (the manifests' security scan, tests only) pins many packages: its own venv keeps
+# them apart, and `make demo` does not wait for it.
+.tools/checkov/.installed:
 	python3 -m venv .tools/checkov
 	.tools/checkov/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
 	touch $@
+
+# KubeRay's CRD schemas for the manifest tests, from ../shared when present (they skip,
+# saying so, without them).
+CRDS := $(wildcard $(abspath ../shared/k8s/kuberay-crds))
 
 # The main job: a Ray Tune search on the bundled sample data (source-model candidates and
 # fine-tuning settings), the best model exported to registry/northwind-tuned/v<N>, then
@@ -34,8 +42,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
-	$(PY) -m pytest -q --durations=10
+test: lint .tools/checkov/.installed
+	$(if $(CRDS),TRANSFERDESK_KUBERAY_CRDS=$(CRDS) )$(PY) -m pytest -q --durations=10
 
 # The default recipe, the tuning search (about an hour) and the Serve load test, on 2 cores.
 benchmark: install

@@ -82,9 +82,9 @@ class ServeArgs(Section):
         return self.model_copy(update=update)
 
 
-def serve_env(base: dict[str, str] | None = None) -> dict[str, str]:
+def serve_env() -> dict[str, str]:
     """The environment for `serve run`: FAST_PATH_ENV unless the caller set those variables."""
-    return {**FAST_PATH_ENV, **(os.environ if base is None else base)}
+    return {**FAST_PATH_ENV, **os.environ}
 
 
 def api_keys() -> list[bytes]:

@@ -89,7 +89,9 @@ class SearchSettings(Section):
         "table shows what the source model and what the search added.",
     )
     time_budget_s: float | None = Field(
-        None, gt=0, description="Stop starting trials after this many seconds; the best so far is exported."
+        None,
+        gt=0,
+        description="Stop the search, running trials too, after this many seconds; export the best so far.",
     )
 
 

@@ -92,7 +92,7 @@ class Service:
         )
 
 
-def _train_versions(tmp: Path, backbone: Path) -> list[Path]:
+def train_versions(tmp: Path, backbone: Path) -> list[Path]:
     files = {
         "train": write_csv(tmp / "train.csv", toy_rows(0, 6)),
         "valid": write_csv(tmp / "valid.csv", [*toy_rows(6, 8), ("weather on mars", "oos")]),
@@ -145,7 +145,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     if SERVE is None:
         pytest.fail("Ray Serve's `serve` command is not installed")
     tmp = tmp_path_factory.mktemp("serve")
-    versions = _train_versions(tmp, tiny_backbone)
+    versions = train_versions(tmp, tiny_backbone)
     policy = write_policy(tmp / "policy.yaml")
     port = free_port()
     config = _config(versions, policy, port)

@@ -12,14 +12,14 @@ import pytest
 from ray import serve
 
 from deployments.app import Classifier
-from tests.deployments.conftest import _train_versions
+from tests.deployments.conftest import train_versions
 
 FORWARD_S = 0.2  # a forward pass slow enough for calls to arrive during it
 
 
 @pytest.fixture(scope="module")
 def version(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
-    return _train_versions(tmp_path_factory.mktemp("batching"), tiny_backbone)[0]
+    return train_versions(tmp_path_factory.mktemp("batching"), tiny_backbone)[0]
 
 
 def test_calls_arriving_during_a_forward_pass_form_the_next_batch(

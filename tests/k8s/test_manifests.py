@@ -64,7 +64,7 @@ def rendered() -> dict[str, list[dict]]:
 def kuberay() -> KubeRayValidator:
     crds = os.environ.get(CRDS_ENV)
     if not crds:
-        pytest.skip(f"{CRDS_ENV} is unset: point it at KubeRay's CRD directory (.ci/run does)")
+        pytest.skip(f"{CRDS_ENV} is unset: KubeRay's CRD directory (make test sets it from ../shared)")
     return KubeRayValidator(Path(crds))
 
 
