@@ -21,10 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from banking77 import PUBLISHED
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "banking77-tune.yaml"
-PUBLISHED = "CPFT (125M parameters, contrastive pre-training) 87.20%"
 
 
 def run_search(work: Path) -> tuple[Path, float]:
@@ -44,7 +45,9 @@ def summarize(version: Path, wall: float) -> dict:
     with open(version / "search" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     valid = {r["trial"]: float(r["best_accuracy"]) for r in rows if r["best_accuracy"] != "nan"}
-    baseline = {r["candidate"]: valid[r["trial"]] for r in rows if r["baseline"] == "True"}
+    baseline = {
+        r["candidate"]: valid[r["trial"]] for r in rows if r["baseline"] == "True" and r["trial"] in valid
+    }
     best_by_candidate: dict[str, float] = {}
     for r in rows:
         if r["trial"] in valid:
@@ -74,7 +77,7 @@ def summarize(version: Path, wall: float) -> dict:
             "gain_total": best_valid - plain if plain is not None else None,
         },
         "untuned_default_recipe_test_accuracy": untuned["test_accuracy"],
-        "published": PUBLISHED,
+        "published": PUBLISHED["transfer"],
         "model": str(version),
     }
 

@@ -7,6 +7,7 @@ import argparse
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -67,6 +68,12 @@ def installed_command(name: str) -> str | None:
     """A console script of this Python environment, even when its bin/ is not on PATH."""
     local = Path(sys.executable).with_name(name)
     return str(local) if local.exists() else shutil.which(name)
+
+
+def sigint_default() -> None:
+    """preexec_fn for a `serve run` child: stop cleanly on SIGINT even when started from a
+    background job, whose children inherit SIGINT ignored (and would never shut down)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -163,3 +163,15 @@ def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
     assert spread < 30  # random batches of 10 would spread about 80
     again = shuffled_batches(lengths, 10, torch.Generator().manual_seed(0))
     assert again == batches
+
+
+def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
+    from transferdesk.train import intent_grouped_batches
+
+    targets = [i % 40 for i in range(400)]  # 40 intents, 10 rows each
+    batches = intent_grouped_batches(targets, 16, torch.Generator().manual_seed(0), per_intent=4)
+    assert sorted(i for b in batches for i in b) == list(range(400))
+    rows = [i for b in batches for i in b]
+    partnered = sum(sum(targets[j] == targets[i] for j in b) > 1 for b in batches for i in b)
+    assert partnered / len(rows) > 0.8  # random batches of 16 over 40 intents: about 0.3
+    assert len({targets[i] for i in batches[0]}) < 16

@@ -111,6 +111,11 @@ class TuneSpec(RunConfig):
         names = [c.name for c in self.candidates]
         if len(set(names)) != len(names):
             raise ValueError(f"candidate names must be unique, got {names}")
+        if self.search.baseline and self.search.num_samples < len(names):
+            raise ValueError(
+                f"search.num_samples={self.search.num_samples} leaves no room for the {len(names)} "
+                "baseline trials (one per candidate): raise it, or set search.baseline: false"
+            )
         return self
 
     def base_run(self) -> RunConfig:

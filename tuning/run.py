@@ -3,6 +3,7 @@ Optuna (or random) + ASHA, then export the best checkpoint into the registry."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -239,8 +240,23 @@ def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
         return seal(tmp, spec.output, spec.name)
 
 
+def exported_version(spec: TuneSpec) -> Path | None:
+    """The registry version this search already exported, if any."""
+    root = Path(spec.output) / spec.name
+    versions = [p.parent for p in root.glob("v*/metrics.json") if p.parent.name[1:].isdigit()]
+    for version in sorted(versions, key=lambda p: int(p.name[1:]), reverse=True):
+        search = json.loads((version / "metrics.json").read_text()).get("search", {})
+        if search.get("experiment") == experiment_path(spec):
+            return version
+    return None
+
+
 def tune_and_export(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> Path:
     spec = prepare_spec(spec)
+    # A Ray Job retried after its export (driver lost at the very end) must not export twice.
+    if resume and tune.Tuner.can_restore(experiment_path(spec)) and (done := exported_version(spec)):
+        log.info("search %s was already exported as %s", experiment_path(spec), done)
+        return done
     results = search(spec, address, resume)
     version = export(spec, results)
     log.info("search state in %s; trial table in %s", experiment_path(spec), version / "search" / "trials.md")

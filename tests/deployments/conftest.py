@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAML, installed_command
+from deployments.cli import SERVE_YAML, installed_command, sigint_default
 from deployments.config import serve_env
 from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
 from transferdesk.train import train_and_register
@@ -157,7 +157,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     env = {**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [SERVE, "run", str(config_path)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            [SERVE, "run", str(config_path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=sigint_default,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -70,6 +70,7 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"epochs": [5, 2]}}, "low 5 is above high 2"),
         ({"space": {"batch_size": []}}, "batch_size"),
         ({"search": {"num_samples": 0}}, "num_samples"),
+        ({"candidates": [{"name": "a"}, {"name": "b"}], "search": {"num_samples": 1}}, "baseline trials"),
         ({"space": {"encoder_lr": [0, 1e-4]}}, "positive"),
     ],
 )

@@ -98,11 +98,16 @@ def test_bad_specs_fail_before_any_trial(local_ray, tiny_backbone, tmp_path, sec
 
 def test_existing_search_is_not_overwritten(local_ray, tiny_backbone, tmp_path) -> None:
     spec = load_spec(write_spec(tmp_path, tiny_backbone, search={"num_samples": 1}))
-    tune_and_export(spec)
+    first = tune_and_export(spec)
     with pytest.raises(TransferDeskError, match=r"already exists.*--resume"):
         tune_and_export(spec)
     with pytest.raises(TransferDeskError, match="nothing to resume"):
         tune_and_export(spec.model_copy(update={"name": "other"}), resume=True)
+    # --resume-if-exists (a retried Ray Job): a finished, exported search is not exported again,
+    assert tune_and_export(spec, resume="auto") == first and not (first.parent / "v2").exists()
+    # and a search that does not exist yet is started.
+    other = tune_and_export(spec.model_copy(update={"name": "other"}), resume="auto")
+    assert other.parent.name == "other" and other.name == "v1"
 
 
 def test_interrupted_search_resumes_without_losing_finished_trials(
