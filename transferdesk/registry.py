@@ -90,9 +90,15 @@ def verify(root: Path) -> dict:
     return manifest
 
 
+def version_dirs(model_dir: Path) -> list[Path]:
+    """The v<N> directories of one model, oldest first."""
+    found = [(int(m.group(1)), p) for p in model_dir.glob("v*") if (m := VERSION_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def _next_version(model_dir: Path) -> int:
-    numbers = [int(m.group(1)) for p in model_dir.glob("v*") if (m := VERSION_RE.match(p.name))]
-    return max(numbers, default=0) + 1
+    versions = version_dirs(model_dir)
+    return int(versions[-1].name[1:]) + 1 if versions else 1
 
 
 @contextmanager
@@ -190,13 +196,13 @@ def resolve_model_dir(spec: str | Path) -> Path:
         )
     if (path / MANIFEST).is_file():
         return path
-    versions = sorted((int(m.group(1)), p) for p in path.glob("v*") if (m := VERSION_RE.match(p.name)))
+    versions = version_dirs(path)
     if not versions:
         raise TransferDeskError(
             f"{spec} holds no model version (no {MANIFEST}, no v<N>/ inside); "
             "point at a directory printed by `transferdesk train`"
         )
-    return versions[-1][1]
+    return versions[-1]
 
 
 def load_weights(root: Path, cfg: RunConfig, device: str = "auto", threshold: float = 0.0) -> TrainedModel:

@@ -18,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
 from transferdesk.model import resolve_backbone
-from transferdesk.registry import load_run_config, load_weights, seal, staging
+from transferdesk.registry import load_run_config, load_weights, seal, staging, version_dirs
 from transferdesk.train import calibrate_threshold, write_version
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
@@ -242,10 +242,9 @@ def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
 
 def exported_version(spec: TuneSpec) -> Path | None:
     """The registry version this search already exported, if any."""
-    root = Path(spec.output) / spec.name
-    versions = [p.parent for p in root.glob("v*/metrics.json") if p.parent.name[1:].isdigit()]
-    for version in sorted(versions, key=lambda p: int(p.name[1:]), reverse=True):
-        search = json.loads((version / "metrics.json").read_text()).get("search", {})
+    for version in reversed(version_dirs(Path(spec.output) / spec.name)):
+        metrics = version / "metrics.json"
+        search = json.loads(metrics.read_text()).get("search", {}) if metrics.is_file() else {}
         if search.get("experiment") == experiment_path(spec):
             return version
     return None
