@@ -45,7 +45,7 @@ format: install
 test: lint .tools/checkov/.installed
 	$(if $(CRDS),TRANSFERDESK_KUBERAY_CRDS=$(CRDS) )$(PY) -m pytest -q --durations=10
 
-# The default recipe, the tuning search (about an hour) and the Serve load test, on 2 cores.
+# The default recipe, the tuning search (about 80 minutes) and the Serve load test, on 2 cores.
 benchmark: install
 	$(PY) benchmarks/banking77.py
 	$(PY) benchmarks/banking77_tune.py

@@ -1,6 +1,6 @@
 """BANKING77 10-shot tuning benchmark: Ray Tune over source models and hyperparameters.
 
-    python benchmarks/banking77_tune.py        # about an hour on 2 CPU cores
+    python benchmarks/banking77_tune.py        # about 80 minutes on 2 CPU cores
 
 Runs `transferdesk tune configs/banking77-tune.yaml` from scratch (fresh registry, so the
 CLINC150 source stages are trained and timed too), then writes

@@ -86,7 +86,7 @@ class SearchSettings(Section):
     baseline: bool = Field(
         True,
         description="First trials: the run's own training settings on each candidate, so the "
-        "table shows what the source model and what the search added.",
+        "table shows what the source model and what the search added. ASHA never cuts them.",
     )
     time_budget_s: float | None = Field(
         None,

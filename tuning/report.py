@@ -10,11 +10,8 @@ from pathlib import Path
 
 from ray.tune import ResultGrid
 
+from tuning.schedule import is_baseline
 from tuning.space import TARGETS
-
-
-def _matches(params: dict, point: dict) -> bool:
-    return all(params.get(key) == value for key, value in point.items())
 
 
 def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ()) -> list[dict]:
@@ -34,7 +31,7 @@ def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ())
                 "epochs_run": epochs_run,
                 "wall_s": round(float(frame["time_total_s"].iloc[-1]), 1) if reported else math.nan,
                 "stopped_early": epochs_run < int(params.get("epochs", 0)),
-                "baseline": any(_matches(params, point) for point in baselines),
+                "baseline": is_baseline(params, baselines),
                 "status": "error" if result.error else "ok",
             }
         )

@@ -13,7 +13,6 @@ from typing import Literal
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
@@ -22,6 +21,7 @@ from transferdesk.registry import load_run_config, load_weights, seal, staging, 
 from transferdesk.train import calibrate_threshold, write_version
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
+from tuning.schedule import BaselineExemptASHA
 from tuning.sources import prepare_backbones
 from tuning.space import baseline_points, param_space
 from tuning.trainable import run_trial
@@ -147,7 +147,8 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tu
             max_concurrent=spec.search.max_concurrent or 0,
         )
         limit = None  # a generator limits itself
-    scheduler = ASHAScheduler(
+    scheduler = BaselineExemptASHA(
+        points or [],
         time_attr="training_iteration",
         max_t=spec.space.epochs[1],
         grace_period=spec.search.grace_period,
