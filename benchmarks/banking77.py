@@ -2,6 +2,7 @@
 
     python benchmarks/banking77.py                      # all three runs (about 30 min on 2 cores)
     python benchmarks/banking77.py --runs few_shot      # just the 10-shot run
+    python benchmarks/banking77.py --runs few_shot --seeds 13 1 2 3   # and its seed spread
 
 Reads ../shared/data (override with --data-dir), writes results/banking77.{json,md}.
 Each run is a separate process so its peak memory is its own.
@@ -13,6 +14,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -44,18 +46,31 @@ def runs(data: Path) -> dict[str, dict]:
     }
 
 
-def run_one(name: str, data: Path, work: Path) -> dict:
+DEFAULT_SEED = 13  # RuntimeConfig's; results under this seed keep the run's plain name
+
+
+def run_key(name: str, seed: int) -> str:
+    return name if seed == DEFAULT_SEED else f"{name}@seed{seed}"
+
+
+def run_one(name: str, seed: int, data: Path, work: Path) -> dict:
     from transferdesk.config import load_config
     from transferdesk.train import train_and_register
 
-    overrides = {**runs(data)[name], "output": str(work / "registry"), "name": f"banking77-{name}"}
+    overrides = {
+        **runs(data)[name],
+        "output": str(work / "registry"),
+        "name": f"banking77-{name}",
+        "runtime.seed": seed,
+    }
     cfg = load_config(None, overrides)
     start = time.perf_counter()
     version = train_and_register(cfg)
     wall = time.perf_counter() - start
-    metrics = json.loads((version / "metrics.json").read_text())
+    metrics = version.metrics
     return {
-        "run": name,
+        "run": run_key(name, seed),
+        "seed": seed,
         "overrides": {k: v for k, v in overrides.items() if not k.startswith("data.")},
         "train_file": Path(cfg.data.train).name,
         "source_file": cfg.data.source and Path(cfg.data.source).name,
@@ -69,7 +84,7 @@ def run_one(name: str, data: Path, work: Path) -> dict:
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "predict_per_s": metrics["test"]["speed"]["throughput_per_s"],
         "latency_ms_p50": metrics["test"]["speed"]["latency_ms_p50"],
-        "model": str(version),
+        "model": str(version.path),
         "published": PUBLISHED[name],
     }
 
@@ -84,12 +99,43 @@ def markdown(results: list[dict], machine: str) -> str:
     ]
     for r in results:
         source = f"{r['source_file']} ({r['source_seconds']:.0f} s)" if r["source_file"] else "none"
+        r = {
+            **r,
+            "run": f"{r['run']} (seed {r.get('seed', DEFAULT_SEED)})" if "@" not in r["run"] else r["run"],
+        }
         lines.append(
             f"| {r['run']} | {r['train_file']} | {source} | {r['test_accuracy']:.2%} | "
             f"{r['test_macro_f1']:.2%} | {r['train_seconds']:.0f} s ({r['epochs_run']} epochs) | "
             f"{r['peak_rss_gib']:.2f} GiB | {r['published']} |"
         )
+    lines += spread(results)
     return "\n".join(lines) + "\n"
+
+
+def spread(results: list[dict]) -> list[str]:
+    """Mean and spread of each run over the seeds other than the default (seeds 1-3 and so on):
+    single runs differ by up to a point from the seed alone."""
+    by_run: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("seed", DEFAULT_SEED) != DEFAULT_SEED:
+            by_run.setdefault(r["run"].split("@")[0], []).append(r)
+    if not by_run:
+        return []
+    lines = [
+        "",
+        "Seed spread (the same run with other seeds):",
+        "",
+        "| run | seeds | test accuracy, mean ± sd | min – max |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, rows in by_run.items():
+        acc = [r["test_accuracy"] for r in rows]
+        seeds = ", ".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
+        lines.append(
+            f"| {name} | {seeds} | {statistics.mean(acc):.2%} ± {statistics.pstdev(acc):.2%} | "
+            f"{min(acc):.2%} – {max(acc):.2%} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -103,24 +149,29 @@ def main() -> None:
         default=["few_shot", "full", "transfer"],
         choices=["few_shot", "full", "transfer"],
     )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[DEFAULT_SEED], help="runtime.seed of each run [default: 13]"
+    )
     parser.add_argument("--work", type=Path, default=HERE / "work", help="registry for the runs")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one run, JSON out
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.data_dir, args.work)))
+        print(json.dumps(run_one(args.one, args.seeds[0], args.data_dir, args.work)))
         return
     if not (args.data_dir / "banking77" / "train_10.csv").is_file():
         sys.exit(f"error: BANKING77 not found under {args.data_dir}; pass --data-dir")
     results = []
-    for name in args.runs:
-        print(f"== {name}", flush=True)
+    for name, seed in ((n, s) for n in args.runs for s in args.seeds):
+        print(f"== {run_key(name, seed)}", flush=True)
         proc = subprocess.run(
             [
                 sys.executable,
                 __file__,
                 "--one",
                 name,
+                "--seeds",
+                str(seed),
                 "--data-dir",
                 str(args.data_dir),
                 "--work",

@@ -32,8 +32,8 @@ def run_search(work: Path) -> tuple[Path, float]:
     shutil.rmtree(work, ignore_errors=True)
     command = [
         sys.executable, "-m", "tuning", str(CONFIG),
-        "--set", f"output={work / 'registry'}",
-        "--set", f"search.storage_path={work / 'tune_results'}",
+        "--output", str(work / "registry"),
+        "--search.storage_path", str(work / "tune_results"),
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True)
@@ -41,7 +41,9 @@ def run_search(work: Path) -> tuple[Path, float]:
 
 
 def summarize(version: Path, wall: float) -> dict:
-    metrics = json.loads((version / "metrics.json").read_text())
+    from transferdesk.registry import open_version
+
+    metrics = open_version(version).metrics
     with open(version / "search" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     valid = {r["trial"]: float(r["best_accuracy"]) for r in rows if r["best_accuracy"] != "nan"}

@@ -3,7 +3,7 @@ in-process ceiling of the same model, on this machine.
 
     python benchmarks/serve_load.py                        # model: registry/northwind-tuned
     python benchmarks/serve_load.py --model registry/x/v3 --seconds 20
-    python benchmarks/serve_load.py --set precision=bf16 --tag bf16
+    python benchmarks/serve_load.py --precision bf16 --tag bf16
 
 1. Ceiling: the model's batched predict loop in this process (no HTTP, no Serve).
 2. `serve run deployments/serve.yaml` with that model; an aiohttp load generator on uvloop
@@ -38,8 +38,8 @@ import uvloop
 import yaml
 
 from deployments.cli import installed_command, sigint_default
-from deployments.config import FAST_PATH_ENV, serve_env
-from transferdesk.cli import config_overrides
+from deployments.config import FAST_PATH_ENV, ServeArgs, serve_env
+from transferdesk.cli import add_config_flags, config_overrides
 from transferdesk.config import set_dotted
 
 HERE = Path(__file__).resolve().parent
@@ -60,10 +60,10 @@ def messages() -> list[str]:
 def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float, precision: str) -> dict:
     import torch
 
-    from transferdesk.registry import load_model
+    from transferdesk.modeling import IntentModel
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, _, _ = load_model(model_dir, "cpu")
+    model = IntentModel.from_pretrained(model_dir, "cpu")
     model.for_serving(precision)  # as the classifier replicas will run it
     model.predict_proba(texts[:batch_size])  # warm-up
     done, start = 0, time.perf_counter()
@@ -78,12 +78,12 @@ def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float, p
     }
 
 
-def start_serve(model_dir: str, port: int, log: Path, overrides: list[str]) -> subprocess.Popen:
+def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> subprocess.Popen:
     config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
     config["http_options"]["port"] = port
     app_args = config["applications"][0]["args"]
     app_args["model"] = str(Path(model_dir).resolve())
-    for key, value in config_overrides(overrides).items():
+    for key, value in overrides.items():
         set_dotted(app_args, key, value)
     path = Path(tempfile.mkdtemp()) / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -227,7 +227,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="registry/northwind-tuned", help="registry version or model dir")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument(
         "--batched", type=int, default=8, help="then requests of this many texts, at concurrency 4 and 16"
@@ -236,21 +235,23 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=45, help="seconds of load before measuring")
     parser.add_argument("--max-requests", type=int, default=20000, help="per concurrency level")
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg")
+    # The app's args as `transferdesk serve` takes them: --model DIR, --precision bf16, --set top_k=5.
+    add_config_flags(parser, ServeArgs, aliases={})
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--tag", default="", help="results file suffix, to keep several runs")
     args = parser.parse_args()
 
-    from transferdesk.registry import resolve_model_dir
+    from transferdesk.registry import open_version
 
-    model_dir = str(resolve_model_dir(args.model))
+    overrides = config_overrides(args)
+    model_dir = str(open_version(overrides.pop("model", ServeArgs().model)).path)
     texts = messages()
-    precision = config_overrides(args.set).get("precision", "auto")
+    precision = overrides.get("precision", "auto")
     print("== ceiling", flush=True)
     first = ceiling(model_dir, texts, 16, args.seconds, precision)
     print(json.dumps(first), flush=True)
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    proc = start_serve(model_dir, args.port, log, args.set)
+    proc = start_serve(model_dir, args.port, log, overrides)
     url = f"http://127.0.0.1:{args.port}"
     plan = [(c, 1) for c in args.concurrency] + [(c, args.batched) for c in (4, 16) if args.batched > 1]
     levels: list[dict] = []
@@ -285,7 +286,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
         "model": model_dir,
         "serve_env": {k: serve_env()[k] for k in FAST_PATH_ENV},
-        "app_args": config_overrides(args.set),
+        "app_args": overrides,
         "ceiling": {**max(first, second, key=lambda c: c["per_s"]), "runs": runs},
         "levels": levels,
         "cpu_seconds_under_load": cpu,

@@ -20,10 +20,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.config import CALL_TEXTS, KEYS_ENV, KEYS_FILE_ENV, ServeArgs, api_keys
+from deployments.config import CALL_TEXTS, KEYS_ENV, KEYS_FILE_ENV, MAX_TOP_K, ServeArgs, api_keys
 from deployments.routing import Priority
 from transferdesk import __version__
 from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import Prediction
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0
@@ -47,7 +48,9 @@ class Strict(BaseModel):
 class TextsRequest(Strict):
     text: str | None = Field(None, description="One message.")
     texts: list[str] | None = Field(None, min_length=1, description="Several messages, answered in order.")
-    top_k: int | None = Field(None, ge=0, le=10, description="Alternatives per answer (default: server's).")
+    top_k: int | None = Field(
+        None, ge=0, le=MAX_TOP_K, description="Alternatives per answer (default: server's)."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> "TextsRequest":
@@ -245,11 +248,7 @@ def check_keys(settings: ServeArgs) -> list[bytes] | None:
     return keys
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=256,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
-)
+@serve.deployment  # sizes: deployments/serve.yaml
 @serve.ingress(api)
 class Ingress:
     def __init__(
@@ -295,15 +294,15 @@ class Ingress:
                 raise ApiError(413, "text_too_long", f"at most {limits.max_text_chars} characters", name)
         return texts
 
-    async def _predict(self, request: Request, body: TextsRequest) -> list[dict]:
+    async def _predict(self, request: Request, body: TextsRequest) -> list[Prediction]:
         texts = self._checked(body)
         ids = await self.tokenizer.remote(texts)
         # One classifier call per CALL_TEXTS texts: few handle calls, and no call larger than a batch.
         calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
         parts = await asyncio.gather(*(self.classifier.remote(call) for call in calls))
-        predictions = [p for part in parts for p in part]
+        predictions = [p for _, part in parts for p in part]
         # The texts of one request may be batched on replicas mid-way through a model switch.
-        request.state.model = ",".join(sorted({p["model_version"] for p in predictions}))
+        request.state.model = ",".join(sorted({version for version, _ in parts}))
         if self.settings.log_texts:
             log.info("texts: %s", texts)
         return predictions
@@ -318,10 +317,10 @@ class Ingress:
         k = self._top_k(body)
         results = [
             Classification(
-                intent=p["top"][0][0],
-                confidence=p["top"][0][1],
-                out_of_scope=p["top"][0][1] < p["threshold"],
-                alternatives=[Alternative(intent=i, confidence=c) for i, c in p["top"][1 : k + 1]],
+                intent=p.intent,
+                confidence=p.confidence,
+                out_of_scope=p.out_of_scope,
+                alternatives=[Alternative(intent=i, confidence=c) for i, c in p.alternatives[:k]],
             )
             for p in predictions
         ]

@@ -7,28 +7,32 @@ through DeploymentHandles. `build_app` is the import_path target of deployments/
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from deployments.api import Ingress
-from deployments.config import ClassifierConfig, ServeArgs
+from deployments.config import MAX_TOP_K, ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import MANIFEST, load_model, resolve_model_dir
+from transferdesk.modeling import IntentModel, Prediction
+from transferdesk.registry import ModelVersion, open_version
 
 log = logging.getLogger("ray.serve")
-TOKENIZER_FILE = "encoder/tokenizer.json"
 POLICY_CHECK_S = 2.0  # how often the router looks for an edited policy file
 # Texts per forward pass on CPU, sorted by length: past ~8 short texts a CPU pass gains almost
 # nothing per text, while padding a mixed batch to its longest text wastes compute (measured on
 # 2 threads: 16 random messages in one pass 257/s, in two length-sorted passes of 8 286/s).
 CPU_PASS_TEXTS = 8
+# Batching a replica starts with, before serve.yaml's user_config reaches reconfigure().
+BATCHING = ClassifierConfig()
+# One call's answer: the model version that answered (a call is never split across batches,
+# so one version) and a prediction per text.
+CallResult = tuple[str, list[Prediction]]
 
 
 def count_texts(calls: list[list[list[int]]]) -> int:
@@ -43,35 +47,14 @@ def _torch_threads() -> int:
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
-def model_summary(path: str) -> dict:
-    """Labels, version and metrics of a registry version, without loading its weights."""
-    root = resolve_model_dir(path)
-    info = json.loads((root / "model.json").read_text())
-    manifest = json.loads((root / MANIFEST).read_text())
-    metrics = json.loads((root / "metrics.json").read_text())
-    return {
-        "name": manifest.get("name"),
-        "version": f"{manifest.get('name')}/v{manifest.get('version')}",
-        "path": str(root),
-        "labels": info["labels"],
-        "threshold": info["threshold"],
-        "tokenizer_sha256": manifest["files"].get(TOKENIZER_FILE),
-        "metrics": {k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics},
-    }
-
-
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.25},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-)
+# Replica counts, CPUs, autoscaling and max_ongoing_requests: deployments/serve.yaml (and k8s/)
+# alone, so the decorators hold no sizes that could contradict it.
+@serve.deployment
 class Tokenizer:
     """Texts → token ids: fast tokenizer, no padding (the classifier pads per batch)."""
 
     def __init__(self, model: str) -> None:
-        from transformers import AutoTokenizer
-
-        summary = model_summary(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(Path(summary["path"]) / "encoder"))
+        self.tokenizer = IntentModel.load_tokenizer(model)
         # Cut at the encoder's limit; the classifier cuts again to its model's max_length, so a
         # switched-in model with a longer max_length still gets its full input.
         self.limit = min(int(self.tokenizer.model_max_length), 512)
@@ -80,21 +63,25 @@ class Tokenizer:
         return self.tokenizer(texts, truncation=True, max_length=self.limit)["input_ids"]
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    # Above max_batch_size, so a replica holds enough requests to fill a batch.
-    max_ongoing_requests=48,
-    # Defaults when serve.yaml sets none; reconfigure() needs a user_config to be called at all.
-    user_config=ClassifierConfig().model_dump(exclude_none=True),
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "target_ongoing_requests": 16,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 120,
-    },
-    health_check_period_s=10,
-)
+@dataclass(frozen=True)
+class Served:
+    """A loaded version: the model object and the registry's description of it."""
+
+    model: IntentModel
+    version: ModelVersion
+
+    @classmethod
+    def load(cls, path: str, device: str, precision: str) -> Served:
+        version = open_version(path)  # resolved and verified once; the model loads from it
+        model = IntentModel.from_pretrained(version, device)
+        model.for_serving(precision)
+        return cls(model, version)
+
+    def info(self) -> dict:
+        return {**self.version.summary(), "threshold": self.model.threshold}
+
+
+@serve.deployment
 class Classifier:
     """Encoder + head over batches of token ids; swaps model versions without a restart."""
 
@@ -111,7 +98,7 @@ class Classifier:
         # soon as one is handed over, so without the gate a busy replica runs batches of one.)
         self.idle = asyncio.Event()
         self.idle.set()
-        self.served = self._load(model)
+        self.served = Served.load(model, device, precision)
         self.requested = model
         self.switch_error: str | None = None
         self.batch_sizes = Histogram(
@@ -120,11 +107,6 @@ class Classifier:
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
             tag_keys=("model_version",),
         )
-
-    def _load(self, path: str) -> dict:
-        model, _, _ = load_model(path, self.device)  # verifies the manifest first
-        model.for_serving(self.precision)
-        return {"model": model, **model_summary(path)}
 
     async def reconfigure(self, config: dict) -> None:
         cfg = ClassifierConfig.model_validate(config)
@@ -140,10 +122,10 @@ class Classifier:
         A bad version is refused and the current one keeps serving (see GET /v1/model)."""
         self.requested = path
         try:
-            new = await asyncio.to_thread(self._load, path)
-            if new["tokenizer_sha256"] != self.served["tokenizer_sha256"]:
+            new = await asyncio.to_thread(Served.load, path, self.device, self.precision)
+            if new.version.tokenizer_sha256 != self.served.version.tokenizer_sha256:
                 raise TransferDeskError(
-                    f"{new['version']} uses another tokenizer than the served model; deploy it as a "
+                    f"{new.version.spec} uses another tokenizer than the served model; deploy it as a "
                     "new application version (change `args.model`) instead of a user_config switch"
                 )
         except Exception as err:  # anything (a bad path, out of memory): keep serving the old model
@@ -151,58 +133,46 @@ class Classifier:
             log.exception("model switch to %s refused", path)
             return
         self.served, self.switch_error = new, None
-        log.info("now serving %s", new["version"])
+        log.info("now serving %s", new.version.spec)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, batch_size_fn=count_texts)
-    async def predict(self, calls: list[list[list[int]]]) -> list[list[dict]]:
+    @serve.batch(
+        max_batch_size=BATCHING.max_batch_size,
+        batch_wait_timeout_s=BATCHING.batch_wait_timeout_s,
+        batch_size_fn=count_texts,
+    )
+    async def predict(self, calls: list[list[list[int]]]) -> list[CallResult]:
         """One forward pass over the texts of several calls (each call: one request's texts)."""
         served = self.served  # one model for the whole batch, even if a switch lands meanwhile
         flat = [ids for call in calls for ids in call]
-        self.batch_sizes.observe(len(flat), tags={"model_version": served["version"]})
+        self.batch_sizes.observe(len(flat), tags={"model_version": served.version.spec})
         # In a thread, so the replica stays responsive (health checks, metrics) meanwhile.
         self.idle.clear()
         try:
-            model = served["model"]
+            model = served.model
             per_pass = CPU_PASS_TEXTS if model.device.type == "cpu" else len(flat)
-            probs = await asyncio.to_thread(model.proba_from_ids, flat, per_pass)
+            # The best intent and up to MAX_TOP_K alternatives: any request's top_k fits.
+            predictions = await asyncio.to_thread(model.predict_ids, flat, MAX_TOP_K + 1, per_pass)
         finally:
             self.idle.set()
-        ranked = iter([self._ranked(served, p) for p in probs])
-        return [[next(ranked) for _ in call] for call in calls]
+        answers = iter(predictions)
+        return [(served.version.spec, [next(answers) for _ in call]) for call in calls]
 
-    @staticmethod
-    def _ranked(served: dict, probs: np.ndarray, k: int = 11) -> dict:  # top_k ≤ 10 alternatives
-        order = np.argsort(-probs)[:k]
-        labels = served["labels"]
-        return {
-            "model_version": served["version"],
-            "threshold": served["threshold"],
-            "top": [(labels[i], round(float(probs[i]), 6)) for i in order],
-        }
-
-    async def __call__(self, ids: list[list[int]]) -> list[dict]:
-        """Ranked intents for up to CALL_TEXTS tokenized texts."""
+    async def __call__(self, ids: list[list[int]]) -> CallResult:
+        """The model version and a prediction for each of up to CALL_TEXTS tokenized texts."""
         await self.idle.wait()
         return await self.predict(ids)
 
     def info(self) -> dict:
-        summary = {k: v for k, v in self.served.items() if k != "model"}
-        return {**summary, "requested": self.requested, "switch_error": self.switch_error}
+        return {**self.served.info(), "requested": self.requested, "switch_error": self.switch_error}
 
     def check_health(self) -> None:
         """Fails (and Serve replaces the replica) when the model cannot answer a forward pass."""
-        tok = self.served["model"].tokenizer
-        probs = self.served["model"].proba_from_ids([[tok.cls_token_id, tok.sep_token_id]])
-        if not np.isfinite(probs).all():
-            raise RuntimeError("the model returns non-finite probabilities")
+        self.served.model.check_forward()
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-)
+@serve.deployment
 class Router:
-    """Routing decisions from ranked intents; reloads the policy file when it changes."""
+    """Routing decisions from predictions; reloads the policy file when it changes."""
 
     def __init__(self, policy_path: str, labels: list[str]) -> None:
         self.path, self.labels = Path(policy_path), labels
@@ -223,10 +193,10 @@ class Router:
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
 
-    def __call__(self, predictions: list[dict], top_k: int) -> list[dict]:
+    def __call__(self, predictions: list[Prediction], top_k: int) -> list[dict]:
         self._maybe_reload()
         policy = self.policy  # one policy for the whole request, even if a reload lands meanwhile
-        return [decide(policy, p["top"][: top_k + 1], p["threshold"]) for p in predictions]
+        return [decide(policy, p, top_k) for p in predictions]
 
     def version(self) -> str:
         self._maybe_reload()
@@ -236,11 +206,13 @@ class Router:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run deployments/serve.yaml` (args: see ServeArgs)."""
     settings = ServeArgs.model_validate(args).resolved()
-    summary = model_summary(settings.model)  # fails fast on a missing model
-    load_policy(settings.routing_policy, summary["labels"])  # and on a bad routing policy
-    tokenizer = Tokenizer.bind(settings.model)
+    # Resolved once (a model directory means its newest version): every deployment gets the
+    # same version directory. Fails fast on a missing or damaged model.
+    version = open_version(settings.model)
+    load_policy(settings.routing_policy, version.labels)  # and on a bad routing policy
+    tokenizer = Tokenizer.bind(str(version.path))
     classifier = Classifier.bind(
-        settings.model, settings.device, settings.classifier_threads, settings.precision
+        str(version.path), settings.device, settings.classifier_threads, settings.precision
     )
-    router = Router.bind(settings.routing_policy, summary["labels"])
+    router = Router.bind(settings.routing_policy, version.labels)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

@@ -15,10 +15,10 @@ from pathlib import Path
 import yaml
 
 from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, serve_env
-from transferdesk.cli import config_overrides
-from transferdesk.config import set_dotted
+from transferdesk.cli import add_config_flags, config_overrides
+from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import resolve_model_dir
+from transferdesk.registry import open_version
 
 SERVE_YAML = Path(__file__).with_name("serve.yaml")
 
@@ -31,15 +31,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         f"API keys come from ${KEYS_ENV} or ${KEYS_FILE_ENV}; with neither, a one-time key is "
         "generated and printed. Ctrl-C stops it.",
     )
-    parser.add_argument("model", nargs="?", help="version or model directory [default: serve.yaml's]")
+    parser.add_argument(
+        "model_spec", nargs="?", metavar="MODEL", help="version or model directory [default: serve.yaml's]"
+    )
     parser.add_argument("--config", default=str(SERVE_YAML), help="Serve config [default: %(default)s]")
-    parser.add_argument("--policy", help="routing policy YAML [default: serve.yaml's]")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
-    parser.add_argument("--no-auth", action="store_true", help="no API key needed: local development only")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override an app arg, e.g. top_k=5"
+        "--no-auth", action="store_true", help="same as --auth.disabled true: local development only"
     )
+    # The application's args (serve.yaml's `args:`), e.g. --top_k 5 or --limits.max_text_chars 500.
+    add_config_flags(parser, ServeArgs, aliases={"routing_policy": ("--policy", "FILE")})
     parser.set_defaults(func=cmd_serve)
     return parser
 
@@ -49,16 +51,14 @@ def serve_config(args: argparse.Namespace) -> dict:
     config = yaml.safe_load(Path(args.config).read_text())
     app = config["applications"][0]
     values = app.setdefault("args", {})
-    for key, value in config_overrides(args.set).items():
+    for key, value in config_overrides(args).items():
         set_dotted(values, key, value)
-    if args.model:
-        values["model"] = args.model
-    if args.policy:
-        values["routing_policy"] = args.policy
+    if args.model_spec:
+        values["model"] = args.model_spec
     if args.no_auth:
         set_dotted(values, "auth.disabled", True)
-    settings = ServeArgs.model_validate(values).resolved()
-    resolve_model_dir(settings.model)  # a clear error now, not a failed deployment later
+    settings = build_config(values, f"{args.config} (args) and the command line", ServeArgs).resolved()
+    open_version(settings.model)  # a clear error now, not a failed deployment later
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config

@@ -14,6 +14,7 @@ from transferdesk.config import Section
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
 KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a mounted Secret)
 CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at least one call
+MAX_TOP_K = 10  # alternatives a request may ask for; the Classifier ranks this many and one more
 # Ray Serve's high-throughput data path, read by Ray's processes at start (so environment, not
 # serve.yaml): HAProxy in place of the Python HTTP proxy, forwarding straight to the Ingress
 # replicas, and gRPC between deployments. On 2 cores it halved the Ingress's CPU per request
@@ -31,7 +32,8 @@ FAST_PATH_ENV = {
 
 class ClassifierConfig(Section):
     """The Classifier's user_config (deployments/serve.yaml): batching, and `model` to switch
-    versions in place. Changes reach the running replicas without a restart."""
+    versions in place. Changes reach the running replicas without a restart; the defaults
+    here are the batching a replica starts with."""
 
     max_batch_size: int = Field(
         16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
@@ -61,7 +63,7 @@ class ServeArgs(Section):
     )
     routing_policy: str = Field("deployments/policies/northwind.yaml", description="Routing policy YAML.")
     device: str = Field("auto", description="auto (a GPU when one is assigned), cpu, cuda or cuda:N.")
-    top_k: int = Field(3, ge=1, le=10, description="Alternatives returned with each answer.")
+    top_k: int = Field(3, ge=1, le=MAX_TOP_K, description="Alternatives returned with each answer.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Of the classifier's forward passes. auto: bf16 or fp16 on a GPU, fp32 on CPU. "

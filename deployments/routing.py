@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 
 from transferdesk.config import Section
 from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import Prediction
 
 Priority = Literal["low", "normal", "high", "urgent"]
 
@@ -27,7 +28,7 @@ class RoutingPolicy(Section):
         ge=0,
         le=1,
         description="Below this confidence a message goes to the fallback (business rule). The "
-        "model's own out-of-scope threshold, calibrated on validation data, applies as well.",
+        "model's own out-of-scope decision, calibrated on validation data, applies first.",
     )
     fallback: Route = Field(description="Where low-confidence and out-of-scope messages go: human agents.")
     default: Route | None = Field(None, description="Route for intents not listed; unset: list every intent.")
@@ -55,10 +56,10 @@ def load_policy(path: str | Path, labels: list[str]) -> RoutingPolicy:
     return policy
 
 
-def decide(policy: RoutingPolicy, top: list[tuple[str, float]], ood_threshold: float) -> dict:
-    """One routing decision from the classifier's ranked (intent, confidence) pairs."""
-    intent, confidence = top[0]
-    if confidence < ood_threshold:
+def decide(policy: RoutingPolicy, prediction: Prediction, alternatives: int) -> dict:
+    """One routing decision from the model's prediction (its out-of-scope flag included)."""
+    intent, confidence = prediction.intent, prediction.confidence
+    if prediction.out_of_scope:
         reason, route = "out_of_scope", policy.fallback
     elif confidence < policy.min_confidence:
         reason, route = "low_confidence", policy.fallback
@@ -75,6 +76,6 @@ def decide(policy: RoutingPolicy, top: list[tuple[str, float]], ood_threshold: f
         "priority": route.priority,
         "handoff": route is policy.fallback,
         "reason": reason,
-        "alternatives": [{"intent": i, "confidence": c} for i, c in top[1:]],
+        "alternatives": [{"intent": i, "confidence": c} for i, c in prediction.alternatives[:alternatives]],
         "policy_version": policy.version,
     }

@@ -5,11 +5,8 @@ import pytest
 
 from transferdesk.data import Dataset
 from transferdesk.evaluate import (
-    apply_threshold,
     auroc,
-    choose_threshold,
     classification_metrics,
-    confusion_matrix,
     most_confused,
     oos_metrics,
     write_evaluation,
@@ -37,28 +34,17 @@ def test_auroc_matches_definition() -> None:
     assert np.isnan(auroc(scores, np.zeros(5, dtype=bool)))
 
 
-def test_threshold_separates_out_of_scope_on_validation() -> None:
-    labels = ["a", "b"]
+def test_out_of_scope_metrics() -> None:
     probs = np.array([[0.95, 0.05], [0.1, 0.9], [0.55, 0.45], [0.6, 0.4]])
-    true = ["a", "b", "oos", "oos"]
-    t = choose_threshold(true, probs, labels, "oos")
-    assert 0.6 < t <= 0.9
-    assert apply_threshold(probs, labels, t, "oos") == true
-    metrics = oos_metrics(true, probs, apply_threshold(probs, labels, t, "oos"), "oos")
-    assert metrics["oos_recall"] == 1.0 and metrics["in_scope_accuracy"] == 1.0
-    assert metrics["oos_auroc"] == 1.0
-
-
-def test_threshold_without_oos_rows_keeps_most_in_scope() -> None:
-    probs = np.linspace(0.3, 1.0, 100)[:, None] * np.array([[1.0, 0.0]]) + np.array([[0.0, 0.0]])
-    t = choose_threshold(["a"] * 100, probs, ["a", "b"], "oos")
-    kept = np.mean(probs.max(axis=1) >= t)
-    assert 0.9 <= kept < 1.0
+    true, pred = ["a", "b", "oos", "oos"], ["a", "b", "oos", "a"]
+    metrics = oos_metrics(true, probs, pred, "oos")
+    assert metrics["oos_recall"] == 0.5 and metrics["in_scope_accuracy"] == 1.0
+    assert metrics["oos_precision"] == 1.0 and metrics["oos_rows"] == 2
+    assert metrics["oos_auroc"] == 1.0  # both out-of-scope rows are the least confident
 
 
 def test_confusions_and_report_files(tmp_path: Path) -> None:
     true, pred = ["a", "a", "b", "b"], ["a", "b", "b", "a"]
-    assert confusion_matrix(true, pred, ["a", "b"]).tolist() == [[1, 1], [1, 1]]
     assert most_confused(["a", "a", "a", "b"], ["b", "b", "c", "b"])[0] == ("a", "b", 2)
     metrics = {
         **classification_metrics(true, pred, ["a", "b"]),

@@ -1,121 +1,265 @@
+import ast
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
-from transferdesk.config import RunConfig
+from tests.conftest import make_tiny_backbone, toy_rows, write_csv
+from transferdesk import registry as registry_module
+from transferdesk.config import RunConfig, load_config
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import list_versions, load_model, resolve_model_dir, verify
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import ModelVersion, Registry, open_version, resolve_version_dir, verify
 from transferdesk.train import train_and_register
 
+ROOT = Path(__file__).resolve().parents[1]
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
-    """One tiny model trained and registered, shared by the tests of this module."""
-    from tests.conftest import make_tiny_backbone, toy_rows, write_csv
-    from transferdesk.config import load_config
 
-    root = tmp_path_factory.mktemp("reg")
-    backbone = make_tiny_backbone(root / "bb")
-    cfg = load_config(
+def _config(root: Path, **overrides: object) -> RunConfig:
+    return load_config(
         None,
         {
             "output": str(root / "registry"),
-            "model.backbone": str(backbone),
+            "model.backbone": str(root / "bb"),
             "data.train": str(write_csv(root / "train.csv", toy_rows(0, 4))),
             "data.valid": str(write_csv(root / "valid.csv", [*toy_rows(4, 6), ("weather today", "oos")])),
             "data.test": str(write_csv(root / "test.csv", [*toy_rows(6, 8), ("oos weather", "oos")])),
             "training.epochs": 2,
             "runtime.progress": False,
             "runtime.num_threads": 1,
+            **overrides,
         },
     )
-    return train_and_register(cfg)
 
 
-def test_version_directory_is_complete(registered: Path) -> None:
-    assert registered.name == "v1"
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reg")
+    make_tiny_backbone(root / "bb")
+    return root
+
+
+@pytest.fixture(scope="module")
+def registered(workdir: Path) -> ModelVersion:
+    """One tiny model trained and published, shared by the tests of this module."""
+    return train_and_register(_config(workdir))
+
+
+def test_version_directory_is_complete(registered: ModelVersion) -> None:
+    root = registered.path
+    assert root.name == "v1" and registered.spec == "intent-classifier/v1" and registered.format == 2
     for name in (
         "encoder/config.json",
         "encoder/model.safetensors",
         "encoder/tokenizer.json",
         "head.safetensors",
-        "labels.json",
+        "classifier.json",
+        "version.json",
         "config.yaml",
-        "model.json",
         "metrics.json",
         "model_card.md",
         "manifest.json",
         "test/confusion.png",
         "test/report.md",
     ):
-        assert (registered / name).is_file(), name
-    assert list((registered / "logs").glob("events.out.tfevents.*"))
-    manifest = verify(registered)
-    assert "head.safetensors" in manifest["files"] and len(manifest["files"]) >= 12
-    metrics = json.loads((registered / "metrics.json").read_text())
-    assert {"accuracy", "macro_f1", "test", "valid_history", "train_seconds"} <= metrics.keys()
-    assert "oos_recall" in metrics["test"] and "oos_auroc" in metrics["test"]
+        assert (root / name).is_file(), name
+    assert list((root / "logs").glob("events.out.tfevents.*"))
+    assert "head.safetensors" in verify(root)["files"] and len(registered.files) >= 12
+    assert {"accuracy", "macro_f1", "test", "valid_history", "train_seconds"} <= registered.metrics.keys()
+    assert "oos_recall" in registered.metrics["test"] and "oos_auroc" in registered.metrics["test"]
+    assert registered.labels == ["refund_status", "reset_password", "track_order"]
+    assert registered.tokenizer_sha256 == registered.files["encoder/tokenizer.json"]
 
 
-def test_loaded_model_predicts_like_the_trained_one(registered: Path) -> None:
-    model, cfg, info = load_model(registered)
-    assert isinstance(cfg, RunConfig) and model.labels == json.loads((registered / "labels.json").read_text())
+def test_card_is_titled_with_the_version_number(registered: ModelVersion) -> None:
+    assert registered.card.splitlines()[0] == "# intent-classifier v1"
+    assert "Training time: 0 s" not in registered.card or registered.meta.timings["train_seconds"] < 0.5
+
+
+def test_no_metadata_file_holds_a_machine_path(registered: ModelVersion, workdir: Path) -> None:
+    texts = {
+        p: p.read_text(encoding="utf-8")
+        for p in registered.path.rglob("*")
+        if p.suffix in (".json", ".yaml", ".md", ".txt")
+    }
+    assert len(texts) >= 8
+    for path, text in texts.items():
+        assert str(workdir) not in text, path
+    strings = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, str):
+            strings.append(node)
+        elif isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    for path, text in texts.items():
+        if path.suffix == ".json":
+            collect(json.loads(text))
+        elif path.suffix == ".yaml":
+            collect(yaml.safe_load(text))
+    assert strings and not [s for s in strings if s.startswith("/")]
+
+
+def test_a_copied_version_loads_and_describes_itself_the_same(
+    registered: ModelVersion, tmp_path: Path
+) -> None:
+    copy = shutil.copytree(registered.path.parent.parent, tmp_path / "elsewhere" / "registry")
+    registered.path.parent.parent.rename(registered.path.parent.parent.with_name("registry-moved"))
+    try:
+        moved = open_version(copy / "intent-classifier" / "v1")
+        assert (moved.spec, moved.created, moved.meta, moved.metrics) == (
+            registered.spec,
+            registered.created,
+            registered.meta,
+            registered.metrics,
+        )
+        texts = ["where is my parcel", "forgot my password"]
+        original = IntentModel.from_pretrained(
+            registered.path.parent.parent.with_name("registry-moved") / "intent-classifier/v1"
+        )
+        assert np.array_equal(
+            IntentModel.from_pretrained(moved).predict_proba(texts), original.predict_proba(texts)
+        )
+    finally:
+        registered.path.parent.parent.with_name("registry-moved").rename(registered.path.parent.parent)
+
+
+def test_loaded_model_predicts_like_the_trained_one(registered: ModelVersion) -> None:
+    model = IntentModel.from_pretrained(registered.path)
+    assert model.labels == registered.labels and model.oos_label == "oos"
     probs = model.predict_proba(["where is my parcel", "forgot my password"])
-    again, _, _ = load_model(registered)
+    again = IntentModel.from_pretrained(registered.path.parent)  # the model directory: its newest
     assert np.allclose(probs, again.predict_proba(["where is my parcel", "forgot my password"]), atol=1e-6)
-    assert info["version"] == 1 and model.threshold == info["threshold"]
+    assert isinstance(registered.config, RunConfig) and registered.config.training.epochs == 2
 
 
-def test_new_runs_get_new_versions_and_never_overwrite(registered: Path) -> None:
-    _, cfg, _ = load_model(registered)
-    before = sorted(p.name for p in registered.parent.iterdir())
-    second = train_and_register(
-        cfg.model_copy(update={"training": cfg.training.model_copy(update={"epochs": 1})})
-    )
-    assert second.name == "v2" and verify(registered)
-    assert resolve_model_dir(registered.parent) == second  # a model directory means its newest version
-    assert [r["version"] for r in list_versions(registered.parent.parent)] == [1, 2]
-    assert not [p for p in registered.parent.iterdir() if p.name.startswith(".staging")]
-    assert set(before) < {p.name for p in registered.parent.iterdir()}
+def test_new_runs_get_new_versions_and_never_overwrite(registered: ModelVersion, workdir: Path) -> None:
+    before = sorted(p.name for p in registered.path.parent.iterdir())
+    second = train_and_register(_config(workdir, **{"training.epochs": 1}))
+    assert second.path.name == "v2" and verify(registered.path)
+    assert second.card.startswith("# intent-classifier v2\n")
+    assert resolve_version_dir(registered.path.parent) == second.path
+    assert [v.version for v in Registry(workdir / "registry").versions()] == [1, 2]
+    assert not [p for p in registered.path.parent.iterdir() if p.name.startswith(".staging")]
+    assert set(before) < {p.name for p in registered.path.parent.iterdir()}
 
 
 @pytest.mark.parametrize("damage", ["alter", "delete"])
-def test_tampered_models_are_refused(registered: Path, tmp_path: Path, damage: str) -> None:
-    copy = shutil.copytree(registered, tmp_path / "v1")
+def test_tampered_models_are_refused(registered: ModelVersion, tmp_path: Path, damage: str) -> None:
+    copy = shutil.copytree(registered.path, tmp_path / "v1")
     if damage == "alter":
         with open(copy / "head.safetensors", "r+b") as f:
             f.seek(-4, 2)
             f.write(b"\x00\x01\x02\x03")
         expected = "altered: head.safetensors"
     else:
-        (copy / "labels.json").unlink()
-        expected = "missing: labels.json"
+        (copy / "classifier.json").unlink()
+        expected = "missing: classifier.json"
     with pytest.raises(TransferDeskError, match=expected):
-        load_model(copy)
+        IntentModel.from_pretrained(copy)
 
 
 def test_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(TransferDeskError, match="not found"):
-        load_model(tmp_path / "nothing")
+        open_version(tmp_path / "nothing")
     with pytest.raises(TransferDeskError, match="holds no model version"):
-        load_model(tmp_path)
+        IntentModel.from_pretrained(tmp_path)
     with pytest.raises(TransferDeskError, match="does not exist"):
-        list_versions(tmp_path / "nothing")
+        Registry(tmp_path / "nothing").versions()
 
 
-def test_threshold_applies_only_to_data_with_out_of_scope_rows(registered: Path) -> None:
+def _as_format_1(version: ModelVersion, target: Path) -> Path:
+    """The version as the registry wrote it before version.json: labels.json, a model.json
+    with the threshold and an absolute source path, no format in the manifest."""
+    old = shutil.copytree(version.path, target)
+    settings = json.loads((old / "classifier.json").read_text())
+    meta = json.loads((old / "version.json").read_text())
+    (old / "classifier.json").unlink()
+    (old / "version.json").unlink()
+    (old / "labels.json").write_text(json.dumps(settings["labels"]))
+    info = {
+        **meta,
+        "threshold": settings["threshold"],
+        "source_checkpoint": "/home/someone/registry/sources/abc",
+    }
+    (old / "model.json").write_text(json.dumps(info))
+    manifest = json.loads((old / "manifest.json").read_text())
+    registry_module.write_manifest(old, {k: manifest[k] for k in ("name", "version", "created")})
+    return old
+
+
+def test_versions_written_before_this_format_still_load(registered: ModelVersion, tmp_path: Path) -> None:
+    old = open_version(_as_format_1(registered, tmp_path / "old" / "v1"))
+    assert old.format == 1 and old.labels == registered.labels
+    assert old.meta.source_checkpoint == "sources/abc"  # no machine path survives the translation
+    texts = ["where is my parcel", "refund status please"]
+    new_model, old_model = IntentModel.from_pretrained(registered), IntentModel.from_pretrained(old)
+    assert old_model.threshold == new_model.threshold
+    assert np.array_equal(old_model.predict_proba(texts), new_model.predict_proba(texts))
+
+
+def test_threshold_applies_only_to_data_with_out_of_scope_rows(registered: ModelVersion) -> None:
     from transferdesk.data import Dataset
     from transferdesk.evaluate import evaluate
 
-    model, _, _ = load_model(registered)
+    model = IntentModel.from_pretrained(registered)
     model.threshold = 1.01  # every message is below it
     in_scope = Dataset(["where is my parcel", "forgot my password"], ["track_order", "reset_password"])
-    plain = evaluate(model, in_scope, "oos", progress=False)
+    plain = evaluate(model, in_scope, progress=False)
     assert plain["below_threshold"] == 1.0 and "oos" not in plain["predictions"]
     mixed = Dataset([*in_scope.texts, "weather today"], [*in_scope.labels, "oos"])
-    scored = evaluate(model, mixed, "oos", progress=False)
+    scored = evaluate(model, mixed, progress=False)
     assert scored["predictions"] == ["oos"] * 3 and scored["oos_recall"] == 1.0
     assert scored["in_scope_accuracy"] == 0.0
+
+
+def test_a_damaged_source_checkpoint_is_trained_again(workdir: Path) -> None:
+    from transferdesk.train import run_training
+
+    cfg = _config(workdir, **{"data.source": str(workdir / "train.csv"), "source_training.epochs": 1})
+    first = run_training(cfg).source_checkpoint
+    assert first is not None and verify(first)
+    weights = first / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    second = run_training(cfg).source_checkpoint
+    assert second == first and verify(second)  # retrained into the same place, sealed again
+    assert list(first.parent.glob(f".damaged-{first.name}-*"))  # the damaged one kept aside
+
+
+REGISTRY_FILES = (
+    "manifest.json",
+    "version.json",
+    "metrics.json",
+    "model_card.md",
+    "config.yaml",
+    "source.json",
+)
+
+
+def test_no_module_outside_the_registry_names_its_files() -> None:
+    """The registry owns its on-disk format: no other module spells one of its file names."""
+    offenders = []
+    for path in sorted(ROOT.glob("*/**/*.py")):
+        if path.parts[len(ROOT.parts)] not in ("transferdesk", "tuning", "deployments", "benchmarks"):
+            continue
+        # The registry; and evaluation, whose report files (metrics.json among them) a version's
+        # test/ holds as evaluation writes them.
+        if path in (ROOT / "transferdesk" / "registry.py", ROOT / "transferdesk" / "evaluate.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                # A file name as a path is spelt (help texts may mention one in a sentence).
+                offenders += [
+                    f"{path.relative_to(ROOT)}: {name}"
+                    for name in REGISTRY_FILES
+                    if node.value == name or node.value.endswith(f"/{name}")
+                ]
+    assert not offenders

@@ -5,13 +5,10 @@ import torch
 
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import read_dataset
-from transferdesk.train import (
-    build_model,
-    build_optimizer,
-    run_training,
-    source_key,
-    warmup_linear_decay,
-)
+from transferdesk.modeling import IntentModel
+from transferdesk.optim import build_optimizer, warmup_linear_decay
+from transferdesk.registry import verify
+from transferdesk.train import run_training, source_key
 
 
 def _with(cfg: RunConfig, **overrides: object) -> RunConfig:
@@ -39,7 +36,7 @@ def test_warmup_then_linear_decay() -> None:
 
 
 def test_optimizer_groups_and_frozen_layers(tiny_config: RunConfig) -> None:
-    model = build_model(tiny_config.model.backbone, ["a", "b"], tiny_config.model, torch.device("cpu"))
+    model = IntentModel.from_backbone(tiny_config.model.backbone, ["a", "b"], tiny_config.model)
     for p in model.network.encoder.embeddings.parameters():
         p.requires_grad = False
     stage = StageConfig(encoder_lr=1e-5, head_lr=1e-3, weight_decay=0.1)
@@ -100,12 +97,12 @@ def test_source_stage_trains_once_and_is_reused(
     cfg = _with(tiny_config, **{"data.source": str(toy_files["train"]), "source_training.epochs": 1})
     first = run_training(cfg)
     checkpoint = first.source_checkpoint
-    assert checkpoint is not None and (checkpoint / "source.json").is_file()
+    assert checkpoint is not None and verify(checkpoint)
     assert checkpoint.name == source_key(cfg)
-    stamp = (checkpoint / "source.json").stat().st_mtime_ns
+    stamp = (checkpoint / "manifest.json").stat().st_mtime_ns
     second = run_training(cfg)
     assert second.source_checkpoint == checkpoint
-    assert (checkpoint / "source.json").stat().st_mtime_ns == stamp
+    assert (checkpoint / "manifest.json").stat().st_mtime_ns == stamp
     assert "source_seconds" in second.timings
     # A source checkpoint is a backbone in its own right.
     reused = run_training(_with(tiny_config, **{"model.backbone": str(checkpoint)}))
@@ -122,7 +119,7 @@ def test_few_shot_k_limits_training_rows(tiny_config: RunConfig) -> None:
 
 
 def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
-    from transferdesk.train import supervised_contrastive
+    from transferdesk.losses import supervised_contrastive
 
     targets = torch.tensor([0, 0, 1, 1])
     clustered = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
@@ -134,6 +131,11 @@ def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
 def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     from transferdesk.data import load_splits
     from transferdesk.train import train_stage
+    from transferdesk.trainer import Callback
+
+    class Seen(Callback):
+        def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
+            seen.append((entry["epoch"], improved))
 
     cfg = _with(tiny_config, **{"training.objective": "supcon", "training.epochs": 4})
     splits = load_splits(cfg.data, cfg.runtime.seed)
@@ -145,16 +147,15 @@ def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
         cfg,
         cfg.training,
         torch.device("cpu"),
-        None,
         "test",
-        on_epoch=lambda entry, improved, model: seen.append((entry["epoch"], improved)),
+        callbacks=[Seen()],
     )
     assert [e for e, _ in seen] == [1, 2, 3, 4] and seen[0][1] is True
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
 def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
-    from transferdesk.train import shuffled_batches
+    from transferdesk.sampling import shuffled_batches
 
     lengths = [(i * 37) % 100 for i in range(200)]
     batches = shuffled_batches(lengths, 10, torch.Generator().manual_seed(0))
@@ -166,7 +167,7 @@ def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
 
 
 def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
-    from transferdesk.train import intent_grouped_batches
+    from transferdesk.sampling import intent_grouped_batches
 
     targets = [i % 40 for i in range(400)]  # 40 intents, 10 rows each
     batches = intent_grouped_batches(targets, 16, torch.Generator().manual_seed(0), per_intent=4)

@@ -9,7 +9,11 @@ import sys
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel
 
 from transferdesk.config import RunConfig, iter_fields, load_config
 from transferdesk.errors import TransferDeskError
@@ -28,6 +32,8 @@ ALIASES = {
     "name": ("--name", "NAME"),
 }
 NULL_WORDS = {"none", "null", ""}
+# Where add_config_flags leaves, on the parsed arguments, which settings it made flags for.
+FIELDS_DEST = "config_fields"
 
 
 def _metavar(annotation: Any) -> str:
@@ -38,14 +44,31 @@ def _metavar(annotation: Any) -> str:
     return "|".join(getattr(p, "__name__", str(p)).upper().replace("NONETYPE", "NONE") for p in parts)
 
 
-def add_run_config_flags(parser: argparse.ArgumentParser, model: type = RunConfig) -> None:
-    """One flag per RunConfig setting, generated so --help can never drift from the config."""
+def _is_text(annotation: Any) -> bool:
+    return annotation is str or (
+        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
+    )
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    schema: type[BaseModel],
+    prefix: str = "",
+    aliases: dict[str, tuple[str, str]] | None = None,
+) -> None:
+    """One `--section.field VALUE` flag per setting of `schema` (fields of nested models under
+    `prefix`), generated so --help can never drift from the config, plus `--set KEY=VALUE`
+    as another spelling of the same. Read them back with `config_overrides(args)`."""
+    aliases = ALIASES if aliases is None else aliases
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for dotted, info in iter_fields(model):
-        section = dotted.split(".")[0] if "." in dotted else "run"
+    fields: dict[str, bool] = {}
+    for local, info in iter_fields(schema):
+        dotted = f"{prefix}{local}"
+        fields[dotted] = _is_text(info.annotation)
+        section = dotted.rsplit(".", 1)[0] if "." in dotted else "general"
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} settings")
-        short, metavar = ALIASES.get(dotted, (None, _metavar(info.annotation)))
+        short, metavar = aliases.get(local, (None, _metavar(info.annotation)))
         flags = dict.fromkeys(f for f in (short, f"--{dotted}") if f)
         default = info.get_default(call_default_factory=True)
         groups[section].add_argument(
@@ -55,28 +78,39 @@ def add_run_config_flags(parser: argparse.ArgumentParser, model: type = RunConfi
             metavar=metavar,
             help=f"{info.description} [default: {default}]",
         )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="set_pairs",
+        metavar="KEY=VALUE",
+        help="another spelling of --KEY VALUE (repeatable), e.g. --set training.epochs=5",
+    )
+    parser.set_defaults(**{FIELDS_DEST: fields})
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = {
-        key: (None if isinstance(v, str) and v.lower() in NULL_WORDS else v)
-        for key, v in vars(args).items()
-        if "." in key or key in ("output", "name")
-    }
-    return load_config(args.config, overrides)
+def parse_value(raw: str | None, text: bool) -> Any:
+    """A flag's value: null/none/empty is None; text settings as written; others as YAML, so
+    4, 1e-4, true and [8, 16] work."""
+    if raw is None or raw.strip().lower() in NULL_WORDS:
+        return None
+    return raw if text else yaml.safe_load(raw)
 
 
-def config_overrides(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values are read as YAML, so 4, 1e-4, true, [8, 16] and null all work."""
-    import yaml
-
-    out = {}
-    for pair in pairs:
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted settings given on the command line, as flags or as --set pairs."""
+    fields: dict[str, bool] = getattr(args, FIELDS_DEST)
+    given = {key: parse_value(value, fields[key]) for key, value in vars(args).items() if key in fields}
+    for pair in args.set_pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. search.num_samples=4")
-        out[key] = yaml.safe_load(value) if value else None
-    return out
+            raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.epochs=5")
+        if key not in fields:
+            raise TransferDeskError(
+                f"--set {key}: no such setting; see --help for the --{key.split('.')[0]}… flags"
+            )
+        given[key] = parse_value(value, fields[key])
+    return given
 
 
 def _print_json(data: Any) -> None:
@@ -86,34 +120,33 @@ def _print_json(data: Any) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from transferdesk.train import train_and_register
 
-    cfg = config_from_args(args)
+    cfg = load_config(args.config, config_overrides(args))
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return
-    print(train_and_register(cfg))
+    print(train_and_register(cfg).path)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from transferdesk.data import check_eval_data, raise_on_errors, read_dataset
-    from transferdesk.evaluate import evaluate, write_evaluation
-    from transferdesk.registry import load_model
+    from transferdesk.evaluate import evaluate, scored_labels, write_evaluation
+    from transferdesk.modeling import IntentModel
+    from transferdesk.registry import open_version
 
-    model, cfg, info = load_model(args.model, args.device)
-    ds, problems = read_dataset(args.data, cfg.data.text_column, cfg.data.label_column)
-    raise_on_errors(problems + check_eval_data(ds, model.labels, cfg.data.oos_label))
+    version = open_version(args.model)
+    model = IntentModel.from_pretrained(version, args.device)
+    data_cfg = version.config.data
+    ds, problems = read_dataset(args.data, data_cfg.text_column, data_cfg.label_column)
+    raise_on_errors(problems + check_eval_data(ds, model.labels, model.oos_label))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = (
-        Path(args.output)
-        if args.output
-        else Path(info["path"]) / "evaluations" / f"{Path(args.data).stem}-{stamp}"
-    )
+    out = Path(args.output) if args.output else version.evaluation_dir(f"{Path(args.data).stem}-{stamp}")
     if out.exists() and any(out.iterdir()):
         raise TransferDeskError(f"output directory {out} is not empty; choose a new --output")
-    metrics = evaluate(model, ds, cfg.data.oos_label, args.batch_size)
-    labels = model.labels + ([cfg.data.oos_label] if "oos_recall" in metrics else [])
-    write_evaluation(metrics, ds, labels, out, f"{cfg.name} v{info['version']} on {args.data}")
-    print((out / "report.md").read_text(), end="")
-    print(out / "metrics.json")
+    metrics = evaluate(model, ds, args.batch_size)
+    labels = scored_labels(model, "oos_recall" in metrics)
+    written = write_evaluation(metrics, ds, labels, out, f"{version.spec} on {args.data}")
+    print(written["report"].read_text(encoding="utf-8"), end="")
+    print(written["metrics"])
 
 
 def _read_lines(path: str) -> list[str]:
@@ -124,24 +157,21 @@ def _read_lines(path: str) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from transferdesk.registry import load_model
+    from transferdesk.modeling import IntentModel
 
     texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
     if not texts:
         raise TransferDeskError("nothing to predict: give texts as arguments or --file FILE")
-    model, cfg, _ = load_model(args.model, args.device)
-    results = model.top_k(texts, args.top_k)
-    rows = []
-    for text, ranked in zip(texts, results, strict=True):
-        out_of_scope = ranked[0][1] < model.threshold
-        rows.append(
-            {
-                "text": text,
-                "intent": cfg.data.oos_label if out_of_scope else ranked[0][0],
-                "out_of_scope": out_of_scope,
-                "top": [{"intent": lab, "confidence": round(p, 4)} for lab, p in ranked],
-            }
-        )
+    model = IntentModel.from_pretrained(args.model, args.device)
+    rows = [
+        {
+            "text": text,
+            "intent": p.label,
+            "out_of_scope": p.out_of_scope,
+            "top": [{"intent": lab, "confidence": round(c, 4)} for lab, c in p.ranked],
+        }
+        for text, p in zip(texts, model.predict(texts, args.top_k), strict=True)
+    ]
     if args.json:
         _print_json(rows)
         return
@@ -186,9 +216,19 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
-    from transferdesk.registry import list_versions
+    from transferdesk.registry import Registry
 
-    rows = list_versions(args.registry)
+    rows = [
+        {
+            **{k: v for k, v in version.summary().items() if k not in ("labels", "metrics", "version")},
+            "version": version.version,
+            "source": version.meta.source or "-",
+            "intents": len(version.labels),
+            "test_accuracy": version.metrics.get("test", {}).get("accuracy"),
+            "test_macro_f1": version.metrics.get("test", {}).get("macro_f1"),
+        }
+        for version in Registry(args.registry).versions()
+    ]
     if args.json:
         _print_json(rows)
         return
@@ -205,22 +245,22 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 
 
 def cmd_models_show(args: argparse.Namespace) -> None:
-    from transferdesk.registry import resolve_model_dir, verify
+    from transferdesk.registry import open_version
 
-    root = resolve_model_dir(args.model)
-    manifest = verify(root)
+    version = open_version(args.model)
     if args.json:
         _print_json(
             {
-                "path": str(root),
-                "manifest": manifest,
-                "model": json.loads((root / "model.json").read_text()),
-                "metrics": json.loads((root / "metrics.json").read_text()),
+                **version.summary(),
+                "format": version.format,
+                "meta": version.meta.model_dump(),
+                "metrics": version.metrics,
+                "files": version.files,
             }
         )
         return
-    print((root / "model_card.md").read_text(), end="")
-    print(f"\nPath: {root}\nFiles: {len(manifest['files'])}, all match the manifest")
+    print(version.card, end="")
+    print(f"\nPath: {version.path}\nFiles: {len(version.files)}, all match the manifest")
 
 
 MODEL_HELP = "registry version directory (or a model directory: its newest version)"
@@ -259,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration as YAML and exit"
     )
-    add_run_config_flags(train)
+    add_config_flags(train, RunConfig)
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser(

@@ -19,6 +19,9 @@ class Section(BaseModel):
     # Unknown keys are almost always typos; refuse them instead of silently ignoring.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
 
 class DataConfig(Section):
     train: str | None = Field(
@@ -132,11 +135,9 @@ class RunConfig(Section):
             raise ValueError("data.few_shot_k=1 leaves nothing to validate on; give data.valid")
         return self
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-C = TypeVar("C", bound="RunConfig")
+C = TypeVar("C", bound=BaseModel)
 
 
 def _format_validation_error(err: ValidationError, origin: str) -> str:
@@ -148,7 +149,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 
 
 def build_config(data: dict[str, Any], origin: str = "configuration", schema: type[C] = RunConfig) -> C:
-    """Validate into `schema` (RunConfig or an extension of it), with errors that name settings."""
+    """Validate into `schema` (RunConfig, or a model that holds one), with errors that name settings."""
     try:
         return schema.model_validate(data)
     except ValidationError as err:

@@ -7,83 +7,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from transferdesk.data import Dataset
-from transferdesk.model import TrainedModel
+from transferdesk.modeling import IntentModel
 
 # Single-request latency is sampled on this many utterances: enough for a stable p95.
 LATENCY_SAMPLES = 50
-
-
-def per_intent(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict[str, dict]:
-    out = {}
-    true, pred = np.array(y_true), np.array(y_pred)
-    for label in labels:
-        tp = int(np.sum((pred == label) & (true == label)))
-        predicted, support = int(np.sum(pred == label)), int(np.sum(true == label))
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return out
+# An evaluation's files (a registry version's test/ holds these too, written by this module).
+REPORT_FILES = {"metrics": "metrics.json", "report": "report.md", "confusion": "confusion.png"}
 
 
 def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
-    """Accuracy and macro-F1 over the intents that occur in the data or the predictions."""
+    """Accuracy, macro-F1 and per-intent P/R/F1 over the intents that occur in the data or
+    the predictions (an intent neither seen nor predicted says nothing about the model)."""
     scored = [lab for lab in labels if lab in set(y_true) | set(y_pred)]
-    table = per_intent(y_true, y_pred, scored)
-    accuracy = float(np.mean(np.array(y_true) == np.array(y_pred))) if y_true else 0.0
-    macro_f1 = float(np.mean([m["f1"] for m in table.values()])) if table else 0.0
-    return {"accuracy": accuracy, "macro_f1": macro_f1, "per_intent": table}
+    if not y_true or not scored:
+        return {"accuracy": 0.0, "macro_f1": 0.0, "per_intent": {}}
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=scored, zero_division=0.0
+    )
+    table = {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for label, p, r, f, n in zip(scored, precision, recall, f1, support, strict=True)
+    }
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(np.mean(f1)),
+        "per_intent": table,
+    }
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve via the rank-sum (Mann-Whitney U) identity; ties averaged."""
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
+    """ROC AUC of `scores` for telling `positive` rows apart; NaN with only one class."""
+    if positive.all() or not positive.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def apply_threshold(probs: np.ndarray, labels: list[str], threshold: float, oos_label: str) -> list[str]:
-    best = probs.argmax(axis=1)
-    return [oos_label if probs[i, j] < threshold else labels[j] for i, j in enumerate(best)]
-
-
-def _oos_balance(y_true: list[str], pred: list[str], oos_label: str) -> float:
-    true = np.array(y_true)
-    pred_a = np.array(pred)
-    is_oos = true == oos_label
-    in_scope_acc = np.mean(pred_a[~is_oos] == true[~is_oos]) if (~is_oos).any() else 0.0
-    oos_recall = np.mean(pred_a[is_oos] == oos_label) if is_oos.any() else 0.0
-    return float((in_scope_acc + oos_recall) / 2)
-
-
-def choose_threshold(y_true: list[str], probs: np.ndarray, labels: list[str], oos_label: str) -> float:
-    """Confidence below which a message is out-of-scope, picked on validation data.
-
-    With out-of-scope validation rows: the threshold that best balances in-scope accuracy
-    and out-of-scope recall. Without: the 5th percentile of in-scope confidence, so about
-    one in twenty in-scope messages would go to a human — a conservative default.
-    """
-    confidence = probs.max(axis=1)
-    if oos_label not in y_true:
-        return float(np.quantile(confidence, 0.05)) if len(confidence) else 0.0
-    candidates = np.unique(np.concatenate([[0.0], confidence]))
-    scores = [
-        _oos_balance(y_true, apply_threshold(probs, labels, t, oos_label), oos_label) for t in candidates
-    ]
-    return float(candidates[int(np.argmax(scores))])
+    return float(roc_auc_score(positive, scores))
 
 
 def oos_metrics(y_true: list[str], probs: np.ndarray, pred: list[str], oos_label: str) -> dict:
@@ -99,7 +58,7 @@ def oos_metrics(y_true: list[str], probs: np.ndarray, pred: list[str], oos_label
     }
 
 
-def measure_speed(model: TrainedModel, texts: list[str], batch_size: int) -> dict:
+def measure_speed(model: IntentModel, texts: list[str], batch_size: int) -> dict:
     """Batched throughput over all texts and single-request latency on a sample."""
     start = time.perf_counter()
     model.predict_proba(texts, batch_size)
@@ -117,24 +76,24 @@ def measure_speed(model: TrainedModel, texts: list[str], batch_size: int) -> dic
     }
 
 
-def evaluate(
-    model: TrainedModel, ds: Dataset, oos_label: str, batch_size: int = 64, progress: bool = True
-) -> dict:
-    """All metrics for one labelled file; out-of-scope metrics when it has `oos_label` rows."""
+def evaluate(model: IntentModel, ds: Dataset, batch_size: int = 64, progress: bool = True) -> dict:
+    """All metrics for one labelled file; out-of-scope metrics when it has rows labelled with
+    the model's out-of-scope label."""
     start = time.perf_counter()
     probs = model.predict_proba(ds.texts, batch_size, progress)
     predict_seconds = time.perf_counter() - start
     # Scored as the data allows: with out-of-scope rows the threshold is part of the task
     # (a message below it counts as predicted out-of-scope); without them, plain argmax.
+    oos_label = model.oos_label
     has_oos = oos_label in ds.labels
-    pred = apply_threshold(probs, model.labels, model.threshold if has_oos else 0.0, oos_label)
-    labels = model.labels + ([oos_label] if has_oos else [])
+    pred = model.decide(probs, None if has_oos else 0.0)
+    labels = scored_labels(model, has_oos)
     metrics = classification_metrics(ds.labels, pred, labels)
     metrics.update(
         rows=len(ds),
         data=ds.path,
         threshold=model.threshold,
-        below_threshold=float(np.mean(probs.max(axis=1) < model.threshold)),
+        below_threshold=float(np.mean(model.out_of_scope(probs))),
     )
     if has_oos:
         metrics.update(oos_metrics(ds.labels, probs, pred, oos_label))
@@ -144,13 +103,9 @@ def evaluate(
     return metrics
 
 
-def confusion_matrix(y_true: list[str], y_pred: list[str], labels: list[str]) -> np.ndarray:
-    index = {lab: i for i, lab in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=int)
-    for t, p in zip(y_true, y_pred, strict=True):
-        if t in index and p in index:
-            matrix[index[t], index[p]] += 1
-    return matrix
+def scored_labels(model: IntentModel, has_oos: bool) -> list[str]:
+    """The model's intents, and its out-of-scope label where the data has such rows."""
+    return model.labels + ([model.oos_label] if has_oos else [])
 
 
 def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path: Path) -> None:
@@ -159,7 +114,7 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    matrix = confusion_matrix(y_true, y_pred, labels)
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     size = max(6.0, 0.28 * len(labels) + 3)
@@ -233,10 +188,14 @@ def report_markdown(metrics: dict, y_true: list[str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation(metrics: dict, ds: Dataset, labels: list[str], out_dir: Path, title: str) -> None:
-    """metrics.json, report.md and confusion.png in out_dir."""
+def write_evaluation(
+    metrics: dict, ds: Dataset, labels: list[str], out_dir: Path, title: str
+) -> dict[str, Path]:
+    """metrics.json, report.md and confusion.png in out_dir; returns their paths by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion(ds.labels, metrics["predictions"], labels, out_dir / "confusion.png")
-    (out_dir / "report.md").write_text(report_markdown(metrics, ds.labels, title), encoding="utf-8")
+    written = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
+    plot_confusion(ds.labels, metrics["predictions"], labels, written["confusion"])
+    written["report"].write_text(report_markdown(metrics, ds.labels, title), encoding="utf-8")
     saved = {k: v for k, v in metrics.items() if k != "predictions"}
-    (out_dir / "metrics.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    written["metrics"].write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    return written

@@ -1,1 +1,1 @@
-"""Ray Tune search over fine-tuning settings and source models (next milestone)."""
+"""Ray Tune search over fine-tuning settings and source models, exported to the registry."""

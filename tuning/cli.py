@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferdesk.cli import config_overrides
+from transferdesk.cli import ALIASES, add_config_flags, config_overrides
 
 
 def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,7 +14,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Search fine-tuning hyperparameters and source-model candidates with Ray "
         "Tune (Optuna or random search, ASHA early stopping), then score the best checkpoint "
         "once on the test file and save it as a new registry version, whose path is printed "
-        "last. Starts a local Ray unless --address or RAY_ADDRESS names a cluster.",
+        "last. Starts a local Ray unless --address or RAY_ADDRESS names a cluster. Every "
+        "setting of the YAML can be overridden as --section.field VALUE (e.g. --search.num_samples 4, "
+        "--run.training.epochs 5).",
     )
     parser.add_argument("config", help="tuning YAML (run settings + candidates, space, search)")
     parser.add_argument(
@@ -30,13 +32,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="continue the search if it exists, else start it (for retried Ray Jobs)",
     )
     parser.add_argument("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local]")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, e.g. --set search.num_samples=4 (repeatable)",
-    )
+    from tuning.config import TuneSpec
+
+    add_config_flags(parser, TuneSpec, aliases={f"run.{k}": v for k, v in ALIASES.items()})
     parser.set_defaults(func=cmd_tune)
     return parser
 
@@ -45,5 +43,5 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from tuning.config import load_spec
     from tuning.run import tune_and_export
 
-    spec = load_spec(args.config, config_overrides(args.set))
-    print(tune_and_export(spec, args.address, args.resume))
+    spec = load_spec(args.config, config_overrides(args))
+    print(tune_and_export(spec, args.address, args.resume).path)

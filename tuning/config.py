@@ -1,14 +1,54 @@
-"""The tuning configuration: a RunConfig plus source-model candidates, a search space and
-search settings. One YAML file holds all of it (see configs/tune-sample.yaml)."""
+"""The tuning configuration: a run configuration (the base of every trial), source-model
+candidates, a search space and search settings. One YAML file holds all of it, the run
+settings under `run:` (see configs/tune-sample.yaml).
+
+Every searchable setting is one row of SEARCHABLE: its name in `space:`, the RunConfig field
+it sets, and how it is sampled. The SearchSpace model, its validation, Tune's domains, the
+baseline points and the trial table all follow from that row.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from transferdesk.config import RunConfig, Section, load_config
+
+
+@dataclass(frozen=True)
+class Searchable:
+    target: str  # dotted RunConfig field the sampled value sets
+    scale: Literal["log", "linear", "int", "choice"]  # ranges [low, high] sampled so, or choices
+    default: tuple | list
+
+    def field(self) -> FieldInfo:
+        """The RunConfig field behind this setting, with its type and bounds."""
+        section, name = self.target.split(".")
+        return RunConfig.model_fields[section].annotation.model_fields[name]
+
+
+SEARCHABLE: dict[str, Searchable] = {
+    "encoder_lr": Searchable("training.encoder_lr", "log", (2e-5, 1e-4)),
+    "head_lr": Searchable("training.head_lr", "log", (1e-3, 5e-3)),
+    "batch_size": Searchable("training.batch_size", "choice", [16]),
+    "epochs": Searchable("training.epochs", "int", (6, 10)),  # ASHA's maximum is the high end
+    "warmup_ratio": Searchable("training.warmup_ratio", "linear", (0.0, 0.2)),
+    "weight_decay": Searchable("training.weight_decay", "linear", (0.0, 0.05)),
+    "dropout": Searchable("model.dropout", "linear", (0.0, 0.2)),
+    "pooling": Searchable("model.pooling", "choice", ["mean"]),
+    "max_length": Searchable("model.max_length", "choice", [64]),
+    "freeze_layers": Searchable("training.freeze_layers", "int", (0, 0)),
+}
+_DESCRIBE = {
+    "log": "Log-uniform range",
+    "linear": "Uniform range",
+    "int": "Integer range",
+    "choice": "Choices",
+}
 
 
 class Candidate(Section):
@@ -32,41 +72,38 @@ class Candidate(Section):
         return self
 
 
-def _pair(value: Any) -> Any:
-    """A scalar means a fixed value: [x, x]."""
-    return [value, value] if isinstance(value, int | float) else value
+def _space_field(name: str, knob: Searchable) -> tuple[Any, FieldInfo]:
+    target = knob.field()
+    # The target's type and bounds (pooling: mean or cls; epochs: at least 1; rates: above 0).
+    value = Annotated[target.annotation, *target.metadata] if target.metadata else target.annotation
+    description = f"{_DESCRIBE[knob.scale]} of {knob.target}."
+    if knob.scale == "choice":
+        return list[value], Field(list(knob.default), min_length=1, description=description)
+    return tuple[value, value], Field(tuple(knob.default), description=f"{description} A number fixes it.")
 
 
-RANGES = ("encoder_lr", "head_lr", "epochs", "warmup_ratio", "weight_decay", "dropout", "freeze_layers")
-
-
-class SearchSpace(Section):
+class _SpaceBase(Section):
     """Ranges are [low, high] (a single number fixes the value); lists are choices."""
 
-    encoder_lr: tuple[float, float] = Field((2e-5, 1e-4), description="Log-uniform range.")
-    head_lr: tuple[float, float] = Field((1e-3, 5e-3), description="Log-uniform range.")
-    batch_size: list[int] = Field([16], min_length=1, description="Choices.")
-    epochs: tuple[int, int] = Field((6, 10), description="Integer range (ASHA's maximum is the high end).")
-    warmup_ratio: tuple[float, float] = Field((0.0, 0.2), description="Uniform range.")
-    weight_decay: tuple[float, float] = Field((0.0, 0.05), description="Uniform range.")
-    dropout: tuple[float, float] = Field((0.0, 0.2), description="Uniform range.")
-    pooling: list[Literal["mean", "cls"]] = Field(["mean"], min_length=1, description="Choices.")
-    max_length: list[int] = Field([64], min_length=1, description="Choices.")
-    freeze_layers: tuple[int, int] = Field((0, 0), description="Integer range.")
-
-    _pairs = field_validator(*RANGES, mode="before")(_pair)
+    @field_validator(
+        *(n for n, k in SEARCHABLE.items() if k.scale != "choice"), mode="before", check_fields=False
+    )
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        """A scalar means a fixed value: [x, x]."""
+        return [value, value] if isinstance(value, int | float) else value
 
     @model_validator(mode="after")
-    def _ordered(self) -> SearchSpace:
-        for name in RANGES:
-            low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"space.{name}: low {low} is above high {high}")
-        if self.encoder_lr[0] <= 0 or self.head_lr[0] <= 0:
-            raise ValueError("learning rates must be positive")
-        if self.epochs[0] < 1 or self.freeze_layers[0] < 0:
-            raise ValueError("epochs must be at least 1 and freeze_layers at least 0")
+    def _ordered(self) -> _SpaceBase:
+        for name, knob in SEARCHABLE.items():
+            if knob.scale != "choice" and (bounds := getattr(self, name))[0] > bounds[1]:
+                raise ValueError(f"space.{name}: low {bounds[0]} is above high {bounds[1]}")
         return self
+
+
+SearchSpace = create_model(
+    "SearchSpace", __base__=_SpaceBase, **{n: _space_field(n, k) for n, k in SEARCHABLE.items()}
+)
 
 
 class SearchSettings(Section):
@@ -95,9 +132,10 @@ class SearchSettings(Section):
     )
 
 
-class TuneSpec(RunConfig):
-    """A RunConfig (the base of every trial) plus what to search."""
+class TuneSpec(Section):
+    """What to search, around one run configuration."""
 
+    run: RunConfig = Field(RunConfig(), description="The run every trial starts from (name: the search's).")
     candidates: list[Candidate] = Field(
         default_factory=lambda: [Candidate(name="minilm")],
         min_length=1,
@@ -121,10 +159,9 @@ class TuneSpec(RunConfig):
     def base_run(self) -> RunConfig:
         """The run settings every trial and source stage starts from: no progress bars (Tune
         shows its own) and one torch thread per CPU reserved for it."""
-        base = RunConfig.model_validate(self.model_dump(include=set(RunConfig.model_fields)))
         threads = max(1, int(self.search.cpus_per_trial))
-        runtime = base.runtime.model_copy(update={"progress": False, "num_threads": threads})
-        return base.model_copy(update={"runtime": runtime})
+        runtime = self.run.runtime.model_copy(update={"progress": False, "num_threads": threads})
+        return self.run.model_copy(update={"runtime": runtime})
 
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)

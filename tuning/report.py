@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ray.tune import ResultGrid
 
+from tuning.config import SEARCHABLE
 from tuning.schedule import is_baseline
-from tuning.space import TARGETS
 
 
 def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ()) -> list[dict]:
@@ -26,7 +26,7 @@ def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ())
             {
                 "trial": (result.metrics or {}).get("trial_id", "?"),
                 "candidate": params.get("candidate"),
-                **{name: params.get(name) for name in TARGETS},
+                **{name: params.get(name) for name in SEARCHABLE},
                 f"best_{metric}": float(frame[metric].max()) if reported else math.nan,
                 "epochs_run": epochs_run,
                 "wall_s": round(float(frame["time_total_s"].iloc[-1]), 1) if reported else math.nan,

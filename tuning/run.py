@@ -3,11 +3,11 @@ Optuna (or random) + ASHA, then export the best checkpoint into the registry."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,14 +16,15 @@ from ray import tune
 
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
-from transferdesk.model import resolve_backbone
-from transferdesk.registry import load_run_config, load_weights, seal, staging, version_dirs
-from transferdesk.train import calibrate_threshold, write_version
+from transferdesk.modeling import IntentModel
+from transferdesk.network import resolve_backbone
+from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
+from transferdesk.train import calibrate, publish
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
-from tuning.sources import prepare_backbones
-from tuning.space import baseline_points, param_space
+from tuning.sources import prepare_backbones, source_config
+from tuning.space import baseline_points, param_space, trial_config
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def _absolute_backbone(name: str) -> str:
 
 def prepare_spec(spec: TuneSpec) -> TuneSpec:
     """Fill sample defaults, make paths absolute, and check every file and backbone exists."""
-    data = with_sample_defaults(spec.data)
+    data = with_sample_defaults(spec.run.data)
     data = data.model_copy(
         update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source")}
     )
@@ -55,15 +56,14 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         for c in spec.candidates
     ]
     search = spec.search.model_copy(update={"storage_path": _absolute(spec.search.storage_path)})
-    spec = spec.model_copy(
-        update={"data": data, "candidates": candidates, "search": search, "output": _absolute(spec.output)}
-    )
+    run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
+    spec = spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
     for path in (data.train, data.valid, data.test, *(c.source for c in candidates)):
         if path:
             resolve_path(path)  # raises a clear error for a missing or unsupported file
     for candidate in candidates:
         resolve_backbone(candidate.backbone)
-    load_splits(data.model_copy(update={"test": None}), spec.runtime.seed)  # data problems, up front
+    load_splits(data.model_copy(update={"test": None}), spec.run.runtime.seed)  # data problems, up front
     return spec
 
 
@@ -108,7 +108,7 @@ def connect(address: str | None, spec: TuneSpec) -> None:
 
 
 def experiment_path(spec: TuneSpec) -> str:
-    return f"{spec.search.storage_path.rstrip('/')}/{spec.name}"
+    return f"{spec.search.storage_path.rstrip('/')}/{spec.run.name}"
 
 
 Resume = bool | Literal["auto"]  # "auto": resume when the search exists, else start it
@@ -128,7 +128,7 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tu
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     if tune.Tuner.can_restore(path):
         raise TransferDeskError(
-            f"a search named {spec.name!r} already exists at {path}; continue it with --resume, "
+            f"a search named {spec.run.name!r} already exists at {path}; continue it with --resume, "
             "or set another name (--name)"
         )
     metric = spec.search.metric
@@ -169,7 +169,7 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tu
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=spec.name,
+            name=spec.run.name,
             storage_path=spec.search.storage_path,
             failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -178,7 +178,7 @@ def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tu
     )
 
 
-def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> tune.ResultGrid:
+def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> SearchResult:
     """Everything before export. Reads training and validation data only."""
     connect(address, spec)
     backbones = prepare_backbones(spec)
@@ -195,69 +195,99 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
     if not any(r.checkpoint for r in results):
         errors = "; ".join(str(e).splitlines()[-1] for e in results.errors[:3])
         raise TransferDeskError(f"no trial finished an epoch, nothing to export ({errors})")
-    return results
+    return SearchResult(results, backbones)
 
 
-def export(spec: TuneSpec, results: tune.ResultGrid) -> Path:
-    """The best checkpoint, scored once on the test file, as a new registry version."""
-    metric = spec.search.metric
+@dataclass
+class SearchResult:
+    results: tune.ResultGrid
+    backbones: dict[str, str]  # candidate → the backbone its trials started from
+
+
+def experiment_id(spec: TuneSpec) -> str:
+    """How an exported version names its search: no machine path (see the registry)."""
+    return f"{Path(spec.search.storage_path).name}/{spec.run.name}"
+
+
+def recorded_spec(spec: TuneSpec, registry: Registry) -> TuneSpec:
+    """The search as the exported version records it (search/search.yaml), paths portable."""
+    candidates = [
+        c.model_copy(
+            update={"source": registry.portable(c.source), "backbone": registry.portable(c.backbone)}
+        )
+        for c in spec.candidates
+    ]
+    search = spec.search.model_copy(update={"storage_path": registry.portable(spec.search.storage_path)})
+    run = portable_config(spec.run, registry.root)
+    return spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
+
+
+def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
+    """The best checkpoint, calibrated and scored once on the test file, as a new registry version."""
+    metric, results = spec.search.metric, found.results
     best = max((r for r in results if r.checkpoint), key=lambda r: r.metrics_dataframe[metric].max())
     rows = trial_rows(results, metric, baseline_points(spec) if spec.search.baseline else [])
-    with staging(spec.output, spec.name) as tmp, best.checkpoint.as_directory() as checkpoint:
-        cfg = load_run_config(Path(checkpoint))
-        cfg = cfg.model_copy(
-            update={
-                "data": cfg.data.model_copy(update={"test": spec.data.test}),
-                "name": spec.name,
-                "output": spec.output,
-            }
-        )
-        model = load_weights(Path(checkpoint), cfg)
-        splits = load_splits(cfg.data, cfg.runtime.seed)
-        calibrate_threshold(model, splits.valid, cfg)
-        search_dir = tmp / "search"
+    candidate = spec.candidate(best.config["candidate"])
+    # The recipe as configured (the candidate's backbone and source, the test file), not the
+    # trial's cached source checkpoint; the threshold is chosen on validation data as in train.
+    trial = trial_config(spec, best.config, candidate.backbone)
+    cfg = trial.model_copy(
+        update={
+            "data": trial.data.model_copy(update={"test": spec.run.data.test, "source": candidate.source}),
+            "source_training": source_config(spec, candidate).source_training,
+        }
+    )
+    registry = Registry(spec.run.output)
+    with registry.draft(spec.run.name) as draft, best.checkpoint.as_directory() as checkpoint:
+        model = IntentModel.load(checkpoint)
+        splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
+        calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
+        search_dir = draft.path / "search"
         write_table(rows, search_dir)
         plot_curves(results, metric, search_dir / "curves.png")
-        (search_dir / "search.yaml").write_text(spec.to_yaml())
-        candidate = spec.candidate(best.config["candidate"])
+        (search_dir / "search.yaml").write_text(recorded_spec(spec, registry).to_yaml())
         metrics = {
             "search": {
                 "best_config": best.config,
                 f"best_valid_{metric}": rows[0][f"best_{metric}"],
                 "trials": len(rows),
-                "experiment": experiment_path(spec),
+                "experiment": experiment_id(spec),
             }
         }
-        info = {
-            "backbone": candidate.backbone,
-            "source": candidate.source,
-            "candidate": candidate.name,
-            "pretrained": candidate.pretrained,
-            "source_checkpoint": cfg.model.backbone if candidate.source else None,
-            "train_examples": len(splits.train),
-            "timings": {},
-        }
-        write_version(tmp, model, cfg, splits.test, metrics, info)
-        return seal(tmp, spec.output, spec.name)
+        meta = VersionMeta(
+            labels=model.labels,
+            backbone=registry.portable(candidate.backbone),
+            source=registry.portable(candidate.source),
+            source_checkpoint=registry.portable(found.backbones[candidate.name])
+            if candidate.source
+            else None,
+            candidate=candidate.name,
+            pretrained=candidate.pretrained,
+            train_examples=len(splits.train),
+            timings={"train_seconds": float(best.metrics_dataframe["time_total_s"].iloc[-1])},
+            device=str(model.device),
+        )
+        return publish(draft, model, cfg, splits.test, metrics, meta)
 
 
-def exported_version(spec: TuneSpec) -> Path | None:
+def exported_version(spec: TuneSpec) -> ModelVersion | None:
     """The registry version this search already exported, if any."""
-    for version in reversed(version_dirs(Path(spec.output) / spec.name)):
-        metrics = version / "metrics.json"
-        search = json.loads(metrics.read_text()).get("search", {}) if metrics.is_file() else {}
-        if search.get("experiment") == experiment_path(spec):
+    if not Path(spec.run.output, spec.run.name).is_dir():
+        return None
+    for version in reversed(Registry(spec.run.output).versions(spec.run.name)):
+        if version.metrics.get("search", {}).get("experiment") == experiment_id(spec):
             return version
     return None
 
 
-def tune_and_export(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> Path:
+def tune_and_export(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> ModelVersion:
     spec = prepare_spec(spec)
     # A Ray Job retried after its export (driver lost at the very end) must not export twice.
     if resume and tune.Tuner.can_restore(experiment_path(spec)) and (done := exported_version(spec)):
-        log.info("search %s was already exported as %s", experiment_path(spec), done)
+        log.info("search %s was already exported as %s", experiment_path(spec), done.path)
         return done
-    results = search(spec, address, resume)
-    version = export(spec, results)
-    log.info("search state in %s; trial table in %s", experiment_path(spec), version / "search" / "trials.md")
+    version = export(spec, search(spec, address, resume))
+    log.info(
+        "search state in %s; trial table in %s", experiment_path(spec), version.path / "search" / "trials.md"
+    )
     return version

@@ -2,7 +2,7 @@
 
 Candidates that share backbone, source data and source settings share one checkpoint
 (the cache key of transferdesk.train.source_key), and a checkpoint already in the
-registry's sources/ directory is reused across searches.
+registry's sources/ directory is reused across searches once its manifest checks out.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def train_versions(tmp: Path, backbone: Path) -> list[Path]:
     for seed in (1, 2):  # two versions of one model, with different weights
         overrides = {"name": "toy", "runtime.seed": seed, "training.epochs": 15, "model.dropout": 0.1}
         cfg = tiny_run(backbone, files, tmp / "registry", **overrides)
-        versions.append(train_and_register(cfg))
+        versions.append(train_and_register(cfg).path)
     return versions
 
 

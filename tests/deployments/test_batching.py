@@ -34,7 +34,7 @@ def test_calls_arriving_during_a_forward_pass_form_the_next_batch(
         replica_tag="test",
     )
     monkeypatch.setattr(serve.context, "_INTERNAL_REPLICA_CONTEXT", replica)
-    model = classifier.served["model"]
+    model = classifier.served.model
     passes: list[int] = []
     forward = model.proba_from_ids
 
@@ -46,14 +46,14 @@ def test_calls_arriving_during_a_forward_pass_form_the_next_batch(
     model.proba_from_ids = timed_forward
     tok = model.tokenizer
 
-    async def main() -> list[list[dict]]:
-        async def call(i: int) -> list[dict]:
+    async def main() -> list[tuple]:
+        async def call(i: int) -> tuple:
             await asyncio.sleep(i * FORWARD_S / 40)  # the first alone, ten more early in its pass
             return await classifier([tok(f"where is parcel {i}")["input_ids"]])
 
         return await asyncio.gather(*(call(i) for i in range(11)))
 
     answers = asyncio.run(main())
-    assert [len(a) for a in answers] == [1] * 11
+    assert [(version, len(predictions)) for version, predictions in answers] == [("toy/v1", 1)] * 11
     # The first call ran alone (no batch timer); the ten that arrived meanwhile ran together.
     assert passes == [1, 10]

@@ -1,31 +1,41 @@
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-from deployments.cli import SERVE_YAML, serve_config
+from deployments.cli import serve_config
+from tests.deployments.conftest import train_versions
+from transferdesk.cli import build_parser
 from transferdesk.errors import TransferDeskError
 
 
-def args(**values: object) -> argparse.Namespace:
-    defaults = {"config": str(SERVE_YAML), "model": None, "policy": None, "port": 8000, "host": "127.0.0.1"}
-    return argparse.Namespace(**{**defaults, "no_auth": False, "set": [], **values})
+def serve_args(*argv: str) -> object:
+    return build_parser().parse_args(["serve", *argv])
 
 
-def test_command_line_fills_the_serve_config(tmp_path: Path) -> None:
-    model = tmp_path / "m" / "v1"
-    model.mkdir(parents=True)
-    (model / "manifest.json").write_text("{}")
-    config = serve_config(args(model=str(model), no_auth=True, port=9001, set=["top_k=5"]))
+@pytest.fixture(scope="module")
+def version(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
+    return train_versions(tmp_path_factory.mktemp("cli"), tiny_backbone)[0]
+
+
+def test_command_line_fills_the_serve_config(version: Path) -> None:
+    argv = [str(version), "--no-auth", "--port", "9001", "--top_k", "5", "--limits.max_text_chars", "500"]
+    config = serve_config(serve_args(*argv))
     app_args = config["applications"][0]["args"]
-    assert app_args["model"] == str(model.resolve())
+    assert app_args["model"] == str(version.resolve())
     assert Path(app_args["routing_policy"]).is_absolute()
     assert app_args["auth"]["disabled"] is True and app_args["top_k"] == 5
+    assert app_args["limits"]["max_text_chars"] == 500 and app_args["limits"]["max_batch_texts"] == 64
     assert config["http_options"]["port"] == 9001
+    # --set KEY=VALUE is another spelling of the same flags.
+    assert serve_config(serve_args(str(version), "--set", "top_k=4"))["applications"][0]["args"]["top_k"] == 4
 
 
-def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version: Path) -> None:
     with pytest.raises(TransferDeskError, match="not found"):
-        serve_config(args(model=str(tmp_path / "nothing")))
+        serve_config(serve_args(str(tmp_path / "nothing")))
+    with pytest.raises(TransferDeskError, match=r"top_k: Input should be less than or equal to 10"):
+        serve_config(serve_args(str(version), "--top_k", "11"))
+    with pytest.raises(TransferDeskError, match="no such setting"):
+        serve_config(serve_args(str(version), "--set", "topk=4"))

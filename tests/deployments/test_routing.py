@@ -8,6 +8,7 @@ import yaml
 from deployments.config import CALL_TEXTS, ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import Prediction
 
 LABELS = ["track_order", "reset_password"]
 POLICY = {
@@ -26,25 +27,37 @@ def policy_file(tmp_path: Path, **changes: object) -> Path:
     return path
 
 
+def prediction(ranked: list[tuple[str, float]], out_of_scope: bool = False) -> Prediction:
+    intent, confidence = ranked[0]
+    return Prediction(intent, confidence, out_of_scope, "oos" if out_of_scope else intent, tuple(ranked))
+
+
 @pytest.mark.parametrize(
-    ("top", "threshold", "reason", "destination"),
+    ("ranked", "out_of_scope", "reason", "destination"),
     [
-        ([("track_order", 0.9), ("reset_password", 0.1)], 0.3, "intent", "orders"),
-        ([("reset_password", 0.9)], 0.3, "default", "general"),
-        ([("track_order", 0.5)], 0.3, "low_confidence", "human-agents"),
-        ([("track_order", 0.2)], 0.3, "out_of_scope", "human-agents"),
+        ([("track_order", 0.9), ("reset_password", 0.1)], False, "intent", "orders"),
+        ([("reset_password", 0.9)], False, "default", "general"),
+        ([("track_order", 0.5)], False, "low_confidence", "human-agents"),
+        ([("track_order", 0.2)], True, "out_of_scope", "human-agents"),
+        ([("track_order", 0.95)], True, "out_of_scope", "human-agents"),  # the model decides, not a number
     ],
 )
-def test_decisions(tmp_path: Path, top: list, threshold: float, reason: str, destination: str) -> None:
-    decision = decide(load_policy(policy_file(tmp_path), LABELS), top, threshold)
+def test_decisions(tmp_path: Path, ranked: list, out_of_scope: bool, reason: str, destination: str) -> None:
+    decision = decide(load_policy(policy_file(tmp_path), LABELS), prediction(ranked, out_of_scope), 3)
     assert (decision["reason"], decision["destination"]) == (reason, destination)
     assert decision["handoff"] == (destination == "human-agents")
-    assert len(decision["alternatives"]) == len(top) - 1
+    assert len(decision["alternatives"]) == len(ranked) - 1
+
+
+def test_alternatives_are_cut_to_top_k(tmp_path: Path) -> None:
+    ranked = [("track_order", 0.7), ("reset_password", 0.2), ("x", 0.05), ("y", 0.05)]
+    decision = decide(load_policy(policy_file(tmp_path), LABELS), prediction(ranked), 2)
+    assert [a["intent"] for a in decision["alternatives"]] == ["reset_password", "x"]
 
 
 def test_intent_the_policy_predates_goes_to_the_fallback(tmp_path: Path) -> None:
     policy = load_policy(policy_file(tmp_path, default=None), ["track_order"])
-    decision = decide(policy, [("brand_new_intent", 0.99)], 0.3)
+    decision = decide(policy, prediction([("brand_new_intent", 0.99)]), 3)
     assert (decision["reason"], decision["destination"]) == ("no_route", "human-agents")
 
 

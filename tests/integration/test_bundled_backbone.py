@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from transferdesk.cli import main
-from transferdesk.data import read_dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import load_model
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import Registry, open_version, verify
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def sample_model(registry: Path) -> Path:
 
 
 def test_train_evaluate_predict_beats_chance(sample_model: Path, capsys) -> None:
-    metrics = json.loads((sample_model / "metrics.json").read_text())
+    metrics = open_version(sample_model).metrics
     assert metrics["accuracy"] > 0.6  # 20 intents + out-of-scope: chance is under 5%
     assert metrics["test"]["oos_auroc"] > 0.6
     assert main(["evaluate", str(sample_model), "--data", "sample:retail/test.csv"]) == 0
@@ -54,7 +54,7 @@ def test_tampered_real_model_is_refused(sample_model: Path, tmp_path: Path) -> N
     config = copy / "encoder" / "config.json"
     config.write_text(config.read_text().replace('"hidden_act": "gelu"', '"hidden_act": "relu"'))
     with pytest.raises(TransferDeskError, match=r"altered: encoder/config\.json"):
-        load_model(copy)
+        IntentModel.from_pretrained(copy)
     assert main(["predict", str(copy), "hello"]) == 2
 
 
@@ -72,11 +72,13 @@ def test_source_stage_then_target_stage(registry: Path, capsys) -> None:
         *FAST,
     ]
     assert main(args) == 0
-    version = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    info = json.loads((version / "model.json").read_text())
-    checkpoint = Path(info["source_checkpoint"])
-    source = json.loads((checkpoint / "source.json").read_text())
-    assert source["intents"] == len(read_dataset("sample:customer_service/train.csv")[0].intents)
-    assert json.loads((version / "metrics.json").read_text())["accuracy"] > 0.6
-    model, _, _ = load_model(checkpoint.parent.parent / "with-source")  # newest version
+    version = open_version(capsys.readouterr().out.strip().splitlines()[-1])
+    checkpoint = registry / version.meta.source_checkpoint  # relative to the registry
+    assert verify(checkpoint) and version.meta.source == "sample:customer_service/train.csv"
+    assert version.metrics["accuracy"] > 0.6
+    assert [v.spec for v in Registry(registry).versions("with-source")] == ["with-source/v1"]
+    model = IntentModel.from_pretrained(registry / "with-source")  # newest version
     assert len(model.labels) == 20
+    # The source checkpoint is a backbone in its own right.
+    reused = IntentModel.from_backbone(str(checkpoint), ["a", "b"], version.config.model)
+    assert reused.network.encoder.config.hidden_size == 384

@@ -20,8 +20,9 @@ def local_ray() -> Iterator[None]:
 
 
 def write_spec(tmp: Path, backbone: Path, **sections: dict) -> Path:
-    """A tuning YAML for the tiny model on the toy data; sections override the defaults."""
-    spec = {
+    """A tuning YAML for the tiny model on the toy data; sections (of the spec, or of its
+    run) override the defaults."""
+    run = {
         "name": "toy-search",
         "output": str(tmp / "registry"),
         "data": {
@@ -32,6 +33,9 @@ def write_spec(tmp: Path, backbone: Path, **sections: dict) -> Path:
         "model": {"max_length": 16},
         "training": {"patience": 10},
         "source_training": {"epochs": 1},
+    }
+    spec = {
+        "run": run,
         "candidates": [{"name": "tiny", "backbone": str(backbone)}],
         "space": {"epochs": 3, "batch_size": [4], "encoder_lr": [1e-4, 1e-3], "head_lr": [1e-3, 1e-2]},
         "search": {
@@ -43,7 +47,8 @@ def write_spec(tmp: Path, backbone: Path, **sections: dict) -> Path:
         },
     }
     for key, value in sections.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+        part = run if key in run else spec  # run sections go under run:
+        part[key] = {**part[key], **value} if isinstance(value, dict) else value
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -4,8 +4,8 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from transferdesk.errors import TransferDeskError
-from tuning.config import TuneSpec, load_spec
-from tuning.space import TARGETS, baseline_points, param_space, trial_config
+from tuning.config import SEARCHABLE, TuneSpec, load_spec
+from tuning.space import baseline_points, param_space, trial_config
 
 CONFIGS = Path(__file__).parent.parent.parent / "configs"
 
@@ -42,8 +42,10 @@ def test_space_domains() -> None:
 
 
 def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
-    spec = TuneSpec.model_validate({"data": {"train": "t.csv", "test": "test.csv", "source": "s.csv"}})
-    params = {name: 1 for name in TARGETS} | {
+    spec = TuneSpec.model_validate(
+        {"run": {"data": {"train": "t.csv", "test": "test.csv", "source": "s.csv"}}}
+    )
+    params = {name: 1 for name in SEARCHABLE} | {
         "encoder_lr": 3e-5,
         "head_lr": 4e-3,
         "warmup_ratio": 0.1,
@@ -71,7 +73,9 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"batch_size": []}}, "batch_size"),
         ({"search": {"num_samples": 0}}, "num_samples"),
         ({"candidates": [{"name": "a"}, {"name": "b"}], "search": {"num_samples": 1}}, "baseline trials"),
-        ({"space": {"encoder_lr": [0, 1e-4]}}, "positive"),
+        ({"space": {"encoder_lr": [0, 1e-4]}}, r"space\.encoder_lr\.0: Input should be greater than 0"),
+        ({"space": {"epochs": [0, 3]}}, r"space\.epochs\.0: Input should be greater than or equal to 1"),
+        ({"space": {"pooling": ["max"]}}, r"space\.pooling\.0: Input should be 'mean' or 'cls'"),
     ],
 )
 def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, message: str) -> None:
@@ -86,7 +90,7 @@ def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, m
 def test_baseline_points_are_the_run_recipe_inside_the_space() -> None:
     spec = TuneSpec.model_validate(
         {
-            "training": {"encoder_lr": 5e-5, "batch_size": 16},
+            "run": {"training": {"encoder_lr": 5e-5, "batch_size": 16}},
             "candidates": [{"name": "a"}, {"name": "b", "pretrained": False}],
             "space": {"encoder_lr": [1e-4, 1e-3], "batch_size": [8, 32], "dropout": 0.1},
         }

@@ -1,18 +1,18 @@
 import csv
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.tuning.conftest import write_spec
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import load_model, verify
-from tuning.config import load_spec
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import ModelVersion, open_version, verify
+from tuning.config import TuneSpec, load_spec
 from tuning.run import export, prepare_spec, search, tune_and_export
 
 
-def _rows(version: Path) -> list[dict]:
-    with open(version / "search" / "trials.csv") as f:
+def _rows(version: ModelVersion) -> list[dict]:
+    with open(version.path / "search" / "trials.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -31,23 +31,28 @@ def test_source_stage_trained_once_and_test_split_unread(
         search={"num_samples": 5, "algorithm": "random"},
     )
     spec = prepare_spec(load_spec(path))
-    test = Path(spec.data.test)
+    test = Path(spec.run.data.test)
     good = test.read_bytes()
     test.write_bytes(b"text,label\n\xff\xfe broken,oos\n")  # any read of it would fail the trial
-    results = search(spec)
+    found = search(spec)
+    results = found.results
     assert not results.errors and len(results) == 5
     checkpoints = list((tmp_path / "registry" / "sources").iterdir())
     assert len(checkpoints) == 1  # two candidates, one shared source stage, trained once
     assert len({r.config["candidate"] for r in results}) >= 2
     test.write_bytes(good)
-    version = export(spec, results)
-    assert verify(version)
-    _, cfg, info = load_model(version)
-    assert cfg.data.test == str(test) and info["candidate"] in {"tiny", "tiny+src", "tiny+src-again"}
-    metrics = json.loads((version / "metrics.json").read_text())
-    assert "accuracy" in metrics and metrics["search"]["trials"] == 5
-    assert len(_rows(version)) == 5 and (version / "search" / "curves.png").is_file()
-    assert (version / "search" / "search.yaml").is_file() and (version / "search" / "trials.md").is_file()
+    version = export(spec, found)
+    assert verify(version.path) and IntentModel.from_pretrained(version).labels == version.labels
+    assert version.config.data.test == test.name  # a name, not this machine's path
+    assert version.meta.candidate in {"tiny", "tiny+src", "tiny+src-again"}
+    if version.meta.source:
+        assert version.meta.source_checkpoint == f"sources/{checkpoints[0].name}"
+    assert version.card.startswith("# toy-search v1\n") and version.meta.timings["train_seconds"] > 0
+    assert "accuracy" in version.metrics and version.metrics["search"]["trials"] == 5
+    search_dir = version.path / "search"
+    assert len(_rows(version)) == 5 and (search_dir / "curves.png").is_file()
+    assert (search_dir / "search.yaml").is_file() and (search_dir / "trials.md").is_file()
+    assert str(tmp_path) not in (search_dir / "search.yaml").read_text()
 
 
 def test_asha_stops_weak_trials_early(local_ray, tiny_backbone: Path, tmp_path: Path) -> None:
@@ -102,12 +107,17 @@ def test_existing_search_is_not_overwritten(local_ray, tiny_backbone, tmp_path) 
     with pytest.raises(TransferDeskError, match=r"already exists.*--resume"):
         tune_and_export(spec)
     with pytest.raises(TransferDeskError, match="nothing to resume"):
-        tune_and_export(spec.model_copy(update={"name": "other"}), resume=True)
+        tune_and_export(_renamed(spec, "other"), resume=True)
     # --resume-if-exists (a retried Ray Job): a finished, exported search is not exported again,
-    assert tune_and_export(spec, resume="auto") == first and not (first.parent / "v2").exists()
+    assert tune_and_export(spec, resume="auto").path == first.path
+    assert not (first.path.parent / "v2").exists()
     # and a search that does not exist yet is started.
-    other = tune_and_export(spec.model_copy(update={"name": "other"}), resume="auto")
-    assert other.parent.name == "other" and other.name == "v1"
+    other = tune_and_export(_renamed(spec, "other"), resume="auto")
+    assert other.spec == "other/v1"
+
+
+def _renamed(spec: TuneSpec, name: str) -> TuneSpec:
+    return spec.model_copy(update={"run": spec.run.model_copy(update={"name": name})})
 
 
 def test_interrupted_search_resumes_without_losing_finished_trials(
@@ -143,7 +153,7 @@ def test_interrupted_search_resumes_without_losing_finished_trials(
     assert first.returncode != 0 and "--resume" in err
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    version = Path(resumed.stdout.strip().splitlines()[-1])
+    version = open_version(resumed.stdout.strip().splitlines()[-1])
     assert len(_rows(version)) == 4
     for name, before in done.items():  # finished trials were kept, not run again
         assert (experiment / name / "result.json").read_text() == before

@@ -1,13 +1,11 @@
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from transferdesk.errors import TransferDeskError
-from transferdesk.model import (
+from transferdesk.network import (
     IntentClassifier,
-    TrainedModel,
     autocast_dtype,
     bundled_backbone_dir,
     freeze_lower_layers,
@@ -53,43 +51,6 @@ def test_classifier_shapes_and_mean_pooling_ignores_padding(tiny_backbone: Path,
     assert torch.allclose(padded, single, atol=1e-5)
 
 
-def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path) -> None:
-    # Serve tokenizes in one deployment and classifies in another: same answer as in-process.
-    encoder, tokenizer = load_encoder(str(tiny_backbone))
-    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=6)
-    texts = ["where is my parcel", "refund", "my password is not working please reset it now"]
-    ids = tokenizer(texts)["input_ids"]  # unpadded, not cut: the last one is longer than 6
-    assert len(ids[2]) > 6
-    by_ids, by_text = model.proba_from_ids(ids), model.predict_proba(texts)
-    assert by_ids.shape == (3, 3)
-    assert torch.allclose(torch.from_numpy(by_ids), torch.from_numpy(by_text), atol=1e-5)
-
-
-def test_length_sorted_passes_keep_input_order(tiny_backbone: Path) -> None:
-    encoder, tokenizer = load_encoder(str(tiny_backbone))
-    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
-    texts = ["a much longer message about a parcel", "hi", "refund please", "x", "where is my order now"]
-    ids = tokenizer(texts)["input_ids"]
-    whole = model.proba_from_ids(ids, batch_size=64)
-    for per_pass in (1, 2):  # sorted by length into passes, answered in the order asked
-        assert np.allclose(model.proba_from_ids(ids, batch_size=per_pass), whole, atol=1e-5)
-    assert not np.allclose(whole[0], whole[1])
-
-
-def test_bf16_predictions_on_cpu_stay_close_to_fp32(tiny_backbone: Path) -> None:
-    encoder, tokenizer = load_encoder(str(tiny_backbone))
-    model = TrainedModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
-    texts = ["where is my parcel", "refund", "reset my password please"]
-    fp32 = model.predict_proba(texts)
-    model.precision = "bf16"
-    bf16 = model.predict_proba(texts)
-    assert not np.array_equal(bf16, fp32)  # autocast really ran in bf16
-    assert np.allclose(bf16, fp32, atol=0.02)
-    model.for_serving("bf16")  # weights cast once instead of on every call: the same answers
-    assert model.network.head.weight.dtype == torch.bfloat16
-    assert np.allclose(model.predict_proba(texts), bf16, atol=1e-6)
-
-
 def test_random_init_has_same_shape_other_weights(tiny_backbone: Path) -> None:
     pre, _ = load_encoder(str(tiny_backbone))
     rand, _ = load_encoder(str(tiny_backbone), pretrained=False)
@@ -131,7 +92,7 @@ def test_device_selection() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_forward_under_autocast_on_gpu(tiny_backbone: Path) -> None:
-    from transferdesk.model import autocast
+    from transferdesk.network import autocast
 
     encoder, tokenizer = load_encoder(str(tiny_backbone))
     net = IntentClassifier(encoder, 3, "mean", 0.0).cuda()

@@ -1,22 +1,19 @@
-"""Encoder + linear head, backbone resolution, and batched inference."""
+"""The network: a pretrained encoder + linear head, backbone resolution, devices and precision."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence, Sized
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Sequence, Sized
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from transferdesk.errors import TransferDeskError
+from transferdesk.registry import encoder_dir
 
 log = logging.getLogger(__name__)
 # Hugging Face's own per-load progress bars would interleave with ours.
@@ -43,8 +40,7 @@ def resolve_backbone(name: str) -> str:
         return str(bundled_backbone_dir())
     path = Path(name).expanduser()
     if path.is_dir():
-        if (path / "manifest.json").is_file() and (path / "encoder").is_dir():
-            path = path / "encoder"
+        path = encoder_dir(path)
         if not (path / "config.json").is_file():
             raise TransferDeskError(
                 f"backbone directory {name} has no config.json; point --backbone at a Hugging "
@@ -138,66 +134,6 @@ def length_sorted_batches(texts: Sequence[Sized], batch_size: int) -> list[list[
     """Batches of similar length (texts or token ids) so padding, and so wasted compute, stays small."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@dataclass
-class TrainedModel:
-    """A classifier ready to predict: network, tokenizer, label names, OOS threshold."""
-
-    network: IntentClassifier
-    tokenizer: object
-    labels: list[str]
-    max_length: int
-    threshold: float = 0.0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "auto"  # of predictions; see autocast_dtype
-
-    @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        encode = partial(tokenize, self.tokenizer, max_length=self.max_length)
-        return self._passes(texts, batch_size, encode, progress)
-
-    @torch.inference_mode()
-    def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for texts tokenized elsewhere (Serve's tokenizer). Longer inputs are
-        cut to this model's max_length, keeping the closing special token."""
-        cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
-        return self._passes(cut, batch_size, self._pad)
-
-    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-
-    def _passes(
-        self, items: Sequence[Sized], batch_size: int, encode: Callable, progress: bool = False
-    ) -> np.ndarray:
-        """Forward passes over length-sorted batches of texts or token ids, in input order."""
-        self.network.eval()
-        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
-        batches = length_sorted_batches(items, batch_size)
-        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
-            probs[idx] = self._proba(encode([items[i] for i in idx]))
-        return probs
-
-    def _proba(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
-        with autocast(self.device, self.precision):
-            logits = self.network(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
-
-    def for_serving(self, precision: str) -> None:
-        """Predict under this precision from now on. Linear weights are cast once, where autocast
-        would cast them on every call (most of a short message's pass on CPU); the answers are
-        the same. Inference only: training needs the fp32 weights."""
-        self.precision = precision
-        if dtype := autocast_dtype(self.device, precision):
-            for module in self.network.modules():
-                if isinstance(module, nn.Linear):
-                    module.to(dtype)
-
-    def top_k(self, texts: list[str], k: int = 3) -> list[list[tuple[str, float]]]:
-        probs = self.predict_proba(texts)
-        k = min(k, len(self.labels))
-        order = np.argsort(-probs, axis=1)[:, :k]
-        return [[(self.labels[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import toy_rows
+from transferdesk.config import ModelConfig
+from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import IntentModel
+from transferdesk.network import IntentClassifier, load_encoder
+
+TEXTS = ["where is my parcel", "forgot my password", "refund status please", "weather today"]
+
+
+@pytest.fixture
+def model(tiny_backbone: Path) -> IntentModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=str(tiny_backbone), max_length=16, dropout=0.0)
+    return IntentModel.from_backbone(str(tiny_backbone), ["track_order", "reset_password", "refund"], cfg)
+
+
+def test_save_then_load_predicts_identically(model: IntentModel, tmp_path: Path) -> None:
+    model.threshold = 0.4
+    model.save_pretrained(tmp_path / "m")
+    again = IntentModel.load(tmp_path / "m", device="cpu")
+    assert again.labels == model.labels and again.threshold == 0.4 and again.max_length == 16
+    assert np.array_equal(again.predict_proba(TEXTS), model.predict_proba(TEXTS))
+    assert again.predict(TEXTS) == model.predict(TEXTS)
+
+
+def test_out_of_scope_exactly_below_the_threshold(model: IntentModel) -> None:
+    probs = np.array([[0.5, 0.3, 0.2], [0.4999, 0.3001, 0.2], [0.2, 0.2, 0.6]], dtype=np.float32)
+    model.threshold = 0.5
+    answers = model.predictions(probs, k=2)
+    assert [p.out_of_scope for p in answers] == [False, True, False]
+    assert [p.label for p in answers] == ["track_order", "oos", "refund"]
+    assert [p.intent for p in answers] == ["track_order", "track_order", "refund"]  # the guess stays
+    assert answers[2].ranked[0] == ("refund", pytest.approx(0.6)) and len(answers[2].ranked) == 2
+    assert answers[2].alternatives == answers[2].ranked[1:]
+    assert model.decide(probs) == [p.label for p in answers]
+    for p in model.predict(TEXTS, k=3):  # and from texts, the same rule
+        assert p.out_of_scope == (p.confidence < model.threshold)
+        assert [c for _, c in p.ranked] == sorted((c for _, c in p.ranked), reverse=True)
+
+
+def test_calibration_separates_out_of_scope_on_validation(model: IntentModel) -> None:
+    model.labels = ["a", "b"]
+    probs = np.array([[0.95, 0.05], [0.1, 0.9], [0.55, 0.45], [0.6, 0.4]])
+    true = ["a", "b", "oos", "oos"]
+    model.calibrate_from_probs(probs, true)
+    assert 0.6 < model.threshold <= 0.9
+    assert model.decide(probs) == true
+
+
+def test_calibration_without_oos_rows_keeps_most_in_scope(model: IntentModel) -> None:
+    model.labels = ["a", "b"]
+    probs = np.linspace(0.3, 1.0, 100)[:, None] * np.array([[1.0, 0.0]])
+    model.calibrate_from_probs(probs, ["a"] * 100)
+    kept = np.mean(~model.out_of_scope(probs))
+    assert 0.9 <= kept < 1.0
+
+
+def test_calibrate_from_texts_sets_the_threshold(model: IntentModel) -> None:
+    rows = toy_rows(0, 2)
+    texts, labels = [t for t, _ in rows] + ["weather today"], [lab for _, lab in rows] + ["oos"]
+    model.labels = ["track_order", "reset_password", "refund_status"]
+    probs = model.calibrate(texts, labels)
+    assert probs.shape == (len(texts), 3) and 0.0 <= model.threshold <= 1.0
+
+
+def test_forward_check_refuses_non_finite_weights(model: IntentModel) -> None:
+    model.check_forward()
+    with torch.no_grad():
+        model.network.head.weight.fill_(float("nan"))
+    with pytest.raises(TransferDeskError, match="non-finite"):
+        model.check_forward()
+
+
+def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path) -> None:
+    # Serve tokenizes in one deployment and classifies in another: same answer as in-process.
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = IntentModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=6)
+    texts = ["where is my parcel", "refund", "my password is not working please reset it now"]
+    ids = tokenizer(texts)["input_ids"]  # unpadded, not cut: the last one is longer than 6
+    assert len(ids[2]) > 6
+    by_ids, by_text = model.proba_from_ids(ids), model.predict_proba(texts)
+    assert by_ids.shape == (3, 3)
+    assert torch.allclose(torch.from_numpy(by_ids), torch.from_numpy(by_text), atol=1e-5)
+
+
+def test_length_sorted_passes_keep_input_order(tiny_backbone: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = IntentModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
+    texts = ["a much longer message about a parcel", "hi", "refund please", "x", "where is my order now"]
+    ids = tokenizer(texts)["input_ids"]
+    whole = model.proba_from_ids(ids, batch_size=64)
+    for per_pass in (1, 2):  # sorted by length into passes, answered in the order asked
+        assert np.allclose(model.proba_from_ids(ids, batch_size=per_pass), whole, atol=1e-5)
+    assert not np.allclose(whole[0], whole[1])
+
+
+def test_bf16_predictions_on_cpu_stay_close_to_fp32(tiny_backbone: Path) -> None:
+    encoder, tokenizer = load_encoder(str(tiny_backbone))
+    model = IntentModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
+    texts = ["where is my parcel", "refund", "reset my password please"]
+    fp32 = model.predict_proba(texts)
+    model.precision = "bf16"
+    bf16 = model.predict_proba(texts)
+    assert not np.array_equal(bf16, fp32)  # autocast really ran in bf16
+    assert np.allclose(bf16, fp32, atol=0.02)
+    model.for_serving("bf16")  # weights cast once instead of on every call: the same answers
+    assert model.network.head.weight.dtype == torch.bfloat16
+    assert np.allclose(model.predict_proba(texts), bf16, atol=1e-6)

@@ -1,0 +1,41 @@
+"""Training objectives: cross-entropy on the head, optionally plus supervised contrastive."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transferdesk.network import IntentClassifier
+
+# SupCon temperature: 0.1 is the value of the SupCon and CPFT papers for sentence encoders.
+SUPCON_TEMPERATURE = 0.1
+
+
+def supervised_contrastive(
+    embeddings: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """SupCon loss (Khosla et al., 2020): pull same-intent sentences together on the unit sphere.
+
+    Anchors without a same-intent partner in the batch contribute nothing.
+    """
+    z = nn.functional.normalize(embeddings.float(), dim=-1)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positives = (targets[:, None] == targets[None, :]) & ~self_mask
+    counts = positives.sum(1)
+    has = counts > 0
+    if not has.any():
+        return z.sum() * 0.0
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)
+    return -(pos_log_prob[has] / counts[has]).mean()
+
+
+def stage_loss(
+    net: IntentClassifier, batch: dict[str, torch.Tensor], targets: torch.Tensor, objective: str
+) -> torch.Tensor:
+    embeddings = net.embed(batch["input_ids"], batch["attention_mask"])
+    loss = nn.functional.cross_entropy(net.head(net.dropout(embeddings)).float(), targets)
+    if objective == "supcon":
+        loss = loss + supervised_contrastive(embeddings, targets, SUPCON_TEMPERATURE)
+    return loss

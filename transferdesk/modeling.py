@@ -1,0 +1,259 @@
+"""The model object: an intent classifier that loads, saves and predicts, out-of-scope included.
+
+`IntentModel` is what training produces, the registry stores, and the CLI, evaluation and
+Serve use. The out-of-scope rule (top confidence below the calibrated threshold) and the
+threshold itself live here and nowhere else; everyone else reads `Prediction.out_of_scope`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence, Sized
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from transferdesk.config import ModelConfig
+from transferdesk.errors import TransferDeskError
+from transferdesk.network import (
+    IntentClassifier,
+    autocast,
+    autocast_dtype,
+    length_sorted_batches,
+    load_encoder,
+    select_device,
+    tokenize,
+)
+from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
+
+# The model object's own files inside a saved directory (a registry version holds more).
+HEAD_FILE = "head.safetensors"
+SETTINGS_FILE = "classifier.json"
+# Of validation confidences, when validation has no out-of-scope rows: about one in twenty
+# in-scope messages then goes to a human — a conservative default.
+IN_SCOPE_QUANTILE = 0.05
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One message's answer. `intent` is the best in-scope intent even when `out_of_scope`
+    is set (a human agent still sees the model's guess); `label` is what to score or act on."""
+
+    intent: str
+    confidence: float
+    out_of_scope: bool
+    label: str  # intent, or the model's out-of-scope label when out_of_scope
+    ranked: tuple[tuple[str, float], ...]  # (intent, confidence), best first; ranked[0] is intent
+
+    @property
+    def alternatives(self) -> tuple[tuple[str, float], ...]:
+        return self.ranked[1:]
+
+
+class IntentModel:
+    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold."""
+
+    def __init__(
+        self,
+        network: IntentClassifier,
+        tokenizer: object,
+        labels: list[str],
+        max_length: int,
+        threshold: float = 0.0,
+        oos_label: str = "oos",
+        device: torch.device | None = None,
+        precision: str = "auto",
+    ) -> None:
+        self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
+        self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
+        self.device = device or torch.device("cpu")
+        self.precision = precision  # of predictions; see network.autocast_dtype
+
+    # -- building, loading, saving ------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str,
+        labels: list[str],
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+        oos_label: str = "oos",
+        pretrained: bool = True,
+    ) -> IntentModel:
+        """A new, untrained classifier on a pretrained encoder (pretrained=False: random weights)."""
+        device = device or torch.device("cpu")
+        encoder, tokenizer = load_encoder(backbone, pretrained=pretrained)
+        net = IntentClassifier(encoder, len(labels), cfg.pooling, cfg.dropout).to(device)
+        return cls(net, tokenizer, labels, cfg.max_length, oos_label=oos_label, device=device)
+
+    @classmethod
+    def from_pretrained(cls, spec: str | Path | ModelVersion, device: str = "auto") -> IntentModel:
+        """A registry version (or a model directory: its newest), after verifying its manifest."""
+        version = spec if isinstance(spec, ModelVersion) else open_version(spec)
+        return cls._load(version.path, device, version.legacy_classifier)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto") -> IntentModel:
+        """A directory written by `save_pretrained` outside the registry (a Tune checkpoint).
+        Nothing verifies it: load registry versions with `from_pretrained`."""
+        return cls._load(Path(directory), device)
+
+    @classmethod
+    def _load(cls, root: Path, device: str, settings: dict | None = None) -> IntentModel:
+        if settings is None:
+            settings = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
+        encoder, tokenizer = load_encoder(str(root / ENCODER_DIR))
+        net = IntentClassifier(encoder, len(settings["labels"]), settings["pooling"], settings["dropout"])
+        net.head.load_state_dict(load_file(root / HEAD_FILE))
+        torch_device = select_device(device)
+        net.to(torch_device).eval()
+        return cls(
+            net,
+            tokenizer,
+            settings["labels"],
+            settings["max_length"],
+            settings["threshold"],
+            settings["oos_label"],
+            torch_device,
+        )
+
+    @staticmethod
+    def load_tokenizer(spec: str | Path | ModelVersion) -> PreTrainedTokenizerBase:
+        """A registry version's tokenizer alone (Serve tokenizes in a deployment of its own)."""
+        version = spec if isinstance(spec, ModelVersion) else open_version(spec)
+        return AutoTokenizer.from_pretrained(str(version.path / ENCODER_DIR))
+
+    def save_encoder(self, directory: Path) -> None:
+        """Encoder and tokenizer alone, as a Hugging Face model directory (a backbone)."""
+        self.network.encoder.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.save_encoder(directory / ENCODER_DIR)
+        head = {k: v.detach().cpu().float().contiguous() for k, v in self.network.head.state_dict().items()}
+        save_file(head, directory / HEAD_FILE)
+        settings = {
+            "labels": self.labels,
+            "threshold": self.threshold,
+            "oos_label": self.oos_label,
+            "pooling": self.network.pooling,
+            "dropout": self.network.dropout.p,
+            "max_length": self.max_length,
+        }
+        (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+
+    # -- probabilities ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        encode = partial(tokenize, self.tokenizer, max_length=self.max_length)
+        return self._passes(texts, batch_size, encode, progress)
+
+    @torch.inference_mode()
+    def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+        """Probabilities for texts tokenized elsewhere (Serve's tokenizer). Longer inputs are
+        cut to this model's max_length, keeping the closing special token."""
+        cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
+        return self._passes(cut, batch_size, self._pad)
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+
+    def _passes(
+        self, items: Sequence[Sized], batch_size: int, encode: Callable, progress: bool = False
+    ) -> np.ndarray:
+        """Forward passes over length-sorted batches of texts or token ids, in input order."""
+        self.network.eval()
+        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        batches = length_sorted_batches(items, batch_size)
+        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+            probs[idx] = self._proba(encode([items[i] for i in idx]))
+        return probs
+
+    def _proba(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        with autocast(self.device, self.precision):
+            logits = self.network(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    # -- the out-of-scope rule ----------------------------------------------------------------
+
+    def out_of_scope(self, probs: np.ndarray) -> np.ndarray:
+        """Per row: is the top confidence below the threshold."""
+        return probs.max(axis=1) < self.threshold
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[str]:
+        """The label of each row: its top intent, or the out-of-scope label below the threshold."""
+        limit = self.threshold if threshold is None else threshold
+        best = probs.argmax(axis=1)
+        return [self.oos_label if probs[i, j] < limit else self.labels[j] for i, j in enumerate(best)]
+
+    def predictions(self, probs: np.ndarray, k: int = 3) -> list[Prediction]:
+        """Typed answers from probabilities, with the k best intents ranked."""
+        k = max(1, min(k, len(self.labels)))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        flags = self.out_of_scope(probs)
+        out = []
+        for p, row, flag in zip(probs, order, flags, strict=True):
+            ranked = tuple((self.labels[j], float(p[j])) for j in row)
+            intent, confidence = ranked[0]
+            label = self.oos_label if flag else intent
+            out.append(Prediction(intent, confidence, bool(flag), label, ranked))
+        return out
+
+    def predict(self, texts: list[str], k: int = 3, batch_size: int = 64) -> list[Prediction]:
+        return self.predictions(self.predict_proba(texts, batch_size), k)
+
+    def predict_ids(self, ids: list[list[int]], k: int = 3, batch_size: int = 64) -> list[Prediction]:
+        return self.predictions(self.proba_from_ids(ids, batch_size), k)
+
+    def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> np.ndarray:
+        """Choose the out-of-scope threshold on labelled validation data; returns its probabilities."""
+        probs = self.predict_proba(texts, batch_size)
+        self.calibrate_from_probs(probs, labels)
+        return probs
+
+    def calibrate_from_probs(self, probs: np.ndarray, labels: list[str]) -> None:
+        """With out-of-scope rows: the threshold that best balances in-scope accuracy and
+        out-of-scope recall. Without: the IN_SCOPE_QUANTILE of in-scope confidence."""
+        confidence = probs.max(axis=1)
+        if self.oos_label not in labels:
+            self.threshold = float(np.quantile(confidence, IN_SCOPE_QUANTILE)) if len(confidence) else 0.0
+            return
+        candidates = np.unique(np.concatenate([[0.0], confidence]))
+        scores = [self._oos_balance(labels, self.decide(probs, t)) for t in candidates]
+        self.threshold = float(candidates[int(np.argmax(scores))])
+
+    def _oos_balance(self, y_true: list[str], pred: list[str]) -> float:
+        true, pred_a = np.array(y_true), np.array(pred)
+        is_oos = true == self.oos_label
+        in_scope_acc = np.mean(pred_a[~is_oos] == true[~is_oos]) if (~is_oos).any() else 0.0
+        oos_recall = np.mean(pred_a[is_oos] == self.oos_label) if is_oos.any() else 0.0
+        return float((in_scope_acc + oos_recall) / 2)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    def for_serving(self, precision: str) -> None:
+        """Predict under this precision from now on. Linear weights are cast once, where autocast
+        would cast them on every call (most of a short message's pass on CPU); the answers are
+        the same. Inference only: training needs the fp32 weights."""
+        self.precision = precision
+        if dtype := autocast_dtype(self.device, precision):
+            for module in self.network.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(dtype)
+
+    def check_forward(self) -> None:
+        """Raises when a forward pass over a minimal input does not give finite probabilities."""
+        tok = self.tokenizer
+        probs = self.proba_from_ids([[tok.cls_token_id, tok.sep_token_id]])
+        if not np.isfinite(probs).all():
+            raise TransferDeskError("the model returns non-finite probabilities")
