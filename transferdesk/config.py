@@ -136,7 +136,6 @@ class RunConfig(Section):
         return self
 
 
-
 C = TypeVar("C", bound=BaseModel)
 
 
