@@ -1,4 +1,5 @@
 # One home for every check: CI runs `make test` unchanged (.ci/run).
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned in pyproject.toml; on this platform's machines pip takes the CPU wheel
@@ -26,13 +27,14 @@ $(VENV)/.installed: pyproject.toml
 CRDS := $(wildcard $(abspath ../shared/k8s/kuberay-crds))
 
 # The main job: a Ray Tune search on the bundled sample data (source-model candidates and
-# fine-tuning settings), the best model exported to registry/northwind-tuned/v<N>, then
-# served over HTTP with a ready curl command printed (Ctrl-C stops it). Each run is a fresh
-# search; exported versions stay in registry/.
+# fine-tuning settings), the best model exported to registry/northwind-tuned/v<N> and
+# promoted to its production stage, then served over HTTP with a ready curl command printed
+# (Ctrl-C stops it). Each run is a fresh search; exported versions stay in registry/.
 demo: install
 	rm -rf tune_results/northwind-tuned
-	$(VENV)/bin/transferdesk tune configs/tune-sample.yaml
-	$(VENV)/bin/transferdesk serve registry/northwind-tuned
+	set -o pipefail; version=$$($(VENV)/bin/transferdesk tune configs/tune-sample.yaml | tee /dev/stderr | tail -n 1) && \
+	$(VENV)/bin/transferdesk models promote "$$version" --stage production --reason "make demo"
+	$(VENV)/bin/transferdesk serve registry/northwind-tuned@production
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -51,7 +53,7 @@ benchmark: install
 	$(PY) benchmarks/banking77_tune.py
 	# The load test serves the sample model that `make demo` exports; train it if missing.
 	test -d registry/northwind-tuned || $(VENV)/bin/transferdesk tune configs/tune-sample.yaml
-	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/serve_load.py --model registry/northwind-tuned
 
 clean:
 	rm -rf $(VENV) .tools registry tune_results benchmarks/work .pytest_cache .ruff_cache

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from banking77 import PUBLISHED
 
+from transferdesk.registry import open_version
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "configs" / "banking77-tune.yaml"
@@ -41,10 +43,9 @@ def run_search(work: Path) -> tuple[Path, float]:
 
 
 def summarize(version: Path, wall: float) -> dict:
-    from transferdesk.registry import open_version
-
-    metrics = open_version(version).metrics
-    with open(version / "search" / "trials.csv") as f:
+    exported = open_version(version)
+    metrics = exported.metrics
+    with open(exported.search_dir / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     valid = {r["trial"]: float(r["best_accuracy"]) for r in rows if r["best_accuracy"] != "nan"}
     baseline = {
@@ -136,8 +137,8 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "banking77_tune.json").write_text(json.dumps(result, indent=2))
     (args.results / "banking77_tune.md").write_text(markdown(result))
-    shutil.copy(version / "search" / "curves.png", args.results / "banking77_tune_curves.png")
-    shutil.copy(version / "search" / "trials.md", args.results / "banking77_tune_trials.md")
+    shutil.copy(open_version(version).search_dir / "curves.png", args.results / "banking77_tune_curves.png")
+    shutil.copy(open_version(version).search_dir / "trials.md", args.results / "banking77_tune_trials.md")
     print(markdown(result))
 
 

@@ -44,7 +44,7 @@ from transferdesk.config import set_dotted
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-KEY = "benchmark-key"
+KEY = "benchmark-key-0123456789"  # 16 characters at least
 SERVE_PROCESSES = ("Ingress", "Tokenizer", "Classifier", "Router", "ProxyActor")
 HAPROXY = re.compile(r"(^|/)haproxy\s")  # the HTTP front of the fast data path
 LOAD_GENERATOR = "load generator"  # this process: it takes its CPU from the same 2 cores
@@ -78,7 +78,9 @@ def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float, p
     }
 
 
-def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> subprocess.Popen:
+def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> tuple[subprocess.Popen, Path]:
+    """`serve run` of deployments/serve.yaml with this model and app args; returns the process
+    and the config it runs (`serve deploy` a changed copy to change it in place)."""
     config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
     config["http_options"]["port"] = port
     app_args = config["applications"][0]["args"]
@@ -87,7 +89,8 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> subpro
         set_dotted(app_args, key, value)
     path = Path(tempfile.mkdtemp()) / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {**serve_env(), "TRANSFERDESK_API_KEYS": KEY}
+    # A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token.
+    env = {**serve_env(), "TRANSFERDESK_API_KEYS": KEY, "RAY_AUTH_MODE": "disabled"}
     with open(log, "w") as out:
         serve = installed_command("serve") or "serve"
         proc = subprocess.Popen(
@@ -96,8 +99,8 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> subpro
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
-                return proc
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return proc, path
         except httpx.HTTPError:
             time.sleep(2)
         if proc.poll() is not None:
@@ -251,7 +254,7 @@ def main() -> None:
     first = ceiling(model_dir, texts, 16, args.seconds, precision)
     print(json.dumps(first), flush=True)
     log = Path(tempfile.mkdtemp()) / "serve.log"
-    proc = start_serve(model_dir, args.port, log, overrides)
+    proc, _ = start_serve(model_dir, args.port, log, overrides)
     url = f"http://127.0.0.1:{args.port}"
     plan = [(c, 1) for c in args.concurrency] + [(c, args.batched) for c in (4, 16) if args.batched > 1]
     levels: list[dict] = []

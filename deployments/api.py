@@ -8,31 +8,57 @@ import hmac
 import importlib
 import logging
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.config import CALL_TEXTS, KEYS_ENV, KEYS_FILE_ENV, MAX_TOP_K, ServeArgs, api_keys
+from deployments.config import CALL_TEXTS, MAX_TOP_K, KeyRing, Limits, ServeArgs
 from deployments.routing import Priority
 from transferdesk import __version__
-from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import Prediction
+from transferdesk.prediction import Prediction
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
 HEALTH_TIMEOUT_S = 5.0
+READY_CACHE_S = 2.0  # /readyz answers from its last check for this long (probes come often)
+RETRY_AFTER_S = 1  # what a 503 asks the client to wait before trying again
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 # The replica's Ingress, for the middleware and the auth dependency, which run before any
 # Ingress method (Serve serves a copy of `api`, so its app.state is not the place).
 LIVE: dict[str, "Ingress"] = {}
 
-api = FastAPI(
+
+class Api(FastAPI):
+    """FastAPI whose published schema states the limits this replica enforces (configured in
+    serve.yaml's `limits`), so that clients generated from it send what the service accepts."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None and (ingress := _live()) is not None:
+            schema = super().openapi()
+            limits = ingress.settings.limits
+            texts = schema["components"]["schemas"]["TextsRequest"]["properties"]
+            texts["text"]["maxLength"] = limits.max_text_chars
+            texts["texts"]["maxItems"] = limits.max_batch_texts
+            texts["texts"]["items"]["maxLength"] = limits.max_text_chars
+        return super().openapi()
+
+
+def _live() -> "Ingress | None":
+    return LIVE.get("ingress")
+
+
+api = Api(
     title="TransferDesk intent routing API",
     version=__version__,
     description="Classifies customer messages into intents and routes them to a queue or a "
@@ -45,10 +71,38 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A message: not empty, not only white space; pydantic refuses text that is not valid
+# Unicode (a lone surrogate, legal in JSON) as it validates the string.
+CustomerText = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's integer: 3 and 3.0, not true or "3" (which lax parsing would take)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
+def _exactly_one(schema: dict[str, Any]) -> None:
+    """The schema states the rule the validator enforces: `text` or `texts`, never both or
+    neither; and absent fields have no default (null is not a valid value of either)."""
+    for prop in schema["properties"].values():
+        prop.pop("default", None)
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["texts"]}]
+
+
 class TextsRequest(Strict):
-    text: str | None = Field(None, description="One message.")
-    texts: list[str] | None = Field(None, min_length=1, description="Several messages, answered in order.")
-    top_k: int | None = Field(
+    # Strict: `"top_k": false` or `"top_k": "3"` is refused, as the schema says, not coerced.
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_exactly_one)
+
+    text: CustomerText = Field(None, description="One message.")
+    texts: list[CustomerText] = Field(None, min_length=1, description="Several messages, answered in order.")
+    top_k: WholeNumber = Field(
         None, ge=0, le=MAX_TOP_K, description="Alternatives per answer (default: server's)."
     )
 
@@ -97,6 +151,16 @@ class RouteResponse(BaseModel):
     decisions: list[Decision]
 
 
+class RolloutInfo(BaseModel):
+    mode: Literal["canary", "shadow"]
+    share: float = Field(description="Canary: the share of calls it answers.")
+    version: str | None = Field(description="The second version; null while it is refused.")
+    error: str | None = Field(description="Why it was refused.")
+    compared: int | None = Field(None, description="Shadow: texts both versions scored.")
+    disagreement_rate: float | None = Field(None, description="Shadow: share with another top intent.")
+    mean_confidence_shift: float | None = Field(None, description="Shadow: mean |top-confidence change|.")
+
+
 class ModelInfo(BaseModel):
     name: str | None
     version: str
@@ -105,10 +169,18 @@ class ModelInfo(BaseModel):
     metrics: dict[str, float]
     policy_version: str
     switch_error: str | None = Field(description="Why the last requested model switch was refused.")
+    rollout: RolloutInfo | None = Field(
+        description="A canary or shadow version beside this one (one replica's view)."
+    )
 
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, str] = Field(description="Each deployment of the chain and what it answered.")
 
 
 class ErrorDetail(BaseModel):
@@ -125,10 +197,12 @@ class ErrorResponse(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
+        (400, "The body is not text (not UTF-8)."),
         (401, "Missing or invalid API key."),
-        (411, "No Content-Length header."),
-        (413, "Request body or a message too large."),
+        (408, "The request body did not arrive in time."),
+        (413, "Request body too large."),
         (422, "Invalid request; `error.field` names the field."),
+        (503, "Overloaded or not ready: retry after the `Retry-After` header's seconds."),
     )
 }
 
@@ -137,23 +211,37 @@ def _request_id(request: Request) -> str:
     return request.headers.get("x-request-id", "")  # set by Serve when the client did not
 
 
-def error(request: Request, status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
+def error(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(
         error=ErrorDetail(code=code, message=message, field=field), request_id=_request_id(request)
     )
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-class ApiError(Exception):
+class ApiError(HTTPException):
+    """An answer with a status, a code and a message. An HTTPException, so that FastAPI passes
+    it on unchanged when it is raised while the body is being read."""
+
     def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field = status, code, message, field
+        super().__init__(status, message)
+        self.code, self.message, self.field = code, message, field
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error(request, exc.status, exc.code, exc.message, exc.field)
+    return error(request, exc.status_code, exc.code, exc.message, exc.field)
 
 
 @api.exception_handler(RequestValidationError)
@@ -168,7 +256,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    return error(request, exc.status_code, "http_error", str(exc.detail))
+    # Keeps Starlette's headers: `Allow` on a 405 says which methods the path takes.
+    return error(request, exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
+
+
+@api.exception_handler(BackPressureError)
+async def _overloaded(request: Request, exc: BackPressureError) -> JSONResponse:
+    # A deployment's queue is full (max_queued_requests): say so at once, not after a time-out.
+    return error(request, 503, "overloaded", "the service is at capacity; retry shortly")
 
 
 @api.exception_handler(Exception)
@@ -178,14 +273,15 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 
 class LimitsAndMetrics:
-    """Refuses oversized or unsized bodies before they are read, and counts and times every
-    request. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream a request."""
+    """Bounds every request body as it arrives (bytes counted, not the declared length
+    trusted; a slow body cut off), guards the docs, and counts and times every request.
+    Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream a request."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ingress = LIVE.get("ingress")
+        ingress = _live()
         if scope["type"] != "http" or ingress is None:
             return await self.app(scope, receive, send)
         request, start, status = Request(scope), time.perf_counter(), 500
@@ -197,8 +293,9 @@ class LimitsAndMetrics:
             await send(message)
 
         try:  # an exception still counts (as a 500) before the outermost handler answers it
-            refusal = _body_refusal(request, ingress.settings.limits.max_body_bytes)
-            await (refusal or self.app)(scope, receive, send_and_note)
+            refusal = _docs_refusal(request, ingress) or _declared_refusal(request, ingress.settings.limits)
+            bounded = _bounded_body(receive, ingress.settings.limits)
+            await (refusal or self.app)(scope, bounded, send_and_note)
         except asyncio.CancelledError:  # the client went away or timed out: no answer was sent
             status = 499
             raise
@@ -206,46 +303,74 @@ class LimitsAndMetrics:
             ingress.observe(request, status, time.perf_counter() - start)
 
 
-def _body_refusal(request: Request, limit: int) -> JSONResponse | None:
-    if request.method != "POST":
+def _declared_refusal(request: Request, limits: Limits) -> JSONResponse | None:
+    """A declared length over the limit is refused before a byte of the body is read."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limits.max_body_bytes:
+        return error(
+            request, 413, "body_too_large", f"request body over {limits.max_body_bytes} bytes", "body"
+        )
+    return None
+
+
+def _bounded_body(receive: Receive, limits: Limits) -> Receive:
+    """`receive` that counts the body's bytes as they come (chunked bodies have no declared
+    length) and gives up on a body that has not fully arrived within the time limit."""
+    received, complete = 0, False
+    deadline = time.monotonic() + limits.body_timeout_s
+
+    async def bounded() -> Message:
+        nonlocal received, complete
+        if complete:  # after the body only a disconnect can come: no limit on waiting for it
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise ApiError(
+                408, "body_timeout", f"request body not received within {limits.body_timeout_s:g} s", "body"
+            ) from None
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
+            if received > limits.max_body_bytes:
+                raise ApiError(
+                    413, "body_too_large", f"request body over {limits.max_body_bytes} bytes", "body"
+                )
+        return message
+
+    return bounded
+
+
+def _docs_refusal(request: Request, ingress: "Ingress") -> JSONResponse | None:
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):  # under a route prefix such as /open
+        path = path[len(root) :]
+    if path not in DOCS_PATHS:
         return None
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        return error(request, 411, "length_required", "send a Content-Length header")
-    if int(length) > limit:
-        return error(request, 413, "body_too_large", f"request body over {limit} bytes", "body")
+    exposure = ingress.settings.docs.exposure
+    if exposure == "off":
+        return error(request, 404, "not_found", "not found")
+    if exposure == "keyed" and not ingress.accepts(request.headers.get("authorization", "")):
+        return error(
+            request, 401, "unauthorized", "the API docs need an API key (Authorization: Bearer <key>)"
+        )
     return None
 
 
 api.add_middleware(LimitsAndMetrics)
 
 
-async def authorize(
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    keys = LIVE["ingress"].keys
-    if keys is None:
-        return
-    token = (credentials.credentials if credentials else "").encode()
-    matched = False
-    for key in keys:  # every key compared, in constant time
-        matched |= hmac.compare_digest(token, key)
-    if not matched:
+async def authorize(request: Request) -> None:
+    if not _live().accepts(request.headers.get("authorization", "")):
         raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
 
 
-def check_keys(settings: ServeArgs) -> list[bytes] | None:
-    """The accepted API keys, or None when auth is explicitly disabled."""
-    if settings.auth.disabled:
-        log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
-        return None
-    keys = api_keys()
-    if not keys:
-        raise TransferDeskError(
-            f"no API keys: set {KEYS_ENV} (comma-separated) or {KEYS_FILE_ENV} (a file, one key a "
-            "line), or set auth.disabled: true for local development"
-        )
-    return keys
+# The key is read from the header by `authorize` itself (a missing or malformed header is a
+# 401 there, as a wrong key is); this only documents the scheme in the OpenAPI schema.
+_BEARER = [
+    Depends(HTTPBearer(auto_error=False, description="An API key from TRANSFERDESK_API_KEYS.")),
+    Depends(authorize),
+]
 
 
 @serve.deployment  # sizes: deployments/serve.yaml
@@ -262,7 +387,10 @@ class Ingress:
 
         self.tokenizer, self.classifier, self.router = tokenizer, classifier, router
         self.settings = ServeArgs.model_validate(settings)
-        self.keys = check_keys(self.settings)
+        if self.settings.auth.disabled:
+            log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
+        self.keyring = None if self.settings.auth.disabled else KeyRing()
+        self.ready: tuple[float, Readiness | None] = (0.0, None)
         tags = ("route", "status", "model_version")
         self.requests = Counter("transferdesk_requests", description="HTTP requests.", tag_keys=tags)
         self.latency = Histogram(
@@ -273,6 +401,17 @@ class Ingress:
         )
         # Serve ships this class by value, with copied globals: reach the real module's LIVE.
         importlib.import_module(__name__).LIVE["ingress"] = self
+
+    def accepts(self, authorization: str) -> bool:
+        """Whether an Authorization header carries a current key (every key compared, in
+        constant time); always, when auth is disabled."""
+        if self.keyring is None:
+            return True
+        scheme, _, token = authorization.partition(" ")
+        matched = False
+        for key in self.keyring.current():
+            matched |= hmac.compare_digest(token.strip().encode(), key)
+        return matched and scheme.lower() == "bearer"
 
     def observe(self, request: Request, status: int, seconds: float) -> None:
         route = getattr(request.scope.get("route"), "path", "unmatched")  # templates, not raw paths
@@ -288,18 +427,19 @@ class Ingress:
             )
         for i, text in enumerate(texts):
             name = "text" if body.text is not None else f"texts.{i}"
-            if not text.strip():
-                raise ApiError(422, "empty_text", "messages must not be empty", name)
             if len(text) > limits.max_text_chars:
-                raise ApiError(413, "text_too_long", f"at most {limits.max_text_chars} characters", name)
+                # 422, not 413: the schema states this limit (maxLength), so this is invalid input.
+                raise ApiError(422, "text_too_long", f"at most {limits.max_text_chars} characters", name)
         return texts
 
     async def _predict(self, request: Request, body: TextsRequest) -> list[Prediction]:
         texts = self._checked(body)
-        ids = await self.tokenizer.remote(texts)
+        ids = await self._within_time(lambda: self.tokenizer.remote(texts))
         # One classifier call per CALL_TEXTS texts: few handle calls, and no call larger than a batch.
         calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
-        parts = await asyncio.gather(*(self.classifier.remote(call) for call in calls))
+        parts = await asyncio.gather(
+            *(self._within_time(lambda c=c: self.classifier.remote(c)) for c in calls)
+        )
         predictions = [p for _, part in parts for p in part]
         # The texts of one request may be batched on replicas mid-way through a model switch.
         request.state.model = ",".join(sorted({version for version, _ in parts}))
@@ -307,10 +447,27 @@ class Ingress:
             log.info("texts: %s", texts)
         return predictions
 
+    async def _within_time(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A downstream call, made again once on another replica when the one it reached died
+        under it (classifying is idempotent), and answered 503 when it takes longer than
+        limits.request_timeout_s (a stuck or saturated deployment) rather than left to the
+        client's own time-out."""
+        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(call(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise ApiError(503, "timeout", "the service did not answer in time; retry shortly") from None
+            except (RayActorError, ReplicaUnavailableError) as err:
+                if attempt == 2:
+                    raise ApiError(503, "unavailable", "a replica was lost; retry shortly") from err
+                log.warning("a replica was lost mid-request (%s); calling another", type(err).__name__)
+        raise AssertionError("unreachable")
+
     def _top_k(self, body: TextsRequest) -> int:
         return self.settings.top_k if body.top_k is None else body.top_k
 
-    @api.post("/v1/classify", responses=ERRORS, dependencies=[Depends(authorize)])
+    @api.post("/v1/classify", responses=ERRORS, dependencies=_BEARER)
     async def classify(self, body: TextsRequest, request: Request) -> ClassifyResponse:
         """Intent, confidence and alternatives for one message or several."""
         predictions = await self._predict(request, body)
@@ -329,11 +486,11 @@ class Ingress:
             request_id=_request_id(request), model_version=request.state.model, results=results
         )
 
-    @api.post("/v1/route", responses=ERRORS, dependencies=[Depends(authorize)])
+    @api.post("/v1/route", responses=ERRORS, dependencies=_BEARER)
     async def route(self, body: TextsRequest, request: Request) -> RouteResponse:
         """Where each message should go: a queue and priority, or a human agent."""
         predictions = await self._predict(request, body)
-        decisions = await self.router.remote(predictions, self._top_k(body))
+        decisions = await self._within_time(lambda: self.router.remote(predictions, self._top_k(body)))
         log.debug(
             "route n=%d model=%s handoffs=%d",
             len(decisions),
@@ -347,7 +504,7 @@ class Ingress:
             decisions=[Decision.model_validate(d) for d in decisions],
         )
 
-    @api.get("/v1/model", responses=ERRORS, dependencies=[Depends(authorize)])
+    @api.get("/v1/model", responses=ERRORS, dependencies=_BEARER)
     async def model(self) -> ModelInfo:
         """The model being served, its test metrics and the routing policy version."""
         info, policy = await asyncio.gather(self.classifier.info.remote(), self.router.version.remote())
@@ -355,9 +512,32 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> Health:
-        """Liveness of the whole chain, without auth (for load balancers and probes)."""
-        try:
-            await asyncio.wait_for(self.classifier.info.remote(), HEALTH_TIMEOUT_S)
-        except Exception as err:
-            raise ApiError(503, "unavailable", "the classifier is not answering") from err
+        """Liveness of this Ingress replica alone, without auth and without calling anything:
+        cheap enough for a probe every second."""
         return Health(status="ok")
+
+    @api.get("/readyz", responses={503: ERRORS[503]})
+    async def readyz(self) -> Readiness:
+        """Readiness of the whole chain (tokenizer, classifier, router), without auth; answered
+        from the last check for READY_CACHE_S, so frequent probes cost one check."""
+        checked, answer = self.ready
+        if answer is None or time.monotonic() - checked > READY_CACHE_S:
+            answer = await self._check_chain()
+            self.ready = (time.monotonic(), answer)
+        return answer
+
+    async def _check_chain(self) -> Readiness:
+        calls = {
+            "tokenizer": self.tokenizer.remote(["ready?"]),
+            "classifier": self.classifier.info.remote(),
+            "router": self.router.version.remote(),
+        }
+        try:
+            tokens, info, policy = await asyncio.wait_for(asyncio.gather(*calls.values()), HEALTH_TIMEOUT_S)
+        except Exception as err:  # any of them down, overloaded or too slow
+            self.ready = (0.0, None)
+            raise ApiError(
+                503, "not_ready", f"the service chain is not answering ({type(err).__name__})"
+            ) from err
+        checks = {"tokenizer": f"{len(tokens[0])} tokens", "classifier": info["version"], "router": policy}
+        return Readiness(status="ready", checks=checks)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,11 @@ from typing import Any
 from ray import serve
 
 from deployments.api import Ingress
-from deployments.config import MAX_TOP_K, ClassifierConfig, ServeArgs
+from deployments.config import MAX_TOP_K, ClassifierConfig, Rollout, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel, Prediction
+from transferdesk.modeling import IntentModel
+from transferdesk.prediction import Prediction
 from transferdesk.registry import ModelVersion, open_version
 
 log = logging.getLogger("ray.serve")
@@ -28,6 +31,8 @@ POLICY_CHECK_S = 2.0  # how often the router looks for an edited policy file
 # nothing per text, while padding a mixed batch to its longest text wastes compute (measured on
 # 2 threads: 16 random messages in one pass 257/s, in two length-sorted passes of 8 286/s).
 CPU_PASS_TEXTS = 8
+# Confidences in answers: 6 decimal places are plenty, and keep the JSON short.
+DIGITS = 6
 # Batching a replica starts with, before serve.yaml's user_config reaches reconfigure().
 BATCHING = ClassifierConfig()
 # One call's answer: the model version that answered (a call is never split across batches,
@@ -72,27 +77,59 @@ class Served:
 
     @classmethod
     def load(cls, path: str, device: str, precision: str) -> Served:
+        """Verified, loaded, and checked to answer a forward pass with finite probabilities."""
         version = open_version(path)  # resolved and verified once; the model loads from it
         model = IntentModel.from_pretrained(version, device)
         model.for_serving(precision)
+        model.check_forward()
         return cls(model, version)
 
     def info(self) -> dict:
         return {**self.version.summary(), "threshold": self.model.threshold}
 
 
+@dataclass
+class ShadowTally:
+    """How a shadow version compares with the served one, over the texts both scored."""
+
+    compared: int = 0
+    disagreements: int = 0  # a different top intent
+    shift: float = 0.0  # summed |confidence difference| of the top intents
+
+    def add(self, ours: Prediction, theirs: Prediction) -> tuple[bool, float]:
+        same, shift = ours.intent == theirs.intent, abs(ours.confidence - theirs.confidence)
+        self.compared += 1
+        self.disagreements += not same
+        self.shift += shift
+        return same, shift
+
+    def summary(self) -> dict:
+        n = max(self.compared, 1)
+        return {
+            "compared": self.compared,
+            "disagreement_rate": self.disagreements / n,
+            "mean_confidence_shift": self.shift / n,
+        }
+
+
 @serve.deployment
 class Classifier:
-    """Encoder + head over batches of token ids; swaps model versions without a restart."""
+    """Encoder + head over batches of token ids; swaps model versions without a restart, and
+    serves a second version beside the first as a canary or in shadow (ClassifierConfig)."""
 
     def __init__(
-        self, model: str, device: str = "auto", threads: int | None = None, precision: str = "auto"
+        self,
+        model: str,
+        routing_policy: str,
+        device: str = "auto",
+        threads: int | None = None,
+        precision: str = "auto",
     ) -> None:
         import torch
-        from ray.serve.metrics import Histogram
+        from ray.serve.metrics import Counter, Histogram
 
         torch.set_num_threads(threads or _torch_threads())
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.policy_path = device, precision, routing_policy
         # Closed while a forward pass runs: calls that arrive meanwhile wait here, then enter
         # @serve.batch together and form the next batch. (@serve.batch forms the next batch as
         # soon as one is handed over, so without the gate a busy replica runs batches of one.)
@@ -101,10 +138,25 @@ class Classifier:
         self.served = Served.load(model, device, precision)
         self.requested = model
         self.switch_error: str | None = None
+        self.rollout: Rollout | None = None
+        self.second: Served | None = None  # the rollout's version, once it passed its checks
+        self.rollout_error: str | None = None
+        self.tally = ShadowTally()
         self.batch_sizes = Histogram(
             "transferdesk_batch_size",
             description="Texts per classifier forward pass.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+            tag_keys=("model_version",),
+        )
+        self.shadow_counts = Counter(
+            "transferdesk_shadow_predictions",
+            description="Texts a shadow version scored, by agreement of its top intent with the served one.",
+            tag_keys=("model_version", "agreement"),
+        )
+        self.shadow_shift = Histogram(
+            "transferdesk_shadow_confidence_shift",
+            description="|shadow - served| confidence of the top intent.",
+            boundaries=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5],
             tag_keys=("model_version",),
         )
 
@@ -113,27 +165,56 @@ class Classifier:
         self.predict.set_max_batch_size(cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         if cfg.model:
-            path = str(Path(cfg.model).expanduser().resolve())
+            path = os.path.abspath(Path(cfg.model).expanduser())
             if path != self.requested or self.switch_error:  # a refused switch is retried
                 await self._switch(path)
+        await self._set_rollout(cfg.rollout)
+
+    def _checked(self, path: str) -> Served:
+        """A version loaded beside the served one, refused unless it passes its manifest, a
+        forward pass, the routing policy (every intent it predicts is routed) and the tokenizer."""
+        new = Served.load(path, self.device, self.precision)
+        load_policy(self.policy_path, new.version.labels)
+        if new.version.tokenizer_sha256 != self.served.version.tokenizer_sha256:
+            raise TransferDeskError(
+                f"{new.version.spec} uses another tokenizer than the served model; deploy it as a "
+                "new application version (change `args.model`) instead of a user_config switch"
+            )
+        return new
+
+    async def _load_checked(self, path: str, what: str) -> tuple[Served | None, str | None]:
+        try:
+            return await asyncio.to_thread(self._checked, path), None
+        except Exception as err:  # anything (a bad path, out of memory): keep serving as before
+            log.exception("%s %s refused", what, path)
+            return None, str(err) if isinstance(err, TransferDeskError) else f"cannot load {path}"
 
     async def _switch(self, path: str) -> None:
         """Load beside the current model, then swap one reference: requests never wait on it.
-        A bad version is refused and the current one keeps serving (see GET /v1/model)."""
+        A version that fails its checks is refused and the current one keeps serving (see GET
+        /v1/model). Promoting the rollout's version reuses it as it is loaded."""
         self.requested = path
-        try:
-            new = await asyncio.to_thread(Served.load, path, self.device, self.precision)
-            if new.version.tokenizer_sha256 != self.served.version.tokenizer_sha256:
-                raise TransferDeskError(
-                    f"{new.version.spec} uses another tokenizer than the served model; deploy it as a "
-                    "new application version (change `args.model`) instead of a user_config switch"
-                )
-        except Exception as err:  # anything (a bad path, out of memory): keep serving the old model
-            self.switch_error = str(err) if isinstance(err, TransferDeskError) else f"cannot load {path}"
-            log.exception("model switch to %s refused", path)
+        if self.second is not None and str(self.second.version.path) == path:
+            new, error = self.second, None
+        else:
+            new, error = await self._load_checked(path, "model switch to")
+        if new is None:
+            self.switch_error = error
             return
         self.served, self.switch_error = new, None
         log.info("now serving %s", new.version.spec)
+
+    async def _set_rollout(self, rollout: Rollout | None) -> None:
+        path = os.path.abspath(Path(rollout.model).expanduser()) if rollout else None
+        if path is None or path == str(self.served.version.path):  # none, or promoted
+            self.rollout = self.second = self.rollout_error = None
+            return
+        if self.second is None or str(self.second.version.path) != path:
+            second, self.rollout_error = await self._load_checked(path, f"{rollout.mode} version")
+            self.second, self.tally = second, ShadowTally()
+        self.rollout = rollout
+        if self.second is not None:
+            log.info("%s %s beside %s", rollout.mode, self.second.version.spec, self.served.version.spec)
 
     @serve.batch(
         max_batch_size=BATCHING.max_batch_size,
@@ -141,33 +222,90 @@ class Classifier:
         batch_size_fn=count_texts,
     )
     async def predict(self, calls: list[list[list[int]]]) -> list[CallResult]:
-        """One forward pass over the texts of several calls (each call: one request's texts)."""
-        served = self.served  # one model for the whole batch, even if a switch lands meanwhile
-        flat = [ids for call in calls for ids in call]
-        self.batch_sizes.observe(len(flat), tags={"model_version": served.version.spec})
+        """One forward pass over the texts of several calls (each call: one request's texts),
+        and one more by the rollout's version over its calls (canary) or all of them (shadow)."""
+        # One model (and rollout) for the whole batch, even if a switch lands meanwhile.
+        served, second, rollout = self.served, self.second, self.rollout
+        canary = [
+            second is not None and rollout.mode == "canary" and random.random() < rollout.share for _ in calls
+        ]
+        shadow = second if second is not None and rollout.mode == "shadow" else None
+        for model, picked in ((served, False), (second, True)):
+            if texts := sum(len(c) for c, k in zip(calls, canary, strict=True) if k is picked):
+                self.batch_sizes.observe(texts, tags={"model_version": model.version.spec})
         # In a thread, so the replica stays responsive (health checks, metrics) meanwhile.
         self.idle.clear()
         try:
-            model = served.model
-            per_pass = CPU_PASS_TEXTS if model.device.type == "cpu" else len(flat)
-            # The best intent and up to MAX_TOP_K alternatives: any request's top_k fits.
-            predictions = await asyncio.to_thread(model.predict_ids, flat, MAX_TOP_K + 1, per_pass)
+            answers, shadowed = await asyncio.to_thread(self._answer, calls, served, second, canary, shadow)
         finally:
             self.idle.set()
-        answers = iter(predictions)
-        return [(served.version.spec, [next(answers) for _ in call]) for call in calls]
+        if shadowed:
+            self._tally(shadow, answers, shadowed)
+        return answers
+
+    def _answer(
+        self,
+        calls: list[list[list[int]]],
+        served: Served,
+        second: Served | None,
+        canary: list[bool],
+        shadow: Served | None,
+    ) -> tuple[list[CallResult], list[list[Prediction]]]:
+        ours = iter(_score(served, [c for c, k in zip(calls, canary, strict=True) if not k]))
+        theirs = iter(
+            _score(second, [c for c, k in zip(calls, canary, strict=True) if k]) if any(canary) else []
+        )
+        answers = [
+            (second.version.spec, next(theirs)) if k else (served.version.spec, next(ours)) for k in canary
+        ]
+        return answers, _score(shadow, calls) if shadow is not None else []
+
+    def _tally(self, shadow: Served, answers: list[CallResult], shadowed: list[list[Prediction]]) -> None:
+        tags = {"model_version": shadow.version.spec}
+        for (_, ours), theirs in zip(answers, shadowed, strict=True):
+            for mine, other in zip(ours, theirs, strict=True):
+                same, shift = self.tally.add(mine, other)
+                self.shadow_counts.inc(tags={**tags, "agreement": "same" if same else "different"})
+                self.shadow_shift.observe(shift, tags=tags)
 
     async def __call__(self, ids: list[list[int]]) -> CallResult:
-        """The model version and a prediction for each of up to CALL_TEXTS tokenized texts."""
+        """The model version that answered and a prediction for each of up to CALL_TEXTS
+        tokenized texts."""
         await self.idle.wait()
         return await self.predict(ids)
 
     def info(self) -> dict:
-        return {**self.served.info(), "requested": self.requested, "switch_error": self.switch_error}
+        rollout = None
+        if self.rollout is not None:
+            rollout = {
+                "mode": self.rollout.mode,
+                "share": self.rollout.share if self.rollout.mode == "canary" else 0.0,
+                "version": self.second.version.spec if self.second else None,
+                "error": self.rollout_error,
+                **(self.tally.summary() if self.rollout.mode == "shadow" else {}),
+            }
+        return {
+            **self.served.info(),
+            "requested": self.requested,
+            "switch_error": self.switch_error,
+            "rollout": rollout,
+        }
 
     def check_health(self) -> None:
         """Fails (and Serve replaces the replica) when the model cannot answer a forward pass."""
         self.served.model.check_forward()
+
+
+def _score(served: Served, calls: list[list[list[int]]]) -> list[list[Prediction]]:
+    """Predictions for the texts of each call, by one version, in length-sorted passes."""
+    flat = [ids for call in calls for ids in call]
+    if not flat:
+        return [[] for _ in calls]
+    model = served.model
+    per_pass = CPU_PASS_TEXTS if model.device.type == "cpu" else len(flat)
+    # The best intent and up to MAX_TOP_K alternatives: any request's top_k fits.
+    predictions = iter(model.predict_ids(flat, MAX_TOP_K + 1, per_pass, DIGITS))
+    return [[next(predictions) for _ in call] for call in calls]
 
 
 @serve.deployment
@@ -175,10 +313,17 @@ class Router:
     """Routing decisions from predictions; reloads the policy file when it changes."""
 
     def __init__(self, policy_path: str, labels: list[str]) -> None:
+        # The path as mounted, links and all: a ConfigMap swaps its `..data` link on update.
         self.path, self.labels = Path(policy_path), labels
+        self.stamp = self._stamp()
         self.policy = load_policy(self.path, labels)
-        self.mtime = self.path.stat().st_mtime
         self.checked = time.monotonic()
+
+    def _stamp(self) -> tuple[int, int]:
+        """Of the file the path leads to now (stat follows the links): a swapped-in file differs
+        in inode even where its modification time does not."""
+        info = self.path.stat()
+        return info.st_mtime_ns, info.st_ino
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -186,9 +331,9 @@ class Router:
             return
         self.checked = now
         try:
-            mtime = self.path.stat().st_mtime  # before reading: an edit meanwhile is seen next time
-            if mtime != self.mtime:
-                self.policy, self.mtime = load_policy(self.path, self.labels), mtime
+            stamp = self._stamp()  # before reading: an edit meanwhile is seen next time
+            if stamp != self.stamp:
+                self.policy, self.stamp = load_policy(self.path, self.labels), stamp
                 log.info("routing policy %s loaded", self.policy.version)
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
@@ -212,7 +357,11 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     load_policy(settings.routing_policy, version.labels)  # and on a bad routing policy
     tokenizer = Tokenizer.bind(str(version.path))
     classifier = Classifier.bind(
-        str(version.path), settings.device, settings.classifier_threads, settings.precision
+        str(version.path),
+        settings.routing_policy,
+        settings.device,
+        settings.classifier_threads,
+        settings.precision,
     )
     router = Router.bind(settings.routing_policy, version.labels)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, serve_env
+from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, is_exact_version, serve_env
 from transferdesk.cli import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import open_version
+from transferdesk.registry import open_version, resolve_version_dir, split_stage
 
 SERVE_YAML = Path(__file__).with_name("serve.yaml")
 
@@ -32,7 +32,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         "generated and printed. Ctrl-C stops it.",
     )
     parser.add_argument(
-        "model_spec", nargs="?", metavar="MODEL", help="version or model directory [default: serve.yaml's]"
+        "model_spec",
+        nargs="?",
+        metavar="MODEL",
+        help="registry/<name>@<stage>, registry/<name>/v<N>, or registry/<name> for its newest "
+        "version now [default: serve.yaml's]",
     )
     parser.add_argument("--config", default=str(SERVE_YAML), help="Serve config [default: %(default)s]")
     parser.add_argument("--port", type=int, default=8000)
@@ -54,7 +58,7 @@ def serve_config(args: argparse.Namespace) -> dict:
     for key, value in config_overrides(args).items():
         set_dotted(values, key, value)
     if args.model_spec:
-        values["model"] = args.model_spec
+        values["model"] = pinned(args.model_spec)
     if args.no_auth:
         set_dotted(values, "auth.disabled", True)
     settings = build_config(values, f"{args.config} (args) and the command line", ServeArgs).resolved()
@@ -62,6 +66,16 @@ def serve_config(args: argparse.Namespace) -> dict:
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config
+
+
+def pinned(spec: str) -> str:
+    """A stage or exact version as given; a model directory as its newest version now, so that
+    the generated config names one version (replicas started later serve the same)."""
+    if split_stage(spec)[1] is not None or is_exact_version(spec):
+        return spec
+    version = resolve_version_dir(spec)
+    print(f"serving {version}, the newest version of {spec} (name a stage or a version to choose)")
+    return str(version)
 
 
 def installed_command(name: str) -> str | None:

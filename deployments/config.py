@@ -3,16 +3,23 @@ before any replica starts. The model's own RunConfig travels inside its registry
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from transferdesk.config import Section
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import VERSION_RE, split_stage
 
+log = logging.getLogger("ray.serve")
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
 KEYS_FILE_ENV = "TRANSFERDESK_API_KEYS_FILE"  # a file with one key per line (a mounted Secret)
+MIN_KEY_CHARS = 16
+KEYS_CHECK_S = 2.0  # how often the key file is looked at for a rotation
 CALL_TEXTS = 8  # texts per Ingress → Classifier call; a batch must hold at least one call
 MAX_TOP_K = 10  # alternatives a request may ask for; the Classifier ranks this many and one more
 # Ray Serve's high-throughput data path, read by Ray's processes at start (so environment, not
@@ -27,7 +34,33 @@ FAST_PATH_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # The controller checks each proxy every this many seconds and replaces it after three
+    # failures: at the default 10 s a killed HAProxy meant about 30 s without an answer.
+    "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
 }
+
+
+def exact_version(value: str | None) -> str | None:
+    if value is not None and not is_exact_version(value):
+        raise ValueError(f"{value!r}: name an exact version, registry/<name>/v<N>")
+    return value
+
+
+class Rollout(Section):
+    """A second version beside the served one: `canary` answers a share of the calls with it,
+    `shadow` scores every call with both and answers with the served one, counting where they
+    disagree. Promote it by making it `model` (and removing this); roll back by removing this."""
+
+    model: str = Field(description="Exact registry version (registry/<name>/v<N>).")
+    mode: Literal["canary", "shadow"] = Field(
+        "canary", description="canary: answers `share`; shadow: scores only."
+    )
+    share: float = Field(0.1, ge=0, le=1, description="Canary: the share of calls it answers.")
+
+    @field_validator("model")
+    @classmethod
+    def _exact(cls, value: str | None) -> str | None:
+        return exact_version(value)
 
 
 class ClassifierConfig(Section):
@@ -41,13 +74,32 @@ class ClassifierConfig(Section):
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
     )
-    model: str | None = Field(None, description="Registry version to switch to (unset: args.model).")
+    model: str | None = Field(
+        None,
+        description="Exact registry version (registry/<name>/v<N>) to switch to; unset: args.model. "
+        "Not a stage or model directory: a replica restarted later would resolve it anew.",
+    )
+
+    rollout: Rollout | None = Field(None, description="A canary or shadow version beside `model`.")
+
+    @field_validator("model")
+    @classmethod
+    def _exact(cls, value: str | None) -> str | None:
+        return exact_version(value)
 
 
 class Limits(Section):
     max_text_chars: int = Field(1000, ge=1, description="Longest accepted message, in characters.")
     max_batch_texts: int = Field(64, ge=1, description="Most texts in one request.")
-    max_body_bytes: int = Field(256 * 1024, ge=1024, description="Largest accepted request body.")
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest accepted request body, counted as it arrives."
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="A request body not received in this long gets 408 (slow clients)."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="A request the deployments have not answered in this long gets 503."
+    )
 
 
 class Auth(Section):
@@ -56,10 +108,18 @@ class Auth(Section):
     )
 
 
+class Docs(Section):
+    exposure: Literal["public", "keyed", "off"] = Field(
+        "keyed",
+        description="/docs, /redoc and /openapi.json: for anyone, for API-key holders only, or not served.",
+    )
+
+
 class ServeArgs(Section):
     model: str = Field(
-        "registry/northwind-tuned",
-        description="Registry version directory, or a model directory meaning its newest version.",
+        "registry/northwind-tuned@production",
+        description="The version to serve: a stage (registry/<name>@production) or an exact version "
+        "(registry/<name>/v<N>), resolved once when the application is deployed.",
     )
     routing_policy: str = Field("deployments/policies/northwind.yaml", description="Routing policy YAML.")
     device: str = Field("auto", description="auto (a GPU when one is assigned), cpu, cuda or cuda:N.")
@@ -74,14 +134,34 @@ class ServeArgs(Section):
     )
     limits: Limits = Limits()
     auth: Auth = Auth()
+    docs: Docs = Docs()
     log_texts: bool = Field(
         False, description="Write message texts to the logs. They are personal data: off by default."
     )
 
+    @field_validator("model")
+    @classmethod
+    def _pinned(cls, value: str) -> str:
+        if split_stage(value)[1] is None and not is_exact_version(value):
+            raise ValueError(
+                f"{value!r} is a model directory: name a stage (<dir>@production) or an exact version "
+                "(<dir>/v<N>), or replicas started later would serve whatever version is newest"
+            )
+        return value
+
     def resolved(self) -> ServeArgs:
-        """Absolute paths: replicas do not share the working directory of `serve run`."""
-        update = {k: str(Path(getattr(self, k)).expanduser().resolve()) for k in ("model", "routing_policy")}
+        """Absolute paths: replicas do not share the working directory of `serve run`. Links
+        are kept as they are: a Kubernetes ConfigMap mount is a chain of links whose target
+        differs per pod and changes on every update."""
+        update = {
+            k: os.path.abspath(Path(getattr(self, k)).expanduser()) for k in ("model", "routing_policy")
+        }
         return self.model_copy(update=update)
+
+
+def is_exact_version(spec: str) -> bool:
+    """registry/<name>/v<N>: one sealed version, never re-resolved."""
+    return split_stage(spec)[1] is None and VERSION_RE.match(Path(spec).name) is not None
 
 
 def serve_env() -> dict[str, str]:
@@ -90,8 +170,53 @@ def serve_env() -> dict[str, str]:
 
 
 def api_keys() -> list[bytes]:
-    """Keys from $TRANSFERDESK_API_KEYS and the file named by $TRANSFERDESK_API_KEYS_FILE."""
+    """Keys from $TRANSFERDESK_API_KEYS and the file named by $TRANSFERDESK_API_KEYS_FILE,
+    each at least MIN_KEY_CHARS long (a short key is a guessable key)."""
     keys = os.environ.get(KEYS_ENV, "").split(",")
     if path := os.environ.get(KEYS_FILE_ENV):
         keys += Path(path).read_text().splitlines()
-    return [k.strip().encode() for k in keys if k.strip()]
+    found = [k.strip() for k in keys if k.strip()]
+    if short := [k for k in found if len(k) < MIN_KEY_CHARS]:
+        raise TransferDeskError(
+            f"{len(short)} API key(s) shorter than {MIN_KEY_CHARS} characters; use random keys, e.g. "
+            "`openssl rand -hex 24`"
+        )
+    return [k.encode() for k in found]
+
+
+class KeyRing:
+    """The accepted API keys, read again when the key file changes (a rotated Kubernetes Secret
+    reaches a mounted file within a minute), so that a revoked key stops working without a
+    restart. A change that breaks the file keeps the last good keys, and says so."""
+
+    def __init__(self) -> None:
+        self.keys = api_keys()
+        if not self.keys:
+            raise TransferDeskError(
+                f"no API keys: set {KEYS_ENV} (comma-separated) or {KEYS_FILE_ENV} (a file, one key a "
+                "line), or set auth.disabled: true for local development"
+            )
+        self.stamp, self.checked = self._stamp(), time.monotonic()
+
+    @staticmethod
+    def _stamp() -> tuple[float, int] | None:
+        path = os.environ.get(KEYS_FILE_ENV)
+        try:  # stat follows the links of a Secret mount: their target changes on rotation
+            return (os.stat(path).st_mtime, os.stat(path).st_ino) if path else None
+        except OSError:
+            return None
+
+    def current(self) -> list[bytes]:
+        now = time.monotonic()
+        if now - self.checked >= KEYS_CHECK_S:
+            self.checked = now
+            if (stamp := self._stamp()) != self.stamp:
+                try:
+                    keys = api_keys()
+                    if not keys:
+                        raise TransferDeskError("the key file holds no key")
+                    self.keys, self.stamp = keys, stamp
+                    log.info("API keys reloaded (%d keys)", len(keys))
+                except (OSError, TransferDeskError) as err:
+                    log.error("API keys not reloaded, keeping the last good ones: %s", err)
+        return self.keys

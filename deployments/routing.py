@@ -11,7 +11,7 @@ from pydantic import Field, ValidationError
 
 from transferdesk.config import Section
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import Prediction
+from transferdesk.prediction import Prediction
 
 Priority = Literal["low", "normal", "high", "urgent"]
 

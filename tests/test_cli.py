@@ -138,3 +138,18 @@ def test_help_lists_every_setting() -> None:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args(argv)
         assert exit_info.value.code == 0
+
+
+def test_one_override_syntax_with_values_read_as_typed(tmp_path: Path) -> None:
+    from transferdesk.cli import config_overrides
+    from transferdesk.errors import TransferDeskError
+
+    train = build_parser().parse_args(
+        ["train", "--runtime.seed", "013", "--name", "123", "--set", "training.encoder_lr=1e-4"]
+    )
+    assert config_overrides(train) == {"runtime.seed": 13, "name": "123", "training.encoder_lr": 1e-4}
+    tune = build_parser().parse_args(["tune", "x.yaml", "--space.batch_size", "[8, 16]", "--train", "t.csv"])
+    assert config_overrides(tune) == {"space.batch_size": [8, 16], "run.data.train": "t.csv"}
+    old = build_parser().parse_args(["tune", "x.yaml", "--set", "training.epochs=5"])
+    with pytest.raises(TransferDeskError, match=r"did you mean run\.training\.epochs"):
+        config_overrides(old)

@@ -232,6 +232,11 @@ def test_a_damaged_source_checkpoint_is_trained_again(workdir: Path) -> None:
     second = run_training(cfg).source_checkpoint
     assert second == first and verify(second)  # retrained into the same place, sealed again
     assert list(first.parent.glob(f".damaged-{first.name}-*"))  # the damaged one kept aside
+    # One cached before checkpoints had manifests is sealed as it is and reused, not retrained.
+    (first / "manifest.json").unlink()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert run_training(cfg).source_checkpoint == first and verify(first)
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 REGISTRY_FILES = (
@@ -263,3 +268,52 @@ def test_no_module_outside_the_registry_names_its_files() -> None:
                     if node.value == name or node.value.endswith(f"/{name}")
                 ]
     assert not offenders
+
+
+def test_stages_pin_versions_and_keep_their_history(workdir: Path, tmp_path: Path) -> None:
+    registry = Registry(workdir / "registry")
+    while len(registry.versions("intent-classifier")) < 3:
+        train_and_register(_config(workdir, **{"training.epochs": 1}))
+    model_dir = workdir / "registry" / "intent-classifier"
+    first = registry.promote(model_dir / "v1", "production", "ana", "first release")
+    assert (first.version, first.previous) == (1, None)
+    registry.promote(model_dir / "v2", "production", "bo", "better on payments")
+    registry.promote(model_dir / "v3", "canary", "bo", "try v3 on 10%")
+    assert resolve_version_dir(f"{model_dir}@production") == model_dir / "v2"
+    assert open_version(f"{model_dir}@canary").version == 3
+    assert IntentModel.from_pretrained(f"{model_dir}@production").labels == registry.versions()[0].labels
+    back = registry.rollback("intent-classifier", "production", "ana", "v2 misroutes refunds")
+    assert (back.version, back.previous, back.action) == (1, 2, "rollback")
+    assert open_version(f"{model_dir}@production").version == 1
+    with pytest.raises(TransferDeskError, match="no earlier version"):
+        registry.rollback("intent-classifier", "production", "ana", "again")
+    log = registry.stage_log("intent-classifier")
+    assert [(e.action, e.stage, e.version, e.by) for e in log] == [
+        ("promote", "production", 1, "ana"),
+        ("promote", "production", 2, "bo"),
+        ("promote", "canary", 3, "bo"),
+        ("rollback", "production", 1, "ana"),
+    ]
+    assert log[-1].reason == "v2 misroutes refunds" and log[-1].at
+    with pytest.raises(TransferDeskError, match="no 'staging' stage"):
+        open_version(f"{model_dir}@staging")
+    with pytest.raises(TransferDeskError, match="lower-case"):
+        registry.promote(model_dir / "v1", "Prod!", "ana", "x")
+
+
+def test_a_stage_refuses_a_version_replaced_after_its_promotion(workdir: Path, tmp_path: Path) -> None:
+    while len(Registry(workdir / "registry").versions("intent-classifier")) < 2:
+        train_and_register(_config(workdir, **{"training.epochs": 1}))
+    copy = shutil.copytree(workdir / "registry", tmp_path / "registry")
+    registry = Registry(copy)
+    registry.promote(copy / "intent-classifier" / "v1", "production", "ana", "release")
+    v1 = copy / "intent-classifier" / "v1"
+    card = v1 / "model_card.md"
+    card.write_text(card.read_text() + "edited\n")
+    registry_module.write_manifest(v1, {"format": 2, "name": "intent-classifier", "version": 1})  # re-sealed
+    with pytest.raises(TransferDeskError, match="not the one promoted"):
+        open_version(f"{copy / 'intent-classifier'}@production")
+    head = copy / "intent-classifier" / "v2" / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(TransferDeskError, match=r"altered: head\.safetensors"):  # never promoted
+        registry.promote(copy / "intent-classifier" / "v2", "production", "ana", "damaged")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
+import re
 import sys
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -32,6 +35,8 @@ ALIASES = {
     "name": ("--name", "NAME"),
 }
 NULL_WORDS = {"none", "null", ""}
+INTEGER = re.compile(r"[-+]?\d+")
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # Where add_config_flags leaves, on the parsed arguments, which settings it made flags for.
 FIELDS_DEST = "config_fields"
 
@@ -94,7 +99,14 @@ def parse_value(raw: str | None, text: bool) -> Any:
     4, 1e-4, true and [8, 16] work."""
     if raw is None or raw.strip().lower() in NULL_WORDS:
         return None
-    return raw if text else yaml.safe_load(raw)
+    if text:
+        return raw
+    # Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.
+    if INTEGER.fullmatch(raw.strip()):
+        return int(raw)
+    if FLOAT.fullmatch(raw.strip()):
+        return float(raw)
+    return yaml.safe_load(raw)
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,9 +118,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.epochs=5")
         if key not in fields:
-            raise TransferDeskError(
-                f"--set {key}: no such setting; see --help for the --{key.split('.')[0]}… flags"
-            )
+            nested = [f for f in fields if f.endswith(f".{key}")]
+            hint = f"did you mean {nested[0]}?" if nested else "see --help for the settings"
+            raise TransferDeskError(f"--set {key}: no such setting; {hint}")
         given[key] = parse_value(value, fields[key])
     return given
 
@@ -263,7 +275,61 @@ def cmd_models_show(args: argparse.Namespace) -> None:
     print(f"\nPath: {version.path}\nFiles: {len(version.files)}, all match the manifest")
 
 
-MODEL_HELP = "registry version directory (or a model directory: its newest version)"
+def _who(args: argparse.Namespace) -> str:
+    return args.by or os.environ.get("TRANSFERDESK_USER") or getpass.getuser()
+
+
+def _print_event(event: Any, name: str) -> None:
+    was = f" (was v{event.previous})" if event.previous is not None else ""
+    print(f"{name}@{event.stage} → v{event.version}{was}, by {event.by} at {event.at}: {event.reason}")
+
+
+def cmd_models_promote(args: argparse.Namespace) -> None:
+    from transferdesk.registry import Registry, open_version
+
+    version = open_version(args.model)
+    event = Registry(version.path.parent.parent).promote(version.path, args.stage, _who(args), args.reason)
+    _print_event(event, version.name)
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> None:
+    from transferdesk.registry import Registry
+
+    model_dir = Path(args.model_dir)
+    event = Registry(model_dir.parent).rollback(model_dir.name, args.stage, _who(args), args.reason)
+    _print_event(event, model_dir.name)
+
+
+def cmd_models_stages(args: argparse.Namespace) -> None:
+    from transferdesk.registry import Registry
+
+    model_dir = Path(args.model_dir)
+    registry = Registry(model_dir.parent)
+    stages, log_rows = registry.stages(model_dir.name), registry.stage_log(model_dir.name)
+    if args.json:
+        _print_json(
+            {
+                "stages": {k: v.model_dump() for k, v in stages.items()},
+                "history": [e.model_dump() for e in log_rows],
+            }
+        )
+        return
+    if not stages:
+        print(
+            f"{model_dir.name}: no stages yet "
+            f"(transferdesk models promote {model_dir}/v<N> --stage production --reason ...)"
+        )
+        return
+    for stage, record in sorted(stages.items()):
+        print(f"{model_dir.name}@{stage}: v{record.version}, by {record.by} at {record.at}: {record.reason}")
+    print("\nhistory:")
+    for event in log_rows:
+        print(
+            f"  {event.at}  {event.action:<8} {event.stage:<11} v{event.version}  {event.by}: {event.reason}"
+        )
+
+
+MODEL_HELP = "registry version (dir/v<N>), model@stage, or a model directory (its newest version)"
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -358,6 +424,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("model", help=MODEL_HELP)
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_models_show)
+    promote = models.add_parser(
+        "promote",
+        help="point a stage (production, canary, …) at a version; recorded with who, when, why",
+        description="Point a stage of the version's model at it, after verifying its files. The "
+        "stage then names it: serve `registry/<name>@production`. Every change is logged "
+        "(see `models stages`).",
+    )
+    promote.add_argument("model", help="the version: registry/<name>/v<N> (or another stage, name@stage)")
+    promote.add_argument("--stage", required=True, help="e.g. production or canary")
+    rollback = models.add_parser(
+        "rollback",
+        help="point a stage back at the version it held before",
+        description="Undo the stage's last promotion (repeat to go further back); logged like one.",
+    )
+    rollback.add_argument("model_dir", help="the model directory, registry/<name>")
+    rollback.add_argument("--stage", required=True, help="e.g. production")
+    for command in (promote, rollback):
+        command.add_argument("--reason", required=True, help="why: kept in the stage history")
+        command.add_argument("--by", help="who [default: $TRANSFERDESK_USER, else the login name]")
+    promote.set_defaults(func=cmd_models_promote)
+    rollback.set_defaults(func=cmd_models_rollback)
+    stages = models.add_parser("stages", help="which version each stage holds, and their history")
+    stages.add_argument("model_dir", help="the model directory, registry/<name>")
+    stages.add_argument("--json", action="store_true", help="machine-readable output")
+    stages.set_defaults(func=cmd_models_stages)
     # Commands of the packages built on the core (tuning: `tune`), found through their
     # entry points so that the core never imports them.
     for entry in entry_points(group="transferdesk.commands"):

@@ -86,7 +86,7 @@ def evaluate(model: IntentModel, ds: Dataset, batch_size: int = 64, progress: bo
     # (a message below it counts as predicted out-of-scope); without them, plain argmax.
     oos_label = model.oos_label
     has_oos = oos_label in ds.labels
-    pred = model.decide(probs, None if has_oos else 0.0)
+    pred = model.decide(probs, out_of_scope=has_oos)
     labels = scored_labels(model, has_oos)
     metrics = classification_metrics(ds.labels, pred, labels)
     metrics.update(

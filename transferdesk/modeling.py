@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence, Sized
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from transferdesk.network import (
     select_device,
     tokenize,
 )
+from transferdesk.prediction import Prediction
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
 
 # The model object's own files inside a saved directory (a registry version holds more).
@@ -41,20 +41,8 @@ SETTINGS_FILE = "classifier.json"
 IN_SCOPE_QUANTILE = 0.05
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One message's answer. `intent` is the best in-scope intent even when `out_of_scope`
-    is set (a human agent still sees the model's guess); `label` is what to score or act on."""
-
-    intent: str
-    confidence: float
-    out_of_scope: bool
-    label: str  # intent, or the model's out-of-scope label when out_of_scope
-    ranked: tuple[tuple[str, float], ...]  # (intent, confidence), best first; ranked[0] is intent
-
-    @property
-    def alternatives(self) -> tuple[tuple[str, float], ...]:
-        return self.ranked[1:]
+def _rounded(value: float, digits: int | None) -> float:
+    return value if digits is None else round(value, digits)
 
 
 class IntentModel:
@@ -129,7 +117,7 @@ class IntentModel:
     def load_tokenizer(spec: str | Path | ModelVersion) -> PreTrainedTokenizerBase:
         """A registry version's tokenizer alone (Serve tokenizes in a deployment of its own)."""
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
-        return AutoTokenizer.from_pretrained(str(version.path / ENCODER_DIR))
+        return AutoTokenizer.from_pretrained(str(version.encoder_dir))
 
     def save_encoder(self, directory: Path) -> None:
         """Encoder and tokenizer alone, as a Hugging Face model directory (a backbone)."""
@@ -190,20 +178,24 @@ class IntentModel:
         """Per row: is the top confidence below the threshold."""
         return probs.max(axis=1) < self.threshold
 
-    def decide(self, probs: np.ndarray, threshold: float | None = None) -> list[str]:
-        """The label of each row: its top intent, or the out-of-scope label below the threshold."""
-        limit = self.threshold if threshold is None else threshold
-        best = probs.argmax(axis=1)
-        return [self.oos_label if probs[i, j] < limit else self.labels[j] for i, j in enumerate(best)]
+    def decide(self, probs: np.ndarray, out_of_scope: bool = True) -> list[str]:
+        """The label of each row: its top intent, or (out_of_scope=True) the out-of-scope label
+        below the threshold. out_of_scope=False: plain argmax, for data without such rows."""
+        return self._decide_at(probs, self.threshold if out_of_scope else 0.0)
 
-    def predictions(self, probs: np.ndarray, k: int = 3) -> list[Prediction]:
-        """Typed answers from probabilities, with the k best intents ranked."""
+    def _decide_at(self, probs: np.ndarray, threshold: float) -> list[str]:
+        best = probs.argmax(axis=1)
+        return [self.oos_label if probs[i, j] < threshold else self.labels[j] for i, j in enumerate(best)]
+
+    def predictions(self, probs: np.ndarray, k: int = 3, digits: int | None = None) -> list[Prediction]:
+        """Typed answers from probabilities, with the k best intents ranked (confidences rounded
+        to `digits` places if given, for compact responses; the out-of-scope rule sees them whole)."""
         k = max(1, min(k, len(self.labels)))
-        order = np.argsort(-probs, axis=1)[:, :k]
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: the same intent as argmax
         flags = self.out_of_scope(probs)
         out = []
         for p, row, flag in zip(probs, order, flags, strict=True):
-            ranked = tuple((self.labels[j], float(p[j])) for j in row)
+            ranked = tuple((self.labels[j], _rounded(float(p[j]), digits)) for j in row)
             intent, confidence = ranked[0]
             label = self.oos_label if flag else intent
             out.append(Prediction(intent, confidence, bool(flag), label, ranked))
@@ -212,8 +204,10 @@ class IntentModel:
     def predict(self, texts: list[str], k: int = 3, batch_size: int = 64) -> list[Prediction]:
         return self.predictions(self.predict_proba(texts, batch_size), k)
 
-    def predict_ids(self, ids: list[list[int]], k: int = 3, batch_size: int = 64) -> list[Prediction]:
-        return self.predictions(self.proba_from_ids(ids, batch_size), k)
+    def predict_ids(
+        self, ids: list[list[int]], k: int = 3, batch_size: int = 64, digits: int | None = None
+    ) -> list[Prediction]:
+        return self.predictions(self.proba_from_ids(ids, batch_size), k, digits)
 
     def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> np.ndarray:
         """Choose the out-of-scope threshold on labelled validation data; returns its probabilities."""
@@ -229,7 +223,7 @@ class IntentModel:
             self.threshold = float(np.quantile(confidence, IN_SCOPE_QUANTILE)) if len(confidence) else 0.0
             return
         candidates = np.unique(np.concatenate([[0.0], confidence]))
-        scores = [self._oos_balance(labels, self.decide(probs, t)) for t in candidates]
+        scores = [self._oos_balance(labels, self._decide_at(probs, t)) for t in candidates]
         self.threshold = float(candidates[int(np.argmax(scores))])
 
     def _oos_balance(self, y_true: list[str], pred: list[str]) -> float:

@@ -14,6 +14,11 @@ Layout of one version, `<registry>/<name>/v<N>/`:
     manifest.json       format, name, version, created, and SHA-256 of every file above;
                         checked on every load
     evaluations/        later `transferdesk evaluate` runs (written after sealing: not covered)
+Beside the versions of a model, `<registry>/<name>/`:
+    stages.json         stage → version and its manifest digest (production, canary, …)
+    stages.log.jsonl    every promotion and rollback: stage, version, who, when, why
+A spec `<registry>/<name>@<stage>` names the version a stage holds, refused if the
+version's manifest changed since it was promoted.
 Source-stage checkpoints, `<registry>/sources/<key>/`, hold an encoder + tokenizer (a
 backbone in its own right), `source.json` and their own manifest, checked before reuse.
 
@@ -27,6 +32,8 @@ Versions of format 1 (before version.json) still open; their metadata is transla
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -41,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import Field
@@ -65,8 +72,32 @@ ENCODER_DIR = "encoder"
 TOKENIZER_FILE = f"{ENCODER_DIR}/tokenizer.json"
 # Written after a version is sealed (evaluations of it), so not covered by the manifest.
 UNSEALED = ("evaluations",)
+# Folders a run fills while its version is a draft.
+LOGS_DIR, TEST_DIR, SEARCH_DIR = "logs", "test", "search"
 VERSION_RE = re.compile(r"^v(\d+)$")
 STAGING_PREFIX = ".staging-"
+STAGES = "stages.json"
+STAGE_LOG = "stages.log.jsonl"
+STAGE_LOCK = ".stages.lock"
+STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class StageRecord(Section):
+    """What a stage holds (stages.json)."""
+
+    version: int
+    manifest_sha256: str = Field(description="Digest of the version's manifest when promoted.")
+    at: str
+    by: str
+    reason: str
+
+
+class StageEvent(StageRecord):
+    """One line of stages.log.jsonl."""
+
+    action: Literal["promote", "rollback"]
+    stage: str
+    previous: int | None = Field(description="The version the stage held before, if any.")
 
 
 class SavesPretrained(Protocol):
@@ -76,6 +107,10 @@ class SavesPretrained(Protocol):
     oos_label: str
 
     def save_pretrained(self, directory: Path) -> None: ...
+
+
+class SavesEncoder(Protocol):
+    def save_encoder(self, directory: Path) -> None: ...
 
 
 class VersionMeta(Section):
@@ -180,8 +215,21 @@ def version_dirs(model_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def split_stage(spec: str | Path) -> tuple[Path, str | None]:
+    """`registry/name@production` → (registry/name, "production"); other specs, no stage."""
+    text = str(spec)
+    model, sep, stage = text.rpartition("@")
+    if not sep or "/" in stage:
+        return Path(text), None
+    return Path(model), stage
+
+
 def resolve_version_dir(spec: str | Path) -> Path:
-    """A version directory, or a model directory meaning its newest version."""
+    """A version directory, a model directory meaning its newest version, or `model@stage`:
+    the version that stage holds (checked against the digest recorded when it was promoted)."""
+    model_dir, stage = split_stage(spec)
+    if stage is not None:
+        return Registry(model_dir.parent).stage_version(model_dir.name, stage)
     path = Path(spec)
     if not path.exists():
         raise TransferDeskError(
@@ -223,6 +271,11 @@ class ModelVersion:
         return self.meta.labels
 
     @property
+    def manifest_sha256(self) -> str:
+        """Identifies this exact version: any change to any sealed file changes it."""
+        return sha256(self.path / MANIFEST)
+
+    @property
     def tokenizer_sha256(self) -> str | None:
         """Equal for versions that tokenize alike (the Serve tokenizer can stay)."""
         return self.files.get(TOKENIZER_FILE)
@@ -230,6 +283,11 @@ class ModelVersion:
     @property
     def encoder_dir(self) -> Path:
         return self.path / ENCODER_DIR
+
+    @property
+    def search_dir(self) -> Path:
+        """The search's trial table, curves and config (versions exported by tune)."""
+        return self.path / SEARCH_DIR
 
     @cached_property
     def metrics(self) -> dict:
@@ -283,7 +341,7 @@ def _legacy_meta(root: Path) -> VersionMeta:
     checkpoint = info.get("source_checkpoint")
     return VersionMeta(
         labels=info["labels"],
-        backbone=info.get("backbone") or "unknown",
+        backbone=portable_path(info.get("backbone")) or "unknown",
         source=portable_path(info.get("source")),
         source_checkpoint=f"{SOURCES}/{Path(checkpoint).name}" if checkpoint else None,
         candidate=info.get("candidate"),
@@ -301,7 +359,18 @@ def _read_version(root: Path, manifest: dict) -> ModelVersion:
             f"{root} was written by a newer TransferDesk (registry format {fmt}, this one reads up "
             f"to {FORMAT}); upgrade TransferDesk to load it"
         )
-    meta = VersionMeta.model_validate(_read_json(root / VERSION_META)) if fmt >= 2 else _legacy_meta(root)
+    try:
+        meta = VersionMeta.model_validate(_read_json(root / VERSION_META)) if fmt >= 2 else _legacy_meta(root)
+    except FileNotFoundError as err:
+        hint = " (a source checkpoint: use it as --backbone)" if (root / SOURCE_META).is_file() else ""
+        raise TransferDeskError(
+            f"{root} is not a model version: no {Path(err.filename).name}{hint}"
+        ) from None
+    except (KeyError, ValueError) as err:
+        raise TransferDeskError(
+            f"{root}: its metadata cannot be read ({type(err).__name__}: {err}); train it again, or load "
+            "its encoder/ as a backbone (--backbone) to re-train from it"
+        ) from None
     return ModelVersion(
         path=root,
         name=manifest.get("name") or root.parent.name,
@@ -320,13 +389,16 @@ def open_version(spec: str | Path) -> ModelVersion:
     return _read_version(root, verify(root))
 
 
+OBJECTIVES = {"cross_entropy": "cross-entropy", "supcon": "cross-entropy plus supervised contrastive loss"}
+
+
 def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, model: SavesPretrained) -> str:
     test = metrics.get("test", {})
     lines = [
         f"# {cfg.name} {version}",
         "",
-        f"Intent classifier: {meta.backbone} encoder ({cfg.model.pooling} pooling) "
-        "+ linear head, fine-tuned with AdamW and cross-entropy.",
+        f"Intent classifier: {meta.backbone} encoder ({cfg.model.pooling} pooling) + linear head, "
+        f"fine-tuned with AdamW and {OBJECTIVES[cfg.training.objective]}.",
         "",
         f"- Target data: `{cfg.data.train}` ({meta.train_examples} examples, {len(meta.labels)} intents)",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
@@ -361,6 +433,18 @@ class Draft:
     registry: Registry
     name: str
     path: Path
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.path / LOGS_DIR
+
+    @property
+    def test_dir(self) -> Path:
+        return self.path / TEST_DIR
+
+    @property
+    def search_dir(self) -> Path:
+        return self.path / SEARCH_DIR
 
     def publish(
         self, model: SavesPretrained, cfg: RunConfig, meta: VersionMeta, metrics: dict
@@ -422,8 +506,90 @@ class Registry:
         for model_dir in [self.root / name] if name else sorted(self.root.iterdir()):
             for root in version_dirs(model_dir):
                 if (root / MANIFEST).is_file():
-                    found.append(_read_version(root, _read_json(root / MANIFEST)))
+                    try:
+                        found.append(_read_version(root, _read_json(root / MANIFEST)))
+                    except (TransferDeskError, ValueError) as err:  # one unreadable version hides no other
+                        log.warning("skipping %s: %s", root, err)
         return sorted(found, key=lambda v: (v.name, v.version))
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def stages(self, name: str) -> dict[str, StageRecord]:
+        path = self.root / name / STAGES
+        if not path.is_file():
+            return {}
+        return {stage: StageRecord.model_validate(r) for stage, r in _read_json(path).items()}
+
+    def stage_log(self, name: str) -> list[StageEvent]:
+        path = self.root / name / STAGE_LOG
+        if not path.is_file():
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [StageEvent.model_validate_json(line) for line in lines if line.strip()]
+
+    def stage_version(self, name: str, stage: str) -> Path:
+        """The version directory a stage holds, after checking it is the one promoted."""
+        record = self.stages(name).get(stage)
+        if record is None:
+            held = ", ".join(sorted(self.stages(name))) or "none"
+            raise TransferDeskError(
+                f"{self.root / name} has no {stage!r} stage (stages: {held}); promote a version "
+                f"first: transferdesk models promote {self.root / name}/v<N> --stage {stage}"
+            )
+        path = self.root / name / f"v{record.version}"
+        if not (path / MANIFEST).is_file() or sha256(path / MANIFEST) != record.manifest_sha256:
+            raise TransferDeskError(
+                f"{name}@{stage} names v{record.version}, but that version's manifest is not the one "
+                "promoted (it was replaced or removed); promote a version again"
+            )
+        return path
+
+    def promote(self, spec: str | Path, stage: str, by: str, reason: str) -> StageEvent:
+        """Point `stage` of the version's model at it, atomically, and log who, when and why."""
+        version = open_version(spec)  # a damaged version is never promoted
+        if version.path.parent.parent.resolve() != self.root.resolve():
+            raise TransferDeskError(f"{version.path} is not a version of registry {self.root}")
+        return self._set_stage(version, stage, by, reason, "promote")
+
+    def rollback(self, name: str, stage: str, by: str, reason: str) -> StageEvent:
+        """Point `stage` back at the version it held before its current promotion (repeated
+        rollbacks walk further back, as an undo would)."""
+        held: list[int] = []  # the stage's promotions, less those rolled back
+        for event in self.stage_log(name):
+            if event.stage == stage:
+                held = [*held, event.version] if event.action == "promote" else held[:-1]
+        if len(held) < 2:
+            raise TransferDeskError(f"{name}@{stage} has no earlier version to roll back to")
+        return self._set_stage(open_version(self.root / name / f"v{held[-2]}"), stage, by, reason, "rollback")
+
+    def _set_stage(self, version: ModelVersion, stage: str, by: str, reason: str, action: str) -> StageEvent:
+        if not STAGE_RE.match(stage):
+            raise TransferDeskError(
+                f"stage {stage!r}: use lower-case letters, digits, - and _, e.g. production"
+            )
+        model_dir = version.path.parent
+        with open(model_dir / STAGE_LOCK, "a") as lock:  # one writer at a time, across processes
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            stages = self.stages(version.name)
+            event = StageEvent(
+                action=action,
+                stage=stage,
+                version=version.version,
+                previous=stages[stage].version if stage in stages else None,
+                manifest_sha256=version.manifest_sha256,
+                at=datetime.now(UTC).isoformat(timespec="seconds"),
+                by=by,
+                reason=reason,
+            )
+            stages[stage] = StageRecord(**event.model_dump(include=set(StageRecord.model_fields)))
+            tmp = model_dir / f".{STAGES}.tmp"
+            tmp.write_text(json.dumps({k: v.model_dump() for k, v in stages.items()}, indent=2))
+            os.replace(tmp, model_dir / STAGES)  # readers see the old file or the new one
+            with open(model_dir / STAGE_LOG, "a", encoding="utf-8") as log_file:
+                log_file.write(event.model_dump_json() + "\n")
+        return event
+
+    # -- source-stage checkpoints -------------------------------------------------------------
 
     def source_checkpoint(self, key: str) -> Path | None:
         """A cached source-stage checkpoint, verified against its manifest; a damaged or
@@ -431,18 +597,24 @@ class Registry:
         path = self.root / SOURCES / key
         if not path.exists():
             return None
+        if not (path / MANIFEST).is_file() and (path / SOURCE_META).is_file():
+            # Cached before checkpoints were sealed: sealed now, as it is, rather than retrained.
+            log.info("source checkpoint %s predates manifests; sealing it for reuse", key)
+            write_manifest(path, {"format": FORMAT, "source_key": key})
         try:
             verify(path)
             return path
         except TransferDeskError as err:
-            aside = path.with_name(f".damaged-{key}-{int(time.time())}")
+            aside = path.with_name(f".damaged-{key}-{time.time_ns()}-{os.getpid()}")
             log.warning(
-                "source checkpoint %s is not reused (%s); moved to %s, training it again", key, err, aside
+                "source checkpoint %s does not match its manifest; moved to %s, training it again", key, aside
             )
-            os.rename(path, aside)
+            log.debug("%s", err)
+            with contextlib.suppress(FileNotFoundError):  # another run set it aside first
+                os.rename(path, aside)
             return None
 
-    def save_source(self, model: Any, key: str, info: dict) -> Path:
+    def save_source(self, model: SavesEncoder, key: str, info: dict) -> Path:
         """A source-stage encoder, usable later as a backbone (`--backbone <dir>`)."""
         target = self.root / SOURCES / key
         tmp = _staging_dir(target.parent)
@@ -450,11 +622,17 @@ class Registry:
             model.save_encoder(tmp)
             (tmp / SOURCE_META).write_text(json.dumps(info, indent=2))
             write_manifest(tmp, {"format": FORMAT, "source_key": key})
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if self.source_checkpoint(key) is None:  # not a concurrent run that finished first
-                    raise
+            for _ in range(2):
+                try:
+                    os.rename(tmp, target)
+                    break
+                except OSError:
+                    # Another run finished the same stage first: its checkpoint is as good as
+                    # this one, unless it is damaged, in which case it is set aside and replaced.
+                    if self.source_checkpoint(key) is not None:
+                        break
+            else:
+                raise TransferDeskError(f"could not store source checkpoint {target}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

@@ -174,7 +174,7 @@ def calibrate(model: IntentModel, valid: Dataset, batch_size: int) -> None:
     )
 
 
-def publish(
+def score_and_publish(
     draft: Draft, model: IntentModel, cfg: RunConfig, test: Dataset | None, metrics: dict, meta: VersionMeta
 ) -> ModelVersion:
     """Score the test file (once, here, into the draft's test/) and seal the version."""
@@ -182,7 +182,7 @@ def publish(
         scores = evaluate(model, test, cfg.runtime.eval_batch_size, cfg.runtime.progress)
         scores["data"] = portable_path(scores["data"])
         labels = scored_labels(model, "oos_recall" in scores)
-        write_evaluation(scores, test, labels, draft.path / "test", f"{draft.name}: test set")
+        write_evaluation(scores, test, labels, draft.test_dir, f"{draft.name}: test set")
         scores.pop("predictions")
         metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "test": scores, **metrics}
         log.info(
@@ -198,7 +198,7 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
     """Train, score on the test file once, and publish a new registry version."""
     registry = Registry(cfg.output)
     with registry.draft(cfg.name) as draft:
-        result = run_training(cfg, log_dir=draft.path / "logs")
+        result = run_training(cfg, log_dir=draft.logs_dir)
         cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
         metrics = {"valid_history": result.fit.history, "best_epoch": result.fit.best_epoch, **result.timings}
         checkpoint = result.source_checkpoint
@@ -211,4 +211,4 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
             timings=result.timings,
             device=str(result.model.device),
         )
-        return publish(draft, result.model, cfg, result.splits.test, metrics, meta)
+        return score_and_publish(draft, result.model, cfg, result.splits.test, metrics, meta)

@@ -34,7 +34,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--address", help="Ray cluster address [default: $RAY_ADDRESS, else local]")
     from tuning.config import TuneSpec
 
-    add_config_flags(parser, TuneSpec, aliases={f"run.{k}": v for k, v in ALIASES.items()})
+    # Not --backbone or --source: a search takes those from its candidates.
+    run_aliases = {f"run.{k}": v for k, v in ALIASES.items() if k not in ("model.backbone", "data.source")}
+    add_config_flags(parser, TuneSpec, aliases=run_aliases)
     parser.set_defaults(func=cmd_tune)
     return parser
 

@@ -144,6 +144,16 @@ class TuneSpec(Section):
     space: SearchSpace = SearchSpace()
     search: SearchSettings = SearchSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _run_settings_under_run(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (flat := sorted(set(data) & set(RunConfig.model_fields))):
+            raise ValueError(
+                f"{', '.join(flat)}: run settings go under `run:` (since the tuning spec holds a run "
+                "configuration rather than extending it); indent them below a `run:` key"
+            )
+        return data
+
     @model_validator(mode="after")
     def _unique_candidates(self) -> TuneSpec:
         names = [c.name for c in self.candidates]

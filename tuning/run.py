@@ -3,6 +3,7 @@ Optuna (or random) + ASHA, then export the best checkpoint into the registry."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
-from transferdesk.train import calibrate, publish
+from transferdesk.train import calibrate, score_and_publish
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
@@ -205,8 +206,10 @@ class SearchResult:
 
 
 def experiment_id(spec: TuneSpec) -> str:
-    """How an exported version names its search: no machine path (see the registry)."""
-    return f"{Path(spec.search.storage_path).name}/{spec.run.name}"
+    """How an exported version names its search without a machine path (see the registry):
+    the search's name and a digest of where its state is, unique to it."""
+    digest = hashlib.sha256(experiment_path(spec).encode()).hexdigest()[:12]
+    return f"{spec.run.name}-{digest}"
 
 
 def recorded_spec(spec: TuneSpec, registry: Registry) -> TuneSpec:
@@ -220,6 +223,16 @@ def recorded_spec(spec: TuneSpec, registry: Registry) -> TuneSpec:
     search = spec.search.model_copy(update={"storage_path": registry.portable(spec.search.storage_path)})
     run = portable_config(spec.run, registry.root)
     return spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
+
+
+def load_checkpoint(checkpoint: Path) -> IntentModel:
+    try:
+        return IntentModel.load(checkpoint)
+    except FileNotFoundError as err:
+        raise TransferDeskError(
+            f"the best trial's checkpoint {checkpoint} lacks {Path(err.filename).name}: it was saved by "
+            "an older TransferDesk. Run the search again under a new name (--name) instead of resuming it"
+        ) from None
 
 
 def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
@@ -239,10 +252,10 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
     )
     registry = Registry(spec.run.output)
     with registry.draft(spec.run.name) as draft, best.checkpoint.as_directory() as checkpoint:
-        model = IntentModel.load(checkpoint)
+        model = load_checkpoint(Path(checkpoint))
         splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
         calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
-        search_dir = draft.path / "search"
+        search_dir = draft.search_dir
         write_table(rows, search_dir)
         plot_curves(results, metric, search_dir / "curves.png")
         (search_dir / "search.yaml").write_text(recorded_spec(spec, registry).to_yaml())
@@ -265,9 +278,9 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
             pretrained=candidate.pretrained,
             train_examples=len(splits.train),
             timings={"train_seconds": float(best.metrics_dataframe["time_total_s"].iloc[-1])},
-            device=str(model.device),
+            device="cuda" if spec.search.gpus_per_trial else "cpu",  # where the trials trained
         )
-        return publish(draft, model, cfg, splits.test, metrics, meta)
+        return score_and_publish(draft, model, cfg, splits.test, metrics, meta)
 
 
 def exported_version(spec: TuneSpec) -> ModelVersion | None:
@@ -275,7 +288,11 @@ def exported_version(spec: TuneSpec) -> ModelVersion | None:
     if not Path(spec.run.output, spec.run.name).is_dir():
         return None
     for version in reversed(Registry(spec.run.output).versions(spec.run.name)):
-        if version.metrics.get("search", {}).get("experiment") == experiment_id(spec):
+        # Versions exported before experiment ids recorded the experiment's path itself.
+        if version.metrics.get("search", {}).get("experiment") in (
+            experiment_id(spec),
+            experiment_path(spec),
+        ):
             return version
     return None
 
@@ -287,7 +304,5 @@ def tune_and_export(spec: TuneSpec, address: str | None = None, resume: Resume =
         log.info("search %s was already exported as %s", experiment_path(spec), done.path)
         return done
     version = export(spec, search(spec, address, resume))
-    log.info(
-        "search state in %s; trial table in %s", experiment_path(spec), version.path / "search" / "trials.md"
-    )
+    log.info("search state in %s; trial table in %s", experiment_path(spec), version.search_dir / "trials.md")
     return version

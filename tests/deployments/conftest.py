@@ -26,7 +26,7 @@ from deployments.config import serve_env
 from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
 from transferdesk.train import train_and_register
 
-KEYS = ("test-key-one", "test-key-two")
+KEYS = ("test-key-number-one", "test-key-number-two")  # 16 characters at least
 START_TIMEOUT_S = 300
 ROOT = Path(__file__).resolve().parents[2]
 SERVE = installed_command("serve")
@@ -76,6 +76,7 @@ class Service:
     versions: list[Path]
     log: Path
     ray_tmp: Path  # this cluster's RAY_TMPDIR: its session files, metrics targets among them
+    keys_file: Path  # TRANSFERDESK_API_KEYS_FILE: keys beside those of the environment
 
     def client(self, key: str | None = KEYS[0], prefix: str = "") -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -112,6 +113,7 @@ def _config(versions: list[Path], policy: Path, port: int) -> dict:
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"].update(model=str(versions[0]), routing_policy=str(policy))
+    app["args"]["limits"]["body_timeout_s"] = 3.0  # slow-body tests wait this long
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0.1}
         deployment["autoscaling_config"]["min_replicas"] = 1
@@ -120,6 +122,7 @@ def _config(versions: list[Path], policy: Path, port: int) -> dict:
     open_app = yaml.safe_load(yaml.safe_dump(app))
     open_app.update(name="open", route_prefix="/open")
     open_app["args"]["auth"] = {"disabled": True}
+    open_app["args"]["docs"] = {"exposure": "off"}
     for deployment in open_app["deployments"]:
         deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     config["applications"] = [app, open_app]
@@ -132,7 +135,7 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
         if proc.poll() is not None:
             pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if all(httpx.get(f"{url}{p}/healthz", timeout=5).status_code == 200 for p in ("", "/open")):
+            if all(httpx.get(f"{url}{p}/readyz", timeout=5).status_code == 200 for p in ("", "/open")):
                 return
         except httpx.HTTPError:
             pass
@@ -154,7 +157,15 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
     log = tmp / "serve.log"
     # Short, under /tmp: Ray's socket paths inside it must stay under 108 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="td-ray-", dir="/tmp"))
-    env = {**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
+    keys_file = tmp / "keys"  # a mounted Secret's stand-in: rotated by a test
+    keys_file.write_text("")
+    env = {
+        **serve_env(),
+        **RAY_ENV,
+        **isolated_env(ray_tmp),
+        "TRANSFERDESK_API_KEYS": ",".join(KEYS),
+        "TRANSFERDESK_API_KEYS_FILE": str(keys_file),
+    }
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [SERVE, "run", str(config_path)],
@@ -169,7 +180,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
         _wait_until_up(url, proc, log)
         match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
         dashboard = f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
-        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp)
+        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file)
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:

@@ -12,7 +12,7 @@ import pytest
 from ray import serve
 
 from deployments.app import Classifier
-from tests.deployments.conftest import train_versions
+from tests.deployments.conftest import train_versions, write_policy
 
 FORWARD_S = 0.2  # a forward pass slow enough for calls to arrive during it
 
@@ -25,7 +25,8 @@ def version(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Pa
 def test_calls_arriving_during_a_forward_pass_form_the_next_batch(
     version: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    classifier = Classifier.func_or_class(str(version), threads=1)
+    policy = write_policy(version.parent.parent.parent / "policy.yaml")
+    classifier = Classifier.func_or_class(str(version), str(policy), threads=1)
     # @serve.batch reads its replica's max_ongoing_requests (serve.yaml's) on its first call.
     replica = SimpleNamespace(
         _deployment_config=SimpleNamespace(max_ongoing_requests=48),

@@ -39,3 +39,20 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
         serve_config(serve_args(str(version), "--top_k", "11"))
     with pytest.raises(TransferDeskError, match="no such setting"):
         serve_config(serve_args(str(version), "--set", "topk=4"))
+
+
+def test_served_versions_are_pinned(version: Path) -> None:
+    from deployments.config import ClassifierConfig, ServeArgs
+
+    model_dir = version.parent
+    # A model directory on the command line becomes its newest version, written out exactly.
+    app_args = serve_config(serve_args(str(model_dir)))["applications"][0]["args"]
+    assert app_args["model"] == str(model_dir.resolve() / "v2")
+    # In a config, a model directory is refused: replicas started later would serve the newest.
+    with pytest.raises(TransferDeskError, match="name a stage"):
+        serve_config(serve_args("--model", str(model_dir)))
+    assert ServeArgs(model=f"{model_dir}@production").model.endswith("@production")
+    with pytest.raises(ValueError, match="exact version"):
+        ClassifierConfig(model=f"{model_dir}@canary")  # reconfigure() runs again on every restart
+    with pytest.raises(TransferDeskError, match="no 'production' stage"):
+        serve_config(serve_args(f"{model_dir}@production"))

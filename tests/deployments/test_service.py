@@ -8,6 +8,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
@@ -26,10 +30,13 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import TOY_INTENTS
 from tests.deployments.conftest import KEYS, Service, write_policy
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import Registry, open_version
 
 pytestmark = pytest.mark.integration
 
 TRACK, RESET = "where is my parcel", "forgot my password"
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -80,7 +87,10 @@ def test_request_id_is_echoed(service: Service) -> None:
     [
         ({"text": ""}, 422, "text"),
         ({"texts": ["ok", "   "]}, 422, "texts.1"),
-        ({"text": "x" * 1001}, 413, "text"),
+        ({"text": "x" * 1001}, 422, "text"),
+        ({"text": "hi", "top_k": True}, 422, "top_k"),
+        ({"text": "hi", "top_k": "3"}, 422, "top_k"),
+        ({"text": "hi", "top_k": 2.5}, 422, "top_k"),
         ({"texts": ["hi"] * 65}, 422, "texts"),
         ({"texts": []}, 422, "texts"),
         ({"text": "a", "texts": ["b"]}, 422, None),
@@ -170,7 +180,7 @@ def test_bad_policy_edit_keeps_the_last_good_policy(service: Service) -> None:
 
 def test_no_server_error_and_no_schema_violation(service: Service) -> None:
     # schemathesis' pytest plugin does not load under pytest 9; drive hypothesis directly.
-    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json", headers=AUTH)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.label for op in operations} >= {"POST /v1/classify", "POST /v1/route", "GET /v1/model"}
     for operation in operations:
@@ -181,6 +191,160 @@ def test_no_server_error_and_no_schema_violation(service: Service) -> None:
             case.call_and_validate(headers={"Authorization": f"Bearer {KEYS[0]}"}, checks=CHECKS)
 
         fuzz()
+
+
+def test_schemathesis_command_line_finds_no_failure(service: Service, tmp_path: Path) -> None:
+    """The published contract, checked as an integrator would: every check of the
+    command-line tool, positive and negative cases, against the running service."""
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{service.url}/openapi.json",
+        "--checks",
+        "all",
+        "--header",
+        f"Authorization: Bearer {KEYS[0]}",
+        "--max-examples",
+        "25",
+        "--seed",
+        "7",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--no-color",
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert re.search(r"\b0 failures?\b|No issues found", run.stdout), run.stdout[-3000:]
+
+
+def _raw(service: Service, request: bytes, pause: float = 0.0, chunks: list[bytes] | None = None) -> bytes:
+    """Bytes over a socket, for requests an HTTP client would not send; the answer's bytes."""
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        for chunk in chunks or []:
+            time.sleep(pause)
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed meanwhile
+                break
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.find(b"\r\n\r\n") + 30:
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+    return answer
+
+
+def _status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    return status, json.loads(body[body.find(b"{") : body.rfind(b"}") + 1])
+
+
+MARKER = "zq7marker"  # in every hostile text: it must never reach a log
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"\ud800 {MARKER}",  # a lone surrogate: valid JSON, not valid Unicode
+        f"{MARKER}\u0000 where is my parcel",
+        f"{MARKER}\x07\x1b[31m\u0085 reset my password",
+        f"\u202e{MARKER} refund status please\u202c",  # right-to-left override
+        MARKER + "x" * 990,  # one 1,000-character token
+        f"{MARKER} " + "\ufeff" * 20,
+    ],
+)
+def test_hostile_texts_get_200_or_a_json_4xx(service: Service, text: str) -> None:
+    body = json.dumps({"text": text}).encode()  # json.dumps escapes the surrogate: valid JSON
+    with service.client() as client:
+        response = client.post("/v1/route", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 200 or (400 <= response.status_code < 500 and response.json()["error"])
+    if "\ud800" in text:
+        assert response.status_code == 422 and response.json()["error"]["field"] == "text"
+
+
+def test_bodies_are_bounded_as_they_arrive(service: Service) -> None:
+    headers = f"Host: x\r\nAuthorization: Bearer {KEYS[0]}\r\nContent-Type: application/json\r\n"
+
+    # Chunked, no Content-Length: read and answered.
+    def chunked(*parts: bytes) -> bytes:
+        return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+    request = f"POST /v1/classify HTTP/1.1\r\n{headers}Transfer-Encoding: chunked\r\n\r\n".encode()
+    status, body = _status_and_json(_raw(service, request + chunked(b'{"text": ', b'"where is my parcel"}')))
+    assert status == 200 and body["results"][0]["intent"] == "track_order"
+    # Chunked and over the limit: counted, refused.
+    big = chunked(*[b'{"text": "' + b"a" * 100_000] + [b"a" * 100_000] * 2 + [b'"}'])
+    status, body = _status_and_json(_raw(service, request + big))
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    # More bytes than declared: the declared ones are the request (here, broken JSON).
+    request = f"POST /v1/classify HTTP/1.1\r\n{headers}Content-Length: 12\r\n\r\n".encode()
+    status, body = _status_and_json(_raw(service, request + b'{"text": "where is my parcel"}' + b"x" * 5000))
+    assert status == 422 and body["error"]["field"] == "body"
+    # A slow body (slowloris): cut off after limits.body_timeout_s (3 s in these tests).
+    request = f"POST /v1/classify HTTP/1.1\r\n{headers}Content-Length: 40\r\n\r\n".encode()
+    start = time.monotonic()
+    answer = _raw(service, request + b'{"te', pause=1.0, chunks=[b"x"] * 8)
+    status, body = _status_and_json(answer)
+    assert status == 408 and body["error"]["code"] == "body_timeout" and time.monotonic() - start < 15
+
+
+def test_no_text_reaches_the_logs(service: Service) -> None:
+    logs = list((service.ray_tmp / "ray" / "session_latest" / "logs").rglob("*"))
+    assert logs
+    for path in logs:
+        if path.is_file():
+            assert MARKER.encode() not in path.read_bytes(), path
+
+
+def test_docs_need_a_key_or_are_off(service: Service) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{service.url}{path}").status_code == 401
+        assert httpx.get(f"{service.url}{path}", headers=AUTH).status_code == 200
+        assert httpx.get(f"{service.url}/open{path}", headers=AUTH).status_code == 404  # exposure: off
+    schema = httpx.get(f"{service.url}/openapi.json", headers=AUTH).json()
+    request = schema["components"]["schemas"]["TextsRequest"]
+    assert request["oneOf"] == [{"required": ["text"]}, {"required": ["texts"]}]
+    assert request["properties"]["text"]["maxLength"] == 1000  # the limit this service enforces
+    assert request["properties"]["texts"]["maxItems"] == 64
+
+
+def test_method_not_allowed_says_what_is(service: Service) -> None:
+    with service.client() as client:
+        response = client.get("/v1/classify")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "http_error"
+
+
+def test_health_is_cheap_and_readiness_checks_the_chain(service: Service) -> None:
+    assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{service.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert set(ready.json()["checks"]) == {"tokenizer", "classifier", "router"}
+    assert ready.json()["checks"]["classifier"] == "toy/v1"
+
+
+def test_rotated_keys_take_effect_without_a_restart(service: Service) -> None:
+    rotated = "a-rotated-key-0123456789"
+    service.keys_file.write_text(rotated + "\n")
+    try:
+        deadline, status = time.monotonic() + 20, 0
+        while time.monotonic() < deadline and status != 200:
+            with service.client(rotated) as client:
+                status = client.post("/v1/classify", json={"text": TRACK}).status_code
+            time.sleep(0.5)
+        assert status == 200
+    finally:
+        service.keys_file.write_text("")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and status != 401:
+        with service.client(rotated) as client:
+            status = client.post("/v1/classify", json={"text": TRACK}).status_code
+        time.sleep(0.5)
+    assert status == 401  # revoked by removing it from the file
 
 
 def _ray_metrics(service: Service) -> list[tuple[str, dict[str, str], float]]:
@@ -245,10 +409,56 @@ def _classifier_pids() -> set[int]:
     return pids
 
 
-def test_model_switch_under_load_loses_no_request(service: Service) -> None:
+def _variant(service: Service, change: str) -> Path:
+    """A sealed version of the served model (same tokenizer) that must not be served: its head
+    gives NaN, or it predicts an intent the routing policy does not route."""
+    model = IntentModel.from_pretrained(service.versions[0])
+    if change == "nan":
+        with torch.no_grad():
+            model.network.head.weight.fill_(float("nan"))
+    else:
+        model.labels = [*model.labels[:-1], "brand_new_intent"]
+    version = open_version(service.versions[0])
+    meta = version.meta.model_copy(update={"labels": model.labels})
+    with Registry(version.path.parent.parent).draft(version.name) as draft:
+        return draft.publish(model, version.config, meta, {}).path
+
+
+def _deploy_switch(service: Service, path: Path) -> dict:
     config = yaml.safe_load(yaml.safe_dump(service.config))
     classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    classifier["user_config"]["model"] = str(service.versions[1])
+    classifier["user_config"]["model"] = str(path)
+    service.deploy(config)
+    return config
+
+
+@pytest.mark.parametrize("change", ["nan", "labels"])
+def test_a_version_that_must_not_serve_is_refused_without_a_restart(service: Service, change: str) -> None:
+    bad = _variant(service, change)
+    pids = _classifier_pids()
+    stop, outcomes = threading.Event(), []
+    worker = threading.Thread(target=_hammer, args=(service, stop, outcomes))
+    worker.start()
+    try:
+        _deploy_switch(service, bad)
+        deadline = time.monotonic() + 120
+        info: dict = {}
+        with service.client() as client:
+            while time.monotonic() < deadline and not info.get("switch_error"):
+                time.sleep(1)
+                info = client.get("/v1/model").json()
+        time.sleep(12)  # longer than the classifier's health-check period
+    finally:
+        stop.set()
+        worker.join()
+    expected = "non-finite" if change == "nan" else "routes intents the model does not know: track_order"
+    assert expected in (info["switch_error"] or ""), info
+    assert info["version"] == "toy/v1"
+    assert {status for status, _ in outcomes} == {200} and {v for _, v in outcomes} == {"toy/v1"}
+    assert _classifier_pids() == pids  # no replica restarted, none crash-loops
+
+
+def test_model_switch_under_load_loses_no_request(service: Service) -> None:
     pids = _classifier_pids()
     stop, outcomes = threading.Event(), []
     workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes)) for _ in range(4)]
@@ -256,7 +466,7 @@ def test_model_switch_under_load_loses_no_request(service: Service) -> None:
         worker.start()
     try:
         time.sleep(2)
-        service.deploy(config)
+        _deploy_switch(service, service.versions[1])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not any(v == "toy/v2" for _, v in outcomes[-20:]):
             time.sleep(1)
@@ -273,6 +483,67 @@ def test_model_switch_under_load_loses_no_request(service: Service) -> None:
     with service.client() as client:
         info = client.get("/v1/model").json()
     assert info["version"] == "toy/v2" and info["switch_error"] is None
+
+
+def _deploy_rollout(service: Service, model: Path, rollout: dict | None) -> None:
+    config = yaml.safe_load(yaml.safe_dump(service.config))
+    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+    classifier["user_config"]["model"] = str(model)
+    classifier["user_config"]["rollout"] = rollout
+    service.deploy(config)
+
+
+def _answers_until(service: Service, done: object, seconds: float = 120) -> list:
+    """Keep classifying (under load from 4 clients) until done(outcomes) or time runs out."""
+    stop, outcomes = threading.Event(), []
+    workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not done(outcomes):
+            time.sleep(1)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    return outcomes
+
+
+def test_canary_then_shadow_then_promote_lose_no_request(service: Service) -> None:
+    """After the switch above toy/v2 serves; toy/v1 comes back as a canary, as a shadow, and
+    is promoted: config changes applied by reconfigure(), no replica restarts, no failure."""
+    v1, v2 = service.versions
+    pids = _classifier_pids()
+    _deploy_rollout(service, v2, {"model": str(v1), "mode": "canary", "share": 0.5})
+    outcomes = _answers_until(service, lambda o: sum(v == "toy/v1" for _, v in o[-40:]) >= 5)
+    recent = [v for _, v in outcomes[-40:]]
+    assert {s for s, _ in outcomes} == {200} and {"toy/v1", "toy/v2"} <= set(recent)
+    with service.client() as client:
+        rollout = client.get("/v1/model").json()["rollout"]
+    assert rollout["mode"] == "canary" and rollout["version"] == "toy/v1" and rollout["share"] == 0.5
+
+    _deploy_rollout(service, v2, {"model": str(v1), "mode": "shadow"})
+
+    def shadowed(_: list) -> bool:
+        with service.client() as client:
+            info = client.get("/v1/model").json()["rollout"]
+        return info["mode"] == "shadow" and (info.get("compared") or 0) >= 20
+
+    outcomes = _answers_until(service, shadowed)
+    assert {s for s, _ in outcomes} == {200}
+    with service.client() as client:
+        info = client.get("/v1/model").json()
+    assert info["rollout"]["compared"] >= 20 and 0 <= info["rollout"]["disagreement_rate"] <= 1
+    assert {v for _, v in outcomes[-20:]} == {"toy/v2"}  # the shadow never answers
+
+    _deploy_rollout(service, v1, None)  # promote the shadowed version
+    outcomes = _answers_until(service, lambda o: len(o) > 20 and all(v == "toy/v1" for _, v in o[-20:]))
+    assert {s for s, _ in outcomes} == {200} and outcomes[-1][1] == "toy/v1"
+    with service.client() as client:
+        info = client.get("/v1/model").json()
+    assert info["version"] == "toy/v1" and info["rollout"] is None
+    assert _classifier_pids() == pids
 
 
 def test_killed_classifier_replica_is_replaced(service: Service) -> None:

@@ -40,9 +40,6 @@ SKIPPED_CHECKS = {
     "CKV_K8S_40": "uid of the upstream Ray image",
     # Ray writes its session directory, object spill files and logs under /tmp and $HOME.
     "CKV_K8S_22": "Ray needs a writable filesystem",
-    # Worker pods do not mount the service-account token; the head pods of autoscaling
-    # clusters must, because KubeRay's autoscaler sidecar there scales the worker groups.
-    "CKV_K8S_38": "autoscaler needs the token",
 }
 
 
@@ -145,6 +142,8 @@ def test_serve_config_is_the_one_in_deployments(rendered: dict) -> None:
         assert _without(service, nodes) == _without(serve_yaml, nodes), target
     # Production resizes replicas for GPUs; what runs, and with which args, stays the same.
     production = _applications(one(rendered["overlays/production"], "RayService"))
+    assert production[0]["args"].pop("docs") == {"exposure": "off"}  # no API docs in production
+    serve_yaml[0]["args"].pop("docs")
     assert _without(production, SIZES) == _without(serve_yaml, SIZES)
     classifier = next(d for d in production[0]["deployments"] if d["name"] == "Classifier")
     assert classifier["ray_actor_options"]["num_gpus"] == 1
@@ -206,12 +205,83 @@ def test_local_overlay_is_cpu_only_and_production_has_gpu_workers(rendered: dict
     assert "--resume-if-exists" in job["entrypoint"] and job["shutdownAfterJobFinishes"] is True
 
 
-def test_only_the_serve_port_is_exposed(rendered: dict) -> None:
+def test_only_the_api_and_the_probes_are_exposed(rendered: dict) -> None:
     for target in TARGETS:
         ingress = one(rendered[target], "Ingress")
-        backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
-        assert backends == [{"name": "transferdesk-serve-svc", "port": {"number": 8000}}]
+        paths = [p for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        assert {(p["path"], p["pathType"]) for p in paths} == {
+            ("/v1/", "Prefix"),
+            ("/healthz", "Exact"),
+            ("/readyz", "Exact"),
+        }  # not /docs, /openapi.json or Serve's /-/routes
+        assert all(
+            p["backend"]["service"] == {"name": "transferdesk-serve-svc", "port": {"number": 8000}}
+            for p in paths
+        )
         assert not [d for d in rendered[target] if d["kind"] == "Service"]  # KubeRay makes them, internal
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"].get("rayClusterConfig") or doc["spec"].get("rayClusterSpec") or doc["spec"]
+
+
+def _ray_docs(rendered: dict, target: str) -> list[dict]:
+    return [d for d in rendered[target] if d["apiVersion"] == "ray.io/v1"]
+
+
+TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_ray_token_auth_is_on_in_every_cluster(rendered: dict, target: str) -> None:
+    for doc in _ray_docs(rendered, target):
+        assert _cluster_spec(doc)["authOptions"] == {"mode": "token"}, doc["kind"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_service_account_token_is_only_in_the_autoscaler(rendered: dict, target: str) -> None:
+    for doc in _ray_docs(rendered, target):
+        spec = _cluster_spec(doc)
+        for name, template in _pod_templates(doc):
+            assert template["spec"]["automountServiceAccountToken"] is False, name
+            for container in template["spec"]["containers"]:
+                assert all(m["mountPath"] != TOKEN_PATH for m in container.get("volumeMounts", [])), name
+        if spec.get("enableInTreeAutoscaling"):
+            mounts = spec["autoscalerOptions"]["volumeMounts"]
+            assert [m["mountPath"] for m in mounts] == [TOKEN_PATH] and mounts[0]["readOnly"] is True
+            volumes = {v["name"]: v for v in spec["headGroupSpec"]["template"]["spec"]["volumes"]}
+            sources = volumes[mounts[0]["name"]]["projected"]["sources"]
+            assert any("serviceAccountToken" in source for source in sources), doc["kind"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_registry_is_writable_only_where_models_are_made(rendered: dict, target: str) -> None:
+    writable = set()
+    for doc in _ray_docs(rendered, target):
+        for name, template in _pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                for mount in container.get("volumeMounts", []):
+                    if mount["name"] == "registry" and not mount.get("readOnly"):
+                        writable.add(doc["kind"])
+                        assert doc["kind"] != "RayService", f"{name} can write the registry it serves"
+    assert writable == {"RayJob", "RayCluster"}  # tuning exports, the interactive cluster promotes
+
+
+def test_the_operator_is_let_in_from_its_own_namespace_only(rendered: dict) -> None:
+    for target in TARGETS:
+        policy = one(rendered[target], "NetworkPolicy", "transferdesk-dashboard-from-operator")
+        for peer in (p for rule in policy["spec"]["ingress"] for p in rule["from"]):
+            assert peer["namespaceSelector"] == {
+                "matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}
+            }
+            assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+
+
+def test_two_ingress_replicas_on_the_cluster(rendered: dict) -> None:
+    for target in TARGETS:
+        deployments = _applications(one(rendered[target], "RayService"))[0]["deployments"]
+        ingress = next(d for d in deployments if d["name"] == "Ingress")
+        assert ingress["autoscaling_config"]["min_replicas"] >= 2, target
 
 
 def as_pod(name: str, template: dict) -> dict:

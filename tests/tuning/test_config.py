@@ -73,6 +73,7 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"batch_size": []}}, "batch_size"),
         ({"search": {"num_samples": 0}}, "num_samples"),
         ({"candidates": [{"name": "a"}, {"name": "b"}], "search": {"num_samples": 1}}, "baseline trials"),
+        ({"name": "x", "training": {"epochs": 3}}, r"name, training: run settings go under `run:`"),
         ({"space": {"encoder_lr": [0, 1e-4]}}, r"space\.encoder_lr\.0: Input should be greater than 0"),
         ({"space": {"epochs": [0, 3]}}, r"space\.epochs\.0: Input should be greater than or equal to 1"),
         ({"space": {"pooling": ["max"]}}, r"space\.pooling\.0: Input should be 'mean' or 'cls'"),

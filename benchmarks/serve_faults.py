@@ -1,0 +1,371 @@
+"""What an operator sees when things go wrong under load: the Serve app on 127.0.0.1 under a
+steady load (bounded in time and count), one event at a time.
+
+    python benchmarks/serve_faults.py                 # about 10 minutes on 2 cores
+
+Events: a Classifier replica killed, the Ingress replica killed, the HTTP proxy (HAProxy)
+killed, a switch to a corrupted version (one flipped byte), a switch to a version whose head
+gives NaN, a 10% canary and its promotion, a rollback, and an overload at about 10x capacity
+for 20 s. For each: requests sent, failed (neither 200 nor a retryable 503), 503s, the longest
+gap without a success, and p99 latency before, during and after. Two versions of the bundled
+model are trained on the sample data first (a minute). Writes results/serve_faults.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import httpx
+import numpy as np
+import torch
+import uvloop
+import yaml
+from serve_load import KEY, ROOT, messages, serve_pids, start_serve
+
+from deployments.cli import installed_command
+from transferdesk.config import load_config
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import Registry, open_version
+from transferdesk.train import train_and_register
+
+HERE = Path(__file__).resolve().parent
+WINDOW_S = 10.0  # of steady load before and after each event
+SETTLE_S = 60.0  # longest an event may take to play out
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+@dataclass
+class Record:
+    start: float
+    end: float
+    status: int  # 0: no HTTP answer (connection refused or reset, time-out)
+    version: str = ""
+
+
+@dataclass
+class Load:
+    """Closed-loop clients, each sending its next request when the last is answered, in a
+    thread of their own; every request is recorded. Bounded by `stop()` and `max_requests`."""
+
+    url: str
+    texts: list[str]
+    concurrency: int
+    per_request: int = 1
+    max_requests: int = 200_000
+    records: list[Record] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=lambda: uvloop.run(self._run()), daemon=True)
+
+    def start(self) -> Load:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(90)
+
+    async def _run(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(self.url, connector=connector, timeout=timeout) as session:
+            await asyncio.gather(*(self._user(session, k) for k in range(self.concurrency)))
+
+    async def _user(self, session: aiohttp.ClientSession, offset: int) -> None:
+        i = offset
+        while not self.stopping.is_set() and len(self.records) < self.max_requests:
+            batch = [self.texts[(i + j) % len(self.texts)] for j in range(self.per_request)]
+            start = time.monotonic()
+            status, version = 0, ""
+            try:
+                async with session.post("/v1/classify", json={"texts": batch}, headers=HEADERS) as r:
+                    body = await r.read()
+                    status = r.status
+                    if status == 200:
+                        version = json.loads(body)["model_version"]
+            except (aiohttp.ClientError, TimeoutError):
+                await asyncio.sleep(0.05)  # a refused connection fails at once: do not spin
+            self.records.append(Record(start, time.monotonic(), status, version))
+            i += self.concurrency
+
+
+def _p99(records: list[Record]) -> float | None:
+    ok = [(r.end - r.start) * 1000 for r in records if r.status == 200]
+    return float(np.percentile(ok, 99)) if ok else None
+
+
+def summarize(name: str, records: list[Record], t0: float, t1: float, t2: float, t3: float) -> dict:
+    """Windows: before [t0, t1), during [t1, t2) (the event until it played out), after [t2, t3)."""
+    window = [r for r in records if t0 <= r.start < t3]
+    during = [r for r in window if t1 <= r.start < t2]
+    successes = sorted(r.end for r in window if r.status == 200 and r.end >= t1)
+    gaps = np.diff([t1, *successes, t3]) if successes else [t3 - t1]
+    return {
+        "event": name,
+        "sent": len(window),
+        "failed": sum(r.status not in (200, 503) for r in window),
+        "status_503": sum(r.status == 503 for r in window),
+        "other_5xx": sum(r.status >= 500 and r.status != 503 for r in window),
+        "no_answer": sum(r.status == 0 for r in window),
+        "longest_gap_s": float(max(gaps)),
+        "event_s": t2 - t1,
+        "p99_ms_before": _p99([r for r in window if r.start < t1]),
+        "p99_ms_during": _p99(during),
+        "p99_ms_after": _p99([r for r in window if r.start >= t2]),
+        "versions_after": sorted({r.version for r in window if r.start >= t2 and r.version}),
+    }
+
+
+class Service:
+    """The running app: its config, `serve deploy` of a changed Classifier user_config, and
+    what GET /v1/model reports."""
+
+    def __init__(self, url: str, config_path: Path) -> None:
+        self.url, self.config_path = url, config_path
+        self.config = yaml.safe_load(config_path.read_text())
+
+    def deploy_classifier(self, **user_config: object) -> None:
+        config = yaml.safe_load(yaml.safe_dump(self.config))
+        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+        classifier["user_config"] = {**classifier.get("user_config", {}), **user_config}
+        path = self.config_path.with_name("deploy.yaml")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        serve = installed_command("serve") or "serve"
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        subprocess.run([serve, "deploy", str(path)], check=True, cwd=ROOT, env=env, capture_output=True)
+
+    def model(self) -> dict:
+        try:
+            return httpx.get(f"{self.url}/v1/model", headers=HEADERS, timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+
+def until(condition: Callable[[], bool], seconds: float = SETTLE_S) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _pids(name: str) -> set[int]:
+    return {pid for pid, process in serve_pids().items() if process == name}
+
+
+def kill_one(name: str) -> Callable[[Service, Load], None]:
+    """SIGKILL one process of `name`; played out when another has replaced it and answers."""
+
+    def event(service: Service, load: Load) -> None:
+        before = _pids(name)
+        os.kill(min(before), signal.SIGKILL)
+        mark = time.monotonic()
+        until(lambda: len(_pids(name) - before) >= 1 and _answered_since(load, mark))
+
+    return event
+
+
+def _answered_since(load: Load, mark: float) -> bool:
+    return any(r.status == 200 and r.start > mark for r in load.records[-50:])
+
+
+def switch_refused(target: Path) -> Callable[[Service, Load], None]:
+    def event(service: Service, load: Load) -> None:
+        service.deploy_classifier(model=str(target), rollout=None)
+        until(lambda: bool(service.model().get("switch_error")))
+
+    return event
+
+
+def canary_then_promote(primary: Path, second: Path) -> Callable[[Service, Load], None]:
+    def event(service: Service, load: Load) -> None:
+        service.deploy_classifier(model=str(primary), rollout={"model": str(second), "share": 0.1})
+        mark = time.monotonic()
+        spec = open_version(second).spec
+        until(lambda: any(r.version == spec and r.start > mark for r in load.records[-400:]))
+        service.deploy_classifier(model=str(second), rollout=None)
+        mark = time.monotonic()
+        until(lambda: _only(load, spec, mark))
+
+    return event
+
+
+def switch_to(target: Path) -> Callable[[Service, Load], None]:
+    def event(service: Service, load: Load) -> None:
+        service.deploy_classifier(model=str(target), rollout=None)
+        mark, spec = time.monotonic(), open_version(target).spec
+        until(lambda: _only(load, spec, mark))
+
+    return event
+
+
+def _only(load: Load, spec: str, mark: float) -> bool:
+    recent = [r.version for r in load.records[-40:] if r.start > mark and r.status == 200]
+    return len(recent) >= 20 and set(recent) == {spec}
+
+
+@dataclass
+class Overload:
+    """A flood of 8-message requests from many clients, beside the steady load."""
+
+    texts: list[str]
+    concurrency: int
+    seconds: float
+    summary: dict | None = None
+
+    def __call__(self, service: Service, load: Load) -> None:
+        flood = Load(service.url, self.texts, self.concurrency, per_request=8).start()
+        time.sleep(self.seconds)
+        flood.stop()
+        end = time.monotonic()
+        self.summary = summarize("flood", flood.records, 0.0, 0.0, end, end)
+
+
+def train_versions(work: Path) -> list[Path]:
+    versions = []
+    for seed in (1, 2):
+        overrides = {
+            "output": str(work / "registry"),
+            "name": "faults",
+            "runtime.seed": seed,
+            "training.epochs": 3,
+            "runtime.progress": False,
+        }
+        versions.append(train_and_register(load_config(None, overrides)).path)
+    return versions
+
+
+def bad_versions(good: Path) -> tuple[Path, Path]:
+    """A copy with one flipped byte (its manifest no longer matches), and a sealed version
+    whose head gives NaN (it passes the manifest and fails the forward-pass check)."""
+    corrupt = good.with_name("v90")  # named as a version, so that the switch is asked for
+    shutil.rmtree(corrupt, ignore_errors=True)
+    shutil.copytree(good, corrupt)
+    head = bytearray((corrupt / "head.safetensors").read_bytes())
+    head[-1] ^= 0x01
+    (corrupt / "head.safetensors").write_bytes(bytes(head))
+    model = IntentModel.from_pretrained(good)
+    with torch.no_grad():
+        model.network.head.weight.fill_(float("nan"))
+    version = open_version(good)
+    with Registry(good.parent.parent).draft(version.name) as draft:
+        nan = draft.publish(model, version.config, version.meta, {}).path
+    return corrupt, nan
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Measured on {result['machine']}: steady load of {result['steady_concurrency']} clients, one "
+        f"message a request, on 127.0.0.1; windows of {WINDOW_S:.0f} s before and after each event.",
+        "",
+        "| event | sent | failed | 503 | other 5xx | no answer | longest gap without a success | "
+        "event took | p99 before / during / after (ms) | answering after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    for e in result["events"]:
+        lines.append(
+            f"| {e['event']} | {e['sent']} | {e['failed']} | {e['status_503']} | {e['other_5xx']} | "
+            f"{e['no_answer']} | {e['longest_gap_s']:.1f} s | {e['event_s']:.1f} s | "
+            f"{ms(e['p99_ms_before'])} / {ms(e['p99_ms_during'])} / {ms(e['p99_ms_after'])} | "
+            f"{', '.join(e['versions_after'])} |"
+        )
+    if flood := result.get("flood"):
+        lines += [
+            "",
+            f"The overload's own requests ({flood['sent']}, 8 messages each, {result['flood_concurrency']} "
+            f"clients): {flood['status_503']} answered 503 with Retry-After, {flood['other_5xx']} other 5xx, "
+            f"{flood['no_answer']} without an answer, the rest 200.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--port", type=int, default=8124)
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "faults")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--steady", type=int, default=4, help="steady-load clients [default: 4]")
+    parser.add_argument(
+        "--flood", type=int, default=160, help="overload clients, 8 messages each [default: 160]"
+    )
+    parser.add_argument("--flood-seconds", type=float, default=20)
+    args = parser.parse_args()
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    print("== training two versions", flush=True)
+    v1, v2 = train_versions(args.work)
+    corrupt, nan = bad_versions(v1)
+    print("== starting the service", flush=True)
+    proc, config_path = start_serve(str(v1), args.port, args.work / "serve.log", {})
+    url = f"http://127.0.0.1:{args.port}"
+    service = Service(url, config_path)
+    texts = messages()
+    flood = Overload(texts, args.flood, args.flood_seconds)
+    events = [
+        ("kill a Classifier replica", kill_one("Classifier")),
+        ("kill the Ingress replica", kill_one("Ingress")),
+        ("kill the proxy (HAProxy)", kill_one("HAProxy")),
+        ("switch to a corrupted version", switch_refused(corrupt)),
+        ("switch to a NaN version", switch_refused(nan)),
+        ("10% canary, then promote it", canary_then_promote(v1, v2)),
+        ("roll back", switch_to(v1)),
+        (f"overload: {args.flood} clients x 8 messages for {args.flood_seconds:.0f} s", flood),
+    ]
+    load = Load(url, texts, args.steady).start()
+    results = []
+    try:
+        time.sleep(WINDOW_S)  # warm-up
+        for name, event in events:
+            print(f"== {name}", flush=True)
+            t0 = time.monotonic()
+            time.sleep(WINDOW_S)
+            t1 = time.monotonic()
+            event(service, load)
+            t2 = time.monotonic()
+            time.sleep(WINDOW_S)
+            results.append(summarize(name, load.records, t0, t1, t2, time.monotonic()))
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        load.stop()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Ray Serve's fast data path (HAProxy)"
+    result = {
+        "machine": machine,
+        "steady_concurrency": args.steady,
+        "flood_concurrency": args.flood,
+        "events": results,
+        "flood": flood.summary,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "serve_faults.json").write_text(json.dumps(result, indent=2))
+    (args.results / "serve_faults.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
