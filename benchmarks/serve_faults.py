@@ -23,6 +23,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ def summarize(name: str, records: list[Record], t0: float, t1: float, t2: float,
         "status_503": sum(r.status == 503 for r in window),
         "other_5xx": sum(r.status >= 500 and r.status != 503 for r in window),
         "no_answer": sum(r.status == 0 for r in window),
+        "statuses": {str(k): v for k, v in sorted(Counter(r.status for r in window).items())},
         "longest_gap_s": float(max(gaps)),
         "event_s": t2 - t1,
         "p99_ms_before": _p99([r for r in window if r.start < t1]),
@@ -274,8 +276,8 @@ def markdown(result: dict) -> str:
         f"message a request, on 127.0.0.1; windows of {WINDOW_S:.0f} s before and after each event.",
         "",
         "| event | sent | failed | 503 | other 5xx | no answer | longest gap without a success | "
-        "event took | p99 before / during / after (ms) | answering after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "event took | p99 before / during / after (ms) | answering after | statuses |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def ms(v: float | None) -> str:
@@ -286,7 +288,9 @@ def markdown(result: dict) -> str:
             f"| {e['event']} | {e['sent']} | {e['failed']} | {e['status_503']} | {e['other_5xx']} | "
             f"{e['no_answer']} | {e['longest_gap_s']:.1f} s | {e['event_s']:.1f} s | "
             f"{ms(e['p99_ms_before'])} / {ms(e['p99_ms_during'])} / {ms(e['p99_ms_after'])} | "
-            f"{', '.join(e['versions_after'])} |"
+            f"{', '.join(e['versions_after'])} | "
+            + ", ".join(f"{k or 'none'}: {v}" for k, v in e["statuses"].items())
+            + " |"
         )
     if flood := result.get("flood"):
         lines += [
