@@ -231,11 +231,12 @@ class Overload:
     summary: dict | None = None
 
     def __call__(self, service: Service, load: Load) -> None:
+        start = time.monotonic()
         flood = Load(service.url, self.texts, self.concurrency, per_request=8).start()
         time.sleep(self.seconds)
         flood.stop()
         end = time.monotonic()
-        self.summary = summarize("flood", flood.records, 0.0, 0.0, end, end)
+        self.summary = summarize("flood", flood.records, start, start, end, end)
 
 
 def train_versions(work: Path) -> list[Path]:

@@ -390,7 +390,7 @@ class Ingress:
         if self.settings.auth.disabled:
             log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
         self.keyring = None if self.settings.auth.disabled else KeyRing()
-        self.ready: tuple[float, Readiness | None] = (0.0, None)
+        self.ready: tuple[float, Readiness | ApiError | None] = (0.0, None)
         tags = ("route", "status", "model_version")
         self.requests = Counter("transferdesk_requests", description="HTTP requests.", tag_keys=tags)
         self.latency = Histogram(
@@ -507,7 +507,10 @@ class Ingress:
     @api.get("/v1/model", responses=ERRORS, dependencies=_BEARER)
     async def model(self) -> ModelInfo:
         """The model being served, its test metrics and the routing policy version."""
-        info, policy = await asyncio.gather(self.classifier.info.remote(), self.router.version.remote())
+        info, policy = await asyncio.gather(
+            self._within_time(lambda: self.classifier.info.remote()),
+            self._within_time(lambda: self.router.version.remote()),
+        )
         return ModelInfo(**{k: info[k] for k in ModelInfo.model_fields if k in info}, policy_version=policy)
 
     @api.get("/healthz")
@@ -522,8 +525,13 @@ class Ingress:
         from the last check for READY_CACHE_S, so frequent probes cost one check."""
         checked, answer = self.ready
         if answer is None or time.monotonic() - checked > READY_CACHE_S:
-            answer = await self._check_chain()
+            try:
+                answer = await self._check_chain()
+            except ApiError as err:  # a failure is cached too: probes during an outage stay cheap
+                answer = err
             self.ready = (time.monotonic(), answer)
+        if isinstance(answer, ApiError):
+            raise answer
         return answer
 
     async def _check_chain(self) -> Readiness:
@@ -535,7 +543,6 @@ class Ingress:
         try:
             tokens, info, policy = await asyncio.wait_for(asyncio.gather(*calls.values()), HEALTH_TIMEOUT_S)
         except Exception as err:  # any of them down, overloaded or too slow
-            self.ready = (0.0, None)
             raise ApiError(
                 503, "not_ready", f"the service chain is not answering ({type(err).__name__})"
             ) from err

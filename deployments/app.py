@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ray import serve
 
 from deployments.api import Ingress
@@ -136,7 +137,7 @@ class Classifier:
         self.idle = asyncio.Event()
         self.idle.set()
         self.served = Served.load(model, device, precision)
-        self.requested = model
+        self.requested = self.started_with = model
         self.switch_error: str | None = None
         self.rollout: Rollout | None = None
         self.second: Served | None = None  # the rollout's version, once it passed its checks
@@ -161,13 +162,20 @@ class Classifier:
         )
 
     async def reconfigure(self, config: dict) -> None:
-        cfg = ClassifierConfig.model_validate(config)
+        try:
+            cfg = ClassifierConfig.model_validate(config)
+        except ValidationError as err:
+            # Raising here would fail the replica, and Serve would restart it with the same
+            # config: every replica would crash-loop. Keep serving as configured before.
+            self.switch_error = f"user_config refused, the previous one stays: {err}"
+            log.error("%s", self.switch_error)
+            return
         self.predict.set_max_batch_size(cfg.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-        if cfg.model:
-            path = os.path.abspath(Path(cfg.model).expanduser())
-            if path != self.requested or self.switch_error:  # a refused switch is retried
-                await self._switch(path)
+        # Unset means args.model: what a replica started now would serve.
+        path = os.path.abspath(Path(cfg.model).expanduser()) if cfg.model else self.started_with
+        if path != self.requested or self.switch_error:  # a refused switch is retried
+            await self._switch(path)
         await self._set_rollout(cfg.rollout)
 
     def _checked(self, path: str) -> Served:
@@ -194,6 +202,9 @@ class Classifier:
         A version that fails its checks is refused and the current one keeps serving (see GET
         /v1/model). Promoting the rollout's version reuses it as it is loaded."""
         self.requested = path
+        if path == str(self.served.version.path):  # already serving it
+            self.switch_error = None
+            return
         if self.second is not None and str(self.second.version.path) == path:
             new, error = self.second, None
         else:
@@ -310,13 +321,18 @@ def _score(served: Served, calls: list[list[list[int]]]) -> list[list[Prediction
 
 @serve.deployment
 class Router:
-    """Routing decisions from predictions; reloads the policy file when it changes."""
+    """Routing decisions from predictions; reloads the policy file when it changes.
 
-    def __init__(self, policy_path: str, labels: list[str]) -> None:
+    It checks a policy's form, not its intents: which intents must be routed depends on the
+    version serving, which changes under it (a switch, a canary), and the Classifier checks a
+    version against the policy before it serves. An intent without a route goes to the
+    fallback (`no_route`), so an edit that drops one is safe."""
+
+    def __init__(self, policy_path: str) -> None:
         # The path as mounted, links and all: a ConfigMap swaps its `..data` link on update.
-        self.path, self.labels = Path(policy_path), labels
+        self.path = Path(policy_path)
         self.stamp = self._stamp()
-        self.policy = load_policy(self.path, labels)
+        self.policy = load_policy(self.path)
         self.checked = time.monotonic()
 
     def _stamp(self) -> tuple[int, int]:
@@ -333,7 +349,7 @@ class Router:
         try:
             stamp = self._stamp()  # before reading: an edit meanwhile is seen next time
             if stamp != self.stamp:
-                self.policy, self.stamp = load_policy(self.path, self.labels), stamp
+                self.policy, self.stamp = load_policy(self.path), stamp
                 log.info("routing policy %s loaded", self.policy.version)
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
@@ -363,5 +379,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         settings.classifier_threads,
         settings.precision,
     )
-    router = Router.bind(settings.routing_policy, version.labels)
+    router = Router.bind(settings.routing_policy)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

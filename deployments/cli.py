@@ -14,7 +14,14 @@ from pathlib import Path
 
 import yaml
 
-from deployments.config import KEYS_ENV, KEYS_FILE_ENV, ServeArgs, is_exact_version, serve_env
+from deployments.config import (
+    KEYS_ENV,
+    KEYS_FILE_ENV,
+    ClassifierConfig,
+    ServeArgs,
+    is_exact_version,
+    serve_env,
+)
 from transferdesk.cli import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
@@ -63,6 +70,11 @@ def serve_config(args: argparse.Namespace) -> dict:
         set_dotted(values, "auth.disabled", True)
     settings = build_config(values, f"{args.config} (args) and the command line", ServeArgs).resolved()
     open_version(settings.model)  # a clear error now, not a failed deployment later
+    for deployment in app.get("deployments", []):
+        if deployment["name"] == "Classifier" and "user_config" in deployment:
+            build_config(
+                deployment["user_config"], f"{args.config} (Classifier user_config)", ClassifierConfig
+            )
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config

@@ -35,14 +35,17 @@ class RoutingPolicy(Section):
     routes: dict[str, Route] = Field(default_factory=dict)
 
 
-def load_policy(path: str | Path, labels: list[str]) -> RoutingPolicy:
-    """Read and validate a policy against the model's intents."""
+def load_policy(path: str | Path, labels: list[str] | None = None) -> RoutingPolicy:
+    """Read and validate a policy, and against a model's intents when given (every intent
+    routed, no route for an intent the model does not know)."""
     try:
         policy = RoutingPolicy.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except OSError as err:
         raise TransferDeskError(f"cannot read routing policy {path}: {err.strerror}") from None
     except (yaml.YAMLError, ValidationError) as err:
         raise TransferDeskError(f"routing policy {path} is invalid: {err}") from None
+    if labels is None:
+        return policy
     unknown = sorted(set(policy.routes) - set(labels))
     if unknown:
         raise TransferDeskError(

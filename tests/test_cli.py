@@ -153,3 +153,21 @@ def test_one_override_syntax_with_values_read_as_typed(tmp_path: Path) -> None:
     old = build_parser().parse_args(["tune", "x.yaml", "--set", "training.epochs=5"])
     with pytest.raises(TransferDeskError, match=r"did you mean run\.training\.epochs"):
         config_overrides(old)
+
+
+def test_promote_rollback_and_stages(trained: Path, tiny_config, toy_files: dict, capsys) -> None:
+    assert main(_tiny_train_args(tiny_config, toy_files)) == 0  # v2 beside v1
+    model_dir = trained.parent
+    capsys.readouterr()
+    for version in ("v1", "v2"):
+        argv = ["models", "promote", str(model_dir / version), "--stage", "production", "--reason", "r"]
+        assert main([*argv, "--by", "ana"]) == 0
+    assert "intent-classifier@production → v2 (was v1), by ana" in capsys.readouterr().out
+    assert main(["models", "rollback", str(model_dir), "--stage", "production", "--reason", "bad"]) == 0
+    assert "→ v1 (was v2)" in capsys.readouterr().out
+    assert main(["models", "stages", str(model_dir), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["stages"]["production"]["version"] == 1 and len(shown["history"]) == 3
+    assert main(["predict", f"{model_dir}@production", "where is my parcel", "--json"]) == 0
+    with pytest.raises(SystemExit):  # a promotion says why
+        main(["models", "promote", str(model_dir / "v1"), "--stage", "production"])

@@ -270,7 +270,7 @@ def test_no_module_outside_the_registry_names_its_files() -> None:
     assert not offenders
 
 
-def test_stages_pin_versions_and_keep_their_history(workdir: Path, tmp_path: Path) -> None:
+def test_stages_pin_versions_and_keep_their_history(registered: ModelVersion, workdir: Path) -> None:
     registry = Registry(workdir / "registry")
     while len(registry.versions("intent-classifier")) < 3:
         train_and_register(_config(workdir, **{"training.epochs": 1}))
@@ -301,7 +301,9 @@ def test_stages_pin_versions_and_keep_their_history(workdir: Path, tmp_path: Pat
         registry.promote(model_dir / "v1", "Prod!", "ana", "x")
 
 
-def test_a_stage_refuses_a_version_replaced_after_its_promotion(workdir: Path, tmp_path: Path) -> None:
+def test_a_stage_refuses_a_version_replaced_after_its_promotion(
+    registered: ModelVersion, workdir: Path, tmp_path: Path
+) -> None:
     while len(Registry(workdir / "registry").versions("intent-classifier")) < 2:
         train_and_register(_config(workdir, **{"training.epochs": 1}))
     copy = shutil.copytree(workdir / "registry", tmp_path / "registry")

@@ -549,44 +549,60 @@ class Registry:
         version = open_version(spec)  # a damaged version is never promoted
         if version.path.parent.parent.resolve() != self.root.resolve():
             raise TransferDeskError(f"{version.path} is not a version of registry {self.root}")
-        return self._set_stage(version, stage, by, reason, "promote")
+        with self._stage_lock(version.name):
+            return self._set_stage(version, stage, by, reason, "promote")
 
     def rollback(self, name: str, stage: str, by: str, reason: str) -> StageEvent:
         """Point `stage` back at the version it held before its current promotion (repeated
         rollbacks walk further back, as an undo would)."""
-        held: list[int] = []  # the stage's promotions, less those rolled back
-        for event in self.stage_log(name):
-            if event.stage == stage:
-                held = [*held, event.version] if event.action == "promote" else held[:-1]
-        if len(held) < 2:
-            raise TransferDeskError(f"{name}@{stage} has no earlier version to roll back to")
-        return self._set_stage(open_version(self.root / name / f"v{held[-2]}"), stage, by, reason, "rollback")
+        with self._stage_lock(name):
+            held: list[int] = []  # the stage's promotions, less those rolled back
+            for event in self.stage_log(name):
+                if event.stage == stage:
+                    held = [*held, event.version] if event.action == "promote" else held[:-1]
+            if len(held) < 2:
+                raise TransferDeskError(f"{name}@{stage} has no earlier version to roll back to")
+            previous = open_version(self.root / name / f"v{held[-2]}")
+            return self._set_stage(previous, stage, by, reason, "rollback")
+
+    @contextmanager
+    def _stage_lock(self, name: str) -> Iterator[None]:
+        """One writer of a model's stages at a time, across processes."""
+        with open(self.root / name / STAGE_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _set_stage(self, version: ModelVersion, stage: str, by: str, reason: str, action: str) -> StageEvent:
+        """Under the stage lock: the history line first (flushed to disk), then stages.json
+        replaced atomically, so a crash between them leaves a logged change, never an
+        unlogged one."""
         if not STAGE_RE.match(stage):
             raise TransferDeskError(
                 f"stage {stage!r}: use lower-case letters, digits, - and _, e.g. production"
             )
         model_dir = version.path.parent
-        with open(model_dir / STAGE_LOCK, "a") as lock:  # one writer at a time, across processes
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            stages = self.stages(version.name)
-            event = StageEvent(
-                action=action,
-                stage=stage,
-                version=version.version,
-                previous=stages[stage].version if stage in stages else None,
-                manifest_sha256=version.manifest_sha256,
-                at=datetime.now(UTC).isoformat(timespec="seconds"),
-                by=by,
-                reason=reason,
-            )
-            stages[stage] = StageRecord(**event.model_dump(include=set(StageRecord.model_fields)))
-            tmp = model_dir / f".{STAGES}.tmp"
-            tmp.write_text(json.dumps({k: v.model_dump() for k, v in stages.items()}, indent=2))
-            os.replace(tmp, model_dir / STAGES)  # readers see the old file or the new one
-            with open(model_dir / STAGE_LOG, "a", encoding="utf-8") as log_file:
-                log_file.write(event.model_dump_json() + "\n")
+        stages = self.stages(version.name)
+        event = StageEvent(
+            action=action,
+            stage=stage,
+            version=version.version,
+            previous=stages[stage].version if stage in stages else None,
+            manifest_sha256=version.manifest_sha256,
+            at=datetime.now(UTC).isoformat(timespec="seconds"),
+            by=by,
+            reason=reason,
+        )
+        with open(model_dir / STAGE_LOG, "a", encoding="utf-8") as log_file:
+            log_file.write(event.model_dump_json() + "\n")
+            log_file.flush()
+            os.fsync(log_file.fileno())
+        stages[stage] = StageRecord(**event.model_dump(include=set(StageRecord.model_fields)))
+        tmp = model_dir / f".{STAGES}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({k: v.model_dump() for k, v in stages.items()}, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, model_dir / STAGES)  # readers see the old file or the new one
         return event
 
     # -- source-stage checkpoints -------------------------------------------------------------

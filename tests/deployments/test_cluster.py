@@ -61,7 +61,15 @@ def cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
     ray_tmp = Path(tempfile.mkdtemp(prefix="td-2n-", dir="/tmp"))
     env = {**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), "TRANSFERDESK_API_KEYS": ",".join(KEYS)}
     gcs, dashboard = free_port(), free_port()
-    head = [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", f"--temp-dir={ray_tmp}"]
+    head = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={gcs}",
+        "--num-cpus=2",
+        f"--temp-dir={ray_tmp}",
+        '--resources={"head": 10}',
+    ]
     head += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true"]
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=180)
@@ -85,11 +93,12 @@ def test_losing_a_node_under_load_keeps_the_service_answering(
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"].update(model=str(versions[0]), routing_policy=str(write_policy(tmp_path / "policy.yaml")))
-    for deployment in app["deployments"]:
-        deployment["ray_actor_options"] = {"num_cpus": 0.1}
+    for deployment in app["deployments"]:  # all but the Classifier on the head, which stays
+        deployment["ray_actor_options"] = {"num_cpus": 0.1, "resources": {"head": 1}}
         deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     classifier = next(d for d in app["deployments"] if d["name"] == "Classifier")
     classifier["autoscaling_config"].update(min_replicas=2, max_replicas=2)
+    classifier["ray_actor_options"] = {"num_cpus": 0.1}
     classifier["max_replicas_per_node"] = 1  # so one replica is on each node
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

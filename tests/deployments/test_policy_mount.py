@@ -12,7 +12,6 @@ import pytest
 
 from deployments import app
 from deployments.config import ServeArgs
-from tests.conftest import TOY_INTENTS
 from tests.deployments.conftest import write_policy
 from transferdesk.prediction import Prediction
 
@@ -47,7 +46,7 @@ def test_policy_on_a_configmap_mount_reloads_and_survives_a_restart(
     # The path stays as mounted: a resolved one names a folder the next update deletes.
     settings = ServeArgs(model=str(tmp_path / "m" / "v1"), routing_policy=str(path)).resolved()
     assert settings.routing_policy == str(path)
-    router = app.Router.func_or_class(settings.routing_policy, list(TOY_INTENTS))
+    router = app.Router.func_or_class(settings.routing_policy)
     assert route_version(router) == "cm-1"
     configmap_mount(tmp_path, "cm-2", "2026_12_01_10_05_00.2")
     monkeypatch.setattr(app, "POLICY_CHECK_S", 0.0)
@@ -57,4 +56,4 @@ def test_policy_on_a_configmap_mount_reloads_and_survives_a_restart(
     assert route_version(router) == "cm-2"
     assert router.version() == "cm-2"
     # A Router started after the swap (a restarted replica) reads the same mounted path.
-    assert app.Router.func_or_class(settings.routing_policy, list(TOY_INTENTS)).version() == "cm-2"
+    assert app.Router.func_or_class(settings.routing_policy).version() == "cm-2"

@@ -293,6 +293,12 @@ def test_bodies_are_bounded_as_they_arrive(service: Service) -> None:
 
 
 def test_no_text_reaches_the_logs(service: Service) -> None:
+    with service.client() as client:  # hostile texts (as above) and plain ones, then the logs
+        for text in (f"\ud800 {MARKER}", f"{MARKER} where is my parcel", MARKER * 200):
+            client.post(
+                "/v1/route", content=json.dumps({"text": text}), headers={"Content-Type": "application/json"}
+            )
+    time.sleep(2)  # replicas write their logs at once (RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1)
     logs = list((service.ray_tmp / "ray" / "session_latest" / "logs").rglob("*"))
     assert logs
     for path in logs:
@@ -455,7 +461,34 @@ def test_a_version_that_must_not_serve_is_refused_without_a_restart(service: Ser
     assert expected in (info["switch_error"] or ""), info
     assert info["version"] == "toy/v1"
     assert {status for status, _ in outcomes} == {200} and {v for _, v in outcomes} == {"toy/v1"}
+    # The same version as a canary is refused too, and the served one answers every call.
+    _deploy_rollout(service, service.versions[0], {"model": str(bad), "mode": "canary", "share": 1.0})
+    rollout: dict = {}
+    with service.client() as client:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (rollout or {}).get("error"):
+            time.sleep(1)
+            rollout = client.get("/v1/model").json()["rollout"]
+        answers = {
+            client.post("/v1/classify", json={"text": TRACK}).json()["model_version"] for _ in range(10)
+        }
+    assert expected in rollout["error"] and rollout["version"] is None and answers == {"toy/v1"}
+    _deploy_rollout(service, service.versions[0], None)
     assert _classifier_pids() == pids  # no replica restarted, none crash-loops
+
+
+def test_a_user_config_that_does_not_validate_changes_nothing(service: Service) -> None:
+    pids = _classifier_pids()
+    _deploy_rollout(service, service.versions[0], {"model": "registry/toy@canary", "share": 1.5})
+    with service.client() as client:
+        deadline, info = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and "user_config refused" not in (info.get("switch_error") or ""):
+            time.sleep(1)
+            info = client.get("/v1/model").json()
+        assert "user_config refused" in info["switch_error"] and info["version"] == "toy/v1"
+        assert client.post("/v1/classify", json={"text": TRACK}).status_code == 200
+    _deploy_rollout(service, service.versions[0], None)
+    assert _classifier_pids() == pids  # the replicas did not fail on it
 
 
 def test_model_switch_under_load_loses_no_request(service: Service) -> None:

@@ -277,6 +277,16 @@ def test_the_operator_is_let_in_from_its_own_namespace_only(rendered: dict) -> N
             assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
 
 
+def test_every_classifier_user_config_validates(rendered: dict) -> None:
+    from deployments.config import ClassifierConfig
+
+    for target in TARGETS:
+        deployments = _applications(one(rendered[target], "RayService"))[0]["deployments"]
+        ClassifierConfig.model_validate(
+            next(d for d in deployments if d["name"] == "Classifier")["user_config"]
+        )
+
+
 def test_two_ingress_replicas_on_the_cluster(rendered: dict) -> None:
     for target in TARGETS:
         deployments = _applications(one(rendered[target], "RayService"))[0]["deployments"]
