@@ -54,6 +54,7 @@ class Record:
     end: float
     status: int  # 0: no HTTP answer (connection refused or reset, time-out)
     version: str = ""
+    code: str = ""  # error.code of a JSON error answer
 
 
 @dataclass
@@ -91,22 +92,28 @@ class Load:
         while not self.stopping.is_set() and len(self.records) < self.max_requests:
             batch = [self.texts[(i + j) % len(self.texts)] for j in range(self.per_request)]
             start = time.monotonic()
-            status, version = 0, ""
+            status, version, code = 0, "", ""
             try:
                 async with session.post("/v1/classify", json={"texts": batch}, headers=HEADERS) as r:
                     body = await r.read()
                     status = r.status
                     if status == 200:
                         version = json.loads(body)["model_version"]
+                    elif body.startswith(b"{"):
+                        code = json.loads(body).get("error", {}).get("code", "")
             except (aiohttp.ClientError, TimeoutError):
                 await asyncio.sleep(0.05)  # a refused connection fails at once: do not spin
-            self.records.append(Record(start, time.monotonic(), status, version))
+            self.records.append(Record(start, time.monotonic(), status, version, code))
             i += self.concurrency
 
 
 def _p99(records: list[Record]) -> float | None:
     ok = [(r.end - r.start) * 1000 for r in records if r.status == 200]
     return float(np.percentile(ok, 99)) if ok else None
+
+
+def _median_ms(records: list[Record]) -> float | None:
+    return float(np.median([(r.end - r.start) * 1000 for r in records])) if records else None
 
 
 def summarize(name: str, records: list[Record], t0: float, t1: float, t2: float, t3: float) -> dict:
@@ -123,6 +130,8 @@ def summarize(name: str, records: list[Record], t0: float, t1: float, t2: float,
         "other_5xx": sum(r.status >= 500 and r.status != 503 for r in window),
         "no_answer": sum(r.status == 0 for r in window),
         "statuses": {str(k): v for k, v in sorted(Counter(r.status for r in window).items())},
+        "codes_503": dict(Counter(r.code or "(not JSON)" for r in window if r.status == 503)),
+        "ms_503_p50": _median_ms([r for r in window if r.status == 503]),
         "longest_gap_s": float(max(gaps)),
         "event_s": t2 - t1,
         "p99_ms_before": _p99([r for r in window if r.start < t1]),
@@ -297,8 +306,9 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"The overload's own requests ({flood['sent']}, 8 messages each, {result['flood_concurrency']} "
-            f"clients): {flood['status_503']} answered 503 with Retry-After, {flood['other_5xx']} other 5xx, "
-            f"{flood['no_answer']} without an answer, the rest 200.",
+            f"clients): {flood['status_503']} answered 503 with Retry-After (by error code: "
+            f"{flood['codes_503']}; median {flood['ms_503_p50'] or 0:.0f} ms to the 503), "
+            f"{flood['other_5xx']} other 5xx, {flood['no_answer']} without an answer, the rest 200.",
         ]
     return "\n".join(lines) + "\n"
 
