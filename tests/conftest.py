@@ -54,16 +54,17 @@ TOY_INTENTS = {
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def _vocab() -> list[str]:
-    words = sorted({w for texts in TOY_INTENTS.values() for t in texts for w in t.split()})
+def _vocab(words: set[str] | None = None) -> list[str]:
+    words = sorted(words or {w for texts in TOY_INTENTS.values() for t in texts for w in t.split()})
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     return SPECIAL + words + letters + [f"##{c}" for c in letters] + ["oos", "weather", "today"]
 
 
-def make_tiny_backbone(path: Path) -> Path:
-    """A 2-layer, 32-wide BERT with its tokenizer, saved like any Hugging Face model."""
+def make_tiny_backbone(path: Path, words: set[str] | None = None) -> Path:
+    """A 2-layer, 32-wide BERT with its tokenizer (whole words: those of TOY_INTENTS, or
+    `words`), saved like any Hugging Face model."""
     torch.manual_seed(0)
-    vocab = _vocab()
+    vocab = _vocab(words)
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     config = BertConfig(
         vocab_size=len(vocab),

@@ -142,3 +142,75 @@ def test_summary() -> None:
     s = summarize(ds)
     assert s["intents"] == 20 and s["out_of_scope_rows"] == 15
     assert s["words"]["min"] <= s["words"]["mean"] <= s["words"]["max"]
+
+
+def _pool_splits(tmp_path: Path, pool: Path, **settings: object):
+    """Splits of a small labelled task with `pool` as its unlabelled file."""
+    write_csv(tmp_path / "train.csv", [("where is my parcel", "track"), ("parcel status", "track")])
+    write_csv(tmp_path / "valid.csv", [("track my parcel", "track"), ("parcel not here", "track")])
+    write_csv(tmp_path / "test.csv", [("parcel late again", "track")])
+    files = {split: str(tmp_path / f"{split}.csv") for split in ("train", "valid", "test")}
+    cfg = DataConfig(**files, unlabelled=str(pool), **settings)
+    return load_splits(cfg, seed=0)
+
+
+def test_pool_drops_what_must_not_be_learnt_from(tmp_path: Path, caplog) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_bytes(
+        b"Track my  PARCEL\n"  # a validation text, but for case and spaces
+        b"parcel late again\n"  # a test text
+        b"where is my parcel\n"  # labelled already
+        b"\n"
+        b"\xff\xfe broken bytes\n"
+        b"has it shipped\n"
+        b"has it shipped\n"
+        b"courier never came\n"
+    )
+    splits = _pool_splits(tmp_path, pool)
+    assert splits.pool is not None and splits.pool.texts == ["has it shipped", "courier never came"]
+    assert splits.pool.dropped == {
+        "duplicate": 1,
+        "empty": 1,
+        "evaluation_overlap": 2,
+        "labelled_overlap": 1,
+        "undecodable": 1,
+    }
+    assert splits.pool.rows_read == 8 and len(splits.pool.sha256) == 64
+    logged = caplog.text
+    assert f"also in {tmp_path / 'valid.csv'}" in logged and f"also in {tmp_path / 'test.csv'}" in logged
+    assert "undecodable bytes" in logged
+
+
+def test_pool_formats_and_column(tmp_path: Path) -> None:
+    (tmp_path / "pool.jsonl").write_text('{"message": "has it shipped"}\n{"message": "courier never came"}\n')
+    write_csv(tmp_path / "pool.csv", [("has it shipped", "x")], header=("body", "ignored"))
+    jsonl = _pool_splits(tmp_path, tmp_path / "pool.jsonl", unlabelled_column="message").pool
+    assert jsonl is not None and jsonl.texts == ["has it shipped", "courier never came"]
+    with pytest.raises(
+        TransferDeskError, match=r"missing column\(s\) text; the file has body, ignored.*unlabelled_column"
+    ):
+        _pool_splits(tmp_path, tmp_path / "pool.csv")
+    (tmp_path / "pool.xlsx").write_text("x")
+    with pytest.raises(TransferDeskError, match=r"unsupported file type \.xlsx.*\.txt"):
+        _pool_splits(tmp_path, tmp_path / "pool.xlsx")
+
+
+def test_pool_that_is_unusable_or_mostly_evaluation_data_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(TransferDeskError, match="no usable messages of 2 rows"):
+        _pool_splits(tmp_path, empty)
+    leaky = tmp_path / "leaky.txt"
+    leaky.write_text("track my parcel\nparcel not here\nparcel late again\nhas it shipped\n")
+    with pytest.raises(TransferDeskError, match="3 of 4 messages are validation or test texts"):
+        _pool_splits(tmp_path, leaky)
+
+
+def test_large_pool_is_sampled_with_a_warning(tmp_path: Path, caplog) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_text("".join(f"message number {i}\n" for i in range(50)))
+    first = _pool_splits(tmp_path, pool, unlabelled_max_rows=10).pool
+    again = _pool_splits(tmp_path, pool, unlabelled_max_rows=10).pool
+    assert first is not None and again is not None
+    assert len(first) == 10 and first.texts == again.texts and first.dropped == {"over_max_pool": 40}
+    assert "50 usable messages; a seeded sample of 10 is used" in caplog.text

@@ -130,8 +130,7 @@ def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
 
 def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     from transferdesk.data import load_splits
-    from transferdesk.train import train_stage
-    from transferdesk.trainer import Callback
+    from transferdesk.trainer import Callback, train_stage
 
     class Seen(Callback):
         def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:

@@ -36,6 +36,17 @@ class DataConfig(Section):
     source: str | None = Field(
         None, description="Source-task training file; set it to fine-tune on it before the target."
     )
+    unlabelled: str | None = Field(
+        None,
+        description="Unlabelled customer messages to learn from (see semi_supervised): CSV, TSV or "
+        "JSONL with a text column, or a .txt file with one message per line.",
+    )
+    unlabelled_column: str | None = Field(
+        None, description="Column (or JSONL key) of the unlabelled file's messages; unset: text_column."
+    )
+    unlabelled_max_rows: int = Field(
+        20000, ge=1, description="Unlabelled messages used at most; a larger pool is sampled (seeded)."
+    )
     text_column: str = Field("text", description="Column (or JSONL key) holding the utterance.")
     label_column: str = Field("label", description="Column (or JSONL key) holding the intent.")
     oos_label: str = Field("oos", description="Label that marks out-of-scope utterances.")
@@ -101,6 +112,47 @@ class SourceStageConfig(StageConfig):
     patience: int = Field(2, ge=1, description="Stop after this many epochs without improving.")
 
 
+class SemiSupervisedConfig(Section):
+    """Self-training from data.unlabelled: teachers trained on the labelled rows label the pool,
+    and a student of the same size is trained on the labelled rows plus the confident part of
+    the pool. The student is what gets served."""
+
+    enabled: bool = Field(True, description="Learn from data.unlabelled when it is set (false: ignore it).")
+    targets: Literal["soft", "hard"] = Field(
+        "soft",
+        description="What the student learns of a pseudo-labelled message: the teachers' whole "
+        "probability row (distillation) or only their top intent.",
+    )
+    threshold: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Keep a pseudo-label only when the teachers' top probability reaches this.",
+    )
+    max_per_intent: int | None = Field(
+        None,
+        ge=1,
+        description="Most pseudo-labels kept per intent (the most confident first), so frequent "
+        "intents do not swamp rare ones; unset: 3 × the mean kept per intent.",
+    )
+    teachers: int = Field(
+        1, ge=1, le=5, description="Teachers (the labelled-data recipe with seeds seed, seed+1, …), averaged."
+    )
+    rounds: int = Field(
+        1, ge=1, le=5, description="Rounds; each after the first uses the previous student as its teacher."
+    )
+    student_epochs: int = Field(
+        3,
+        ge=1,
+        description="Student passes over labelled + pseudo-labelled rows (other settings: training's).",
+    )
+    teacher_training: StageConfig | None = Field(
+        None,
+        description="The teachers' own settings; unset: those of `training`. A search sets it so "
+        "that every trial shares the same teachers.",
+    )
+
+
 class RuntimeConfig(Section):
     seed: int = Field(13, description="Seed for sampling, splits, initialisation and shuffling.")
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -127,6 +179,7 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     training: StageConfig = StageConfig()
     source_training: SourceStageConfig = SourceStageConfig()
+    semi_supervised: SemiSupervisedConfig = SemiSupervisedConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

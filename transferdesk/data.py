@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -21,6 +22,11 @@ log = logging.getLogger(__name__)
 
 SAMPLE_PREFIX = "sample:"
 SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl")
+# An unlabelled pool may also be plain text, one message per line.
+POOL_SUFFIXES = (*SUPPORTED_SUFFIXES, ".txt")
+# A pool whose messages are mostly validation or test texts is a mistake (the wrong file),
+# not a pool with some overlap to drop.
+MAX_EVAL_OVERLAP = 0.5
 # Shown per file before the rest are summarised as a count: enough to see the pattern.
 MAX_PROBLEMS_SHOWN = 20
 
@@ -30,7 +36,7 @@ def sample_path(name: str) -> Path:
     return Path(str(files("transferdesk") / "sample_data" / name))
 
 
-def resolve_path(spec: str | Path) -> Path:
+def resolve_path(spec: str | Path, suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> Path:
     """A user path, or `sample:<task>/<split>.csv` for the bundled sample data."""
     spec = str(spec)
     path = sample_path(spec[len(SAMPLE_PREFIX) :]) if spec.startswith(SAMPLE_PREFIX) else Path(spec)
@@ -40,10 +46,9 @@ def resolve_path(spec: str | Path) -> Path:
             f"data file {spec} not found{hint}; check the path, or use sample:retail/train.csv "
             "for the bundled sample"
         )
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+    if path.suffix.lower() not in suffixes:
         raise TransferDeskError(
-            f"{spec}: unsupported file type {path.suffix or '(none)'}; "
-            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+            f"{spec}: unsupported file type {path.suffix or '(none)'}; use one of {', '.join(suffixes)}"
         )
     return path
 
@@ -93,16 +98,17 @@ class Dataset:
         return self.subset([i for i, lab in enumerate(self.labels) if lab != label])
 
 
-def _decode_lines(raw: bytes, name: str, problems: list[Problem]) -> list[str]:
+def _decode_lines(
+    raw: bytes, name: str, problems: list[Problem], severity: Literal["error", "warning"] = "error"
+) -> list[str]:
     lines = raw.split(b"\n")
     out = []
     for number, line in enumerate(lines, start=1):
         try:
             out.append(line.decode("utf-8"))
         except UnicodeDecodeError as err:
-            problems.append(
-                Problem("error", name, number, f"undecodable bytes ({err.reason}); save as UTF-8")
-            )
+            hint = "save as UTF-8" if severity == "error" else "dropped; save as UTF-8 to keep it"
+            problems.append(Problem(severity, name, number, f"undecodable bytes ({err.reason}); {hint}"))
             out.append(line.decode("utf-8", errors="replace"))
     if out and out[0].startswith("\ufeff"):
         out[0] = out[0][1:]
@@ -125,28 +131,32 @@ def _check_row(text: object, label: object, name: str, row: int, problems: list[
     return True
 
 
-def _missing_columns(name: str, wanted: list[str], found: list[str]) -> TransferDeskError:
+def _missing_columns(name: str, wanted: list[str], found: list[str], hint: str) -> TransferDeskError:
     return TransferDeskError(
         f"{name}: missing column(s) {', '.join(wanted)}; the file has {', '.join(found) or 'none'}. "
-        "Rename them, or set data.text_column / data.label_column (--data.text_column NAME)"
+        f"Rename them, or set {hint}"
     )
 
 
+COLUMN_HINT = "data.text_column / data.label_column (--data.text_column NAME)"
+Record = tuple  # (line number, value of each wanted column)
+
+
 def _read_delimited(
-    lines: list[str], delimiter: str, name: str, text_col: str, label_col: str
-) -> tuple[list[tuple[int, object, object]], list[Problem]]:
+    lines: list[str], delimiter: str, name: str, columns: tuple[str, ...], hint: str
+) -> tuple[list[Record], list[Problem]]:
     reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
     header = reader.fieldnames or []
-    missing = [c for c in (text_col, label_col) if c not in header]
+    missing = [c for c in columns if c not in header]
     if missing:
-        raise _missing_columns(name, missing, list(header))
-    records = [(reader.line_num, r.get(text_col), r.get(label_col)) for r in reader]
+        raise _missing_columns(name, missing, list(header), hint)
+    records = [(reader.line_num, *(r.get(c) for c in columns)) for r in reader]
     return records, []
 
 
 def _read_jsonl(
-    lines: list[str], name: str, text_col: str, label_col: str
-) -> tuple[list[tuple[int, object, object]], list[Problem]]:
+    lines: list[str], name: str, columns: tuple[str, ...], hint: str
+) -> tuple[list[Record], list[Problem]]:
     records, problems = [], []
     keys: set[str] = set()
     for number, line in enumerate(lines, start=1):
@@ -161,11 +171,21 @@ def _read_jsonl(
             problems.append(Problem("error", name, number, "each line must be a JSON object"))
             continue
         keys.update(obj)
-        records.append((number, obj.get(text_col), obj.get(label_col)))
-    missing = [c for c in (text_col, label_col) if c not in keys]
+        records.append((number, *(obj.get(c) for c in columns)))
+    missing = [c for c in columns if c not in keys]
     if records and missing:
-        raise _missing_columns(name, missing, sorted(keys))
+        raise _missing_columns(name, missing, sorted(keys), hint)
     return records, problems
+
+
+def _read_records(
+    lines: list[str], suffix: str, name: str, columns: tuple[str, ...], hint: str = COLUMN_HINT
+) -> tuple[list[Record], list[Problem]]:
+    if suffix == ".jsonl":
+        return _read_jsonl(lines, name, columns, hint)
+    if suffix == ".txt":
+        return [(n, line) for n, line in enumerate(lines, start=1)], []
+    return _read_delimited(lines, "\t" if suffix == ".tsv" else ",", name, columns, hint)
 
 
 def read_dataset(
@@ -176,12 +196,7 @@ def read_dataset(
     name = str(path)
     problems: list[Problem] = []
     lines = _decode_lines(resolved.read_bytes(), name, problems)
-    suffix = resolved.suffix.lower()
-    if suffix == ".jsonl":
-        records, more = _read_jsonl(lines, name, text_column, label_column)
-    else:
-        delimiter = "\t" if suffix == ".tsv" else ","
-        records, more = _read_delimited(lines, delimiter, name, text_column, label_column)
+    records, more = _read_records(lines, resolved.suffix.lower(), name, (text_column, label_column))
     problems += more
     texts, labels, rows = [], [], []
     for row, text, label in records:
@@ -192,6 +207,119 @@ def read_dataset(
     if not texts:
         problems.append(Problem("error", name, None, "no usable rows"))
     return Dataset(texts, labels, rows, name), problems
+
+
+def normalise(text: str) -> str:
+    """The form texts are compared in for overlap: case and runs of white space do not count."""
+    return " ".join(text.casefold().split())
+
+
+@dataclass
+class Pool:
+    """Unlabelled messages, checked: what is left after dropping what must not be learnt from."""
+
+    texts: list[str]
+    path: str
+    sha256: str
+    rows_read: int
+    dropped: dict[str, int] = field(default_factory=dict)  # reason → rows
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def summary(self) -> dict:
+        return {
+            "file": self.path,
+            "sha256": self.sha256,
+            "rows_read": self.rows_read,
+            "rows_used": len(self),
+            "dropped": self.dropped,
+        }
+
+
+def _pool_problem(problems: list[Problem], name: str, n: int, reason: str) -> None:
+    if n:
+        problems.append(Problem("warning", name, None, f"{reason}: {n} message{'s' * (n != 1)} dropped"))
+
+
+def load_pool(
+    path: str, column: str, labelled: Dataset, evaluation: list[Dataset], max_rows: int, seed: int
+) -> tuple[Pool, list[Problem]]:
+    """Read and check an unlabelled pool. Empty and undecodable rows, duplicates, labelled
+    training texts and, above all, any validation or test text are dropped (and reported), so
+    a pool can never leak the evaluation data; a pool over `max_rows` is sampled (seeded)."""
+    resolved = resolve_path(path, POOL_SUFFIXES)
+    name, problems = str(path), []
+    raw = resolved.read_bytes()
+    lines = _decode_lines(raw, name, problems, severity="warning")
+    bad_lines = {p.row for p in problems}
+    hint = "data.unlabelled_column (--data.unlabelled_column NAME)"
+    records, more = _read_records(lines, resolved.suffix.lower(), name, (column,), hint)
+    problems += more
+    if resolved.suffix.lower() == ".txt" and records and not records[-1][1].strip():
+        records.pop()  # the newline that ends the file
+    dropped: Counter[str] = Counter()
+    seen: set[str] = set()
+    held_out = {normalise(t): ds.path for ds in evaluation for t in ds.texts}
+    gold = {normalise(t) for t in labelled.texts}
+    leaked: Counter[str] = Counter()
+    texts = []
+    for row, text in records:
+        if row in bad_lines:
+            dropped["undecodable"] += 1
+        elif not isinstance(text, str) or not text.strip():
+            dropped["empty"] += 1
+        elif (key := normalise(text)) in held_out:
+            dropped["evaluation_overlap"] += 1
+            leaked[held_out[key]] += 1
+        elif key in gold:
+            dropped["labelled_overlap"] += 1
+        elif key in seen:
+            dropped["duplicate"] += 1
+        else:
+            seen.add(key)
+            texts.append(text.strip())
+    _pool_problem(problems, name, dropped["empty"], "empty or not text")
+    _pool_problem(problems, name, dropped["duplicate"], "repeats of an earlier message")
+    _pool_problem(problems, name, dropped["labelled_overlap"], "already labelled training texts")
+    for other, n in sorted(leaked.items()):
+        _pool_problem(
+            problems, name, n, f"also in {other} (kept out: the pool must not leak evaluation data)"
+        )
+    usable = len(texts) + dropped["evaluation_overlap"]
+    if usable and dropped["evaluation_overlap"] > MAX_EVAL_OVERLAP * usable:
+        problems.append(
+            Problem(
+                "error",
+                name,
+                None,
+                f"{dropped['evaluation_overlap']} of {usable} messages are validation or test texts: "
+                "this looks like an evaluation file, not a pool of unlabelled traffic",
+            )
+        )
+    elif not texts:
+        problems.append(
+            Problem(
+                "error",
+                name,
+                None,
+                f"no usable messages of {len(records)} rows; check data.unlabelled_column",
+            )
+        )
+    if len(texts) > max_rows:
+        problems.append(
+            Problem(
+                "warning",
+                name,
+                None,
+                f"{len(texts)} usable messages; a seeded sample of {max_rows} is used "
+                "(raise semi_supervised.max_pool to use more, at more training time)",
+            )
+        )
+        dropped["over_max_pool"] = len(texts) - max_rows
+        texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), max_rows))]
+    digest = hashlib.sha256(raw).hexdigest()
+    return Pool(texts, name, digest, len(records), dict(sorted(dropped.items()))), problems
 
 
 def check_training_data(ds: Dataset, oos_label: str) -> tuple[Dataset, list[Problem]]:
@@ -344,6 +472,7 @@ class Splits:
     valid: Dataset
     test: Dataset | None
     source: Dataset | None
+    pool: Pool | None = None
 
     @property
     def intents(self) -> list[str]:
@@ -368,7 +497,8 @@ def with_sample_defaults(cfg: DataConfig) -> DataConfig:
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Read and check every file of a run before any training starts."""
+    """Read and check every file of a run before any training starts (the pool too, so a bad
+    pool fails in seconds rather than after the teachers have trained)."""
     if cfg.train is None:
         raise TransferDeskError("no training file: set data.train (--train FILE)")
     problems: list[Problem] = []
@@ -393,5 +523,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         problems += found
         source, found = check_training_data(raw_source, cfg.oos_label)
         problems += found
+    pool = None
+    if cfg.unlabelled:
+        column = cfg.unlabelled_column or cfg.text_column
+        evaluation = [ds for ds in (valid, test) if ds is not None]
+        pool, found = load_pool(cfg.unlabelled, column, train, evaluation, cfg.unlabelled_max_rows, seed)
+        problems += found
     raise_on_errors(problems)
-    return Splits(train, valid, test, source)
+    return Splits(train, valid, test, source, pool)

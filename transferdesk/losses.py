@@ -34,8 +34,11 @@ def supervised_contrastive(
 def stage_loss(
     net: IntentClassifier, batch: dict[str, torch.Tensor], targets: torch.Tensor, objective: str
 ) -> torch.Tensor:
+    """Cross-entropy against class ids, or against probability rows (a teacher's soft targets:
+    the same as KL divergence to the teacher, up to a constant)."""
     embeddings = net.embed(batch["input_ids"], batch["attention_mask"])
     loss = nn.functional.cross_entropy(net.head(net.dropout(embeddings)).float(), targets)
     if objective == "supcon":
-        loss = loss + supervised_contrastive(embeddings, targets, SUPCON_TEMPERATURE)
+        ids = targets.argmax(dim=-1) if targets.is_floating_point() else targets
+        loss = loss + supervised_contrastive(embeddings, ids, SUPCON_TEMPERATURE)
     return loss

@@ -142,9 +142,11 @@ class IntentModel:
     # -- probabilities ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict_proba(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def predict_proba(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "predict"
+    ) -> np.ndarray:
         encode = partial(tokenize, self.tokenizer, max_length=self.max_length)
-        return self._passes(texts, batch_size, encode, progress)
+        return self._passes(texts, batch_size, encode, progress, desc)
 
     @torch.inference_mode()
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
@@ -157,13 +159,18 @@ class IntentModel:
         return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
 
     def _passes(
-        self, items: Sequence[Sized], batch_size: int, encode: Callable, progress: bool = False
+        self,
+        items: Sequence[Sized],
+        batch_size: int,
+        encode: Callable,
+        progress: bool = False,
+        desc: str = "predict",
     ) -> np.ndarray:
         """Forward passes over length-sorted batches of texts or token ids, in input order."""
         self.network.eval()
         probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
-        for idx in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+        for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             probs[idx] = self._proba(encode([items[i] for i in idx]))
         return probs
 

@@ -21,6 +21,9 @@ A spec `<registry>/<name>@<stage>` names the version a stage holds, refused if t
 version's manifest changed since it was promoted.
 Source-stage checkpoints, `<registry>/sources/<key>/`, hold an encoder + tokenizer (a
 backbone in its own right), `source.json` and their own manifest, checked before reuse.
+Teacher labels, `<registry>/teachers/<key>/`, hold one teacher's view of an unlabelled pool
+(self-training): `pool.txt` (the checked pool, one message a line), `probs.safetensors`
+(its probabilities, rows × intents), `teacher.json` (intents, seed, scores) and a manifest.
 
 A version is written into a staging directory and renamed into place, so a crash never
 leaves a half-written version, and an existing version is never overwritten. No file holds
@@ -42,7 +45,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,8 +53,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import numpy as np
 import yaml
 from pydantic import Field
+from safetensors.numpy import load_file, save_file
 
 from transferdesk.config import RunConfig, Section, build_config
 from transferdesk.data import SAMPLE_PREFIX
@@ -67,6 +72,8 @@ METRICS = "metrics.json"
 CARD = "model_card.md"
 SOURCE_META = "source.json"
 SOURCES = "sources"
+TEACHERS = "teachers"
+TEACHER_META, TEACHER_POOL, TEACHER_PROBS = "teacher.json", "pool.txt", "probs.safetensors"
 # The model object writes its encoder and tokenizer here; a version is a backbone through it.
 ENCODER_DIR = "encoder"
 TOKENIZER_FILE = f"{ENCODER_DIR}/tokenizer.json"
@@ -111,6 +118,16 @@ class SavesPretrained(Protocol):
 
 class SavesEncoder(Protocol):
     def save_encoder(self, directory: Path) -> None: ...
+
+
+@dataclass
+class TeacherRecord:
+    """A teacher's probabilities over a pool, as cached (see Registry.save_teacher_labels)."""
+
+    texts: list[str]
+    probs: np.ndarray
+    info: dict
+    path: Path
 
 
 class VersionMeta(Section):
@@ -196,7 +213,9 @@ def portable_path(path: str | None, registry: Path | None = None) -> str | None:
 
 def portable_config(cfg: RunConfig, registry: Path) -> RunConfig:
     data = cfg.data.model_copy(
-        update={k: portable_path(getattr(cfg.data, k)) for k in ("train", "valid", "test", "source")}
+        update={
+            k: portable_path(getattr(cfg.data, k)) for k in ("train", "valid", "test", "source", "unlabelled")
+        }
     )
     model = cfg.model.model_copy(update={"backbone": portable_path(cfg.model.backbone, registry)})
     return cfg.model_copy(update={"data": data, "model": model, "output": "registry"})
@@ -405,6 +424,18 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"- Out-of-scope threshold: {model.threshold:.3f} (confidence below it → `{model.oos_label}`)",
         f"- Training time: {meta.timings.get('train_seconds', 0):.0f} s on {meta.device}",
     ]
+    if semi := metrics.get("semi_supervised"):
+        pool, settings = semi["pool"], semi["settings"]
+        lines.append(
+            f"- Unlabelled pool: `{pool['file']}` ({pool['rows_used']} of {pool['rows_read']} messages used, "
+            f"sha256 {pool['sha256'][:12]}); {len(semi['teachers'])} teacher(s), {settings['rounds']} "
+            f"round(s), {settings['targets']} targets, threshold {settings['threshold']}"
+        )
+        if semi["rounds"]:
+            kept = ", ".join(
+                f"{r['pseudo_labels']} ({r['agreement_with_teacher']:.1%})" for r in semi["rounds"]
+            )
+            lines.append(f"- Pseudo-labels kept per round (and the student's agreement with them): {kept}")
     if meta.candidate:
         lines.append(f"- Chosen by a Ray Tune search: candidate `{meta.candidate}` (see search/)")
     if test:
@@ -605,15 +636,15 @@ class Registry:
         os.replace(tmp, model_dir / STAGES)  # readers see the old file or the new one
         return event
 
-    # -- source-stage checkpoints -------------------------------------------------------------
+    # -- caches of work that later runs reuse: source stages and teacher labels ----------------
 
-    def source_checkpoint(self, key: str) -> Path | None:
-        """A cached source-stage checkpoint, verified against its manifest; a damaged or
-        unsealed one is set aside (and so trained again) rather than reused."""
-        path = self.root / SOURCES / key
+    def _cached(self, kind: str, key: str) -> Path | None:
+        """A cache entry, verified against its manifest; a damaged or unsealed one is set aside
+        (and so computed again) rather than reused."""
+        path = self.root / kind / key
         if not path.exists():
             return None
-        if not (path / MANIFEST).is_file() and (path / SOURCE_META).is_file():
+        if kind == SOURCES and not (path / MANIFEST).is_file() and (path / SOURCE_META).is_file():
             # Cached before checkpoints were sealed: sealed now, as it is, rather than retrained.
             log.info("source checkpoint %s predates manifests; sealing it for reuse", key)
             write_manifest(path, {"format": FORMAT, "source_key": key})
@@ -623,35 +654,65 @@ class Registry:
         except TransferDeskError as err:
             aside = path.with_name(f".damaged-{key}-{time.time_ns()}-{os.getpid()}")
             log.warning(
-                "source checkpoint %s does not match its manifest; moved to %s, training it again", key, aside
+                "%s entry %s does not match its manifest; moved to %s, computing it again", kind, key, aside
             )
             log.debug("%s", err)
             with contextlib.suppress(FileNotFoundError):  # another run set it aside first
                 os.rename(path, aside)
             return None
 
-    def save_source(self, model: SavesEncoder, key: str, info: dict) -> Path:
-        """A source-stage encoder, usable later as a backbone (`--backbone <dir>`)."""
-        target = self.root / SOURCES / key
+    def _store(self, kind: str, key: str, write: Callable[[Path], None]) -> Path:
+        """Seal what `write` puts in a scratch directory and rename it into the cache."""
+        target = self.root / kind / key
         tmp = _staging_dir(target.parent)
         try:
-            model.save_encoder(tmp)
-            (tmp / SOURCE_META).write_text(json.dumps(info, indent=2))
-            write_manifest(tmp, {"format": FORMAT, "source_key": key})
+            write(tmp)
+            write_manifest(tmp, {"format": FORMAT, f"{kind.rstrip('s')}_key": key})
             for _ in range(2):
                 try:
                     os.rename(tmp, target)
                     break
                 except OSError:
-                    # Another run finished the same stage first: its checkpoint is as good as
-                    # this one, unless it is damaged, in which case it is set aside and replaced.
-                    if self.source_checkpoint(key) is not None:
+                    # Another run finished the same work first: its entry is as good as this
+                    # one, unless it is damaged, in which case it is set aside and replaced.
+                    if self._cached(kind, key) is not None:
                         break
             else:
-                raise TransferDeskError(f"could not store source checkpoint {target}")
+                raise TransferDeskError(f"could not store {target}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    def source_checkpoint(self, key: str) -> Path | None:
+        return self._cached(SOURCES, key)
+
+    def save_source(self, model: SavesEncoder, key: str, info: dict) -> Path:
+        """A source-stage encoder, usable later as a backbone (`--backbone <dir>`)."""
+
+        def write(tmp: Path) -> None:
+            model.save_encoder(tmp)
+            (tmp / SOURCE_META).write_text(json.dumps(info, indent=2))
+
+        return self._store(SOURCES, key, write)
+
+    def teacher_labels(self, key: str) -> TeacherRecord | None:
+        if (path := self._cached(TEACHERS, key)) is None:
+            return None
+        texts = (path / TEACHER_POOL).read_text(encoding="utf-8").split("\n")
+        probs = load_file(path / TEACHER_PROBS)["probs"]
+        return TeacherRecord(texts, probs, _read_json(path / TEACHER_META), path)
+
+    def save_teacher_labels(self, key: str, texts: list[str], probs: np.ndarray, info: dict) -> TeacherRecord:
+        """One teacher's probabilities over a pool (info: its intents, in column order, and more)."""
+
+        def write(tmp: Path) -> None:
+            # Pool messages are single lines (the pool reader splits files into lines or rows
+            # and strips them), so newline-separated text round-trips them.
+            (tmp / TEACHER_POOL).write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
+            save_file({"probs": np.ascontiguousarray(probs, dtype=np.float32)}, tmp / TEACHER_PROBS)
+            (tmp / TEACHER_META).write_text(json.dumps(info, indent=2))
+
+        return TeacherRecord(texts, probs, info, self._store(TEACHERS, key, write))
 
     def portable(self, path: str | Path | None) -> str | None:
         """`path` as this registry's files hold it (see portable_path)."""

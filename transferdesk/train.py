@@ -1,5 +1,6 @@
-"""The recipe: an optional source stage, the few-shot target stage, out-of-scope
-calibration on validation data, and a new registry version.
+"""The recipe: an optional source stage, the few-shot target stage (or, with an unlabelled
+pool, teachers and a self-trained student: self_training.py), out-of-scope calibration on
+validation data, and a new registry version.
 
 The stages are the classic BERT fine-tuning (encoder + linear head, AdamW, linear warm-up and
 decay, gradient clipping; see trainer.py) plus early stopping on validation data and a head
@@ -11,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from transferdesk.config import RunConfig, RuntimeConfig, StageConfig
+from transferdesk.config import RunConfig
 from transferdesk.data import (
     Dataset,
     Splits,
@@ -31,61 +29,15 @@ from transferdesk.data import (
 )
 from transferdesk.evaluate import evaluate, scored_labels, write_evaluation
 from transferdesk.modeling import IntentModel
-from transferdesk.network import freeze_lower_layers, resolve_backbone, select_device
+from transferdesk.network import resolve_backbone
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path, sha256
-from transferdesk.trainer import Callback, FitResult, ProgressBar, TensorBoard, fit, init_head_from_prototypes
+from transferdesk.self_training import self_train, semi_supervised_record, teacher_labels
+from transferdesk.trainer import FitResult, configure_runtime, train_stage
 
 log = logging.getLogger(__name__)
 
 # Share of the source data held out to early-stop the source stage.
 SOURCE_VALID_FRACTION = 0.1
-
-
-def configure_runtime(runtime: RuntimeConfig) -> torch.device:
-    """Seed everything and pick threads and device; returns the device to train on."""
-    random.seed(runtime.seed)
-    np.random.seed(runtime.seed)
-    torch.manual_seed(runtime.seed)
-    threads = runtime.num_threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    return select_device(runtime.device)
-
-
-def train_stage(
-    backbone: str,
-    train: Dataset,
-    valid: Dataset,
-    cfg: RunConfig,
-    stage: StageConfig,
-    device: torch.device,
-    desc: str,
-    log_dir: Path | None = None,
-    pretrained: bool = True,
-    callbacks: list[Callback] | None = None,
-) -> tuple[IntentModel, FitResult]:
-    """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings."""
-    model = IntentModel.from_backbone(
-        backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained
-    )
-    freeze_lower_layers(model.network.encoder, stage.freeze_layers)
-    if cfg.model.head_init == "prototypes":
-        init_head_from_prototypes(model, train)
-    callbacks = list(callbacks or [])
-    if cfg.runtime.progress:
-        callbacks.append(ProgressBar(desc, stage.monitor))
-    if log_dir is not None:
-        callbacks.append(TensorBoard(log_dir, desc))
-    result = fit(model, train, valid, stage, cfg.runtime, callbacks)
-    log.info(
-        "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
-        desc,
-        stage.monitor,
-        result.best_metric,
-        result.best_epoch,
-        result.epochs_run,
-        result.seconds,
-    )
-    return model, result
 
 
 def source_key(cfg: RunConfig) -> str:
@@ -133,6 +85,7 @@ class RunResult:
     fit: FitResult
     source_checkpoint: Path | None
     timings: dict[str, float]
+    semi_supervised: dict | None = None  # what the run learnt from its unlabelled pool
 
 
 def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
@@ -155,12 +108,23 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         checkpoint = source_stage(cfg, splits.source, device)
         backbone = str(checkpoint)
         timings["source_seconds"] = time.perf_counter() - t0
-    model, result = train_stage(
-        backbone, splits.train, splits.valid, cfg, cfg.training, device, "target stage", log_dir
-    )
-    timings["train_seconds"] = result.seconds
+    semi = None
+    if splits.pool is not None and cfg.semi_supervised.enabled:
+        t0 = time.perf_counter()
+        teachers = teacher_labels(cfg, backbone, splits.train, splits.valid, splits.pool, device)
+        timings["teacher_seconds"] = time.perf_counter() - t0
+        outcome = self_train(cfg, backbone, splits.train, splits.valid, teachers, device, log_dir=log_dir)
+        model, result = outcome.model, outcome.fit
+        timings["student_seconds"] = outcome.seconds
+        timings["train_seconds"] = timings["teacher_seconds"] + outcome.seconds
+        semi = semi_supervised_record(cfg, splits.pool, teachers, outcome.rounds, Registry(cfg.output))
+    else:
+        model, result = train_stage(
+            backbone, splits.train, splits.valid, cfg, cfg.training, device, "target stage", log_dir
+        )
+        timings["train_seconds"] = result.seconds
     calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
-    return RunResult(model, splits, result, checkpoint, timings)
+    return RunResult(model, splits, result, checkpoint, timings, semi)
 
 
 def calibrate(model: IntentModel, valid: Dataset, batch_size: int) -> None:
@@ -201,6 +165,8 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
         result = run_training(cfg, log_dir=draft.logs_dir)
         cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
         metrics = {"valid_history": result.fit.history, "best_epoch": result.fit.best_epoch, **result.timings}
+        if result.semi_supervised:
+            metrics["semi_supervised"] = result.semi_supervised
         checkpoint = result.source_checkpoint
         meta = VersionMeta(
             labels=result.model.labels,

@@ -1,28 +1,42 @@
-"""The training loop of one stage: AdamW steps under autocast, validation after each epoch,
-early stopping on the monitored metric, and callbacks for everything else (progress bar,
-TensorBoard, Ray Tune's report)."""
+"""One fine-tuning stage: a new classifier on a backbone (`train_stage`), trained by a loop of
+AdamW steps under autocast, validation after each epoch, early stopping on the monitored
+metric, and callbacks for everything else (progress bar, TensorBoard, Ray Tune's report).
+The recipe (train.py), self-training and Tune trials are all made of such stages."""
 
 from __future__ import annotations
 
 import copy
+import logging
+import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from transferdesk.config import RuntimeConfig, StageConfig
+from transferdesk.config import RunConfig, RuntimeConfig, StageConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.evaluate import classification_metrics
 from transferdesk.losses import stage_loss
 from transferdesk.modeling import IntentModel
-from transferdesk.network import autocast, autocast_dtype, length_sorted_batches, tokenize
+from transferdesk.network import (
+    autocast,
+    autocast_dtype,
+    freeze_lower_layers,
+    length_sorted_batches,
+    select_device,
+    tokenize,
+)
 from transferdesk.optim import build_optimizer, warmup_linear_decay
 from transferdesk.sampling import epoch_batches
+
+log = logging.getLogger(__name__)
 
 # Head logits start as this × cosine(sentence, class mean): a softmax temperature that is
 # confident enough to give useful gradients from the first step, but not saturated.
@@ -138,12 +152,16 @@ def fit(
     stage: StageConfig,
     runtime: RuntimeConfig,
     callbacks: Sequence[Callback] = (),
+    soft_targets: torch.Tensor | None = None,
 ) -> FitResult:
-    """Train in place; on return the model holds the weights of its best validation epoch."""
+    """Train in place; on return the model holds the weights of its best validation epoch.
+
+    `soft_targets` (rows × model.labels, each row summing to 1) replaces the labels as the
+    cross-entropy target, for distillation; `train.labels` still decides the batches."""
     net, device = model.network, model.device
     index = {lab: i for i, lab in enumerate(model.labels)}
     target_ids = [index[lab] for lab in train.labels]
-    targets = torch.tensor(target_ids)
+    targets = torch.tensor(target_ids) if soft_targets is None else soft_targets.float()
     lengths = [len(t) for t in train.texts]
     steps_per_epoch = len(epoch_batches(stage, target_ids, lengths, torch.Generator()))
     optimizer = build_optimizer(net, stage)
@@ -199,3 +217,56 @@ def fit(
     net.load_state_dict(best_state)
     best_epoch = max(history, key=lambda h: h[stage.monitor])["epoch"]
     return FitResult(best_epoch, best, epoch, time.perf_counter() - start, epoch < stage.epochs, history)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_runtime(runtime: RuntimeConfig) -> torch.device:
+    """Seed everything and pick threads and device; returns the device to train on."""
+    seed_everything(runtime.seed)
+    threads = runtime.num_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return select_device(runtime.device)
+
+
+def train_stage(
+    backbone: str,
+    train: Dataset,
+    valid: Dataset,
+    cfg: RunConfig,
+    stage: StageConfig,
+    device: torch.device,
+    desc: str,
+    log_dir: Path | None = None,
+    pretrained: bool = True,
+    callbacks: list[Callback] | None = None,
+    soft_targets: torch.Tensor | None = None,
+) -> tuple[IntentModel, FitResult]:
+    """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings
+    (against `soft_targets` where given: see trainer.fit)."""
+    model = IntentModel.from_backbone(
+        backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained
+    )
+    freeze_lower_layers(model.network.encoder, stage.freeze_layers)
+    if cfg.model.head_init == "prototypes":
+        init_head_from_prototypes(model, train)
+    callbacks = list(callbacks or [])
+    if cfg.runtime.progress:
+        callbacks.append(ProgressBar(desc, stage.monitor))
+    if log_dir is not None:
+        callbacks.append(TensorBoard(log_dir, desc))
+    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets)
+    log.info(
+        "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
+        desc,
+        stage.monitor,
+        result.best_metric,
+        result.best_epoch,
+        result.epochs_run,
+        result.seconds,
+    )
+    return model, result

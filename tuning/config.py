@@ -42,7 +42,17 @@ SEARCHABLE: dict[str, Searchable] = {
     "pooling": Searchable("model.pooling", "choice", ["mean"]),
     "max_length": Searchable("model.max_length", "choice", [64]),
     "freeze_layers": Searchable("training.freeze_layers", "int", (0, 0)),
+    # Self-training from run.data.unlabelled (ignored without a pool).
+    "semi_supervised": Searchable("semi_supervised.enabled", "choice", [True]),
+    "pseudo_targets": Searchable("semi_supervised.targets", "choice", ["soft"]),
+    "pseudo_threshold": Searchable("semi_supervised.threshold", "linear", (0.5, 0.5)),
+    "teachers": Searchable("semi_supervised.teachers", "int", (1, 1)),
+    "rounds": Searchable("semi_supervised.rounds", "int", (1, 1)),
+    "student_epochs": Searchable("semi_supervised.student_epochs", "int", (3, 3)),
 }
+# Searched choices the baseline trials cover one by one (each candidate with and without the
+# pool), so the table shows what each bought.
+COMPARED = ("semi_supervised",)
 _DESCRIBE = {
     "log": "Log-uniform range",
     "linear": "Uniform range",
@@ -172,6 +182,10 @@ class TuneSpec(Section):
         threads = max(1, int(self.search.cpus_per_trial))
         runtime = self.run.runtime.model_copy(update={"progress": False, "num_threads": threads})
         return self.run.model_copy(update={"runtime": runtime})
+
+    def uses_pool(self) -> bool:
+        """Do trials (some of them) learn from an unlabelled pool."""
+        return self.run.data.unlabelled is not None and True in self.space.semi_supervised
 
     def candidate(self, name: str) -> Candidate:
         return next(c for c in self.candidates if c.name == name)

@@ -20,12 +20,14 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
+from transferdesk.self_training import semi_supervised_record
 from transferdesk.train import calibrate, score_and_publish
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
 from tuning.sources import prepare_backbones, source_config
 from tuning.space import baseline_points, param_space, trial_config
+from tuning.teachers import load_teachers, prepare_teachers
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     """Fill sample defaults, make paths absolute, and check every file and backbone exists."""
     data = with_sample_defaults(spec.run.data)
     data = data.model_copy(
-        update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source")}
+        update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source", "unlabelled")}
     )
     candidates = [
         c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
@@ -64,7 +66,8 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
             resolve_path(path)  # raises a clear error for a missing or unsupported file
     for candidate in candidates:
         resolve_backbone(candidate.backbone)
-    load_splits(data.model_copy(update={"test": None}), spec.run.runtime.seed)  # data problems, up front
+    # Every data problem up front (the pool's too, which is checked against the test file).
+    load_splits(data, spec.run.runtime.seed)
     return spec
 
 
@@ -115,9 +118,13 @@ def experiment_path(spec: TuneSpec) -> str:
 Resume = bool | Literal["auto"]  # "auto": resume when the search exists, else start it
 
 
-def build_tuner(spec: TuneSpec, backbones: dict[str, str], resume: Resume) -> tune.Tuner:
+def build_tuner(
+    spec: TuneSpec, backbones: dict[str, str], teachers: dict[str, list[str]], resume: Resume
+) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), backbones=backbones),
+        tune.with_parameters(
+            run_trial, spec_json=spec.model_dump_json(), backbones=backbones, teachers=teachers
+        ),
         {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial},
     )
     path = experiment_path(spec)
@@ -183,8 +190,9 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
     """Everything before export. Reads training and validation data only."""
     connect(address, spec)
     backbones = prepare_backbones(spec)
+    teachers = prepare_teachers(spec, backbones)
     started = time.monotonic()
-    results = build_tuner(spec, backbones, resume).fit()
+    results = build_tuner(spec, backbones, teachers, resume).fit()
     finished = results.num_terminated + results.num_errors
     budget = spec.search.time_budget_s
     out_of_time = budget is not None and time.monotonic() - started >= budget
@@ -196,13 +204,14 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
     if not any(r.checkpoint for r in results):
         errors = "; ".join(str(e).splitlines()[-1] for e in results.errors[:3])
         raise TransferDeskError(f"no trial finished an epoch, nothing to export ({errors})")
-    return SearchResult(results, backbones)
+    return SearchResult(results, backbones, teachers)
 
 
 @dataclass
 class SearchResult:
     results: tune.ResultGrid
     backbones: dict[str, str]  # candidate → the backbone its trials started from
+    teachers: dict[str, list[str]]  # candidate → cache keys of its teachers' pool labels
 
 
 def experiment_id(spec: TuneSpec) -> str:
@@ -246,7 +255,13 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
     trial = trial_config(spec, best.config, candidate.backbone)
     cfg = trial.model_copy(
         update={
-            "data": trial.data.model_copy(update={"test": spec.run.data.test, "source": candidate.source}),
+            "data": trial.data.model_copy(
+                update={
+                    "test": spec.run.data.test,
+                    "source": candidate.source,
+                    "unlabelled": spec.run.data.unlabelled,
+                }
+            ),
             "source_training": source_config(spec, candidate).source_training,
         }
     )
@@ -267,6 +282,9 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
                 "experiment": experiment_id(spec),
             }
         }
+        if cfg.semi_supervised.enabled and candidate.name in found.teachers:
+            records = load_teachers(cfg, found.teachers[candidate.name])
+            metrics["semi_supervised"] = semi_supervised_record(cfg, splits.pool, records, [], registry)
         meta = VersionMeta(
             labels=model.labels,
             backbone=registry.portable(candidate.backbone),

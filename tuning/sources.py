@@ -13,7 +13,8 @@ import ray
 
 from transferdesk.config import RunConfig
 from transferdesk.data import check_training_data, raise_on_errors, read_dataset
-from transferdesk.train import configure_runtime, source_key, source_stage
+from transferdesk.train import source_key, source_stage
+from transferdesk.trainer import configure_runtime
 from tuning.config import Candidate, TuneSpec
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from ray import tune
 from ray.tune.search.sample import Domain
 
 from transferdesk.config import RunConfig
-from tuning.config import SEARCHABLE, Searchable, TuneSpec
+from tuning.config import COMPARED, SEARCHABLE, Searchable, TuneSpec
 
 
 def _domain(knob: Searchable, value: Any) -> Any:
@@ -43,18 +43,23 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
 
 
 def baseline_points(spec: TuneSpec) -> list[dict[str, Any]]:
-    """The run's own settings (clipped into the space) once per candidate: the trials that
-    tell what the search added over the untuned recipe, and what each source model adds."""
+    """The run's own settings (clipped into the space) once per candidate and per choice of
+    each COMPARED setting: the trials that tell what the search added over the untuned
+    recipe, and what each source model (and the unlabelled pool) adds."""
     base = spec.base_run()
     searched = {name for name, value in param_space(spec).items() if isinstance(value, Domain)}
-    recipe = {
-        name: _clip(_get(base, knob.target), knob, getattr(spec.space, name))
-        for name, knob in SEARCHABLE.items()
-        if name in searched  # fixed values are not part of the search algorithm's space
-    }
-    if "candidate" not in searched:
-        return [recipe]
-    return [{**recipe, "candidate": c.name} for c in spec.candidates]
+    points = [
+        {
+            name: _clip(_get(base, knob.target), knob, getattr(spec.space, name))
+            for name, knob in SEARCHABLE.items()
+            if name in searched  # fixed values are not part of the search algorithm's space
+        }
+    ]
+    for name in (n for n in COMPARED if n in searched):
+        points = [{**p, name: value} for value in getattr(spec.space, name) for p in points]
+    if "candidate" in searched:
+        points = [{**p, "candidate": c.name} for c in spec.candidates for p in points]
+    return points
 
 
 def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunConfig:
@@ -64,5 +69,9 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunCo
         section, field = knob.target.split(".")
         data[section][field] = params[name]
     data["model"]["backbone"] = backbone
-    data["data"].update(test=None, source=None)  # source stages are prepared before the search
+    # Source stages and teachers are prepared before the search (tuning.sources, .teachers),
+    # the teachers with the run's own training settings, whatever the trial samples.
+    data["data"].update(test=None, source=None, unlabelled=None)
+    if spec.uses_pool():
+        data["semi_supervised"]["teacher_training"] = spec.base_run().training.model_dump()
     return RunConfig.model_validate(data)

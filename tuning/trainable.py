@@ -9,34 +9,55 @@ from ray import tune
 
 from transferdesk.data import load_splits
 from transferdesk.modeling import IntentModel
-from transferdesk.train import configure_runtime, train_stage
-from transferdesk.trainer import Callback
+from transferdesk.self_training import self_train
+from transferdesk.trainer import Callback, configure_runtime, train_stage
 from tuning.config import TuneSpec
 from tuning.space import trial_config
+from tuning.teachers import load_teachers
 
 REPORTED = ("epoch", "loss", "accuracy", "macro_f1")
 
 
 class TuneReport(Callback):
-    """Each epoch's validation metrics to Tune; a checkpoint (the model's own files) only at
-    improvements, so a trial's latest checkpoint is its best epoch."""
+    """Each epoch's validation metrics to Tune; a checkpoint (the model's own files) only when
+    the search metric beats the trial's best so far, across all its fits (the rounds of
+    self-training are several), so a trial's latest checkpoint is its best epoch."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric, self.best = metric, float("-inf")
 
     def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
         metrics = {key: entry[key] for key in REPORTED}
-        if not improved:
+        if entry[self.metric] <= self.best:
             tune.report(metrics)
             return
+        self.best = entry[self.metric]
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_trial(params: dict, spec_json: str, backbones: dict[str, str]) -> None:
+def run_trial(
+    params: dict, spec_json: str, backbones: dict[str, str], teachers: dict[str, list[str]]
+) -> None:
     spec = TuneSpec.model_validate_json(spec_json)
     candidate = spec.candidate(params["candidate"])
     cfg = trial_config(spec, params, backbones[candidate.name])
     device = configure_runtime(cfg.runtime)
     splits = load_splits(cfg.data, cfg.runtime.seed)  # train and valid only: cfg.data.test is None
+    if cfg.semi_supervised.enabled and candidate.name in teachers:
+        records = load_teachers(cfg, teachers[candidate.name])
+        self_train(
+            cfg,
+            cfg.model.backbone,
+            splits.train,
+            splits.valid,
+            records,
+            device,
+            pretrained=candidate.pretrained,
+            callbacks=[TuneReport(spec.search.metric)],
+        )
+        return
     train_stage(
         cfg.model.backbone,
         splits.train,
@@ -46,5 +67,5 @@ def run_trial(params: dict, spec_json: str, backbones: dict[str, str]) -> None:
         device,
         f"trial {candidate.name}",
         pretrained=candidate.pretrained,
-        callbacks=[TuneReport()],
+        callbacks=[TuneReport(spec.search.metric)],
     )

@@ -82,3 +82,17 @@ def test_source_stage_then_target_stage(registry: Path, capsys) -> None:
     # The source checkpoint is a backbone in its own right.
     reused = IntentModel.from_backbone(str(checkpoint), ["a", "b"], version.config.model)
     assert reused.network.encoder.config.hidden_size == 384
+
+
+def test_self_training_on_the_bundled_pool(registry: Path, capsys) -> None:
+    """The sample's unlabelled retail pool end to end: teacher, pseudo-labels, student."""
+    args = ["train", "--data.unlabelled", "sample:retail/unlabelled.txt", "--output", str(registry)]
+    args += ["--name", "with-pool", "--semi_supervised.student_epochs", "2", *FAST]
+    assert main(args) == 0
+    version = open_version(capsys.readouterr().out.strip().splitlines()[-1])
+    record = version.metrics["semi_supervised"]
+    assert record["pool"]["file"] == "sample:retail/unlabelled.txt" and record["pool"]["rows_used"] == 140
+    assert record["rounds"][0]["pseudo_labels"] > 100  # most of the pool is confidently in scope
+    assert version.metrics["accuracy"] > 0.6
+    assert "Unlabelled pool: `sample:retail/unlabelled.txt`" in version.card
+    assert len(IntentModel.from_pretrained(version).labels) == 20  # the student: the same shape

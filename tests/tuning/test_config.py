@@ -56,9 +56,14 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         "batch_size": 8,
         "epochs": 4,
         "freeze_layers": 1,
+        "semi_supervised": True,
+        "pseudo_targets": "hard",
+        "pseudo_threshold": 0.7,
         "candidate": "minilm",
     }
     cfg = trial_config(spec, params, "/ckpt")
+    assert (cfg.semi_supervised.targets, cfg.semi_supervised.threshold) == ("hard", 0.7)
+    assert cfg.semi_supervised.teacher_training is None  # no pool: no teachers to pin
     assert (cfg.training.encoder_lr, cfg.training.epochs, cfg.model.pooling) == (3e-5, 4, "cls")
     assert cfg.model.backbone == "/ckpt" and cfg.data.test is None and cfg.data.source is None
     assert cfg.runtime.num_threads == 1 and not cfg.runtime.progress
@@ -101,3 +106,26 @@ def test_baseline_points_are_the_run_recipe_inside_the_space() -> None:
     assert points[0]["encoder_lr"] == 1e-4  # clipped into the range
     assert points[0]["batch_size"] == 8  # 16 is not a choice: the first choice
     assert "dropout" not in points[0]  # fixed values are not searched
+
+
+def test_pool_searches_pin_the_teachers_and_compare_with_and_without_it() -> None:
+    spec = TuneSpec.model_validate(
+        {
+            "run": {"data": {"train": "t.csv", "unlabelled": "pool.txt"}, "training": {"encoder_lr": 6e-5}},
+            "candidates": [{"name": "a"}, {"name": "b"}],
+            "space": {"semi_supervised": [True, False], "pseudo_threshold": [0.3, 0.9]},
+        }
+    )
+    points = baseline_points(spec)
+    assert [(p["candidate"], p["semi_supervised"]) for p in points] == [
+        ("a", True),
+        ("a", False),
+        ("b", True),
+        ("b", False),
+    ]
+    params = {**points[0], "encoder_lr": 9e-5}
+    params |= {n: k.default[0] for n, k in SEARCHABLE.items() if n not in params}
+    cfg = trial_config(spec, params, "/ckpt")
+    # The student takes the sampled rate; the teachers keep the run's own, so all trials share them.
+    assert cfg.training.encoder_lr == 9e-5 and cfg.semi_supervised.teacher_training.encoder_lr == 6e-5
+    assert cfg.data.unlabelled is None  # trials read the pool from the teachers' cache

@@ -172,3 +172,31 @@ def test_unreachable_cluster_is_a_clear_error(tiny_backbone: Path, tmp_path: Pat
     )
     assert proc.returncode == 2 and "cannot reach the Ray cluster at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "tune").exists()
+
+
+def test_pool_search_shares_teachers_and_reports_what_the_pool_bought(
+    local_ray, tiny_backbone: Path, tmp_path: Path
+) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_text("where is the parcel now\nreset the password now\nrefund money please\nparcel please\n")
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        data={"unlabelled": str(pool)},
+        space={"epochs": 2, "semi_supervised": [True, False], "teachers": [1, 2], "student_epochs": 2},
+        search={"num_samples": 4, "algorithm": "random"},
+    )
+    spec = prepare_spec(load_spec(path))
+    found = search(spec)
+    assert not found.results.errors
+    teachers = sorted((tmp_path / "registry" / "teachers").iterdir())
+    assert len(teachers) == 2 and found.teachers == {"tiny": [t.name for t in teachers]}  # once each
+    version = export(spec, found)
+    rows = _rows(version)
+    baselines = [r for r in rows if r["baseline"] == "True"]
+    assert sorted(r["semi_supervised"] for r in baselines) == ["False", "True"]  # with and without
+    assert len(rows) == 4 and {r["semi_supervised"] for r in rows} == {"True", "False"}
+    assert version.config.data.unlabelled == "pool.txt"
+    if version.metrics["search"]["best_config"]["semi_supervised"]:
+        assert version.metrics["semi_supervised"]["pool"]["rows_used"] == 4
+        assert "Unlabelled pool: `pool.txt`" in version.card

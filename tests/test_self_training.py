@@ -1,0 +1,176 @@
+"""Self-training from an unlabelled pool, with the tiny in-test BERT."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tiny_backbone, tiny_run, write_csv
+from transferdesk.config import RunConfig
+from transferdesk.data import Dataset
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import Registry, open_version
+from transferdesk.self_training import _student_data, select_pseudo_labels
+from transferdesk.train import run_training, train_and_register
+
+# A task where only the pool links the words the test uses to the intents. Labelled rows use
+# each intent's "seen" words; validation and test rows use its "pool-only" words, which a
+# model trained on the labels alone has never met; pool messages mix both. A teacher labels
+# the pool by its seen words, and a student trained on those labels learns the new words.
+SEEN = {"track": ["parcel", "package"], "password": ["password", "login"], "refund": ["refund", "money"]}
+NEW = {"track": ["courier", "delivery"], "password": ["locked", "account"], "refund": ["repay", "reimburse"]}
+FILLER = ["my", "the", "please", "now", "help", "again"]
+
+
+def _rows(
+    first: dict[str, list[str]], second: dict[str, list[str]], n: int, rng: np.random.Generator
+) -> list[tuple[str, str]]:
+    """n rows per intent: a word of `first`, a word of `second`, two fillers, shuffled."""
+    rows = []
+    for intent in first:
+        for _ in range(n):
+            words = [rng.choice(first[intent]), rng.choice(second[intent]), *rng.choice(FILLER, 2)]
+            rows.append((" ".join(rng.permutation(words).tolist()), intent))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bridge_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
+    return make_tiny_backbone(tmp_path_factory.mktemp("bridge-bert"), words)
+
+
+@pytest.fixture
+def bridge_config(bridge_backbone: Path, tmp_path: Path) -> RunConfig:
+    rng = np.random.default_rng(0)
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(sorted({t for t, _ in _rows(SEEN, NEW, 60, rng)})) + "\n")
+    files = {
+        "train": write_csv(tmp_path / "train.csv", sorted(set(_rows(SEEN, SEEN, 6, rng)))),
+        "valid": write_csv(tmp_path / "valid.csv", sorted(set(_rows(NEW, NEW, 20, rng)))),
+        "unlabelled": pool,
+    }
+    return tiny_run(
+        bridge_backbone,
+        files,
+        tmp_path / "registry",
+        **{"semi_supervised.student_epochs": 15, "semi_supervised.threshold": 0.4},
+    )
+
+
+def _with(cfg: RunConfig, **overrides: object) -> RunConfig:
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        section, name = dotted.split(".")
+        data[section][name] = value
+    return RunConfig.model_validate(data)
+
+
+def test_pseudo_labels_respect_threshold_and_per_intent_cap() -> None:
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],
+            [0.8, 0.1, 0.1],
+            [0.7, 0.2, 0.1],
+            [0.4, 0.3, 0.3],  # below the threshold
+            [0.1, 0.6, 0.3],
+            [0.2, 0.2, 0.6],
+        ]
+    )
+    assert select_pseudo_labels(probs, 0.5, None).tolist() == [0, 1, 2, 4, 5]
+    assert select_pseudo_labels(probs, 0.5, 2).tolist() == [0, 1, 4, 5]  # intent 0: its 2 most confident
+    assert select_pseudo_labels(probs, 0.95, None).tolist() == []
+    # Unset cap: 3 × the mean kept per intent (here 3 × 68 / 10 → 21), so the teachers'
+    # favourite intent cannot swamp the rest; it keeps its most confident rows.
+    top = [0] * 50 + [i for i in range(1, 10) for _ in range(2)]
+    skewed = np.full((len(top), 10), 0.01)
+    skewed[np.arange(len(top)), top] = np.linspace(0.6, 0.9, len(top))
+    kept = select_pseudo_labels(skewed, 0.5, None)
+    assert len(kept) == 21 + 18
+    favourite = kept[kept < 50]
+    assert favourite.tolist() == list(range(29, 50))
+
+
+def test_student_targets_soft_and_hard() -> None:
+    train = Dataset(["a", "b"], ["x", "y"])
+    probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.4, 0.6]], dtype=np.float32)
+    data, soft = _student_data(train, ["x", "y"], ["p", "q", "r"], probs, np.array([0, 2]), soft=True)
+    assert data.texts == ["a", "b", "p", "r"] and data.labels == ["x", "y", "y", "y"]
+    np.testing.assert_allclose(soft.numpy(), [[1, 0], [0, 1], [0.2, 0.8], [0.4, 0.6]], rtol=1e-6)
+    _, hard = _student_data(train, ["x", "y"], ["p", "q", "r"], probs, np.array([0, 2]), soft=False)
+    assert hard.tolist() == [[1, 0], [0, 1], [0, 1], [0, 1]]
+
+
+def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> None:
+    result = run_training(bridge_config)
+    record = result.semi_supervised
+    assert record is not None
+    teacher, student = record["teachers"][0]["best_valid"], record["rounds"][-1]["best_valid"]
+    # The teacher never saw the validation words; the student learnt them from the pool.
+    assert student >= teacher + 0.25 and student >= 0.75, (teacher, student)
+    kept = record["rounds"][0]
+    assert 0 < kept["pseudo_labels"] <= kept["pool"] and kept["agreement_with_teacher"] > 0.8
+    off = run_training(_with(bridge_config, **{"semi_supervised.enabled": False}))
+    assert off.semi_supervised is None and off.fit.best_metric == pytest.approx(teacher)
+
+
+def test_self_training_is_seeded_and_teachers_are_cached(bridge_config: RunConfig, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="transferdesk")
+    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 2, "semi_supervised.teachers": 2})
+    first = run_training(cfg)
+    teachers = sorted((Path(cfg.output) / "teachers").iterdir())
+    assert len(teachers) == 2
+    caplog.clear()
+    again = run_training(cfg)
+    assert caplog.text.count("reusing teacher labels") == 2
+    assert torch.equal(first.model.network.head.weight, again.model.network.head.weight)
+    assert sorted((Path(cfg.output) / "teachers").iterdir()) == teachers
+    one = run_training(_with(cfg, **{"semi_supervised.teachers": 1}))  # the first teacher again
+    assert one.semi_supervised["teachers"][0]["labels"] in {f"teachers/{t.name}" for t in teachers}
+    assert len(list((Path(cfg.output) / "teachers").iterdir())) == 2
+
+
+def test_damaged_teacher_labels_are_set_aside(bridge_config: RunConfig) -> None:
+    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 1})
+    run_training(cfg)
+    (entry,) = (Path(cfg.output) / "teachers").iterdir()
+    (entry / "pool.txt").write_text("tampered")
+    run_training(cfg)
+    assert Registry(cfg.output).teacher_labels(entry.name) is not None  # labelled again
+    assert any(p.name.startswith(".damaged-") for p in entry.parent.iterdir())
+
+
+def test_version_records_the_pool_and_rounds(bridge_config: RunConfig) -> None:
+    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.rounds": 2})
+    version = open_version(train_and_register(cfg).path)
+    record = version.metrics["semi_supervised"]
+    assert record["pool"]["file"] == "pool.txt" and record["pool"]["rows_used"] > 0
+    assert [r["round"] for r in record["rounds"]] == [1, 2]
+    assert version.config.data.unlabelled == "pool.txt"
+    assert (
+        "Unlabelled pool: `pool.txt`" in version.card and "Pseudo-labels kept per round (and" in version.card
+    )
+    assert {"teacher_seconds", "student_seconds"} <= set(version.metrics)
+
+
+def test_unreachable_threshold_is_refused(bridge_config: RunConfig) -> None:
+    with pytest.raises(TransferDeskError, match=r"no pool message reaches the pseudo-label threshold 0\.99"):
+        run_training(_with(bridge_config, **{"semi_supervised.threshold": 0.99}))
+
+
+def test_bad_pools_stop_the_cli_before_training(tmp_path: Path, capsys) -> None:
+    from transferdesk.cli import main
+
+    registry = tmp_path / "registry"
+    wrong_column = write_csv(tmp_path / "pool.csv", [("where is it", "x")], header=("message", "id"))
+    cases = [
+        (["--data.unlabelled", "sample:retail/test.csv"], "240 of 240 messages are validation or test texts"),
+        (["--data.unlabelled", str(wrong_column)], "missing column(s) text; the file has message, id"),
+        (["--data.unlabelled", str(tmp_path / "nope.txt")], "not found"),
+    ]
+    for flags, message in cases:
+        assert main(["train", "--output", str(registry), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not [p for p in registry.rglob("*") if p.is_file()]  # nothing trained, nothing written

@@ -1,0 +1,252 @@
+"""Self-training from unlabelled messages (`data.unlabelled`, `semi_supervised`).
+
+Teachers, the labelled-data recipe trained with seeds seed, seed+1, …, label the pool; their
+averaged probabilities are the pseudo-labels. The confident ones (threshold, then at most
+`max_per_intent` per intent, the most confident first) are added to the labelled rows, and a
+student of the same shape as the teachers is trained on both, against the teachers' whole
+probability rows (distillation, `targets: soft`) or their top intent (`hard`). Each further
+round makes the last student the teacher. The student is the model that gets served.
+
+A teacher's probabilities over the pool are cached in the registry (teachers/<key>/), keyed by
+everything they depend on, so a rerun or every trial of a search shares them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferdesk.config import RunConfig, StageConfig
+from transferdesk.data import Dataset, Pool
+from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import IntentModel
+from transferdesk.network import resolve_backbone
+from transferdesk.registry import Registry, TeacherRecord
+from transferdesk.trainer import Callback, FitResult, seed_everything, train_stage
+
+log = logging.getLogger(__name__)
+
+# Unset max_per_intent: this many times the mean kept per intent. Generous enough that a
+# naturally frequent intent keeps most of its rows, tight enough that a teacher's favourite
+# intent (where it puts doubtful messages) cannot crowd out the rest.
+CAP_PER_MEAN = 3.0
+
+
+def teacher_stage(cfg: RunConfig) -> StageConfig:
+    return cfg.semi_supervised.teacher_training or cfg.training
+
+
+def student_stage(cfg: RunConfig) -> StageConfig:
+    epochs = cfg.semi_supervised.student_epochs
+    return cfg.training.model_copy(update={"epochs": epochs, "patience": min(cfg.training.patience, epochs)})
+
+
+def _digest(texts: list[str]) -> str:
+    return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+def teacher_key(cfg: RunConfig, backbone: str, train: Dataset, valid: Dataset, pool: Pool, seed: int) -> str:
+    """Identifies one teacher's labels: same backbone, data, pool, settings and seed → same labels."""
+    parts = {
+        "backbone": resolve_backbone(backbone),
+        "train": _digest([f"{t}\t{lab}" for t, lab in zip(train.texts, train.labels, strict=True)]),
+        "valid": _digest([f"{t}\t{lab}" for t, lab in zip(valid.texts, valid.labels, strict=True)]),
+        "pool": _digest(pool.texts),
+        "stage": teacher_stage(cfg).model_dump(),
+        "model": cfg.model.model_dump(exclude={"backbone"}),
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_labels(
+    cfg: RunConfig,
+    backbone: str,
+    train: Dataset,
+    valid: Dataset,
+    pool: Pool,
+    device: torch.device,
+    pretrained: bool = True,
+    seeds: Sequence[int] | None = None,
+) -> list[TeacherRecord]:
+    """Each teacher's probabilities over the pool, from the registry's cache or trained now.
+    Teachers: seeds seed, seed+1, … (`semi_supervised.teachers` of them) unless `seeds`."""
+    registry = Registry(cfg.output)
+    if seeds is None:
+        seeds = range(cfg.runtime.seed, cfg.runtime.seed + cfg.semi_supervised.teachers)
+    records = []
+    for seed in seeds:
+        key = teacher_key(cfg, backbone, train, valid, pool, seed)
+        if (cached := registry.teacher_labels(key)) is not None:
+            log.info("reusing teacher labels %s (seed %d)", cached.path, seed)
+            records.append(cached)
+            continue
+        seed_everything(seed)
+        run = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": seed})})
+        t0, desc = time.perf_counter(), f"teacher (seed {seed})"
+        teacher, result = train_stage(
+            backbone, train, valid, run, teacher_stage(cfg), device, desc, pretrained=pretrained
+        )
+        probs = teacher.predict_proba(
+            pool.texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"{desc}: labelling pool"
+        )
+        info = {
+            "labels": teacher.labels,
+            "seed": seed,
+            "pool": pool.summary(),
+            "best_valid": result.best_metric,
+            "best_epoch": result.best_epoch,
+            "seconds": time.perf_counter() - t0,
+        }
+        records.append(registry.save_teacher_labels(key, pool.texts, probs, info))
+    return records
+
+
+def select_pseudo_labels(probs: np.ndarray, threshold: float, max_per_intent: int | None) -> np.ndarray:
+    """Rows of `probs` kept as pseudo-labels: top probability at least `threshold`, then at most
+    `max_per_intent` per top intent, the most confident first (unset: CAP_PER_MEAN × the mean
+    kept per intent). Sorted row indices."""
+    confidence, top = probs.max(axis=1), probs.argmax(axis=1)
+    confident = np.flatnonzero(confidence >= threshold)
+    cap = max_per_intent or max(1, math.ceil(CAP_PER_MEAN * len(confident) / probs.shape[1]))
+    kept = []
+    for intent in np.unique(top[confident]):
+        rows = confident[top[confident] == intent]
+        kept.append(rows[np.argsort(-confidence[rows], kind="stable")[:cap]])
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=int)
+
+
+@dataclass
+class SelfTrainingResult:
+    model: IntentModel
+    fit: FitResult  # of the round whose student this is
+    rounds: list[dict] = field(default_factory=list)  # what each round kept and learnt
+    seconds: float = 0.0
+
+
+def _student_data(
+    train: Dataset, labels: list[str], pool_texts: list[str], probs: np.ndarray, rows: np.ndarray, soft: bool
+) -> tuple[Dataset, torch.Tensor]:
+    """Labelled rows (one-hot targets) followed by the kept pool rows (the teachers' targets)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    eye = np.eye(len(labels), dtype=np.float32)
+    top = probs[rows].argmax(axis=1)
+    pseudo = probs[rows] / probs[rows].sum(axis=1, keepdims=True) if soft else eye[top]
+    targets = np.concatenate([eye[[index[lab] for lab in train.labels]], pseudo])
+    data = Dataset(
+        train.texts + [pool_texts[i] for i in rows],
+        train.labels + [labels[j] for j in top],
+        train.rows + [-(i + 1) for i in rows],  # negative: a pool row, not a line of the file
+        train.path,
+    )
+    return data, torch.from_numpy(targets)
+
+
+def self_train(
+    cfg: RunConfig,
+    backbone: str,
+    train: Dataset,
+    valid: Dataset,
+    teachers: list[TeacherRecord],
+    device: torch.device,
+    pretrained: bool = True,
+    callbacks: list[Callback] | None = None,
+    log_dir: Path | None = None,
+) -> SelfTrainingResult:
+    """Train the student(s) from the teachers' labels; returns the student of the round with
+    the best validation score (a later round can drift, learning its own mistakes)."""
+    semi = cfg.semi_supervised
+    labels = train.intents
+    for record in teachers:
+        if record.info["labels"] != labels:
+            raise TransferDeskError(
+                f"teacher labels {record.path} are for other intents than the training data; "
+                "delete that directory to label the pool again"
+            )
+    pool_texts = teachers[0].texts
+    probs = np.mean([r.probs for r in teachers], axis=0)
+    teacher_top = probs.argmax(axis=1)
+    t0, rounds = time.perf_counter(), []
+    best: tuple[IntentModel, FitResult] | None = None
+    for number in range(1, semi.rounds + 1):
+        rows = select_pseudo_labels(probs, semi.threshold, semi.max_per_intent)
+        if not len(rows):
+            raise TransferDeskError(
+                f"round {number}: no pool message reaches the pseudo-label threshold "
+                f"{semi.threshold} (teachers' top probability: median "
+                f"{float(np.median(probs.max(axis=1))):.2f}); lower semi_supervised.threshold"
+            )
+        data, targets = _student_data(train, labels, pool_texts, probs, rows, semi.targets == "soft")
+        seed_everything(cfg.runtime.seed)
+        model, result = train_stage(
+            backbone,
+            data,
+            valid,
+            cfg,
+            student_stage(cfg),
+            device,
+            f"student {number}",
+            log_dir,
+            pretrained,
+            callbacks,
+            soft_targets=targets,
+        )
+        student_probs = model.predict_proba(
+            pool_texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"student {number}: labelling pool"
+        )
+        student_top = student_probs.argmax(axis=1)
+        per_intent = np.bincount(probs[rows].argmax(axis=1), minlength=len(labels))
+        rounds.append(
+            {
+                "round": number,
+                "pseudo_labels": len(rows),
+                "pool": len(pool_texts),
+                "per_intent": {"min": int(per_intent.min()), "max": int(per_intent.max())},
+                # Of the kept rows, how often the student ends up agreeing with its teacher,
+                # and (all rows) with the first teachers: how far the rounds drifted.
+                "agreement_with_teacher": float(np.mean(student_top[rows] == probs[rows].argmax(axis=1))),
+                "agreement_with_first_teachers": float(np.mean(student_top == teacher_top)),
+                "best_valid": result.best_metric,
+                "best_epoch": result.best_epoch,
+                "seconds": result.seconds,
+            }
+        )
+        log.info(
+            "student %d: %d pseudo-labels of %d pool messages, best valid %.4f",
+            number,
+            len(rows),
+            len(pool_texts),
+            result.best_metric,
+        )
+        probs = student_probs
+        if best is None or result.best_metric > best[1].best_metric:
+            best = model, result
+    return SelfTrainingResult(*best, rounds, time.perf_counter() - t0)
+
+
+def semi_supervised_record(
+    cfg: RunConfig, pool: Pool, teachers: list[TeacherRecord], rounds: list[dict], registry: Registry
+) -> dict:
+    """What metrics.json and the model card say the model learnt from."""
+    return {
+        "pool": {**pool.summary(), "file": registry.portable(pool.path)},
+        "settings": cfg.semi_supervised.model_dump(exclude={"teacher_training"}),
+        "teachers": [
+            {
+                "seed": t.info["seed"],
+                "best_valid": t.info["best_valid"],
+                "labels": registry.portable(t.path),
+            }
+            for t in teachers
+        ],
+        "rounds": rounds,
+    }

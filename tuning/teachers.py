@@ -1,0 +1,58 @@
+"""Teachers of the candidates: each teacher's labels of the unlabelled pool, computed once, as
+Ray tasks, before any trial. Every semi-supervised trial of a candidate shares them: the
+teachers train with the run's own `training` settings (pinned in every trial's
+`semi_supervised.teacher_training`), whatever the trial samples for its student."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from transferdesk.config import RunConfig
+from transferdesk.data import load_splits
+from transferdesk.registry import Registry, TeacherRecord
+from transferdesk.self_training import teacher_labels
+from transferdesk.trainer import configure_runtime
+from tuning.config import TuneSpec
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+def _label_pool(cfg_json: str, backbone: str, seed: int, pretrained: bool) -> str:
+    cfg = RunConfig.model_validate_json(cfg_json)
+    device = configure_runtime(cfg.runtime)
+    # With the test file: the pool is checked against it like in any run (trials never read it).
+    splits = load_splits(cfg.data, cfg.runtime.seed)
+    (record,) = teacher_labels(
+        cfg, backbone, splits.train, splits.valid, splits.pool, device, pretrained, [seed]
+    )
+    return record.path.name
+
+
+def prepare_teachers(spec: TuneSpec, backbones: dict[str, str]) -> dict[str, list[str]]:
+    """Candidate name → the cache keys of its teachers (as many as space.teachers allows)."""
+    if not spec.uses_pool():
+        return {}
+    cfg = spec.base_run()
+    seeds = range(cfg.runtime.seed, cfg.runtime.seed + spec.space.teachers[1])
+    task = _label_pool.options(num_cpus=spec.search.cpus_per_trial, num_gpus=spec.search.gpus_per_trial)
+    refs = {
+        c.name: [task.remote(cfg.model_dump_json(), backbones[c.name], s, c.pretrained) for s in seeds]
+        for c in spec.candidates
+    }
+    keys = {name: ray.get(pending) for name, pending in refs.items()}
+    log.info("teacher labels ready: %s", keys)
+    return keys
+
+
+def load_teachers(cfg: RunConfig, keys: list[str]) -> list[TeacherRecord]:
+    """The first `semi_supervised.teachers` of a candidate's cached teachers."""
+    registry = Registry(cfg.output)
+    records = [registry.teacher_labels(key) for key in keys[: cfg.semi_supervised.teachers]]
+    if any(r is None for r in records):
+        raise RuntimeError(
+            f"teacher labels {keys} vanished from {registry.root / 'teachers'} during the search"
+        )
+    return records
