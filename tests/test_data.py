@@ -212,5 +212,5 @@ def test_large_pool_is_sampled_with_a_warning(tmp_path: Path, caplog) -> None:
     first = _pool_splits(tmp_path, pool, unlabelled_max_rows=10).pool
     again = _pool_splits(tmp_path, pool, unlabelled_max_rows=10).pool
     assert first is not None and again is not None
-    assert len(first) == 10 and first.texts == again.texts and first.dropped == {"over_max_pool": 40}
+    assert len(first) == 10 and first.texts == again.texts and first.dropped == {"over_max_rows": 40}
     assert "50 usable messages; a seeded sample of 10 is used" in caplog.text

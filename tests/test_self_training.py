@@ -136,7 +136,7 @@ def test_damaged_teacher_labels_are_set_aside(bridge_config: RunConfig) -> None:
     cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 1})
     run_training(cfg)
     (entry,) = (Path(cfg.output) / "teachers").iterdir()
-    (entry / "pool.txt").write_text("tampered")
+    (entry / "pool.json").write_text('["tampered"]')
     run_training(cfg)
     assert Registry(cfg.output).teacher_labels(entry.name) is not None  # labelled again
     assert any(p.name.startswith(".damaged-") for p in entry.parent.iterdir())
@@ -174,3 +174,33 @@ def test_bad_pools_stop_the_cli_before_training(tmp_path: Path, capsys) -> None:
         assert main(["train", "--output", str(registry), *flags]) == 2
         assert message in capsys.readouterr().err
     assert not [p for p in registry.rglob("*") if p.is_file()]  # nothing trained, nothing written
+
+
+def test_cached_pool_keeps_line_breaks_inside_messages(bridge_config: RunConfig, tmp_path: Path) -> None:
+    import json
+
+    from transferdesk.data import load_splits
+
+    pool = tmp_path / "pool.jsonl"
+    messages = ["parcel courier\r\nplease", "login\nlocked account", "refund repay"]
+    pool.write_text("\n".join(json.dumps({"text": m}) for m in messages) + "\n")
+    cfg = _with(bridge_config, **{"data.unlabelled": str(pool)})
+    splits = load_splits(cfg.data, cfg.runtime.seed)
+    registry = Registry(cfg.output)
+    registry.save_teacher_labels("k", splits.pool.texts, np.eye(3, dtype=np.float32), {"labels": ["a"]})
+    record = registry.teacher_labels("k")
+    assert record is not None and record.texts == splits.pool.texts == messages
+    assert record.probs.shape == (3, 3)
+
+
+def test_teacher_key_tells_a_random_control_from_the_pretrained_backbone(bridge_config: RunConfig) -> None:
+    from transferdesk.data import Pool
+    from transferdesk.self_training import teacher_key
+
+    train = Dataset(["a b"], ["x"])
+    pool = Pool(["c"], "pool.txt", "0" * 64, 1)
+    keys = {
+        teacher_key(bridge_config, bridge_config.model.backbone, train, train, pool, 13, p)
+        for p in (True, False)
+    }
+    assert len(keys) == 2

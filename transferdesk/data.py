@@ -242,6 +242,12 @@ def _pool_problem(problems: list[Problem], name: str, n: int, reason: str) -> No
         problems.append(Problem("warning", name, None, f"{reason}: {n} message{'s' * (n != 1)} dropped"))
 
 
+def _reasons(dropped: Counter[str]) -> str:
+    if not dropped:
+        return "the file is empty"
+    return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(dropped.items()))
+
+
 def load_pool(
     path: str, column: str, labelled: Dataset, evaluation: list[Dataset], max_rows: int, seed: int
 ) -> tuple[Pool, list[Problem]]:
@@ -313,10 +319,10 @@ def load_pool(
                 name,
                 None,
                 f"{len(texts)} usable messages; a seeded sample of {max_rows} is used "
-                "(raise semi_supervised.max_pool to use more, at more training time)",
+                "(raise data.unlabelled_max_rows to use more, at more training time)",
             )
         )
-        dropped["over_max_pool"] = len(texts) - max_rows
+        dropped["over_max_rows"] = len(texts) - max_rows
         texts = [texts[i] for i in sorted(random.Random(seed).sample(range(len(texts)), max_rows))]
     digest = hashlib.sha256(raw).hexdigest()
     return Pool(texts, name, digest, len(records), dict(sorted(dropped.items()))), problems

@@ -22,7 +22,7 @@ version's manifest changed since it was promoted.
 Source-stage checkpoints, `<registry>/sources/<key>/`, hold an encoder + tokenizer (a
 backbone in its own right), `source.json` and their own manifest, checked before reuse.
 Teacher labels, `<registry>/teachers/<key>/`, hold one teacher's view of an unlabelled pool
-(self-training): `pool.txt` (the checked pool, one message a line), `probs.safetensors`
+(self-training): `pool.json` (the checked pool's messages), `probs.safetensors`
 (its probabilities, rows × intents), `teacher.json` (intents, seed, scores) and a manifest.
 
 A version is written into a staging directory and renamed into place, so a crash never
@@ -73,7 +73,7 @@ CARD = "model_card.md"
 SOURCE_META = "source.json"
 SOURCES = "sources"
 TEACHERS = "teachers"
-TEACHER_META, TEACHER_POOL, TEACHER_PROBS = "teacher.json", "pool.txt", "probs.safetensors"
+TEACHER_META, TEACHER_POOL, TEACHER_PROBS = "teacher.json", "pool.json", "probs.safetensors"
 # The model object writes its encoder and tokenizer here; a version is a backbone through it.
 ENCODER_DIR = "encoder"
 TOKENIZER_FILE = f"{ENCODER_DIR}/tokenizer.json"
@@ -698,17 +698,18 @@ class Registry:
     def teacher_labels(self, key: str) -> TeacherRecord | None:
         if (path := self._cached(TEACHERS, key)) is None:
             return None
-        texts = (path / TEACHER_POOL).read_text(encoding="utf-8").split("\n")
+        texts = _read_json(path / TEACHER_POOL)
         probs = load_file(path / TEACHER_PROBS)["probs"]
+        if len(texts) != len(probs):  # sealed so, so written so: a bug, not damage
+            raise TransferDeskError(f"{path}: {len(texts)} messages but {len(probs)} rows of probabilities")
         return TeacherRecord(texts, probs, _read_json(path / TEACHER_META), path)
 
     def save_teacher_labels(self, key: str, texts: list[str], probs: np.ndarray, info: dict) -> TeacherRecord:
         """One teacher's probabilities over a pool (info: its intents, in column order, and more)."""
 
         def write(tmp: Path) -> None:
-            # Pool messages are single lines (the pool reader splits files into lines or rows
-            # and strips them), so newline-separated text round-trips them.
-            (tmp / TEACHER_POOL).write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
+            # JSON, not lines: a CSV or JSONL message may hold line breaks of its own.
+            (tmp / TEACHER_POOL).write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
             save_file({"probs": np.ascontiguousarray(probs, dtype=np.float32)}, tmp / TEACHER_PROBS)
             (tmp / TEACHER_META).write_text(json.dumps(info, indent=2))
 

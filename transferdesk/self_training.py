@@ -54,10 +54,14 @@ def _digest(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
-def teacher_key(cfg: RunConfig, backbone: str, train: Dataset, valid: Dataset, pool: Pool, seed: int) -> str:
-    """Identifies one teacher's labels: same backbone, data, pool, settings and seed → same labels."""
+def teacher_key(
+    cfg: RunConfig, backbone: str, train: Dataset, valid: Dataset, pool: Pool, seed: int, pretrained: bool
+) -> str:
+    """Identifies one teacher's labels: same backbone (pretrained or a random control), data,
+    pool, settings and seed → same labels."""
     parts = {
         "backbone": resolve_backbone(backbone),
+        "pretrained": pretrained,
         "train": _digest([f"{t}\t{lab}" for t, lab in zip(train.texts, train.labels, strict=True)]),
         "valid": _digest([f"{t}\t{lab}" for t, lab in zip(valid.texts, valid.labels, strict=True)]),
         "pool": _digest(pool.texts),
@@ -85,7 +89,7 @@ def teacher_labels(
         seeds = range(cfg.runtime.seed, cfg.runtime.seed + cfg.semi_supervised.teachers)
     records = []
     for seed in seeds:
-        key = teacher_key(cfg, backbone, train, valid, pool, seed)
+        key = teacher_key(cfg, backbone, train, valid, pool, seed, pretrained)
         if (cached := registry.teacher_labels(key)) is not None:
             log.info("reusing teacher labels %s (seed %d)", cached.path, seed)
             records.append(cached)

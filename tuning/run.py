@@ -187,7 +187,8 @@ def build_tuner(
 
 
 def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -> SearchResult:
-    """Everything before export. Reads training and validation data only."""
+    """Everything before export. Trials read training and validation data only (with a pool,
+    the teachers' tasks read the test file too, to keep its texts out of the pool)."""
     connect(address, spec)
     backbones = prepare_backbones(spec)
     teachers = prepare_teachers(spec, backbones)

@@ -9,6 +9,7 @@ from ray import tune
 from ray.tune.search.sample import Domain
 
 from transferdesk.config import RunConfig
+from transferdesk.self_training import teacher_stage
 from tuning.config import COMPARED, SEARCHABLE, Searchable, TuneSpec
 
 
@@ -73,5 +74,5 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunCo
     # the teachers with the run's own training settings, whatever the trial samples.
     data["data"].update(test=None, source=None, unlabelled=None)
     if spec.uses_pool():
-        data["semi_supervised"]["teacher_training"] = spec.base_run().training.model_dump()
+        data["semi_supervised"]["teacher_training"] = teacher_stage(spec.base_run()).model_dump()
     return RunConfig.model_validate(data)
