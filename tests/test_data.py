@@ -198,7 +198,7 @@ def test_pool_formats_and_column(tmp_path: Path) -> None:
 def test_pool_that_is_unusable_or_mostly_evaluation_data_is_refused(tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    with pytest.raises(TransferDeskError, match="no usable messages of 2 rows"):
+    with pytest.raises(TransferDeskError, match=r"no usable messages of 2 rows \(2 empty\)"):
         _pool_splits(tmp_path, empty)
     leaky = tmp_path / "leaky.txt"
     leaky.write_text("track my parcel\nparcel not here\nparcel late again\nhas it shipped\n")

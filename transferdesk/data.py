@@ -309,7 +309,7 @@ def load_pool(
                 "error",
                 name,
                 None,
-                f"no usable messages of {len(records)} rows; check data.unlabelled_column",
+                f"no usable messages of {len(records)} rows ({_reasons(dropped)})",
             )
         )
     if len(texts) > max_rows:
