@@ -35,12 +35,14 @@ CRDS := $(wildcard $(abspath ../shared/k8s/kuberay-crds))
 
 # The main job: a Ray Tune search on the bundled sample data (source-model candidates and
 # fine-tuning settings), the best model exported to registry/northwind-tuned/v<N> and
-# promoted to its production stage, then served over HTTP with a ready curl command printed
-# (Ctrl-C stops it). Each run is a fresh search; exported versions stay in registry/.
+# promoted to its production stage, exported to ONNX (fp32 and int8, checked against torch),
+# then served over HTTP on ONNX Runtime int8 with a ready curl command printed (Ctrl-C
+# stops it). Each run is a fresh search; exported versions stay in registry/.
 demo: install
 	rm -rf tune_results/northwind-tuned
 	set -o pipefail; version=$$($(VENV)/bin/transferdesk tune configs/tune-sample.yaml | tee /dev/stderr | tail -n 1) && \
-	$(VENV)/bin/transferdesk models promote "$$version" --stage production --reason "make demo"
+	$(VENV)/bin/transferdesk models promote "$$version" --stage production --reason "make demo" && \
+	$(VENV)/bin/transferdesk export "$$version"
 	$(VENV)/bin/transferdesk serve registry/northwind-tuned@production
 
 lint: install
@@ -61,6 +63,11 @@ benchmark: install
 	# The load test serves the sample model that `make demo` exports; train it if missing.
 	test -d registry/northwind-tuned || $(VENV)/bin/transferdesk tune configs/tune-sample.yaml
 	$(PY) benchmarks/serve_load.py --model registry/northwind-tuned
+	# torch against ONNX Runtime, and Serve against a plain FastAPI app, on the 10-shot model.
+	test -d registry/banking77-10shot || $(VENV)/bin/transferdesk train --config configs/banking77-10shot.yaml
+	test -d registry/banking77-10shot/v1/exports/onnx || \
+	  $(VENV)/bin/transferdesk export registry/banking77-10shot/v1 --data ../shared/data/banking77/valid.csv
+	$(PY) benchmarks/cpu_serving.py --model registry/banking77-10shot/v1 --data ../shared/data/banking77/test.csv
 
 # Self-training from an unlabelled pool against labels alone and SetFit, 10- and 5-shot, 3 seeds.
 benchmark-unlabelled: install .tools/setfit/.installed

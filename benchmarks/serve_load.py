@@ -109,7 +109,13 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> tuple[
 
 
 async def level(
-    url: str, texts: list[str], concurrency: int, seconds: float, max_requests: int, per_request: int = 1
+    url: str,
+    texts: list[str],
+    concurrency: int,
+    seconds: float,
+    max_requests: int,
+    per_request: int = 1,
+    path: str = "/v1/classify",
 ) -> dict:
     latencies: list[float] = []
     errors = 0
@@ -123,7 +129,7 @@ async def level(
             batch = [texts[(i + j) % len(texts)] for j in range(per_request)]
             t0 = time.perf_counter()
             try:
-                async with session.post("/v1/classify", json={"texts": batch}, headers=headers) as r:
+                async with session.post(path, json={"texts": batch}, headers=headers) as r:
                     await r.read()
                     ok = r.status == 200
             except (aiohttp.ClientError, TimeoutError):
@@ -226,6 +232,15 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(directory: Path, name: str, tag: str, result: dict, text: str) -> None:
+    """results/<name>[-<tag>].json and .md, and the table on the terminal."""
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{name}-{tag}" if tag else name
+    (directory / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (directory / f"{name}.md").write_text(text)
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -295,11 +310,7 @@ def main() -> None:
         "cpu_seconds_under_load": cpu,
         "classifier_rss_gib": rss,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    name = f"serve_load-{args.tag}" if args.tag else "serve_load"
-    (args.results / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (args.results / f"{name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.results, "serve_load", args.tag, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 from ray import serve
@@ -23,7 +24,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.config import CALL_TEXTS, MAX_TOP_K, KeyRing, Limits, ServeArgs
+from deployments.config import CALL_TEXTS, MAX_TOP_K, Coalescing, KeyRing, Limits, ServeArgs
+from deployments.gate import BatchGate
 from deployments.routing import Priority
 from transferdesk import __version__
 from transferdesk.prediction import Prediction
@@ -153,6 +155,7 @@ class RouteResponse(BaseModel):
 
 class RolloutInfo(BaseModel):
     mode: Literal["canary", "shadow"]
+    runtime: str | None = Field(description="What the second version runs on: torch, onnx or onnx-int8.")
     share: float = Field(description="Canary: the share of calls it answers.")
     version: str | None = Field(description="The second version; null while it is refused.")
     error: str | None = Field(description="Why it was refused.")
@@ -166,6 +169,7 @@ class ModelInfo(BaseModel):
     version: str
     labels: list[str]
     threshold: float
+    runtime: str = Field(description="What the forward pass runs on: torch, onnx or onnx-int8.")
     metrics: dict[str, float]
     policy_version: str
     switch_error: str | None = Field(description="Why the last requested model switch was refused.")
@@ -205,6 +209,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "Overloaded or not ready: retry after the `Retry-After` header's seconds."),
     )
 }
+
+
+def _json(answer: BaseModel) -> Response:
+    """An answer built (so validated) once, and serialized once: returned as a plain Response,
+    FastAPI does not validate it against its response_model a second time."""
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 def _request_id(request: Request) -> str:
@@ -272,6 +282,33 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error(request, 500, "internal_error", "internal error; quote the request id to support")
 
 
+@dataclass(frozen=True)
+class Job:
+    """One request's share of an Ingress batch: its texts, and top_k when it is to be routed."""
+
+    texts: list[str]
+    top_k: int | None
+
+
+@dataclass
+class Answer:
+    versions: str  # the model version(s) that answered, comma-separated
+    predictions: list[Prediction]
+    decisions: list[dict] | None = None
+
+
+def job_texts(jobs: list[Job]) -> int:
+    """An Ingress batch's size in texts (@serve.batch's batch_size_fn)."""
+    return sum(len(job.texts) for job in jobs)
+
+
+# Batch size a replica starts with; ServeArgs.coalescing sets it for the replica at start.
+COALESCING = Coalescing()
+# Ingress batches under way at once; requests that arrive meanwhile wait at the gate and form
+# the next. Two: one is tokenized or routed while another is classified.
+CONCURRENT_BATCHES = 2
+
+
 class LimitsAndMetrics:
     """Bounds every request body as it arrives (bytes counted, not the declared length
     trusted; a slow body cut off), guards the docs, and counts and times every request.
@@ -324,7 +361,9 @@ def _bounded_body(receive: Receive, limits: Limits) -> Receive:
         if complete:  # after the body only a disconnect can come: no limit on waiting for it
             return await receive()
         try:
-            message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            # asyncio.timeout, not wait_for: no task of its own for every receive (per request).
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                message = await receive()
         except TimeoutError:
             raise ApiError(
                 408, "body_timeout", f"request body not received within {limits.body_timeout_s:g} s", "body"
@@ -390,6 +429,8 @@ class Ingress:
         if self.settings.auth.disabled:
             log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
         self.keyring = None if self.settings.auth.disabled else KeyRing()
+        self._answer_batch.set_max_batch_size(self.settings.coalescing.max_texts)
+        self.gate = BatchGate(CONCURRENT_BATCHES)
         self.ready: tuple[float, Readiness | ApiError | None] = (0.0, None)
         tags = ("route", "status", "model_version")
         self.requests = Counter("transferdesk_requests", description="HTTP requests.", tag_keys=tags)
@@ -398,6 +439,12 @@ class Ingress:
             description="Request latency inside the ingress.",
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
             tag_keys=tags,
+        )
+        self.batch_requests = Histogram(
+            "transferdesk_ingress_batch_requests",
+            description="Requests per Ingress batch: concurrent requests gathered into one call of "
+            "each deployment.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
         )
         # Serve ships this class by value, with copied globals: reach the real module's LIVE.
         importlib.import_module(__name__).LIVE["ingress"] = self
@@ -432,30 +479,73 @@ class Ingress:
                 raise ApiError(422, "text_too_long", f"at most {limits.max_text_chars} characters", name)
         return texts
 
-    async def _predict(self, request: Request, body: TextsRequest) -> list[Prediction]:
+    async def _answer(self, request: Request, body: TextsRequest, route: bool) -> Answer:
+        """This request's predictions (and decisions, to route), from the batch it joins; within
+        the request's time limit, waiting for its batch included."""
         texts = self._checked(body)
-        ids = await self._within_time(lambda: self.tokenizer.remote(texts))
-        # One classifier call per CALL_TEXTS texts: few handle calls, and no call larger than a batch.
-        calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
-        parts = await asyncio.gather(
-            *(self._within_time(lambda c=c: self.classifier.remote(c)) for c in calls)
-        )
-        predictions = [p for _, part in parts for p in part]
-        # The texts of one request may be batched on replicas mid-way through a model switch.
-        request.state.model = ",".join(sorted({version for version, _ in parts}))
+        job = Job(texts, self._top_k(body) if route else None)
+        answer = await self._within_time(lambda: self._gated(job))
+        request.state.model = answer.versions
         if self.settings.log_texts:
             log.info("texts: %s", texts)
-        return predictions
+        return answer
 
-    async def _within_time(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _gated(self, job: Job) -> Answer:
+        await self.gate.wait()
+        return await self._answer_batch(job)
+
+    @serve.batch(
+        max_batch_size=COALESCING.max_texts,
+        batch_wait_timeout_s=0.0,
+        max_concurrent_batches=CONCURRENT_BATCHES,
+        batch_size_fn=job_texts,
+    )
+    async def _answer_batch(self, jobs: list[Job]) -> list[Answer]:
+        """The requests that arrived while earlier batches were under way, together: one
+        tokenizer call, one classifier call per CALL_TEXTS texts, one router call. Each hop
+        costs about a millisecond of CPU on each side, whatever it carries; one call for many
+        requests is what lets the service keep up under load. A lone request goes at once."""
+        self.batch_requests.observe(len(jobs))
+        with self.gate.batch():
+            return await self._answer_jobs(jobs)
+
+    async def _answer_jobs(self, jobs: list[Job]) -> list[Answer]:
+        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        texts = [text for job in jobs for text in job.texts]
+        ids = await self._within_time(lambda: self.tokenizer.remote(texts), deadline)
+        # No call larger than a classifier batch; the calls spread over the replicas.
+        calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
+        parts = await asyncio.gather(
+            *(self._within_time(lambda c=c: self.classifier.remote(c), deadline) for c in calls)
+        )
+        predictions = [p for _, part in parts for p in part]
+        versions = [version for version, part in parts for _ in part]
+        answers, start = [], 0
+        for job in jobs:
+            end = start + len(job.texts)
+            # A request's texts may be scored by two versions mid-way through a switch.
+            answers.append(Answer(",".join(sorted(set(versions[start:end]))), predictions[start:end]))
+            start = end
+        routed = [
+            (answer, job.top_k) for answer, job in zip(answers, jobs, strict=True) if job.top_k is not None
+        ]
+        if routed:
+            groups = [(answer.predictions, top_k) for answer, top_k in routed]
+            decided = await self._within_time(lambda: self.router.remote(groups), deadline)
+            for (answer, _), decisions in zip(routed, decided, strict=True):
+                answer.decisions = decisions
+        return answers
+
+    async def _within_time(self, call: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         """A downstream call, made again once on another replica when the one it reached died
         under it (classifying is idempotent), and answered 503 when it takes longer than
-        limits.request_timeout_s (a stuck or saturated deployment) rather than left to the
-        client's own time-out."""
-        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        limits.request_timeout_s, or past `deadline` (a stuck or saturated deployment), rather
+        than left to the client's own time-out."""
+        deadline = deadline or time.monotonic() + self.settings.limits.request_timeout_s
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(call(), max(0.0, deadline - time.monotonic()))
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):  # no task, unlike wait_for
+                    return await call()
             except TimeoutError:
                 raise ApiError(503, "timeout", "the service did not answer in time; retry shortly") from None
             except (RayActorError, ReplicaUnavailableError) as err:
@@ -467,10 +557,10 @@ class Ingress:
     def _top_k(self, body: TextsRequest) -> int:
         return self.settings.top_k if body.top_k is None else body.top_k
 
-    @api.post("/v1/classify", responses=ERRORS, dependencies=_BEARER)
-    async def classify(self, body: TextsRequest, request: Request) -> ClassifyResponse:
+    @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, dependencies=_BEARER)
+    async def classify(self, body: TextsRequest, request: Request) -> Response:
         """Intent, confidence and alternatives for one message or several."""
-        predictions = await self._predict(request, body)
+        predictions = (await self._answer(request, body, route=False)).predictions
         k = self._top_k(body)
         results = [
             Classification(
@@ -482,26 +572,29 @@ class Ingress:
             for p in predictions
         ]
         log.debug("classify n=%d model=%s", len(results), request.state.model)
-        return ClassifyResponse(
-            request_id=_request_id(request), model_version=request.state.model, results=results
+        return _json(
+            ClassifyResponse(
+                request_id=_request_id(request), model_version=request.state.model, results=results
+            )
         )
 
-    @api.post("/v1/route", responses=ERRORS, dependencies=_BEARER)
-    async def route(self, body: TextsRequest, request: Request) -> RouteResponse:
+    @api.post("/v1/route", response_model=RouteResponse, responses=ERRORS, dependencies=_BEARER)
+    async def route(self, body: TextsRequest, request: Request) -> Response:
         """Where each message should go: a queue and priority, or a human agent."""
-        predictions = await self._predict(request, body)
-        decisions = await self._within_time(lambda: self.router.remote(predictions, self._top_k(body)))
+        decisions = (await self._answer(request, body, route=True)).decisions
         log.debug(
             "route n=%d model=%s handoffs=%d",
             len(decisions),
             request.state.model,
             sum(d["handoff"] for d in decisions),
         )
-        return RouteResponse(
-            request_id=_request_id(request),
-            model_version=request.state.model,
-            policy_version=decisions[0]["policy_version"],
-            decisions=[Decision.model_validate(d) for d in decisions],
+        return _json(
+            RouteResponse(
+                request_id=_request_id(request),
+                model_version=request.state.model,
+                policy_version=decisions[0]["policy_version"],
+                decisions=decisions,
+            )
         )
 
     @api.get("/v1/model", responses=ERRORS, dependencies=_BEARER)

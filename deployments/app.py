@@ -20,18 +20,21 @@ from ray import serve
 
 from deployments.api import Ingress
 from deployments.config import MAX_TOP_K, ClassifierConfig, Rollout, ServeArgs
+from deployments.gate import BatchGate
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.prediction import Prediction
 from transferdesk.registry import ModelVersion, open_version
+from transferdesk.runtime import choose_runtime
 
 log = logging.getLogger("ray.serve")
 POLICY_CHECK_S = 2.0  # how often the router looks for an edited policy file
-# Texts per forward pass on CPU, sorted by length: past ~8 short texts a CPU pass gains almost
-# nothing per text, while padding a mixed batch to its longest text wastes compute (measured on
-# 2 threads: 16 random messages in one pass 257/s, in two length-sorted passes of 8 286/s).
-CPU_PASS_TEXTS = 8
+# Texts per forward pass on CPU, sorted by length: past a few texts a CPU pass gains nothing
+# per text, while padding to the longest text and attention's square cost lose. Measured on one
+# thread over random BANKING77 messages in length-sorted passes, ms a message for passes of
+# 1 / 2 / 4 / 8 / 16: ONNX int8 1.86 / 1.41 / 1.44 / 2.01 / 3.20; torch 7.59 / 4.89 / 4.44 / 4.62 / 5.64.
+CPU_PASS_TEXTS = 4
 # Confidences in answers: 6 decimal places are plenty, and keep the JSON short.
 DIGITS = 6
 # Batching a replica starts with, before serve.yaml's user_config reaches reconfigure().
@@ -46,8 +49,8 @@ def count_texts(calls: list[list[list[int]]]) -> int:
     return sum(len(call) for call in calls)
 
 
-def _torch_threads() -> int:
-    """One torch thread per CPU Ray assigned to this replica (at least one)."""
+def _replica_threads() -> int:
+    """One torch or ONNX Runtime thread per CPU Ray assigned to this replica (at least one)."""
     import ray
 
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
@@ -65,28 +68,36 @@ class Tokenizer:
         # switched-in model with a longer max_length still gets its full input.
         self.limit = min(int(self.tokenizer.model_max_length), 512)
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
+    # async: Serve runs a plain method in a thread pool, a hand-over that costs more than
+    # tokenizing a request's few messages on the event loop.
+    async def __call__(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.limit)["input_ids"]
 
 
 @dataclass(frozen=True)
 class Served:
-    """A loaded version: the model object and the registry's description of it."""
+    """A loaded version: the model object, the registry's description of it, and the runtime
+    it was asked for (`auto`, or the one the model runs on)."""
 
     model: IntentModel
     version: ModelVersion
+    asked: str
 
     @classmethod
-    def load(cls, path: str, device: str, precision: str) -> Served:
-        """Verified, loaded, and checked to answer a forward pass with finite probabilities."""
+    def load(cls, path: str, device: str, precision: str, runtime: str, threads: int) -> Served:
+        """Verified (its ONNX export too), loaded, and checked to answer a forward pass with
+        finite probabilities."""
         version = open_version(path)  # resolved and verified once; the model loads from it
-        model = IntentModel.from_pretrained(version, device)
+        model = IntentModel.from_pretrained(version, device, runtime, threads)
         model.for_serving(precision)
         model.check_forward()
-        return cls(model, version)
+        return cls(model, version, runtime)
+
+    def serves(self, path: str, runtime: str) -> bool:
+        return str(self.version.path) == path and self.asked == runtime
 
     def info(self) -> dict:
-        return {**self.version.summary(), "threshold": self.model.threshold}
+        return {**self.version.summary(), "threshold": self.model.threshold, "runtime": self.model.runtime}
 
 
 @dataclass
@@ -125,19 +136,19 @@ class Classifier:
         device: str = "auto",
         threads: int | None = None,
         precision: str = "auto",
+        runtime: str = "auto",
     ) -> None:
         import torch
         from ray.serve.metrics import Counter, Histogram
 
-        torch.set_num_threads(threads or _torch_threads())
+        self.threads = threads or _replica_threads()
+        torch.set_num_threads(self.threads)
         self.device, self.precision, self.policy_path = device, precision, routing_policy
-        # Closed while a forward pass runs: calls that arrive meanwhile wait here, then enter
-        # @serve.batch together and form the next batch. (@serve.batch forms the next batch as
-        # soon as one is handed over, so without the gate a busy replica runs batches of one.)
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self.served = Served.load(model, device, precision)
+        self.runtime = runtime  # args.runtime: what a user_config without `runtime` asks for
+        self.gate = BatchGate()  # closed while a forward pass runs (deployments/gate.py)
+        self.served = Served.load(model, device, precision, runtime, self.threads)
         self.requested = self.started_with = model
+        self.requested_runtime = runtime
         self.switch_error: str | None = None
         self.rollout: Rollout | None = None
         self.second: Served | None = None  # the rollout's version, once it passed its checks
@@ -174,14 +185,17 @@ class Classifier:
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         # Unset means args.model: what a replica started now would serve.
         path = os.path.abspath(Path(cfg.model).expanduser()) if cfg.model else self.started_with
-        if path != self.requested or self.switch_error:  # a refused switch is retried
-            await self._switch(path)
-        await self._set_rollout(cfg.rollout)
+        runtime = cfg.runtime or self.runtime
+        # A refused switch is retried.
+        if (path, runtime) != (self.requested, self.requested_runtime) or self.switch_error:
+            await self._switch(path, runtime)
+        await self._set_rollout(cfg.rollout, runtime)
 
-    def _checked(self, path: str) -> Served:
-        """A version loaded beside the served one, refused unless it passes its manifest, a
-        forward pass, the routing policy (every intent it predicts is routed) and the tokenizer."""
-        new = Served.load(path, self.device, self.precision)
+    def _checked(self, path: str, runtime: str) -> Served:
+        """A version loaded beside the served one, refused unless it passes its manifest (and its
+        export's, for an ONNX runtime), a forward pass, the routing policy (every intent it
+        predicts is routed) and the tokenizer."""
+        new = Served.load(path, self.device, self.precision, runtime, self.threads)
         load_policy(self.policy_path, new.version.labels)
         if new.version.tokenizer_sha256 != self.served.version.tokenizer_sha256:
             raise TransferDeskError(
@@ -190,38 +204,40 @@ class Classifier:
             )
         return new
 
-    async def _load_checked(self, path: str, what: str) -> tuple[Served | None, str | None]:
+    async def _load_checked(self, path: str, runtime: str, what: str) -> tuple[Served | None, str | None]:
         try:
-            return await asyncio.to_thread(self._checked, path), None
+            return await asyncio.to_thread(self._checked, path, runtime), None
         except Exception as err:  # anything (a bad path, out of memory): keep serving as before
             log.exception("%s %s refused", what, path)
             return None, str(err) if isinstance(err, TransferDeskError) else f"cannot load {path}"
 
-    async def _switch(self, path: str) -> None:
+    async def _switch(self, path: str, runtime: str) -> None:
         """Load beside the current model, then swap one reference: requests never wait on it.
-        A version that fails its checks is refused and the current one keeps serving (see GET
-        /v1/model). Promoting the rollout's version reuses it as it is loaded."""
-        self.requested = path
-        if path == str(self.served.version.path):  # already serving it
+        A version (or runtime) that fails its checks is refused and the current one keeps
+        serving (see GET /v1/model). Promoting the rollout's version reuses it as it is loaded."""
+        self.requested, self.requested_runtime = path, runtime
+        if self.served.serves(path, runtime):  # already serving it
             self.switch_error = None
             return
-        if self.second is not None and str(self.second.version.path) == path:
+        if self.second is not None and self.second.serves(path, runtime):
             new, error = self.second, None
         else:
-            new, error = await self._load_checked(path, "model switch to")
+            new, error = await self._load_checked(path, runtime, f"model switch ({runtime}) to")
         if new is None:
             self.switch_error = error
             return
         self.served, self.switch_error = new, None
-        log.info("now serving %s", new.version.spec)
+        log.info("now serving %s on %s", new.version.spec, new.model.runtime)
 
-    async def _set_rollout(self, rollout: Rollout | None) -> None:
+    async def _set_rollout(self, rollout: Rollout | None, served_runtime: str) -> None:
         path = os.path.abspath(Path(rollout.model).expanduser()) if rollout else None
-        if path is None or path == str(self.served.version.path):  # none, or promoted
+        runtime = (rollout.runtime if rollout else None) or served_runtime
+        if path is None or self.served.serves(path, runtime):  # none, or promoted
             self.rollout = self.second = self.rollout_error = None
             return
-        if self.second is None or str(self.second.version.path) != path:
-            second, self.rollout_error = await self._load_checked(path, f"{rollout.mode} version")
+        if self.second is None or not self.second.serves(path, runtime):
+            what = f"{rollout.mode} version ({runtime})"
+            second, self.rollout_error = await self._load_checked(path, runtime, what)
             self.second, self.tally = second, ShadowTally()
         self.rollout = rollout
         if self.second is not None:
@@ -245,11 +261,8 @@ class Classifier:
             if texts := sum(len(c) for c, k in zip(calls, canary, strict=True) if k is picked):
                 self.batch_sizes.observe(texts, tags={"model_version": model.version.spec})
         # In a thread, so the replica stays responsive (health checks, metrics) meanwhile.
-        self.idle.clear()
-        try:
+        with self.gate.batch():
             answers, shadowed = await asyncio.to_thread(self._answer, calls, served, second, canary, shadow)
-        finally:
-            self.idle.set()
         if shadowed:
             self._tally(shadow, answers, shadowed)
         return answers
@@ -282,7 +295,7 @@ class Classifier:
     async def __call__(self, ids: list[list[int]]) -> CallResult:
         """The model version that answered and a prediction for each of up to CALL_TEXTS
         tokenized texts."""
-        await self.idle.wait()
+        await self.gate.wait()
         return await self.predict(ids)
 
     def info(self) -> dict:
@@ -292,6 +305,7 @@ class Classifier:
                 "mode": self.rollout.mode,
                 "share": self.rollout.share if self.rollout.mode == "canary" else 0.0,
                 "version": self.second.version.spec if self.second else None,
+                "runtime": self.second.model.runtime if self.second else None,
                 "error": self.rollout_error,
                 **(self.tally.summary() if self.rollout.mode == "shadow" else {}),
             }
@@ -354,12 +368,14 @@ class Router:
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
 
-    def __call__(self, predictions: list[Prediction], top_k: int) -> list[dict]:
+    async def __call__(self, requests: list[tuple[list[Prediction], int]]) -> list[list[dict]]:
+        """Decisions for the predictions of each request (with its top_k), under one policy even
+        if a reload lands meanwhile. async: as Tokenizer."""
         self._maybe_reload()
-        policy = self.policy  # one policy for the whole request, even if a reload lands meanwhile
-        return [decide(policy, p, top_k) for p in predictions]
+        policy = self.policy
+        return [[decide(policy, p, top_k) for p in predictions] for predictions, top_k in requests]
 
-    def version(self) -> str:
+    async def version(self) -> str:
         self._maybe_reload()
         return self.policy.version
 
@@ -370,6 +386,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # Resolved once (a model directory means its newest version): every deployment gets the
     # same version directory. Fails fast on a missing or damaged model.
     version = open_version(settings.model)
+    choose_runtime(version, settings.runtime, settings.device)  # an ONNX runtime without an export
     load_policy(settings.routing_policy, version.labels)  # and on a bad routing policy
     tokenizer = Tokenizer.bind(str(version.path))
     classifier = Classifier.bind(
@@ -378,6 +395,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         settings.device,
         settings.classifier_threads,
         settings.precision,
+        settings.runtime,
     )
     router = Router.bind(settings.routing_policy)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

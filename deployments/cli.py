@@ -26,6 +26,7 @@ from transferdesk.cli import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import open_version, resolve_version_dir, split_stage
+from transferdesk.runtime import choose_runtime
 
 SERVE_YAML = Path(__file__).with_name("serve.yaml")
 
@@ -69,7 +70,9 @@ def serve_config(args: argparse.Namespace) -> dict:
     if args.no_auth:
         set_dotted(values, "auth.disabled", True)
     settings = build_config(values, f"{args.config} (args) and the command line", ServeArgs).resolved()
-    open_version(settings.model)  # a clear error now, not a failed deployment later
+    # A clear error now, not a failed deployment later: a missing or damaged version, or an
+    # ONNX runtime asked for where the version has no export.
+    choose_runtime(open_version(settings.model), settings.runtime, settings.device)
     for deployment in app.get("deployments", []):
         if deployment["name"] == "Classifier" and "user_config" in deployment:
             build_config(

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from transferdesk.config import Section
+from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import VERSION_RE, split_stage
 
@@ -56,6 +56,9 @@ class Rollout(Section):
         "canary", description="canary: answers `share`; shadow: scores only."
     )
     share: float = Field(0.1, ge=0, le=1, description="Canary: the share of calls it answers.")
+    runtime: Runtime | None = Field(
+        None, description="Its runtime; unset: the served one's setting. Canary int8 against torch so."
+    )
 
     @field_validator("model")
     @classmethod
@@ -80,6 +83,9 @@ class ClassifierConfig(Section):
         "Not a stage or model directory: a replica restarted later would resolve it anew.",
     )
 
+    runtime: Runtime | None = Field(
+        None, description=f"Switch runtimes in place: {RUNTIME_HELP}. Unset: args.runtime."
+    )
     rollout: Rollout | None = Field(None, description="A canary or shadow version beside `model`.")
 
     @field_validator("model")
@@ -99,6 +105,14 @@ class Limits(Section):
     )
     request_timeout_s: float = Field(
         10.0, gt=0, le=120, description="A request the deployments have not answered in this long gets 503."
+    )
+
+
+class Coalescing(Section):
+    """How the Ingress gathers concurrent requests into one call of each deployment."""
+
+    max_texts: int = Field(
+        64, ge=1, le=1024, description="Texts of the requests one Ingress batch gathers at most."
     )
 
 
@@ -129,10 +143,15 @@ class ServeArgs(Section):
         description="Of the classifier's forward passes. auto: bf16 or fp16 on a GPU, fp32 on CPU. "
         "bf16 on CPU is ~1.7x faster where the CPU has AVX512-BF16 or AMX (see README).",
     )
+    runtime: Runtime = Field("auto", description=f"Of the classifier's forward passes: {RUNTIME_HELP}.")
     classifier_threads: int | None = Field(
-        None, ge=1, description="torch threads per classifier replica (unset: the CPUs Ray assigned it)."
+        None,
+        ge=1,
+        description="torch or ONNX Runtime (intra-op) threads per classifier replica (unset: the CPUs Ray "
+        "assigned it).",
     )
     limits: Limits = Limits()
+    coalescing: Coalescing = Coalescing()
     auth: Auth = Auth()
     docs: Docs = Docs()
     log_texts: bool = Field(
@@ -148,6 +167,15 @@ class ServeArgs(Section):
                 "(<dir>/v<N>), or replicas started later would serve whatever version is newest"
             )
         return value
+
+    @model_validator(mode="after")
+    def _one_request_fits_a_batch(self) -> ServeArgs:
+        if self.coalescing.max_texts < self.limits.max_batch_texts:
+            raise ValueError(
+                f"coalescing.max_texts ({self.coalescing.max_texts}) must hold the largest request "
+                f"(limits.max_batch_texts: {self.limits.max_batch_texts})"
+            )
+        return self
 
     def resolved(self) -> ServeArgs:
         """Absolute paths: replicas do not share the working directory of `serve run`. Links

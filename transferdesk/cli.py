@@ -1,4 +1,4 @@
-"""`transferdesk` command line: train, evaluate, predict, data check, models list|show."""
+"""`transferdesk` command line: train, evaluate, predict, export, data check, models list|show."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
-from transferdesk.config import RunConfig, iter_fields, load_config
+from transferdesk.config import (
+    RUNTIME_HELP,
+    RUNTIMES,
+    ExportConfig,
+    RunConfig,
+    build_config,
+    iter_fields,
+    load_config,
+)
 from transferdesk.errors import TransferDeskError
 
 log = logging.getLogger("transferdesk")
@@ -146,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from transferdesk.registry import open_version
 
     version = open_version(args.model)
-    model = IntentModel.from_pretrained(version, args.device)
+    model = IntentModel.from_pretrained(version, args.device, args.runtime)
     data_cfg = version.config.data
     ds, problems = read_dataset(args.data, data_cfg.text_column, data_cfg.label_column)
     raise_on_errors(problems + check_eval_data(ds, model.labels, model.oos_label))
@@ -156,7 +164,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise TransferDeskError(f"output directory {out} is not empty; choose a new --output")
     metrics = evaluate(model, ds, args.batch_size)
     labels = scored_labels(model, "oos_recall" in metrics)
-    written = write_evaluation(metrics, ds, labels, out, f"{version.spec} on {args.data}")
+    title = f"{version.spec} ({model.runtime}) on {args.data}"
+    written = write_evaluation({**metrics, "runtime": model.runtime}, ds, labels, out, title)
     print(written["report"].read_text(encoding="utf-8"), end="")
     print(written["metrics"])
 
@@ -174,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
     if not texts:
         raise TransferDeskError("nothing to predict: give texts as arguments or --file FILE")
-    model = IntentModel.from_pretrained(args.model, args.device)
+    model = IntentModel.from_pretrained(args.model, args.device, args.runtime)
     rows = [
         {
             "text": text,
@@ -191,6 +200,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(f"{row['text']}\n  → {row['intent']}" + ("  (below threshold)" if row["out_of_scope"] else ""))
         for alt in row["top"]:
             print(f"    {alt['confidence']:6.1%}  {alt['intent']}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from transferdesk.export import export_version, summary
+
+    cfg = build_config(config_overrides(args), "the command line", ExportConfig)
+    export = export_version(args.model, cfg)
+    for runtime, check in export.meta.runtimes.items():
+        print(f"{runtime}: {summary(check)}")
+    print(export.path)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -340,6 +359,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         help="where to run the model [default: auto]",
     )
+    parser.add_argument(
+        "--runtime",
+        default="torch",
+        choices=RUNTIMES,
+        help=f"{RUNTIME_HELP} [default: torch]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -393,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=3, help="alternatives to show [default: 3]")
     predict.add_argument("--json", action="store_true", help="machine-readable output")
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="export a version to ONNX (fp32 and int8) for fast CPU serving, checked against torch",
+        description="Export the version's classifier to ONNX (fp32) and quantize it to int8, check each "
+        "against torch fp32 on the version's validation data (same top intent, probability "
+        "difference, accuracy), and store them beside the version, under their own manifest "
+        "(MODEL/exports/onnx). A runtime that loses more accuracy than allowed is refused, with "
+        "the figures, and nothing is stored. Serve with `runtime: onnx-int8` (or auto).",
+    )
+    export.add_argument("model", help=MODEL_HELP)
+    add_config_flags(export, ExportConfig, aliases={"data": ("--data", "FILE")})
+    export.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="inspect data files").add_subparsers(
         dest="data_command", required=True, metavar="SUBCOMMAND"

@@ -7,7 +7,7 @@ stored inside every registry version, and reused by Ray Tune and Ray Serve.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -166,6 +166,34 @@ class RuntimeConfig(Section):
     )
     eval_batch_size: int = Field(64, ge=1, description="Utterances per batch when predicting.")
     progress: bool = Field(True, description="Show progress bars.")
+
+
+# auto: ONNX int8 on CPU where the version has that export, torch otherwise (and on a GPU).
+Runtime = Literal["auto", "torch", "onnx", "onnx-int8"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
+RUNTIME_HELP = (
+    "auto (ONNX int8 on CPU when the version has that export, else torch), torch, onnx (fp32) "
+    "or onnx-int8; ONNX runtimes need `transferdesk export` first and run on CPU"
+)
+
+
+class ExportConfig(Section):
+    """Settings of `transferdesk export`."""
+
+    runtimes: list[Literal["onnx", "onnx-int8"]] = Field(
+        ["onnx", "onnx-int8"], min_length=1, description="ONNX runtimes to export: fp32, int8, or both."
+    )
+    data: str | None = Field(
+        None,
+        description="Labelled file to check the export on. Unset: the version's own validation data "
+        "(found again from its config; give the file when it lives elsewhere now).",
+    )
+    max_accuracy_drop: float = Field(
+        0.5, ge=0, le=100, description="Refuse a runtime that loses more accuracy than this, in points."
+    )
+    opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
+    batch_size: int = Field(64, ge=1, description="Messages per pass while checking.")
+    replace: bool = Field(False, description="Replace the version's existing export.")
 
 
 class RunConfig(Section):

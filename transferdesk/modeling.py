@@ -3,6 +3,8 @@
 `IntentModel` is what training produces, the registry stores, and the CLI, evaluation and
 Serve use. The out-of-scope rule (top confidence below the calibrated threshold) and the
 threshold itself live here and nowhere else; everyone else reads `Prediction.out_of_scope`.
+Its forward pass runs in torch, or in ONNX Runtime over the version's export (runtime.py):
+the same tokenizer, labels and rule either way.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from transferdesk.network import (
     length_sorted_batches,
     load_encoder,
     select_device,
-    tokenize,
 )
 from transferdesk.prediction import Prediction
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
+from transferdesk.runtime import OnnxSession, choose_runtime
 
 # The model object's own files inside a saved directory (a registry version holds more).
 HEAD_FILE = "head.safetensors"
@@ -46,11 +48,13 @@ def _rounded(value: float, digits: int | None) -> float:
 
 
 class IntentModel:
-    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold."""
+    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold. Loaded with
+    an ONNX runtime it holds an ONNX Runtime session instead of the torch network, and only
+    predicts."""
 
     def __init__(
         self,
-        network: IntentClassifier,
+        network: IntentClassifier | None,
         tokenizer: object,
         labels: list[str],
         max_length: int,
@@ -58,11 +62,15 @@ class IntentModel:
         oos_label: str = "oos",
         device: torch.device | None = None,
         precision: str = "auto",
+        session: OnnxSession | None = None,
+        runtime: str = "torch",
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
+        self.session, self.runtime = session, runtime
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
     # -- building, loading, saving ------------------------------------------------------------
 
@@ -83,10 +91,36 @@ class IntentModel:
         return cls(net, tokenizer, labels, cfg.max_length, oos_label=oos_label, device=device)
 
     @classmethod
-    def from_pretrained(cls, spec: str | Path | ModelVersion, device: str = "auto") -> IntentModel:
-        """A registry version (or a model directory: its newest), after verifying its manifest."""
+    def from_pretrained(
+        cls,
+        spec: str | Path | ModelVersion,
+        device: str = "auto",
+        runtime: str = "torch",
+        threads: int | None = None,
+    ) -> IntentModel:
+        """A registry version (or a model directory: its newest), after verifying its manifest;
+        with an ONNX runtime (or auto, see runtime.py), after verifying its export too.
+        `threads`: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
-        return cls._load(version.path, device, version.legacy_classifier)
+        runtime = choose_runtime(version, runtime, device)
+        if runtime == "torch":
+            return cls._load(version.path, device, version.legacy_classifier)
+        settings = version.legacy_classifier or cls._settings(version.path)
+        session = OnnxSession(version.open_export().file(runtime), threads)
+        return cls(
+            None,
+            cls.load_tokenizer(version),
+            settings["labels"],
+            settings["max_length"],
+            settings["threshold"],
+            settings["oos_label"],
+            session=session,
+            runtime=runtime,
+        )
+
+    @staticmethod
+    def _settings(root: Path) -> dict:
+        return json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto") -> IntentModel:
@@ -97,7 +131,7 @@ class IntentModel:
     @classmethod
     def _load(cls, root: Path, device: str, settings: dict | None = None) -> IntentModel:
         if settings is None:
-            settings = json.loads((root / SETTINGS_FILE).read_text(encoding="utf-8"))
+            settings = cls._settings(root)
         encoder, tokenizer = load_encoder(str(root / ENCODER_DIR))
         net = IntentClassifier(encoder, len(settings["labels"]), settings["pooling"], settings["dropout"])
         net.head.load_state_dict(load_file(root / HEAD_FILE))
@@ -119,22 +153,45 @@ class IntentModel:
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
         return AutoTokenizer.from_pretrained(str(version.encoder_dir))
 
+    def with_session(self, session: OnnxSession, runtime: str) -> IntentModel:
+        """This model's tokenizer, labels and threshold over an ONNX Runtime session."""
+        return IntentModel(
+            None,
+            self.tokenizer,
+            self.labels,
+            self.max_length,
+            self.threshold,
+            self.oos_label,
+            session=session,
+            runtime=runtime,
+        )
+
+    @property
+    def torch_network(self) -> IntentClassifier:
+        """The torch network, for what only torch does (training, saving, exporting)."""
+        if self.network is None:
+            raise TransferDeskError(
+                f"this model runs on {self.runtime} and only predicts; load it with runtime torch"
+            )
+        return self.network
+
     def save_encoder(self, directory: Path) -> None:
         """Encoder and tokenizer alone, as a Hugging Face model directory (a backbone)."""
-        self.network.encoder.save_pretrained(directory)
+        self.torch_network.encoder.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.save_encoder(directory / ENCODER_DIR)
-        head = {k: v.detach().cpu().float().contiguous() for k, v in self.network.head.state_dict().items()}
+        net = self.torch_network
+        head = {k: v.detach().cpu().float().contiguous() for k, v in net.head.state_dict().items()}
         save_file(head, directory / HEAD_FILE)
         settings = {
             "labels": self.labels,
             "threshold": self.threshold,
             "oos_label": self.oos_label,
-            "pooling": self.network.pooling,
-            "dropout": self.network.dropout.p,
+            "pooling": net.pooling,
+            "dropout": net.dropout.p,
             "max_length": self.max_length,
         }
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -145,7 +202,9 @@ class IntentModel:
     def predict_proba(
         self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "predict"
     ) -> np.ndarray:
-        encode = partial(tokenize, self.tokenizer, max_length=self.max_length)
+        encode = partial(
+            self.tokenizer, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
+        )
         return self._passes(texts, batch_size, encode, progress, desc)
 
     @torch.inference_mode()
@@ -155,8 +214,15 @@ class IntentModel:
         cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
         return self._passes(cut, batch_size, self._pad)
 
-    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    def _pad(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
+        """Right-padded ids and mask, built directly: the tokenizer's own `pad` costs more
+        than a one-message ONNX pass."""
+        input_ids = np.full((len(ids), max(map(len, ids))), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(input_ids)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     def _passes(
         self,
@@ -167,16 +233,22 @@ class IntentModel:
         desc: str = "predict",
     ) -> np.ndarray:
         """Forward passes over length-sorted batches of texts or token ids, in input order."""
-        self.network.eval()
+        if self.network is not None:
+            self.network.eval()
         probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             probs[idx] = self._proba(encode([items[i] for i in idx]))
         return probs
 
-    def _proba(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    def _proba(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        ids, mask = np.asarray(batch["input_ids"], np.int64), np.asarray(batch["attention_mask"], np.int64)
+        if self.session is not None:
+            return self.session.proba(ids, mask)
         with autocast(self.device, self.precision):
-            logits = self.network(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            logits = self.network(
+                torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+            )
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
     # -- the out-of-scope rule ----------------------------------------------------------------
@@ -247,7 +319,7 @@ class IntentModel:
         would cast them on every call (most of a short message's pass on CPU); the answers are
         the same. Inference only: training needs the fp32 weights."""
         self.precision = precision
-        if dtype := autocast_dtype(self.device, precision):
+        if self.network is not None and (dtype := autocast_dtype(self.device, precision)):
             for module in self.network.modules():
                 if isinstance(module, nn.Linear):
                     module.to(dtype)

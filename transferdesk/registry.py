@@ -14,6 +14,12 @@ Layout of one version, `<registry>/<name>/v<N>/`:
     manifest.json       format, name, version, created, and SHA-256 of every file above;
                         checked on every load
     evaluations/        later `transferdesk evaluate` runs (written after sealing: not covered)
+    exports/onnx/       the ONNX runtimes of this version (`transferdesk export`), an artifact
+                        set with a manifest of its own that also records the digest of the
+                        version's manifest: model.onnx (fp32), model-int8.onnx (dynamic int8
+                        quantization), export.json (ExportMeta: agreement with torch fp32).
+                        Added after sealing, so exporting never changes the version or the
+                        stages that name it; an export of another version's files is refused.
 Beside the versions of a model, `<registry>/<name>/`:
     stages.json         stage → version and its manifest digest (production, canary, …)
     stages.log.jsonl    every promotion and rollback: stage, version, who, when, why
@@ -77,8 +83,11 @@ TEACHER_META, TEACHER_POOL, TEACHER_PROBS = "teacher.json", "pool.json", "probs.
 # The model object writes its encoder and tokenizer here; a version is a backbone through it.
 ENCODER_DIR = "encoder"
 TOKENIZER_FILE = f"{ENCODER_DIR}/tokenizer.json"
-# Written after a version is sealed (evaluations of it), so not covered by the manifest.
-UNSEALED = ("evaluations",)
+# Written after a version is sealed (evaluations, exports), so not covered by its manifest.
+UNSEALED = ("evaluations", "exports")
+EXPORT_DIR, EXPORT_META = "exports/onnx", "export.json"
+# The ONNX runtimes an export can hold, and their files.
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx"}
 # Folders a run fills while its version is a draft.
 LOGS_DIR, TEST_DIR, SEARCH_DIR = "logs", "test", "search"
 VERSION_RE = re.compile(r"^v(\d+)$")
@@ -128,6 +137,48 @@ class TeacherRecord:
     probs: np.ndarray
     info: dict
     path: Path
+
+
+class RuntimeCheck(Section):
+    """How one exported runtime compared with torch fp32 on the version's validation data."""
+
+    file: str
+    argmax_agreement: float = Field(description="Share of messages with the same top intent.")
+    max_prob_diff: float = Field(description="Largest |probability difference| over all intents.")
+    accuracy: float = Field(description="With the out-of-scope rule, as the version decides.")
+    torch_accuracy: float
+    accuracy_drop_points: float = Field(description="torch_accuracy - accuracy, in points.")
+    size_mb: float
+
+
+class ExportMeta(Section):
+    """What an export holds and how it was checked (exports/onnx/export.json)."""
+
+    parent: str = Field(description="The version exported, <name>/v<N>.")
+    parent_manifest_sha256: str = Field(description="Digest of that version's manifest.")
+    created: str
+    opset: int
+    exporter: dict[str, str] = Field(description="torch, onnx and onnxruntime versions.")
+    validation: str = Field(description="The data the runtimes were checked on.")
+    validation_rows: int
+    runtimes: dict[str, RuntimeCheck]
+
+
+@dataclass(frozen=True)
+class Export:
+    """A version's verified ONNX export."""
+
+    path: Path
+    meta: ExportMeta
+
+    def file(self, runtime: str) -> Path:
+        if runtime not in self.meta.runtimes:
+            held = ", ".join(self.meta.runtimes) or "none"
+            raise TransferDeskError(
+                f"the export of {self.meta.parent} holds no {runtime} runtime (it holds: {held}); "
+                f"export it again: transferdesk export <version> --runtimes '[{runtime}]' --replace"
+            )
+        return self.path / self.meta.runtimes[runtime].file
 
 
 class VersionMeta(Section):
@@ -338,6 +389,28 @@ class ModelVersion:
     def evaluation_dir(self, label: str) -> Path:
         return self.path / UNSEALED[0] / label
 
+    def has_export(self, runtime: str) -> bool:
+        """Whether an export of this runtime is present (not yet verified: open_export does)."""
+        meta = self.path / EXPORT_DIR / EXPORT_META
+        return meta.is_file() and runtime in _read_json(meta).get("runtimes", {})
+
+    def open_export(self) -> Export:
+        """The version's ONNX export, after checking its files against its own manifest and
+        that it was made from this version's files, as they are now."""
+        root = self.path / EXPORT_DIR
+        if not (root / MANIFEST).is_file():
+            raise TransferDeskError(
+                f"{self.spec} has no ONNX export; make one with `transferdesk export {self.path}`, "
+                "or serve it with runtime: torch"
+            )
+        manifest = verify(root)
+        if manifest.get("parent_manifest_sha256") != self.manifest_sha256:
+            raise TransferDeskError(
+                f"the ONNX export in {root} was made from other files than {self.spec}'s own (the version "
+                f"was replaced after exporting); export it again: transferdesk export {self.path} --replace"
+            )
+        return Export(root, ExportMeta.model_validate(_read_json(root / EXPORT_META)))
+
     def summary(self) -> dict:
         """Name, version, path, labels, test metrics and tokenizer digest (for APIs and lists)."""
         test = self.metrics.get("test", {})
@@ -503,6 +576,33 @@ class Draft:
                     raise
                 continue
             return open_version(final)
+
+
+def save_export(
+    version: ModelVersion, write: Callable[[Path], None], meta: ExportMeta, replace: bool
+) -> Export:
+    """Seal the files `write` puts in a scratch directory, with `meta`, as the version's export.
+    An existing export is kept unless `replace`; then it is set aside and the new one renamed
+    in (a reader in between finds none and says so; it never reads a mix of the two)."""
+    target = version.path / EXPORT_DIR
+    if target.exists() and not replace:
+        raise TransferDeskError(f"{version.spec} already has an ONNX export ({target}); add --replace")
+    tmp = _staging_dir(target.parent)
+    try:
+        write(tmp)
+        (tmp / EXPORT_META).write_text(meta.model_dump_json(indent=2))
+        write_manifest(
+            tmp,
+            {"format": FORMAT, "parent": meta.parent, "parent_manifest_sha256": meta.parent_manifest_sha256},
+        )
+        aside = target.with_name(f".replaced-{time.time_ns()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(target, aside)
+        os.rename(tmp, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return version.open_export()
 
 
 def _next_version(model_dir: Path) -> int:

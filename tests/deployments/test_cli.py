@@ -39,6 +39,17 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
         serve_config(serve_args(str(version), "--top_k", "11"))
     with pytest.raises(TransferDeskError, match="no such setting"):
         serve_config(serve_args(str(version), "--set", "topk=4"))
+    # An ONNX runtime for a version without an export: said before anything starts.
+    with pytest.raises(TransferDeskError, match="has no ONNX export; make one with `transferdesk export"):
+        serve_config(serve_args(str(version), "--runtime", "onnx-int8"))
+    with pytest.raises(TransferDeskError, match="runtime: Input should be 'auto', 'torch'"):
+        serve_config(serve_args(str(version), "--runtime", "tensorrt"))
+    assert serve_config(serve_args(str(version)))["applications"][0]["args"]["runtime"] == "auto"
+    # The Ingress's batches must hold the largest request.
+    with pytest.raises(TransferDeskError, match=r"coalescing.max_texts \(64\) must hold the largest request"):
+        serve_config(serve_args(str(version), "--limits.max_batch_texts", "100"))
+    big = serve_args(str(version), "--limits.max_batch_texts", "100", "--coalescing.max_texts", "128")
+    assert serve_config(big)["applications"][0]["args"]["coalescing"] == {"max_texts": 128}
 
 
 def test_served_versions_are_pinned(version: Path) -> None:

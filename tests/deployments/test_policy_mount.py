@@ -4,6 +4,7 @@ update. The Router deployment class, driven in-process, through such a swap and 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def configmap_mount(root: Path, version: str, stamp: str) -> Path:
 
 def route_version(router: object) -> str:
     prediction = Prediction("track_order", 0.9, False, "track_order", (("track_order", 0.9),))
-    return router([prediction], 3)[0]["policy_version"]
+    return asyncio.run(router([([prediction], 3)]))[0][0]["policy_version"]
 
 
 def test_policy_on_a_configmap_mount_reloads_and_survives_a_restart(
@@ -54,6 +55,6 @@ def test_policy_on_a_configmap_mount_reloads_and_survives_a_restart(
     while route_version(router) != "cm-2" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert route_version(router) == "cm-2"
-    assert router.version() == "cm-2"
+    assert asyncio.run(router.version()) == "cm-2"
     # A Router started after the swap (a restarted replica) reads the same mounted path.
-    assert app.Router.func_or_class(settings.routing_policy).version() == "cm-2"
+    assert asyncio.run(app.Router.func_or_class(settings.routing_policy).version()) == "cm-2"

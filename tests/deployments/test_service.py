@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import TOY_INTENTS
 from tests.deployments.conftest import KEYS, Service, write_policy
+from transferdesk.config import ExportConfig
+from transferdesk.export import export_version
 from transferdesk.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
 
@@ -393,6 +396,31 @@ def test_request_and_batch_metrics_are_exported(service: Service) -> None:
     assert found() == set(wanted)
 
 
+def test_concurrent_requests_are_gathered_into_ingress_batches(service: Service) -> None:
+    """24 clients at once: the Ingress answers each, and sends some of them downstream together."""
+
+    def one(i: int) -> tuple[int, str]:
+        with service.client() as client:
+            answer = client.post("/v1/route", json={"texts": [TRACK, RESET][: 1 + i % 2]})
+            return answer.status_code, answer.json()["decisions"][-1]["intent"]
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(one, range(96)))
+    assert {status for status, _ in answers} == {200}
+    assert [intent for _, intent in answers] == ["track_order", "reset_password"] * 48  # each its own
+
+    def gathered() -> bool:
+        samples = [(n, labels, v) for n, labels, v in _ray_metrics(service) if "ingress_batch" in n]
+        count = sum(v for n, _, v in samples if n.endswith("_count"))
+        alone = sum(v for n, labels, v in samples if n.endswith("_bucket") and labels.get("le") == "1.0")
+        return count > alone  # a batch of more than one request
+
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while not gathered() and time.monotonic() < deadline:
+        time.sleep(3)
+    assert gathered()
+
+
 def _hammer(service: Service, stop: threading.Event, outcomes: list) -> None:
     with service.client() as client:
         while not stop.is_set():
@@ -576,6 +604,73 @@ def test_canary_then_shadow_then_promote_lose_no_request(service: Service) -> No
     with service.client() as client:
         info = client.get("/v1/model").json()
     assert info["version"] == "toy/v1" and info["rollout"] is None
+    assert _classifier_pids() == pids
+
+
+def _deploy_user_config(service: Service, **user_config: object) -> None:
+    config = yaml.safe_load(yaml.safe_dump(service.config))
+    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+    classifier["user_config"].update(
+        {k: str(v) if isinstance(v, Path) else v for k, v in user_config.items()}
+    )
+    service.deploy(config)
+
+
+def _model_info_until(service: Service, done: object, seconds: float = 120) -> dict:
+    deadline, info = time.monotonic() + seconds, {}
+    with service.client() as client:
+        while time.monotonic() < deadline:
+            info = client.get("/v1/model").json()
+            if done(info):
+                break
+            time.sleep(1)
+    return info
+
+
+def test_onnx_runtime_serves_switches_and_canaries_without_a_restart(service: Service) -> None:
+    """toy/v1 serves on torch (after the promotion above). Exported, it is switched to ONNX
+    Runtime (fp32: the same answers) in place, under load; then toy/v2 (no export) on torch;
+    ONNX for toy/v2 is refused; toy/v1 on int8 canaries beside it."""
+    v1, v2 = service.versions
+    pids = _classifier_pids()
+    with service.client() as client:
+        torch_answers = client.post("/v1/classify", json={"texts": [TRACK, RESET]}).json()["results"]
+    # The toy model's near-even probabilities flip under int8: its check is not the point here.
+    export_version(v1, ExportConfig(data=str(v1.parents[2] / "valid.csv"), max_accuracy_drop=100))
+
+    _deploy_user_config(service, model=v1, runtime="onnx")
+    outcomes = _answers_until(service, lambda o: len(o) > 20)
+    info = _model_info_until(service, lambda i: i["runtime"] == "onnx")
+    assert info["runtime"] == "onnx" and info["version"] == "toy/v1" and info["switch_error"] is None
+    assert {s for s, _ in outcomes} == {200}
+    with service.client() as client:
+        onnx_answers = client.post("/v1/classify", json={"texts": [TRACK, RESET]}).json()["results"]
+        route = client.post("/v1/route", json={"text": TRACK}).json()["decisions"][0]
+    for ours, theirs in zip(onnx_answers, torch_answers, strict=True):
+        assert ours["intent"] == theirs["intent"]
+        assert ours["confidence"] == pytest.approx(theirs["confidence"], abs=1e-4)
+    assert route["intent"] == "track_order" and route["destination"] in ("track_order-queue", "human-agents")
+
+    _deploy_user_config(service, model=v2, runtime="torch")  # another version, back on torch
+    info = _model_info_until(service, lambda i: i["version"] == "toy/v2")
+    assert info["runtime"] == "torch" and info["switch_error"] is None
+
+    _deploy_user_config(service, model=v2, runtime="onnx")  # no export: refused, v2 keeps serving
+    info = _model_info_until(service, lambda i: i["switch_error"])
+    assert "toy/v2 has no ONNX export" in info["switch_error"]
+    assert info["version"] == "toy/v2" and info["runtime"] == "torch"
+
+    rollout = {"model": str(v1), "mode": "canary", "share": 1.0, "runtime": "onnx-int8"}
+    _deploy_user_config(service, model=v2, runtime="torch", rollout=rollout)
+    info = _model_info_until(service, lambda i: (i["rollout"] or {}).get("version") == "toy/v1")
+    assert info["rollout"]["runtime"] == "onnx-int8" and info["runtime"] == "torch"
+    with service.client() as client:
+        answered = {
+            client.post("/v1/classify", json={"text": TRACK}).json()["model_version"] for _ in range(5)
+        }
+    assert answered == {"toy/v1"}
+    _deploy_user_config(service, model=v1, runtime="torch", rollout=None)
+    assert _model_info_until(service, lambda i: i["version"] == "toy/v1")["runtime"] == "torch"
     assert _classifier_pids() == pids
 
 

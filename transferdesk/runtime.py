@@ -1,0 +1,72 @@
+"""Where a model's forward pass runs: torch (CPU or GPU, training and predictions) or ONNX
+Runtime on CPU over a version's export (predictions only; see transferdesk.export).
+
+The model object picks one with `choose_runtime` and, for ONNX, runs an `OnnxSession`; the
+rest (tokenizer, labels, the out-of-scope rule) is the same whichever runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from scipy.special import softmax
+
+from transferdesk.config import RUNTIMES
+from transferdesk.errors import TransferDeskError
+from transferdesk.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+def choose_runtime(version: ModelVersion, runtime: str, device: str) -> str:
+    """The runtime to use for `version` on `device`, refused with what to do when the version
+    has no export of the runtime asked for or the device is a GPU."""
+    if runtime not in RUNTIMES:
+        raise TransferDeskError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
+    if runtime == "auto":
+        return "onnx-int8" if not on_gpu and version.has_export("onnx-int8") else "torch"
+    if runtime != "torch":
+        if on_gpu:
+            raise TransferDeskError(
+                f"runtime {runtime} runs on CPU; on a GPU use runtime torch (or auto), or set device cpu"
+            )
+        version.open_export().file(runtime)  # refused here, with what to do, rather than at load
+    return runtime
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class OnnxSession:
+    """One ONNX Runtime session on CPU: token ids and attention mask in, probabilities out."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # intra-op threads: a replica's assigned CPUs (one on the 2-core layout); inter-op one,
+        # since the graph is a chain. No spinning: idle threads that spin steal the core the
+        # other replica, the tokenizer or the ingress needs.
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # ONNX Runtime raises its own types for unreadable graphs
+            raise TransferDeskError(f"ONNX Runtime cannot load {path}: {str(err).splitlines()[0]}") from None
+        self.path = path
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def proba(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(self.names, (input_ids, attention_mask), strict=True))
+        (logits,) = self.session.run(None, feeds)
+        return softmax(logits.astype(np.float32), axis=-1)
