@@ -94,6 +94,31 @@ def _exporter_reason(err: Exception) -> str:
     return f"{type(err).__name__}: {text.strip().splitlines()[0] if text.strip() else ''}"
 
 
+def fuse_for_cpu(source: Path, target: Path, encoder_config: object) -> Path:
+    """ONNX Runtime's transformer optimizer: each layer's bias + GELU and skip connection + layer
+    norm become one kernel each (on BANKING77 messages, int8 went from 1.65 to 1.48 ms a
+    message on one thread, the same answers). Attention stays as the exporter wrote it: the
+    optimizer does not recognise the dynamo graph's attention. A graph it cannot handle is
+    used unfused. Returns the graph to quantize."""
+    from onnxruntime.transformers import optimizer
+
+    try:
+        with _quiet():
+            fused = optimizer.optimize_model(
+                str(source),
+                model_type="bert",
+                num_heads=getattr(encoder_config, "num_attention_heads", 0),
+                hidden_size=getattr(encoder_config, "hidden_size", 0),
+            )
+            fused.save_model_to_file(str(target))
+    except Exception as err:  # pattern matching over an unknown graph: any failure means "unfused"
+        log.warning(
+            "graph fusion skipped (%s: %s); quantizing the graph as exported", type(err).__name__, err
+        )
+        return source
+    return target
+
+
 def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic quantization: int8 weights, activations quantized per call from their own range,
     so no calibration data is needed. Per-channel weights with a 7-bit range: on BANKING77
@@ -161,8 +186,11 @@ def export_version(spec: str | Path, cfg: ExportConfig) -> Export:
         log.info("exporting %s to ONNX (opset %d)", version.spec, cfg.opset)
         export_onnx(model, files["onnx"], cfg.opset)
         if "onnx-int8" in cfg.runtimes:
-            log.info("quantizing to int8")
-            quantize_int8(files["onnx"], files["onnx-int8"])
+            log.info("fusing and quantizing to int8")
+            fused = fuse_for_cpu(
+                files["onnx"], Path(scratch) / "fused.onnx", model.torch_network.encoder.config
+            )
+            quantize_int8(fused, files["onnx-int8"])
         checks = {
             runtime: check_runtime(model, OnnxSession(files[runtime]), runtime, reference, ds, cfg.batch_size)
             for runtime in cfg.runtimes

@@ -176,7 +176,7 @@ class Export:
             held = ", ".join(self.meta.runtimes) or "none"
             raise TransferDeskError(
                 f"the export of {self.meta.parent} holds no {runtime} runtime (it holds: {held}); "
-                f"export it again: transferdesk export <version> --runtimes '[{runtime}]' --replace"
+                f"export it again: transferdesk export <version> --runtimes '[{runtime}]' --replace true"
             )
         return self.path / self.meta.runtimes[runtime].file
 
@@ -406,8 +406,9 @@ class ModelVersion:
         manifest = verify(root)
         if manifest.get("parent_manifest_sha256") != self.manifest_sha256:
             raise TransferDeskError(
-                f"the ONNX export in {root} was made from other files than {self.spec}'s own (the version "
-                f"was replaced after exporting); export it again: transferdesk export {self.path} --replace"
+                f"the ONNX export in {root} was made from other files than {self.spec}'s own (the "
+                "version was replaced after exporting); export it again: "
+                f"transferdesk export {self.path} --replace true"
             )
         return Export(root, ExportMeta.model_validate(_read_json(root / EXPORT_META)))
 
@@ -586,7 +587,7 @@ def save_export(
     in (a reader in between finds none and says so; it never reads a mix of the two)."""
     target = version.path / EXPORT_DIR
     if target.exists() and not replace:
-        raise TransferDeskError(f"{version.spec} already has an ONNX export ({target}); add --replace")
+        raise TransferDeskError(f"{version.spec} already has an ONNX export ({target}); add --replace true")
     tmp = _staging_dir(target.parent)
     try:
         write(tmp)
