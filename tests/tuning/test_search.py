@@ -78,10 +78,11 @@ def test_time_budget_ends_the_search_and_still_exports(
         tmp_path,
         tiny_backbone,
         space={"epochs": 3},
-        search={"num_samples": 200, "max_concurrent": 2, "time_budget_s": 20},
+        # Far more trials than 20 s can hold: tiny trials finished all of 200 once prediction got faster.
+        search={"num_samples": 5000, "max_concurrent": 2, "time_budget_s": 20},
     )
     rows = _rows(tune_and_export(load_spec(path)))
-    assert 1 <= len(rows) < 200
+    assert 1 <= len(rows) < 5000
 
 
 @pytest.mark.parametrize(
