@@ -3,7 +3,7 @@ steady load (bounded in time and count), one event at a time.
 
     python benchmarks/serve_faults.py                 # about 10 minutes on 2 cores
 
-Events: a Classifier replica killed, the Ingress replica killed, the HTTP proxy (HAProxy)
+Events: a Classifier replica killed, an Ingress replica killed, the HTTP proxy (HAProxy)
 killed, a switch to a corrupted version (one flipped byte), a switch to a version whose head
 gives NaN, a 10% canary and its promotion, a rollback, and an overload at about 10x capacity
 for 20 s. For each: requests sent, failed (neither 200 nor a retryable 503), 503s, the longest
@@ -179,12 +179,15 @@ def _pids(name: str) -> set[int]:
     return {pid for pid, process in serve_pids().items() if process == name}
 
 
-def kill_one(name: str) -> Callable[[Service, Load], None]:
-    """SIGKILL one process of `name`; played out when another has replaced it and answers."""
+def kill_one(name: str, every: bool = False) -> Callable[[Service, Load], None]:
+    """SIGKILL one process of `name` (or every one: after a config reload HAProxy keeps its
+    old process beside the new one for a while, so killing one of them may kill an idle one);
+    played out when another has replaced it and answers."""
 
     def event(service: Service, load: Load) -> None:
         before = _pids(name)
-        os.kill(min(before), signal.SIGKILL)
+        for pid in before if every else [min(before)]:
+            os.kill(pid, signal.SIGKILL)
         mark = time.monotonic()
         until(lambda: len(_pids(name) - before) >= 1 and _answered_since(load, mark))
 
@@ -339,8 +342,8 @@ def main() -> None:
     flood = Overload(texts, args.flood, args.flood_seconds)
     events = [
         ("kill a Classifier replica", kill_one("Classifier")),
-        ("kill the Ingress replica", kill_one("Ingress")),
-        ("kill the proxy (HAProxy)", kill_one("HAProxy")),
+        ("kill an Ingress replica", kill_one("Ingress")),
+        ("kill the proxy (HAProxy)", kill_one("HAProxy", every=True)),
         ("switch to a corrupted version", switch_refused(corrupt)),
         ("switch to a NaN version", switch_refused(nan)),
         ("10% canary, then promote it", canary_then_promote(v1, v2)),
