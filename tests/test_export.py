@@ -131,7 +131,9 @@ def test_an_export_that_loses_accuracy_is_refused_with_figures(
     with pytest.raises(TransferDeskError) as refused:
         export_version(fresh, ExportConfig())
     message = str(refused.value)
-    assert "onnx-int8 lose more than 0.5 points" in message and "nothing was stored" in message
+    # 7 validation messages: one is 14.29 points, more than the 0.5 asked for.
+    assert "onnx-int8 lose more than 14.29 points" in message and "nothing was stored" in message
+    assert "or one message of the 7 checked" in message
     assert "onnx: accuracy" in message and "same top intent" in message
     assert not (fresh / "exports").exists()
 

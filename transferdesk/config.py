@@ -189,7 +189,11 @@ class ExportConfig(Section):
         "(found again from its config; give the file when it lives elsewhere now).",
     )
     max_accuracy_drop: float = Field(
-        0.5, ge=0, le=100, description="Refuse a runtime that loses more accuracy than this, in points."
+        0.5,
+        ge=0,
+        le=100,
+        description="Refuse a runtime that loses more accuracy than this, in points (or than one "
+        "message of the data checked, where that is more: a small set cannot see less).",
     )
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
     batch_size: int = Field(64, ge=1, description="Messages per pass while checking.")

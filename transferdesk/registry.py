@@ -161,6 +161,9 @@ class ExportMeta(Section):
     exporter: dict[str, str] = Field(description="torch, onnx and onnxruntime versions.")
     validation: str = Field(description="The data the runtimes were checked on.")
     validation_rows: int
+    max_accuracy_drop_points: float = Field(
+        description="The largest accuracy loss allowed: max_accuracy_drop, or one message if more."
+    )
     runtimes: dict[str, RuntimeCheck]
 
 
