@@ -284,10 +284,12 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 @dataclass(frozen=True)
 class Job:
-    """One request's share of an Ingress batch: its texts, and top_k when it is to be routed."""
+    """One request's share of an Ingress batch: its texts, top_k when it is to be routed, and
+    when its time is up (it started on arrival, before the batch)."""
 
     texts: list[str]
     top_k: int | None
+    deadline: float
 
 
 @dataclass
@@ -295,6 +297,7 @@ class Answer:
     versions: str  # the model version(s) that answered, comma-separated
     predictions: list[Prediction]
     decisions: list[dict] | None = None
+    error: Exception | None = None  # a classifier call that failed this request's texts
 
 
 def job_texts(jobs: list[Job]) -> int:
@@ -483,8 +486,15 @@ class Ingress:
         """This request's predictions (and decisions, to route), from the batch it joins; within
         the request's time limit, waiting for its batch included."""
         texts = self._checked(body)
-        job = Job(texts, self._top_k(body) if route else None)
-        answer = await self._within_time(lambda: self._gated(job))
+        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        job = Job(texts, self._top_k(body) if route else None, deadline)
+        try:  # waiting at the gate included
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                answer = await self._gated(job)
+        except TimeoutError:
+            raise ApiError(503, "timeout", "the service did not answer in time; retry shortly") from None
+        if answer.error is not None:
+            raise answer.error
         request.state.model = answer.versions
         if self.settings.log_texts:
             log.info("texts: %s", texts)
@@ -510,24 +520,38 @@ class Ingress:
             return await self._answer_jobs(jobs)
 
     async def _answer_jobs(self, jobs: list[Job]) -> list[Answer]:
-        deadline = time.monotonic() + self.settings.limits.request_timeout_s
+        # Work for the longest-waiting request's time at most: past it, nobody is waiting.
+        deadline = max(job.deadline for job in jobs)
         texts = [text for job in jobs for text in job.texts]
         ids = await self._within_time(lambda: self.tokenizer.remote(texts), deadline)
-        # No call larger than a classifier batch; the calls spread over the replicas.
+        # No call larger than a classifier batch; the calls spread over the replicas. A call that
+        # fails (back-pressure, a time-out) fails the requests whose texts it held, not the batch.
         calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
         parts = await asyncio.gather(
-            *(self._within_time(lambda c=c: self.classifier.remote(c), deadline) for c in calls)
+            *(self._within_time(lambda c=c: self.classifier.remote(c), deadline) for c in calls),
+            return_exceptions=True,
         )
-        predictions = [p for _, part in parts for p in part]
-        versions = [version for version, part in parts for _ in part]
+        scored: list[tuple[str, Prediction] | Exception] = []
+        for call, part in zip(calls, parts, strict=True):
+            if isinstance(part, BaseException):
+                if not isinstance(part, Exception):  # cancellation and the like: not ours to keep
+                    raise part
+                scored += [part] * len(call)
+            else:
+                scored += [(part[0], prediction) for prediction in part[1]]
         answers, start = [], 0
         for job in jobs:
-            end = start + len(job.texts)
+            mine, start = scored[start : start + len(job.texts)], start + len(job.texts)
+            if failed := next((x for x in mine if isinstance(x, Exception)), None):
+                answers.append(Answer("", [], error=failed))
+                continue
             # A request's texts may be scored by two versions mid-way through a switch.
-            answers.append(Answer(",".join(sorted(set(versions[start:end]))), predictions[start:end]))
-            start = end
+            versions = ",".join(sorted({version for version, _ in mine}))
+            answers.append(Answer(versions, [prediction for _, prediction in mine]))
         routed = [
-            (answer, job.top_k) for answer, job in zip(answers, jobs, strict=True) if job.top_k is not None
+            (answer, job.top_k)
+            for answer, job in zip(answers, jobs, strict=True)
+            if job.top_k is not None and answer.error is None
         ]
         if routed:
             groups = [(answer.predictions, top_k) for answer, top_k in routed]

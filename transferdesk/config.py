@@ -196,7 +196,12 @@ class ExportConfig(Section):
         "message of the data checked, where that is more: a small set cannot see less).",
     )
     opset: int = Field(18, ge=17, le=23, description="ONNX opset of the exported graph.")
-    batch_size: int = Field(64, ge=1, description="Messages per pass while checking.")
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="Messages per pass while checking: as Serve's classifier runs them on CPU (int8 "
+        "quantizes activations over each pass, so its answers depend a little on the pass).",
+    )
     replace: bool = Field(False, description="Replace the version's existing export.")
 
 

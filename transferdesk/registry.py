@@ -177,9 +177,10 @@ class Export:
     def file(self, runtime: str) -> Path:
         if runtime not in self.meta.runtimes:
             held = ", ".join(self.meta.runtimes) or "none"
+            wanted = ", ".join([*self.meta.runtimes, runtime])  # keep what replicas may use now
             raise TransferDeskError(
                 f"the export of {self.meta.parent} holds no {runtime} runtime (it holds: {held}); "
-                f"export it again: transferdesk export <version> --runtimes '[{runtime}]' --replace true"
+                f"export it again: transferdesk export <version> --runtimes '[{wanted}]' --replace true"
             )
         return self.path / self.meta.runtimes[runtime].file
 
@@ -589,20 +590,27 @@ def save_export(
     An existing export is kept unless `replace`; then it is set aside and the new one renamed
     in (a reader in between finds none and says so; it never reads a mix of the two)."""
     target = version.path / EXPORT_DIR
+    exists = f"{version.spec} already has an ONNX export ({target}); add --replace true"
     if target.exists() and not replace:
-        raise TransferDeskError(f"{version.spec} already has an ONNX export ({target}); add --replace true")
+        raise TransferDeskError(exists)
     tmp = _staging_dir(target.parent)
     try:
         write(tmp)
         (tmp / EXPORT_META).write_text(meta.model_dump_json(indent=2))
-        write_manifest(
-            tmp,
-            {"format": FORMAT, "parent": meta.parent, "parent_manifest_sha256": meta.parent_manifest_sha256},
-        )
+        parent = {"parent": meta.parent, "parent_manifest_sha256": meta.parent_manifest_sha256}
+        write_manifest(tmp, {"format": FORMAT, **parent})
         aside = target.with_name(f".replaced-{time.time_ns()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(target, aside)
-        os.rename(tmp, target)
+        if replace:
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(target, aside)
+        try:
+            # Onto a non-empty directory rename fails: an export made meanwhile by another run
+            # is never overwritten without --replace.
+            os.rename(tmp, target)
+        except OSError:
+            if aside.exists():  # put the one set aside back
+                os.rename(aside, target)
+            raise TransferDeskError(exists) from None
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

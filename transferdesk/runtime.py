@@ -28,7 +28,14 @@ def choose_runtime(version: ModelVersion, runtime: str, device: str) -> str:
         raise TransferDeskError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
     if runtime == "auto":
-        return "onnx-int8" if not on_gpu and version.has_export("onnx-int8") else "torch"
+        if on_gpu or not version.has_export("onnx-int8"):
+            return "torch"
+        try:  # a damaged or stale export means torch, not a replica that cannot start
+            version.open_export().file("onnx-int8")
+        except TransferDeskError as err:
+            log.warning("runtime auto: %s serves on torch: %s", version.spec, err)
+            return "torch"
+        return "onnx-int8"
     if runtime != "torch":
         if on_gpu:
             raise TransferDeskError(

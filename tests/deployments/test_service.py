@@ -397,17 +397,25 @@ def test_request_and_batch_metrics_are_exported(service: Service) -> None:
 
 
 def test_concurrent_requests_are_gathered_into_ingress_batches(service: Service) -> None:
-    """24 clients at once: the Ingress answers each, and sends some of them downstream together."""
+    """24 clients at once, classifying and routing, with one to three texts and their own top_k:
+    the Ingress sends some of them downstream together, and each gets its own answers."""
+    texts = [TRACK, RESET, TRACK]
 
-    def one(i: int) -> tuple[int, str]:
+    def one(i: int) -> tuple[int, list[str], list[int]]:
+        n, top_k, route = 1 + i % 3, i % 3, i % 2 == 0
         with service.client() as client:
-            answer = client.post("/v1/route", json={"texts": [TRACK, RESET][: 1 + i % 2]})
-            return answer.status_code, answer.json()["decisions"][-1]["intent"]
+            answer = client.post(
+                "/v1/route" if route else "/v1/classify", json={"texts": texts[:n], "top_k": top_k}
+            )
+        items = answer.json()["decisions" if route else "results"]
+        return answer.status_code, [x["intent"] for x in items], [len(x["alternatives"]) for x in items]
 
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(one, range(96)))
-    assert {status for status, _ in answers} == {200}
-    assert [intent for _, intent in answers] == ["track_order", "reset_password"] * 48  # each its own
+    for i, (status, intents, alternatives) in enumerate(answers):
+        assert status == 200
+        assert intents == ["track_order", "reset_password", "track_order"][: 1 + i % 3]  # its own texts
+        assert alternatives == [i % 3] * (1 + i % 3)  # its own top_k
 
     def gathered() -> bool:
         samples = [(n, labels, v) for n, labels, v in _ray_metrics(service) if "ingress_batch" in n]
