@@ -1,7 +1,7 @@
 """The peer of the CPU serving benchmark: the single-process app a user would otherwise write
 around the same model. FastAPI + uvicorn, no Ray, no batching: each request tokenizes,
 classifies and routes in the request's own (thread-pool) call. Same model object, same
-routing policy code, same request and answer shape as TransferDesk's POST /v1/route.
+routing policy code, the same request shape and decisions as TransferDesk's POST /v1/route.
 
     PEER_MODEL=registry/x/v1 PEER_POLICY=policy.yaml PEER_RUNTIME=onnx-int8 \\
         uvicorn benchmarks.peer_app:app --port 8200

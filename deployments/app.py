@@ -249,8 +249,9 @@ class Classifier:
         batch_size_fn=count_texts,
     )
     async def predict(self, calls: list[list[list[int]]]) -> list[CallResult]:
-        """One forward pass over the texts of several calls (each call: one request's texts),
-        and one more by the rollout's version over its calls (canary) or all of them (shadow)."""
+        """One forward pass over the texts of several calls (each call: up to CALL_TEXTS texts of
+        one Ingress batch), and one more by the rollout's version over its calls (canary) or all
+        of them (shadow)."""
         # One model (and rollout) for the whole batch, even if a switch lands meanwhile.
         served, second, rollout = self.served, self.second, self.rollout
         canary = [

@@ -33,7 +33,7 @@ from transferdesk.network import (
 )
 from transferdesk.prediction import Prediction
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
-from transferdesk.runtime import OnnxSession, choose_runtime
+from transferdesk.runtime import OnnxSession, resolve_runtime
 
 # The model object's own files inside a saved directory (a registry version holds more).
 HEAD_FILE = "head.safetensors"
@@ -102,11 +102,11 @@ class IntentModel:
         with an ONNX runtime (or auto, see runtime.py), after verifying its export too.
         `threads`: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
-        runtime = choose_runtime(version, runtime, device)
-        if runtime == "torch":
+        runtime, onnx_file = resolve_runtime(version, runtime, device)
+        if onnx_file is None:
             return cls._load(version.path, device, version.legacy_classifier)
         settings = version.legacy_classifier or cls._settings(version.path)
-        session = OnnxSession(version.open_export().file(runtime), threads)
+        session = OnnxSession(onnx_file, threads)
         return cls(
             None,
             cls.load_tokenizer(version),

@@ -24,25 +24,30 @@ log = logging.getLogger(__name__)
 def choose_runtime(version: ModelVersion, runtime: str, device: str) -> str:
     """The runtime to use for `version` on `device`, refused with what to do when the version
     has no export of the runtime asked for or the device is a GPU."""
+    return resolve_runtime(version, runtime, device)[0]
+
+
+def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[str, Path | None]:
+    """choose_runtime, and for an ONNX runtime its file, verified once (hashing an export
+    reads every byte of it: loading should not do that twice)."""
     if runtime not in RUNTIMES:
         raise TransferDeskError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
     if runtime == "auto":
         if on_gpu or not version.has_export("onnx-int8"):
-            return "torch"
+            return "torch", None
         try:  # a damaged or stale export means torch, not a replica that cannot start
-            version.open_export().file("onnx-int8")
+            return "onnx-int8", version.open_export().file("onnx-int8")
         except TransferDeskError as err:
             log.warning("runtime auto: %s serves on torch: %s", version.spec, err)
-            return "torch"
-        return "onnx-int8"
-    if runtime != "torch":
-        if on_gpu:
-            raise TransferDeskError(
-                f"runtime {runtime} runs on CPU; on a GPU use runtime torch (or auto), or set device cpu"
-            )
-        version.open_export().file(runtime)  # refused here, with what to do, rather than at load
-    return runtime
+            return "torch", None
+    if runtime == "torch":
+        return runtime, None
+    if on_gpu:
+        raise TransferDeskError(
+            f"runtime {runtime} runs on CPU; on a GPU use runtime torch (or auto), or set device cpu"
+        )
+    return runtime, version.open_export().file(runtime)
 
 
 def _cuda_available() -> bool:
