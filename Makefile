@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from the local wheel cache instead of downloading a multi-GB CUDA build.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint format benchmark benchmark-unlabelled clean
+.PHONY: install system-packages demo test lint format benchmark benchmark-unlabelled clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) -e ".[dev]"
 	touch $@
+
+# Debian packages the tests start for real: a PostgreSQL server (the review store's tests run
+# their own, on a free port) and Chromium (the review page's browser test, driven by
+# Playwright). Installed once, when missing.
+system-packages:
+	@need=""; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need="$$need postgresql"; \
+	test -x /usr/bin/chromium || need="$$need chromium"; \
+	if [ -n "$$need" ]; then \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		echo "installing$$need"; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$need >/dev/null; \
+	fi
 
 # checkov (the manifests' security scan, tests only) pins many packages: its own venv keeps
 # them apart, and `make demo` does not wait for it.
@@ -53,7 +67,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint .tools/checkov/.installed
+test: lint system-packages .tools/checkov/.installed
 	$(if $(CRDS),TRANSFERDESK_KUBERAY_CRDS=$(CRDS) )$(PY) -m pytest -q --durations=10
 
 # The default recipe, the tuning search (about 80 minutes) and the Serve load test, on 2 cores.

@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.capture import CaptureWriter
 from deployments.config import CALL_TEXTS, MAX_TOP_K, Coalescing, KeyRing, Limits, ServeArgs
 from deployments.gate import BatchGate
 from deployments.routing import Priority
@@ -182,9 +183,23 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class CaptureStatus(BaseModel):
+    state: Literal["starting", "ok", "degraded"] = Field(
+        description="degraded: the store does not take writes; requests are answered all the same."
+    )
+    store: str = Field(description="The store's URL, without its password.")
+    written: int
+    lost: int = Field(description="Messages lost to a full queue or a failed write.")
+    pending: int = Field(description="Messages waiting in memory for the store.")
+    error: str | None
+
+
 class Readiness(BaseModel):
     status: Literal["ready"]
     checks: dict[str, str] = Field(description="Each deployment of the chain and what it answered.")
+    capture: CaptureStatus | None = Field(
+        None, description="This replica's capture for review (args.capture), when enabled."
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -432,6 +447,8 @@ class Ingress:
         if self.settings.auth.disabled:
             log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
         self.keyring = None if self.settings.auth.disabled else KeyRing()
+        capture = self.settings.capture
+        self.capture = CaptureWriter(capture, capture.url()) if capture.enabled else None
         self._answer_batch.set_max_batch_size(self.settings.coalescing.max_texts)
         self.gate = BatchGate(CONCURRENT_BATCHES)
         self.ready: tuple[float, Readiness | ApiError | None] = (0.0, None)
@@ -451,6 +468,11 @@ class Ingress:
         )
         # Serve ships this class by value, with copied globals: reach the real module's LIVE.
         importlib.import_module(__name__).LIVE["ingress"] = self
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown (a scale-down, a redeploy): write what is queued.
+        if getattr(self, "capture", None) is not None:
+            self.capture.close()
 
     def accepts(self, authorization: str) -> bool:
         """Whether an Authorization header carries a current key (every key compared, in
@@ -496,6 +518,10 @@ class Ingress:
         if answer.error is not None:
             raise answer.error
         request.state.model = answer.versions
+        if self.capture is not None:
+            self.capture.offer(
+                _request_id(request), answer.versions, texts, answer.predictions, answer.decisions
+            )
         if self.settings.log_texts:
             log.info("texts: %s", texts)
         return answer
@@ -639,7 +665,8 @@ class Ingress:
     @api.get("/readyz", responses={503: ERRORS[503]})
     async def readyz(self) -> Readiness:
         """Readiness of the whole chain (tokenizer, classifier, router), without auth; answered
-        from the last check for READY_CACHE_S, so frequent probes cost one check."""
+        from the last check for READY_CACHE_S, so frequent probes cost one check. With capture
+        on, its state too (never cached; a degraded capture does not make the service unready)."""
         checked, answer = self.ready
         if answer is None or time.monotonic() - checked > READY_CACHE_S:
             try:
@@ -649,6 +676,8 @@ class Ingress:
             self.ready = (time.monotonic(), answer)
         if isinstance(answer, ApiError):
             raise answer
+        if self.capture is not None:  # not cached: a store outage shows at once
+            return answer.model_copy(update={"capture": CaptureStatus(**self.capture.status())})
         return answer
 
     async def _check_chain(self) -> Readiness:

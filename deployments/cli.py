@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +53,23 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     parser.add_argument(
         "--no-auth", action="store_true", help="same as --auth.disabled true: local development only"
     )
+    rollout = parser.add_argument_group(
+        "rollout",
+        "A second version beside MODEL (the Classifier's user_config `rollout`): a retrained model "
+        "(registry/<name>@canary, pinned to its version now) answers a share of the calls, or "
+        "scores every call in shadow; compare in GET /v1/model, then promote it or roll back.",
+    )
+    second = rollout.add_mutually_exclusive_group()
+    second.add_argument("--canary", metavar="VERSION", help="serve this version to --share of the calls")
+    second.add_argument("--shadow", metavar="VERSION", help="score every call with it too; answer with MODEL")
+    rollout.add_argument("--share", type=float, default=0.1, help="canary share [default: %(default)s]")
+    parser.add_argument(
+        "--deploy",
+        metavar="ADDRESS",
+        help="`serve deploy` to the running cluster whose dashboard is at ADDRESS (e.g. "
+        "http://127.0.0.1:8265) instead of starting one: a rollout or a model switch applied in "
+        "place, without a restart",
+    )
     # The application's args (serve.yaml's `args:`), e.g. --top_k 5 or --limits.max_text_chars 500.
     add_config_flags(parser, ServeArgs, aliases={"routing_policy": ("--policy", "FILE")})
     parser.set_defaults(func=cmd_serve)
@@ -74,10 +92,19 @@ def serve_config(args: argparse.Namespace) -> dict:
     # ONNX runtime asked for where the version has no export.
     choose_runtime(open_version(settings.model), settings.runtime, settings.device)
     for deployment in app.get("deployments", []):
-        if deployment["name"] == "Classifier" and "user_config" in deployment:
-            build_config(
+        if deployment["name"] != "Classifier":
+            continue
+        if args.canary or args.shadow:
+            mode, spec = ("canary", args.canary) if args.canary else ("shadow", args.shadow)
+            rollout = {"model": str(resolve_version_dir(spec).resolve()), "mode": mode, "share": args.share}
+            deployment["user_config"] = {**deployment.get("user_config", {}), "rollout": rollout}
+        if "user_config" in deployment:
+            checked = build_config(
                 deployment["user_config"], f"{args.config} (Classifier user_config)", ClassifierConfig
             )
+            if checked.rollout is not None:  # a damaged or missing version: said now
+                second = open_version(checked.rollout.model)
+                choose_runtime(second, checked.rollout.runtime or settings.runtime, settings.device)
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config
@@ -91,6 +118,30 @@ def pinned(spec: str) -> str:
     version = resolve_version_dir(spec)
     print(f"serving {version}, the newest version of {spec} (name a stage or a version to choose)")
     return str(version)
+
+
+def deploy(config: dict, address: str, env: dict[str, str]) -> None:
+    """`serve deploy` the config to a running cluster: Serve applies a changed user_config
+    (a rollout, a model switch) to the running replicas in place."""
+    serve = installed_command("serve")
+    if serve is None:
+        raise TransferDeskError(
+            "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-deploy-", delete=False) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    done = subprocess.run([serve, "deploy", f.name, "--address", address], env=env)
+    if done.returncode != 0:
+        raise TransferDeskError(
+            f"serve deploy to {address} failed (exit code {done.returncode}); config: {f.name}"
+        )
+    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+    rollout = classifier.get("user_config", {}).get("rollout")
+    what = f"{rollout['mode']} {rollout['model']}" if rollout else "no rollout"
+    print(
+        f"deployed to {address}: {config['applications'][0]['args']['model']} with {what}; "
+        "GET /v1/model shows the rollout and, in shadow, how often the two disagree"
+    )
 
 
 def installed_command(name: str) -> str | None:
@@ -114,6 +165,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
         env[KEYS_ENV] = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
+    if args.deploy:
+        deploy(config, args.deploy, env)
+        return
     serve = installed_command("serve")
     if serve is None:
         raise TransferDeskError(

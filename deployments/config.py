@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import VERSION_RE, split_stage
+from transferdesk.review.redaction import RedactionConfig
+from transferdesk.review.store import STORE_ENV, check_url
 
 log = logging.getLogger("ray.serve")
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
@@ -129,6 +131,40 @@ class Docs(Section):
     )
 
 
+class CaptureSettings(Section):
+    """Capture of live messages for the review page (deployments/capture.py)."""
+
+    enabled: bool = Field(False, description="Record handed-off messages and a sample of the rest.")
+    store: str = Field(
+        "sqlite:///capture.db",
+        description=f"SQLAlchemy URL of the store: sqlite:///FILE, or postgresql+psycopg://user@host/db for "
+        f"several pods. ${STORE_ENV}, where set, takes precedence (keeps the password out of "
+        "the config).",
+    )
+    sample_rate: float = Field(
+        0.02, ge=0, le=1, description="Share of the messages not handed off that are captured too."
+    )
+    max_pending: int = Field(
+        10000, ge=1, description="Messages held in memory awaiting the store; past it they are lost, counted."
+    )
+    batch_size: int = Field(200, ge=1, le=10000, description="Messages per write at most.")
+    flush_interval_s: float = Field(1.0, gt=0, le=60, description="How often queued messages are written.")
+    redaction: RedactionConfig = Field(
+        default_factory=RedactionConfig, description="Personal data removed before a message is stored."
+    )
+
+    @field_validator("store")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        try:
+            return check_url(value)
+        except TransferDeskError as err:
+            raise ValueError(str(err)) from None
+
+    def url(self) -> str:
+        return os.environ.get(STORE_ENV) or self.store
+
+
 class ServeArgs(Section):
     model: str = Field(
         "registry/northwind-tuned@production",
@@ -157,6 +193,7 @@ class ServeArgs(Section):
     log_texts: bool = Field(
         False, description="Write message texts to the logs. They are personal data: off by default."
     )
+    capture: CaptureSettings = CaptureSettings()
 
     @field_validator("model")
     @classmethod
@@ -181,10 +218,17 @@ class ServeArgs(Section):
         """Absolute paths: replicas do not share the working directory of `serve run`. Links
         are kept as they are: a Kubernetes ConfigMap mount is a chain of links whose target
         differs per pod and changes on every update."""
-        update = {
+        update: dict = {
             k: os.path.abspath(Path(getattr(self, k)).expanduser()) for k in ("model", "routing_policy")
         }
+        store = self.capture.store
+        if store.startswith(SQLITE_FILE) and not Path(store[len(SQLITE_FILE) :]).is_absolute():
+            path = os.path.abspath(Path(store[len(SQLITE_FILE) :]).expanduser())
+            update["capture"] = self.capture.model_copy(update={"store": SQLITE_FILE + path})
         return self.model_copy(update=update)
+
+
+SQLITE_FILE = "sqlite:///"  # then a path, relative unless it starts with another /
 
 
 def is_exact_version(spec: str) -> bool:

@@ -9,7 +9,15 @@ import os
 # Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 import csv
+import itertools
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -128,3 +136,78 @@ def tiny_run(backbone: Path, files: dict[str, Path], output: Path, **overrides: 
 @pytest.fixture
 def tiny_config(tiny_backbone: Path, toy_files: dict[str, Path], tmp_path: Path) -> RunConfig:
     return tiny_run(tiny_backbone, toy_files, tmp_path / "registry")
+
+
+# PostgreSQL, for the review store's tests: Debian's server (`apt-get install postgresql`,
+# which .ci/run does), started once per session on a free loopback port, in a directory of
+# its own. initdb refuses to run as root, so as root it runs as the `postgres` user.
+PG_ROOT = Path("/usr/lib/postgresql")
+_databases = itertools.count(1)
+
+
+def _pg_bin() -> Path | None:
+    versions = sorted(PG_ROOT.glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name))
+    return versions[-1].parent if versions else None
+
+
+@dataclass
+class Postgres:
+    bin: Path
+    data: Path
+    port: int
+
+    def _run(self, *args: str) -> None:
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_user, *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.data.parent / "server.log")  # not our pipe: the server outlives pg_ctl
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://transferdesk@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database: its URL."""
+        import psycopg
+
+        name = f"test_{next(_databases)}"
+        dsn = f"host=127.0.0.1 port={self.port} user=transferdesk dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    pg_bin = _pg_bin()
+    if pg_bin is None:
+        pytest.fail("no PostgreSQL server: apt-get install postgresql (.ci/run installs it)")
+    # Not under pytest's temporary root: that is private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="transferdesk-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Postgres(pg_bin, root / "data", port)
+    server._run(str(pg_bin / "initdb"), "-D", str(server.data), "-U", "transferdesk", "--auth=trust")
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):  # a test stopped it
+            server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty review store: a SQLite file, or a database of the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'capture.db'}"
+    return request.getfixturevalue("postgres").new_database()

@@ -92,6 +92,41 @@ def test_training_checks(tmp_path: Path) -> None:
         raise_on_errors(problems)
 
 
+def test_extra_training_files_join_after_the_sample_and_the_split(tmp_path: Path) -> None:
+    rows = [(f"{intent} {i}", intent) for intent in ("x", "y") for i in range(6)]
+    train = write_csv(tmp_path / "train.csv", rows)
+    # Reviewed messages: one of a known intent is enough; one repeats a training row, one a
+    # test row; one is out of scope; one is a new intent with two examples.
+    reviewed = write_csv(
+        tmp_path / "reviewed.csv",
+        [("x new", "x"), ("x 0", "x"), ("y tested", "y"), ("weather", "oos"), ("z 1", "z"), ("z 2", "z")],
+    )
+    test = write_csv(tmp_path / "test.csv", [("y tested", "y")])
+    cfg = DataConfig(
+        train=str(train), test=str(test), few_shot_k=2, extra_train=str(reviewed)
+    )  # a list of one
+    assert cfg.extra_train == [str(reviewed)]
+    splits = load_splits(cfg, seed=1)
+    added = {"x new", "z 1", "z 2"}
+    assert added <= set(splits.train.texts) and not added & set(splits.valid.texts)  # never held out
+    assert splits.train.counts()["x"] >= 3 and splits.train.counts()["z"] == 2  # nor sampled away
+    assert not {"weather", "y tested"} & set(splits.train.texts)
+    assert splits.intents == ["x", "y", "z"]
+    everything = DataConfig(train=str(train), valid=str(test), extra_train=[str(reviewed)])
+    assert load_splits(everything, seed=1).train.texts.count("x 0") == 1  # the repeat dropped
+
+
+def test_extra_training_files_that_contradict_or_are_too_small_are_refused(tmp_path: Path) -> None:
+    train = write_csv(tmp_path / "train.csv", [("a 1", "a"), ("a 2", "a"), ("b 1", "b"), ("b 2", "b")])
+    bad = write_csv(tmp_path / "reviewed.csv", [("a 1", "b"), ("c 1", "c")])
+    valid = write_csv(tmp_path / "valid.csv", [("a 3", "a"), ("b 3", "b")])
+    cfg = DataConfig(train=str(train), valid=str(valid), extra_train=[str(bad)])
+    with pytest.raises(TransferDeskError) as err:
+        load_splits(cfg, seed=1)
+    assert "reviewed.csv:2: error: labelled 'b' here, 'a' in" in str(err.value)
+    assert "reviewed.csv: error: intent 'c' has 1 example" in str(err.value)
+
+
 def test_eval_labels_training_never_saw(tmp_path: Path) -> None:
     ds, _ = read_dataset(write_csv(tmp_path / "e.csv", [("q", "x"), ("r", "new"), ("s", "oos")]))
     problems = check_eval_data(ds, ["x"], "oos")

@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("model_dir", help="the model directory, registry/<name>")
     stages.add_argument("--json", action="store_true", help="machine-readable output")
     stages.set_defaults(func=cmd_models_stages)
+    from transferdesk.review.cli import add_review_parser
+
+    add_review_parser(sub)
     # Commands of the packages built on the core (tuning: `tune`), found through their
     # entry points so that the core never imports them.
     for entry in entry_points(group="transferdesk.commands"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transferdesk.errors import TransferDeskError
 
@@ -28,6 +28,12 @@ class DataConfig(Section):
         None,
         description="Target-task training file (CSV, TSV or JSONL). "
         "Unset: the bundled Northwind Market sample (with its valid and test files).",
+    )
+    extra_train: list[str] = Field(
+        [],
+        description="More labelled training files, such as the reviewed messages of `transferdesk review "
+        "export`: every row joins the training data after the few-shot sample and the validation split "
+        "(none is sampled away or held out).",
     )
     valid: str | None = Field(
         None, description="Validation file; unset: a stratified split of the training file."
@@ -56,6 +62,11 @@ class DataConfig(Section):
     valid_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of training data held out when no valid file is given."
     )
+
+    @field_validator("extra_train", mode="before")
+    @classmethod
+    def _one_file(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
 
 class ModelConfig(Section):
@@ -203,6 +214,25 @@ class ExportConfig(Section):
         "quantizes activations over each pass, so its answers depend a little on the pass).",
     )
     replace: bool = Field(False, description="Replace the version's existing export.")
+
+
+class ReviewConfig(Section):
+    """Settings of `transferdesk review` (the review page) and `transferdesk review export`."""
+
+    store: str = Field(
+        "sqlite:///capture.db",
+        description="The capture store's SQLAlchemy URL, as serving's args.capture.store "
+        "($TRANSFERDESK_CAPTURE_STORE, where set, takes precedence).",
+    )
+    model: str | None = Field(
+        None,
+        description="The served model (registry/<name>@production): its intents are the ones a reviewer "
+        "picks from. Unset: the intents the store's messages were given.",
+    )
+    host: str = Field("127.0.0.1", description="Interface the review page listens on.")
+    port: int = Field(8100, ge=1, le=65535, description="Port of the review page.")
+    queue_size: int = Field(25, ge=1, le=500, description="Messages the page lists at once.")
+    oos_label: str = Field("oos", description="Label the export gives messages marked out-of-scope.")
 
 
 class RunConfig(Section):

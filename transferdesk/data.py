@@ -94,6 +94,12 @@ class Dataset:
             self.path,
         )
 
+    def plus(self, other: Dataset) -> Dataset:
+        """This data and then `other`'s rows (their line numbers are their own file's)."""
+        return Dataset(
+            self.texts + other.texts, self.labels + other.labels, self.rows + other.rows, self.path
+        )
+
     def without(self, label: str) -> Dataset:
         return self.subset([i for i, lab in enumerate(self.labels) if lab != label])
 
@@ -328,7 +334,9 @@ def load_pool(
     return Pool(texts, name, digest, len(records), dict(sorted(dropped.items()))), problems
 
 
-def check_training_data(ds: Dataset, oos_label: str) -> tuple[Dataset, list[Problem]]:
+def check_training_data(
+    ds: Dataset, oos_label: str, min_per_intent: int = 2
+) -> tuple[Dataset, list[Problem]]:
     """Duplicates are dropped (warning); conflicting labels and tiny intents are errors."""
     problems: list[Problem] = []
     first_seen: dict[str, int] = {}
@@ -371,10 +379,13 @@ def check_training_data(ds: Dataset, oos_label: str) -> tuple[Dataset, list[Prob
         )
         cleaned = cleaned.without(oos_label)
     for intent, n in sorted(cleaned.counts().items()):
-        if n < 2:
+        if n < min_per_intent:
             problems.append(
                 Problem(
-                    "error", ds.path, None, f"intent {intent!r} has {n} example; each intent needs at least 2"
+                    "error",
+                    ds.path,
+                    None,
+                    f"intent {intent!r} has {n} example; each intent needs at least {min_per_intent}",
                 )
             )
     return cleaned, problems
@@ -489,6 +500,44 @@ def _read_checked(path: str, cfg: DataConfig) -> tuple[Dataset, list[Problem]]:
     return read_dataset(path, cfg.text_column, cfg.label_column)
 
 
+def _with_extra(
+    train: Dataset, raw: Dataset, oos_label: str, evaluation: set[str]
+) -> tuple[Dataset, list[Problem]]:
+    """Training data plus an extra file's rows. The extra file is checked on its own, but for
+    its intents' sizes (a few reviewed messages of an intent are enough: the intent is counted
+    with the training data's). Its texts already in the training data are dropped, and one
+    labelled otherwise there is an error; its texts of the validation or test data are dropped,
+    so that they are not learnt and then scored."""
+    extra, problems = check_training_data(raw, oos_label, min_per_intent=1)
+    labelled = dict(zip(train.texts, train.labels, strict=True))
+    keep = []
+    for i, (text, label) in enumerate(zip(extra.texts, extra.labels, strict=True)):
+        if text in evaluation:
+            problems.append(Problem("warning", extra.path, extra.rows[i], "validation or test text; dropped"))
+        elif text not in labelled:
+            keep.append(i)
+        elif labelled[text] != label:
+            problems.append(
+                Problem(
+                    "error",
+                    extra.path,
+                    extra.rows[i],
+                    f"labelled {label!r} here, {labelled[text]!r} in {train.path}: {text[:60]!r}; keep one",
+                )
+            )
+        else:
+            problems.append(
+                Problem("warning", extra.path, extra.rows[i], f"already in {train.path}; dropped")
+            )
+    combined = train.plus(extra.subset(keep))
+    problems += [
+        Problem("error", extra.path, None, f"intent {intent!r} has {n} example; each intent needs at least 2")
+        for intent, n in sorted(combined.counts().items())
+        if n < 2
+    ]
+    return combined, problems
+
+
 def with_sample_defaults(cfg: DataConfig) -> DataConfig:
     """No training file given: the bundled Northwind Market sample, all three splits."""
     if cfg.train is not None:
@@ -523,6 +572,12 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.test:
         test, found = _read_checked(cfg.test, cfg)
         problems += found + check_eval_data(test, train.intents, cfg.oos_label)
+    evaluation = {text for ds in (valid, test) if ds is not None for text in ds.texts}
+    for path in cfg.extra_train:
+        raw_extra, found = _read_checked(path, cfg)
+        problems += found
+        train, found = _with_extra(train, raw_extra, cfg.oos_label, evaluation)
+        problems += found
     source = None
     if cfg.source:
         raw_source, found = _read_checked(cfg.source, cfg)

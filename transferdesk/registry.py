@@ -271,6 +271,7 @@ def portable_config(cfg: RunConfig, registry: Path) -> RunConfig:
         update={
             k: portable_path(getattr(cfg.data, k)) for k in ("train", "valid", "test", "source", "unlabelled")
         }
+        | {"extra_train": [portable_path(path) for path in cfg.data.extra_train]}
     )
     model = cfg.model.model_copy(update={"backbone": portable_path(cfg.model.backbone, registry)})
     return cfg.model_copy(update={"data": data, "model": model, "output": "registry"})
@@ -497,7 +498,8 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"Intent classifier: {meta.backbone} encoder ({cfg.model.pooling} pooling) + linear head, "
         f"fine-tuned with AdamW and {OBJECTIVES[cfg.training.objective]}.",
         "",
-        f"- Target data: `{cfg.data.train}` ({meta.train_examples} examples, {len(meta.labels)} intents)",
+        f"- Target data: `{cfg.data.train}`{''.join(f' + `{path}`' for path in cfg.data.extra_train)} "
+        f"({meta.train_examples} examples, {len(meta.labels)} intents)",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
         f"- Out-of-scope threshold: {model.threshold:.3f} (confidence below it → `{model.oos_label}`)",
         f"- Training time: {meta.timings.get('train_seconds', 0):.0f} s on {meta.device}",

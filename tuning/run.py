@@ -53,6 +53,7 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     data = with_sample_defaults(spec.run.data)
     data = data.model_copy(
         update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source", "unlabelled")}
+        | {"extra_train": [_absolute(path) for path in data.extra_train]}
     )
     candidates = [
         c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
@@ -61,7 +62,7 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     search = spec.search.model_copy(update={"storage_path": _absolute(spec.search.storage_path)})
     run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
     spec = spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
-    for path in (data.train, data.valid, data.test, *(c.source for c in candidates)):
+    for path in (data.train, *data.extra_train, data.valid, data.test, *(c.source for c in candidates)):
         if path:
             resolve_path(path)  # raises a clear error for a missing or unsupported file
     for candidate in candidates:

@@ -5,6 +5,7 @@ two registry versions of the tiny model, and two applications of deployments/ser
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import yaml
 
 from deployments.cli import SERVE_YAML, installed_command, sigint_default
 from deployments.config import serve_env
-from tests.conftest import TOY_INTENTS, tiny_run, toy_rows, write_csv
+from tests.conftest import TOY_INTENTS, Postgres, tiny_run, toy_rows, write_csv
 from transferdesk.train import train_and_register
 
 KEYS = ("test-key-number-one", "test-key-number-two")  # 16 characters at least
@@ -77,6 +78,7 @@ class Service:
     log: Path
     ray_tmp: Path  # this cluster's RAY_TMPDIR: its session files, metrics targets among them
     keys_file: Path  # TRANSFERDESK_API_KEYS_FILE: keys beside those of the environment
+    store: str  # the capture store of the / app (PostgreSQL)
 
     def client(self, key: str | None = KEYS[0], prefix: str = "") -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -93,6 +95,23 @@ class Service:
         )
 
 
+def ray_metrics(service: Service) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) from every metrics endpoint of the service's Ray cluster."""
+    discovery = service.ray_tmp / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
+    if not discovery.is_file():  # not written yet
+        return []
+    samples = []
+    for target in (t for group in json.loads(discovery.read_text()) for t in group["targets"]):
+        try:
+            text = httpx.get(f"http://{target}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for match in re.finditer(r"^(ray_transferdesk_\w+)\{(.*)\} (\S+)$", text, re.MULTILINE):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
 def train_versions(tmp: Path, backbone: Path) -> list[Path]:
     files = {
         "train": write_csv(tmp / "train.csv", toy_rows(0, 6)),
@@ -106,14 +125,20 @@ def train_versions(tmp: Path, backbone: Path) -> list[Path]:
     return versions
 
 
-def _config(versions: list[Path], policy: Path, port: int) -> dict:
+# Where the /open app captures to: nothing listens on port 1, so its capture starts degraded.
+UNREACHABLE_STORE = "postgresql+psycopg://transferdesk@127.0.0.1:1/nothing"
+
+
+def _config(versions: list[Path], policy: Path, port: int, store: str) -> dict:
     """serve.yaml with the tiny model, small CPU shares (2 cores hold both apps), and an /open
-    copy of the app without auth."""
+    copy of the app without auth. Capture is on: / writes every message to `store` (sample_rate
+    1: a message not handed off is captured as a sample), /open to an unreachable store."""
     config = yaml.safe_load(SERVE_YAML.read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"].update(model=str(versions[0]), routing_policy=str(policy))
     app["args"]["limits"]["body_timeout_s"] = 3.0  # slow-body tests wait this long
+    app["args"]["capture"] = {"enabled": True, "store": store, "sample_rate": 1.0, "flush_interval_s": 0.2}
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0.1}
         deployment["autoscaling_config"]["min_replicas"] = 1
@@ -123,6 +148,7 @@ def _config(versions: list[Path], policy: Path, port: int) -> dict:
     open_app.update(name="open", route_prefix="/open")
     open_app["args"]["auth"] = {"disabled": True}
     open_app["args"]["docs"] = {"exposure": "off"}
+    open_app["args"]["capture"]["store"] = UNREACHABLE_STORE
     for deployment in open_app["deployments"]:
         deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     config["applications"] = [app, open_app]
@@ -144,14 +170,17 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Iterator[Service]:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path, postgres: Postgres
+) -> Iterator[Service]:
     if SERVE is None:
         pytest.fail("Ray Serve's `serve` command is not installed")
     tmp = tmp_path_factory.mktemp("serve")
     versions = train_versions(tmp, tiny_backbone)
     policy = write_policy(tmp / "policy.yaml")
     port = free_port()
-    config = _config(versions, policy, port)
+    store = postgres.new_database()
+    config = _config(versions, policy, port, store)
     config_path = tmp / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = tmp / "serve.log"
@@ -180,7 +209,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> It
         _wait_until_up(url, proc, log)
         match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
         dashboard = f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
-        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file)
+        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file, store)
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:

@@ -48,6 +48,13 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
     # The Ingress's batches must hold the largest request.
     with pytest.raises(TransferDeskError, match=r"coalescing.max_texts \(64\) must hold the largest request"):
         serve_config(serve_args(str(version), "--limits.max_batch_texts", "100"))
+    # Capture's store: a database URL, checked before anything starts.
+    with pytest.raises(TransferDeskError, match="capture.store: Value error, store URL 'capture.db' is not"):
+        serve_config(serve_args(str(version), "--capture.store", "capture.db"))
+    relative = serve_config(serve_args(str(version), "--capture.store", "sqlite:///here/capture.db"))
+    assert (
+        relative["applications"][0]["args"]["capture"]["store"] == f"sqlite:///{Path.cwd()}/here/capture.db"
+    )
     big = serve_args(str(version), "--limits.max_batch_texts", "100", "--coalescing.max_texts", "128")
     assert serve_config(big)["applications"][0]["args"]["coalescing"] == {"max_texts": 128}
 
@@ -67,3 +74,27 @@ def test_served_versions_are_pinned(version: Path) -> None:
         ClassifierConfig(model=f"{model_dir}@canary")  # reconfigure() runs again on every restart
     with pytest.raises(TransferDeskError, match="no 'production' stage"):
         serve_config(serve_args(f"{model_dir}@production"))
+
+
+def test_a_retrained_version_goes_out_as_a_canary_or_in_shadow(version: Path) -> None:
+    from transferdesk.registry import Registry
+
+    model_dir = version.parent
+    Registry(model_dir.parent).promote(model_dir / "v2", "canary", "tester", "retrained on reviewed messages")
+
+    def rollout(*argv: str) -> dict:
+        config = serve_config(serve_args(str(version), *argv))
+        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+        assert classifier["user_config"]["max_batch_size"] == 16  # serve.yaml's batching kept
+        return classifier["user_config"]["rollout"]
+
+    # A stage is pinned to its version now: a replica restarted later must load the same one.
+    canary = rollout("--canary", f"{model_dir}@canary", "--share", "0.25")
+    assert canary == {"model": str((model_dir / "v2").resolve()), "mode": "canary", "share": 0.25}
+    assert rollout("--shadow", str(model_dir / "v2"))["mode"] == "shadow"
+    with pytest.raises(TransferDeskError, match="share: Input should be less than or equal to 1"):
+        rollout("--canary", f"{model_dir}@canary", "--share", "2")
+    with pytest.raises(TransferDeskError, match="not found"):
+        rollout("--canary", str(model_dir / "v9"))
+    with pytest.raises(SystemExit):  # one second version at a time
+        serve_args(str(version), "--canary", str(model_dir / "v2"), "--shadow", str(model_dir / "v2"))

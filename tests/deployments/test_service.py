@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import TOY_INTENTS
-from tests.deployments.conftest import KEYS, Service, write_policy
+from tests.deployments.conftest import KEYS, Service, ray_metrics, write_policy
 from transferdesk.config import ExportConfig
 from transferdesk.export import export_version
 from transferdesk.modeling import IntentModel
@@ -356,23 +356,6 @@ def test_rotated_keys_take_effect_without_a_restart(service: Service) -> None:
     assert status == 401  # revoked by removing it from the file
 
 
-def _ray_metrics(service: Service) -> list[tuple[str, dict[str, str], float]]:
-    """(name, labels, value) from every metrics endpoint of the service's Ray cluster."""
-    discovery = service.ray_tmp / "ray" / "session_latest" / "prom_metrics_service_discovery.json"
-    if not discovery.is_file():  # not written yet
-        return []
-    samples = []
-    for target in (t for group in json.loads(discovery.read_text()) for t in group["targets"]):
-        try:
-            text = httpx.get(f"http://{target}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            continue
-        for match in re.finditer(r"^(ray_transferdesk_\w+)\{(.*)\} (\S+)$", text, re.MULTILINE):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2)))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
-
-
 def test_request_and_batch_metrics_are_exported(service: Service) -> None:
     with service.client() as client:
         version = client.post("/v1/classify", json={"text": "where is my parcel"}).json()["model_version"]
@@ -385,7 +368,7 @@ def test_request_and_batch_metrics_are_exported(service: Service) -> None:
 
     def found() -> set[str]:
         hits = set()
-        for name, labels, value in _ray_metrics(service):
+        for name, labels, value in ray_metrics(service):
             if name in wanted and value > 0 and labels.items() >= wanted[name].items():
                 hits.add(name)
         return hits
@@ -418,7 +401,7 @@ def test_concurrent_requests_are_gathered_into_ingress_batches(service: Service)
         assert alternatives == [i % 3] * (1 + i % 3)  # its own top_k
 
     def gathered() -> bool:
-        samples = [(n, labels, v) for n, labels, v in _ray_metrics(service) if "ingress_batch" in n]
+        samples = [(n, labels, v) for n, labels, v in ray_metrics(service) if "ingress_batch" in n]
         count = sum(v for n, _, v in samples if n.endswith("_count"))
         alone = sum(v for n, labels, v in samples if n.endswith("_bucket") and labels.get("le") == "1.0")
         return count > alone  # a batch of more than one request

@@ -17,6 +17,7 @@ import yaml
 from deployments.cli import installed_command
 from deployments.config import FAST_PATH_ENV
 from tests.k8s.kuberay_schema import KubeRayValidator
+from transferdesk.review.store import STORE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -157,6 +158,19 @@ def test_serving_pods_run_serve_on_the_fast_data_path(rendered: dict, target: st
         for container in template["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert {k: env.get(k) for k in FAST_PATH_ENV} == FAST_PATH_ENV, name
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_capture_is_off_and_its_store_url_comes_from_a_secret(rendered: dict, target: str) -> None:
+    service = one(rendered[target], "RayService")
+    assert _applications(service)[0]["args"]["capture"]["enabled"] is False  # one switch, off
+    for name, template in _pod_templates(service):
+        for container in template["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            # optional: a cluster without capture (or before the Secret exists) still starts
+            assert env[STORE_ENV]["valueFrom"] == {
+                "secretKeyRef": {"name": "transferdesk-capture-store", "key": "url", "optional": True}
+            }, name
 
 
 def test_routing_policy_configmap_is_the_one_in_deployments(rendered: dict) -> None:

@@ -1,0 +1,149 @@
+"""What capture for review costs serving: p50 and throughput of POST /v1/route with
+`args.capture` off and on, in one run, arms alternating so that drift hits both alike.
+
+    python benchmarks/capture_cost.py --model registry/banking77-10shot/v1 \\
+        --data ../shared/data/banking77/test.csv
+
+Arms: off; on at sample_rate 1.0 (every message written: the worst case); on at the default
+sample_rate (hand-offs and 2% of the rest). Each arm is a fresh `serve run` of
+deployments/serve.yaml on the model's default runtime, into a SQLite store in a scratch
+directory, run --repeats times. Target (issue: the closed loop): p50 within 1 ms of off.
+Writes results/capture_cost.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from cpu_serving import routing_policy, run_levels
+from serve_load import serve_pids, start_serve, write_results
+
+HERE = Path(__file__).resolve().parent
+TARGET_P50_MS = 1.0
+
+
+def arms(store: str) -> dict[str, dict]:
+    return {
+        "off": {"capture.enabled": False},
+        "on, every message": {"capture.enabled": True, "capture.store": store, "capture.sample_rate": 1.0},
+        "on, default sample": {"capture.enabled": True, "capture.store": store},
+    }
+
+
+def run_arm(
+    model_dir: str, overrides: dict, args: argparse.Namespace, log: Path, texts: list[str]
+) -> list[dict]:
+    proc, _ = start_serve(model_dir, args.port, log, overrides)
+    try:
+        plan = [(c, 1) for c in args.concurrency]
+        return run_levels(f"http://127.0.0.1:{args.port}", texts, plan, args.seconds, serve_pids())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def summarise(runs: dict[str, list[list[dict]]]) -> list[dict]:
+    """Per arm and concurrency: the median over repeats of p50 and of messages/s."""
+    rows = []
+    for arm, repeats in runs.items():
+        for i, first in enumerate(repeats[0]):
+            levels = [repeat[i] for repeat in repeats]
+            rows.append(
+                {
+                    "arm": arm,
+                    "concurrency": first["concurrency"],
+                    "p50_ms": statistics.median(x["p50_ms"] for x in levels),
+                    "p99_ms": statistics.median(x["p99_ms"] for x in levels),
+                    "messages_per_s": statistics.median(x["messages_per_s"] for x in levels),
+                    "errors": sum(x["errors"] for x in levels),
+                    "repeats": len(levels),
+                }
+            )
+    return rows
+
+
+def markdown(r: dict) -> str:
+    off = {row["concurrency"]: row for row in r["rows"] if row["arm"] == "off"}
+    lines = [
+        "# Capture for review: its cost to serving",
+        "",
+        f"Measured on {r['machine']}: model `{r['model']}` on its default runtime, POST /v1/route, one "
+        f"message a request, {r['seconds']:g} s per level, median of {r['repeats']} runs per arm "
+        f"(arms alternating). Captured messages written: {r['captured']}.",
+        "",
+        "| capture | concurrency | p50 ms | Δ p50 vs off | p99 ms | messages/s | vs off | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        base = off[row["concurrency"]]
+        lines.append(
+            f"| {row['arm']} | {row['concurrency']} | {row['p50_ms']:.2f} | "
+            f"{row['p50_ms'] - base['p50_ms']:+.2f} | {row['p99_ms']:.1f} | {row['messages_per_s']:.0f} | "
+            f"{row['messages_per_s'] / base['messages_per_s'] - 1:+.1%} | {row['errors']} |"
+        )
+    worst = max(
+        row["p50_ms"] - off[row["concurrency"]]["p50_ms"] for row in r["rows"] if row["concurrency"] == 1
+    )
+    verdict = "met" if worst <= TARGET_P50_MS else "not met"
+    lines += [
+        "",
+        f"Target: p50 within {TARGET_P50_MS:g} ms of capture off at concurrency 1: **{verdict}** "
+        f"(worst arm {worst:+.2f} ms).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="registry version (an ONNX export makes it int8)")
+    parser.add_argument("--data", required=True, help="file of messages to send (a text column)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--seconds", type=float, default=15, help="per level")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm")
+    parser.add_argument("--port", type=int, default=8125)
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+
+    from transferdesk.data import read_dataset
+    from transferdesk.registry import open_version
+    from transferdesk.review.store import Store
+
+    version = open_version(args.model)
+    model_dir = str(version.path.resolve())
+    texts = list(read_dataset(args.data, "text", "label")[0].texts)
+    scratch = Path(tempfile.mkdtemp(prefix="capture-cost-"))
+    store = f"sqlite:///{scratch / 'capture.db'}"
+    policy = str(routing_policy(version.labels, scratch / "policy.yaml"))
+    runs: dict[str, list[list[dict]]] = {}
+    for repeat in range(args.repeats):
+        for arm, overrides in arms(store).items():
+            print(f"== {arm} (run {repeat + 1})", flush=True)
+            log = scratch / f"serve-{len(runs.get(arm, []))}-{arm.split(',')[0]}.log"
+            levels = run_arm(model_dir, {**overrides, "routing_policy": policy}, args, log, texts)
+            runs.setdefault(arm, []).append(levels)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "model": version.spec,
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "captured": Store(store).tally().captured,
+        "rows": summarise(runs),
+        "runs": runs,
+    }
+    write_results(args.results, "capture_cost", "", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Capture of live messages for review (`args.capture`): every message handed to a human
+agent, and a random sample of the rest, with the model version, its ranked intents, the
+routing decision, a timestamp and the request id.
+
+A request only appends to a bounded in-memory queue; a writer thread redacts personal data
+and stores the queue in batches. So capturing adds no store round trip to a request and can
+never fail one: a full queue or a failed write loses messages, and the loss is counted (the
+metric `transferdesk_capture_messages{outcome=...}` and /readyz), never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from deployments.config import CaptureSettings
+from transferdesk.errors import TransferDeskError
+from transferdesk.prediction import Prediction
+from transferdesk.review.redaction import Redactor
+from transferdesk.review.store import Capture, Store, describe
+
+log = logging.getLogger("ray.serve")
+RANKED = 5  # intents kept per message: what a reviewer picks from
+State = Literal["starting", "ok", "degraded"]
+
+
+@dataclass(frozen=True)
+class Offered:
+    """A message as the request path leaves it: nothing computed, nothing redacted yet."""
+
+    request_id: str
+    at: float
+    version: str
+    text: str
+    prediction: Prediction
+    reason: str
+    destination: str | None
+
+
+class CaptureWriter:
+    """The bounded queue and the thread that drains it into the store."""
+
+    def __init__(self, settings: CaptureSettings, url: str) -> None:
+        from ray.serve.metrics import Counter as Metric
+        from ray.serve.metrics import Gauge
+
+        self.settings, self.url = settings, url
+        self.redactor = Redactor(settings.redaction)
+        self.queue: deque[Offered] = deque()
+        self.written, self.lost = 0, Counter[str]()
+        self.state: State = "starting"
+        self.error: str | None = None
+        self.messages = Metric(
+            "transferdesk_capture_messages",
+            description="Messages offered to the review capture, by outcome: written, or lost "
+            "(queue_full, store_error).",
+            tag_keys=("outcome",),
+        )
+        self.up = Gauge("transferdesk_capture_up", description="1 while the capture store takes writes.")
+        self.wake, self.stopping = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        self.thread.start()
+
+    def offer(
+        self,
+        request_id: str,
+        versions: str,
+        texts: list[str],
+        predictions: list[Prediction],
+        decisions: list[dict] | None,
+    ) -> None:
+        """From the request path: picks what to keep and queues it, in microseconds."""
+        now, rate = time.time(), self.settings.sample_rate
+        for i, (text, prediction) in enumerate(zip(texts, predictions, strict=True)):
+            decision = decisions[i] if decisions is not None else None
+            if decision is not None:
+                reason = decision["reason"] if decision["handoff"] else None
+            else:  # /v1/classify: no policy, so only the model's own out-of-scope verdict
+                reason = "out_of_scope" if prediction.out_of_scope else None
+            if reason is None:
+                if random.random() >= rate:
+                    continue
+                reason = "sample"
+            if len(self.queue) >= self.settings.max_pending:
+                self._lose("queue_full")
+                continue
+            destination = decision["destination"] if decision is not None else None
+            self.queue.append(Offered(request_id, now, versions, text, prediction, reason, destination))
+        if len(self.queue) >= self.settings.batch_size:
+            self.wake.set()
+
+    def status(self) -> dict:
+        return {
+            "state": self.state,
+            "store": describe(self.url),
+            "written": self.written,
+            "lost": sum(self.lost.values()),
+            "pending": len(self.queue),
+            "error": self.error,
+        }
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Writes what is queued (within the time given) and stops the thread."""
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout_s)
+
+    def _lose(self, why: str, n: int = 1) -> None:
+        self.lost[why] += n
+        self.messages.inc(n, tags={"outcome": why})
+
+    def _set_state(self, state: State, error: str | None = None) -> None:
+        if state != self.state:
+            (log.info if state == "ok" else log.error)(
+                "capture store %s: %s", state, error or describe(self.url)
+            )
+        self.state, self.error = state, error
+        self.up.set(1 if state == "ok" else 0)
+
+    def _run(self) -> None:
+        store: Store | None = None
+        migrated = False
+        while True:
+            self.wake.wait(self.settings.flush_interval_s)
+            self.wake.clear()
+            stopping = self.stopping.is_set()
+            try:
+                store = store or Store(self.url)
+                if not migrated:  # until the store is reached, messages wait (up to max_pending)
+                    store.migrate()  # the first replica creates the tables; the others wait
+                    migrated = True
+                    self._set_state("ok")
+                while self.queue:
+                    self._write(store)
+            except TransferDeskError as err:
+                self._set_state("degraded", str(err))
+            except Exception as err:  # never let the thread die: capture would stop for good
+                log.exception("capture writer")
+                self._set_state("degraded", f"{type(err).__name__}: {err}")
+            if stopping:
+                return
+
+    def _write(self, store: Store) -> None:
+        batch = [self.queue.popleft() for _ in range(min(self.settings.batch_size, len(self.queue)))]
+        captures = [self._redacted(item) for item in batch]
+        try:
+            store.add(captures)
+        except TransferDeskError:
+            self._lose("store_error", len(batch))
+            raise
+        self.written += len(batch)
+        self.messages.inc(len(batch), tags={"outcome": "written"})
+        self._set_state("ok")
+
+    def _redacted(self, item: Offered) -> Capture:
+        text, found = self.redactor.redact_counts(item.text)
+        return Capture(
+            request_id=item.request_id,
+            captured_at=datetime.fromtimestamp(item.at, UTC),
+            model_version=item.version,
+            text=text,
+            ranked=item.prediction.ranked[:RANKED],
+            out_of_scope=item.prediction.out_of_scope,
+            reason=item.reason,
+            destination=item.destination,
+            redactions=sum(found.values()),
+        )

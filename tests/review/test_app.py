@@ -1,0 +1,246 @@
+"""The review page, as a reviewer uses it: `transferdesk review` started as its own process,
+over real HTTP, driven in a real headless Chromium (Debian's, by Playwright), and its export."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deployments.conftest import free_port
+from transferdesk.review.store import Capture, Store
+
+CHROMIUM = Path("/usr/bin/chromium")
+KEYS = {"ana": "ana-review-key-0123456789", "ben": "ben-review-key-0123456789"}
+# Where the README's screenshot comes from: TRANSFERDESK_SCREENSHOTS=docs make test.
+SCREENSHOTS = os.environ.get("TRANSFERDESK_SCREENSHOTS")
+# (text, ranked intents): the queue shows them least certain (smallest margin) first.
+MESSAGES = [
+    (
+        "my card payment was declined twice at the checkout",
+        [("payment_failed", 0.41), ("card_declined", 0.39)],
+    ),
+    (
+        "I was charged for [NUMBER] but never got the item",
+        [("refund_status", 0.45), ("payment_failed", 0.40)],
+    ),
+    ("where is my parcel, it was due on monday", [("track_order", 0.52), ("delivery_delay", 0.43)]),
+    (
+        "can I change the delivery address of order ORD-20240501",
+        [("track_order", 0.50), ("change_address", 0.35)],
+    ),
+    ("what's the weather like in Lisbon", [("track_order", 0.31), ("refund_status", 0.12)]),
+    ("please reset my password", [("reset_password", 0.97), ("account_locked", 0.01)]),
+]
+
+
+@dataclass
+class ReviewPage:
+    url: str
+    store: Store
+    store_url: str
+    log: Path
+
+
+@pytest.fixture
+def review_page(tmp_path: Path) -> Iterator[ReviewPage]:
+    store_url = f"sqlite:///{tmp_path / 'capture.db'}"
+    store = Store(store_url)
+    store.migrate()
+    t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    store.add(
+        [
+            Capture(
+                f"req-{i}",
+                t0 + timedelta(minutes=i),
+                "registry/northwind/v3",
+                text,
+                ranked,
+                i == 4,
+                "out_of_scope" if i == 4 else ("low_confidence" if i < 4 else "sample"),
+                "human-agents",
+            )
+            for i, (text, ranked) in enumerate(MESSAGES)
+        ]
+    )
+    port = free_port()
+    env = {**os.environ, "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items())}
+    log = tmp_path / "review.log"
+    command = [sys.executable, "-m", "transferdesk.cli", "review", "--store", store_url, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"transferdesk review did not start:\n{log.read_text()}")
+        time.sleep(0.3)
+    try:
+        yield ReviewPage(url, store, store_url, log)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _login(page: ReviewPage, key: str) -> httpx.Client:
+    client = httpx.Client(base_url=page.url, timeout=10)
+    client.post("/login", data={"key": key})
+    return client
+
+
+def test_without_or_with_a_wrong_key_nothing_is_shown_or_recorded(review_page: ReviewPage) -> None:
+    anonymous = httpx.Client(base_url=review_page.url, timeout=10)
+    first = review_page.store.pending()[0]
+    assert anonymous.get("/").status_code == 401
+    assert "Sign in" in anonymous.get("/").text and first.text not in anonymous.get("/").text
+    assert anonymous.get("/api/messages").status_code == 401
+    wrong = {"Authorization": "Bearer not-a-review-key-000000"}
+    assert (
+        anonymous.post(
+            f"/api/messages/{first.id}/review", json={"action": "confirm"}, headers=wrong
+        ).status_code
+        == 401
+    )
+    refused = anonymous.post("/login", data={"key": "not-a-review-key-000000"})
+    assert refused.status_code == 401 and "not valid" in refused.text
+    assert review_page.store.latest_reviews() == []
+    signed_in = _login(review_page, KEYS["ana"])
+    assert signed_in.get("/").status_code == 200 and first.text in signed_in.get("/").text
+
+
+def test_two_reviewers_on_one_message_are_both_kept_and_the_last_wins(review_page: ReviewPage) -> None:
+    first = review_page.store.pending()[0]
+    for name, body in (("ana", {"action": "confirm"}), ("ben", {"action": "out_of_scope"})):
+        answer = httpx.post(
+            f"{review_page.url}/api/messages/{first.id}/review",
+            json=body,
+            headers={"Authorization": f"Bearer {KEYS[name]}"},
+        )
+        assert answer.status_code == 200, answer.text
+    history = review_page.store.message(first.id).reviews
+    assert [(r.reviewer, r.action) for r in history] == [("ana", "confirm"), ("ben", "out_of_scope")]
+    assert [r.action for _, r in review_page.store.latest_reviews()] == ["out_of_scope"]
+
+
+def test_a_label_the_model_does_not_know_needs_confirming(review_page: ReviewPage) -> None:
+    first = review_page.store.pending()[0]
+    post = lambda body: httpx.post(  # noqa: E731
+        f"{review_page.url}/api/messages/{first.id}/review",
+        json=body,
+        headers={"Authorization": f"Bearer {KEYS['ana']}"},
+    )
+    refused = post({"action": "correct", "label": "gift_cards"})
+    assert (
+        refused.status_code == 409 and "not an intent the model knows" in refused.json()["error"]["message"]
+    )
+    assert review_page.store.latest_reviews() == []
+    assert post({"action": "correct", "label": "gift_cards", "new_intent": True}).status_code == 200
+    assert "gift_cards" in review_page.store.new_intents()
+    assert post({"action": "correct", "label": "gift_cards"}).status_code == 200  # known now
+    assert post({"action": "dance"}).status_code == 422
+    missing = httpx.post(
+        f"{review_page.url}/api/messages/999/review",
+        json={"action": "skip"},
+        headers={"Authorization": f"Bearer {KEYS['ana']}"},
+    )
+    assert missing.status_code == 404
+
+
+def _export(page: ReviewPage, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferdesk.cli",
+            "review",
+            "export",
+            "--store",
+            page.store_url,
+            "--out",
+            str(tmp_path / "reviewed.csv"),
+            "--pool",
+            str(tmp_path / "pool.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_an_export_with_nothing_reviewed_says_so(review_page: ReviewPage, tmp_path: Path) -> None:
+    done = _export(review_page, tmp_path)
+    assert done.returncode != 0 and "nothing reviewed yet" in done.stderr
+    assert not (tmp_path / "reviewed.csv").exists()
+
+
+def test_a_reviewer_labels_by_keyboard_in_a_real_browser_and_exports(
+    review_page: ReviewPage, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail("no Chromium: apt-get install chromium (make test installs it)")
+    shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
+    queue = [m.text for m in review_page.store.pending()]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 820})
+        assert page.goto(review_page.url).status == 401
+        page.fill("#key", KEYS["ana"])
+        with page.expect_navigation():
+            page.click("button[type=submit]")
+        assert page.inner_text("#reviewer") == "ana"
+
+        def press(*keys: str) -> None:
+            with page.expect_navigation():  # the page reloads with the next message on top
+                for key in keys:
+                    page.keyboard.press(key)
+
+        press("1")  # confirms the model: payment_failed
+        press("1")  # refund_status
+        press("2")  # the second suggestion: delivery_delay
+        page.screenshot(path=str(shots / "review-page.png"))
+        page.keyboard.press("c")  # correct the next, searching the intent list
+        page.keyboard.type("change_address")
+        press("Enter")
+        press("o")  # the weather question: out of scope
+        assert "ana" in page.inner_text("#history")
+        browser.close()
+    done = _export(review_page, tmp_path)
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "reviewed.csv", newline="", encoding="utf-8") as f:
+        exported = {row["text"]: row["label"] for row in csv.DictReader(f)}
+    assert exported == {
+        queue[0]: "payment_failed",
+        queue[1]: "refund_status",
+        queue[2]: "delivery_delay",
+        queue[3]: "change_address",
+        queue[4]: "oos",
+    }
+    with open(tmp_path / "pool.csv", newline="", encoding="utf-8") as f:
+        assert [row["text"] for row in csv.DictReader(f)] == [queue[5]]
+    assert {r.reviewer for _, r in review_page.store.latest_reviews()} == {"ana"}

@@ -1,0 +1,1 @@
+"""The review loop: capture of live messages, their store, redaction and the review page."""

@@ -1,0 +1,170 @@
+"""The review page (`transferdesk review`): captured messages, the least certain first, each
+confirmed, corrected, marked out-of-scope or skipped by a reviewer, from the keyboard.
+
+Its own process with its own keys (reviewers' names and keys: $TRANSFERDESK_REVIEW_KEYS or
+the file named by $TRANSFERDESK_REVIEW_KEYS_FILE), never part of the serving Ingress.
+Server-rendered (Jinja2) with a little plain JavaScript for the keys; no build step.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
+
+from transferdesk.config import ReviewConfig
+from transferdesk.errors import TransferDeskError
+from transferdesk.review.store import STORE_ENV, Store
+
+KEYS_ENV = "TRANSFERDESK_REVIEW_KEYS"  # name:key,name:key
+KEYS_FILE_ENV = "TRANSFERDESK_REVIEW_KEYS_FILE"  # YAML: {name: key, ...} (a mounted Secret)
+MIN_KEY_CHARS = 16
+COOKIE = "transferdesk_review"
+TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
+
+
+def review_keys() -> dict[str, str]:
+    """{key: reviewer} from the environment and the key file; each key MIN_KEY_CHARS long at
+    least, each reviewer named (the name is what the history shows)."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (x.strip() for x in os.environ.get(KEYS_ENV, "").split(","))):
+        name, sep, key = item.partition(":")
+        if not sep:
+            raise TransferDeskError(f"{KEYS_ENV}: expected name:key pairs, comma-separated")
+        pairs.append((name.strip(), key.strip()))
+    if path := os.environ.get(KEYS_FILE_ENV):
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise TransferDeskError(f"{KEYS_FILE_ENV}={path}: cannot read it ({err})") from None
+        if not isinstance(loaded, dict):
+            raise TransferDeskError(f"{KEYS_FILE_ENV}={path}: expected a mapping of reviewer: key")
+        pairs += [(str(name), str(key)) for name, key in loaded.items()]
+    if not pairs:
+        raise TransferDeskError(
+            f"no review keys: set {KEYS_ENV}=name:key[,name:key…] or point {KEYS_FILE_ENV} at a YAML "
+            "file of reviewer: key (make keys with `openssl rand -hex 24`)"
+        )
+    if bad := [name for name, key in pairs if not name or len(key) < MIN_KEY_CHARS]:
+        raise TransferDeskError(
+            f"review keys of {', '.join(bad) or 'an unnamed reviewer'}: every key needs a reviewer name "
+            f"and {MIN_KEY_CHARS} characters at least"
+        )
+    return {key: name for name, key in pairs}
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["confirm", "correct", "out_of_scope", "skip"]
+    label: str | None = Field(None, max_length=200, description="The right intent, for `correct`.")
+    new_intent: bool = Field(False, description="Accept a label the model does not know as a new intent.")
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
+    """The review app over the configured store (migrated on start)."""
+    store = Store(os.environ.get(STORE_ENV) or cfg.store)
+    store.migrate()
+    model_labels: list[str] = []
+    if cfg.model:
+        from transferdesk.registry import open_version
+
+        model_labels = open_version(cfg.model).labels
+    app = FastAPI(title="TransferDesk review", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def reviewer(request: Request) -> str | None:
+        """The reviewer whose key the request carries (cookie or bearer header), else None;
+        every key is compared, in constant time."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
+        found = None
+        for key, name in keys.items():
+            if hmac.compare_digest(given.encode(), key.encode()):
+                found = name
+        return found
+
+    def intents() -> list[str]:
+        return sorted(set(model_labels or store.seen_intents()) | set(store.new_intents()))
+
+    def login_page(request: Request, status: int, error: str | None = None) -> HTMLResponse:
+        return TEMPLATES.TemplateResponse(request, "login.html", {"error": error}, status_code=status)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> HTMLResponse:
+        return login_page(request, 200)
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        key = parse_qs((await request.body()).decode(errors="replace")).get("key", [""])[0].strip()
+        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+            return login_page(request, 401, "That review key is not valid.")
+        page = RedirectResponse("/", status_code=303)
+        # HttpOnly: no script reads it; SameSite=Strict: no other site's form can post with it.
+        page.set_cookie(COOKIE, key, httponly=True, samesite="strict")
+        return page
+
+    @app.post("/logout")
+    def logout() -> Response:
+        page = RedirectResponse("/login", status_code=303)
+        page.delete_cookie(COOKIE)
+        return page
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(request: Request) -> HTMLResponse:
+        name = reviewer(request)
+        if name is None:
+            return login_page(request, 401, "Sign in with your review key." if request.cookies else None)
+        context = {
+            "reviewer": name,
+            "queue": store.pending(cfg.queue_size),
+            "tally": store.tally(),
+            "history": store.history(limit=15),
+            "intents": intents(),
+            "store": store.where,
+        }
+        return TEMPLATES.TemplateResponse(request, "review.html", context)
+
+    @app.get("/api/messages")
+    def pending(request: Request, limit: int = 50) -> Any:
+        if reviewer(request) is None:
+            return _error(401, "unauthorized", "missing or invalid review key")
+        return [asdict(m) for m in store.pending(min(max(limit, 1), 500))]
+
+    @app.post("/api/messages/{message_id}/review")
+    def review(message_id: int, body: ReviewRequest, request: Request) -> Any:
+        name = reviewer(request)
+        if name is None:
+            return _error(401, "unauthorized", "missing or invalid review key")
+        label = (body.label or "").strip() or None
+        if body.action == "correct" and label is not None and label not in intents() and not body.new_intent:
+            return _error(
+                409,
+                "unknown_intent",
+                f"'{label}' is not an intent the model knows; confirm to add it as a new intent "
+                "(the next retrain learns it; give it a route in the routing policy)",
+            )
+        try:
+            done = store.review(message_id, name, body.action, label, body.new_intent)
+        except TransferDeskError as err:
+            status = 404 if "no captured message" in str(err) else 422
+            return _error(status, "not_found" if status == 404 else "invalid_review", str(err))
+        return asdict(done)
+
+    return app

@@ -1,0 +1,58 @@
+"""`transferdesk review export`: the reviewed messages as a labelled training file (for
+`data.extra_train`), and the unreviewed ones as an unlabelled pool (for `data.unlabelled`)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferdesk.errors import TransferDeskError
+from transferdesk.review.store import Store
+
+
+@dataclass(frozen=True)
+class Exported:
+    labelled: int
+    out_of_scope: int
+    new_intents: list[str]
+    pool: int
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    partial.replace(path)  # a reader never sees half a file
+
+
+def export_reviews(store: Store, out: Path, pool: Path | None = None, oos_label: str = "oos") -> Exported:
+    """Each reviewed message with its latest label (confirmed, corrected, or `oos_label`);
+    skipped and unreviewed messages go to the pool. Refuses when nothing is reviewed yet."""
+    rows, new_intents = [], set()
+    for message, review in store.latest_reviews():
+        if review.action == "skip":
+            continue
+        label = oos_label if review.action == "out_of_scope" else review.label
+        rows.append([message.text, label])
+        if review.new_intent:
+            new_intents.add(label)
+    if not rows:
+        raise TransferDeskError(
+            f"nothing reviewed yet in {store.where}: review messages first (transferdesk review), then export"
+        )
+    _write(out, ["text", "label"], rows)
+    texts = []
+    if pool is not None:
+        skipped = [m.text for m, r in store.latest_reviews() if r.action == "skip"]
+        texts = store.unreviewed_texts() + skipped
+        _write(pool, ["text"], [[t] for t in texts])
+    return Exported(
+        labelled=len(rows),
+        out_of_scope=sum(label == oos_label for _, label in rows),
+        new_intents=sorted(new_intents),
+        pool=len(texts),
+    )
