@@ -33,7 +33,6 @@ import random
 import statistics
 import sys
 import time
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,35 +136,14 @@ def round0_model(args: argparse.Namespace, seed: int, registry: Path) -> tuple[P
     return version.path, {"retrain_seconds": wall}
 
 
-def singleton_intents(rows: list[tuple[str, str]]) -> int:
-    return sum(n < 2 for n in Counter(label for _, label in rows).values())
-
-
-def feed(args: argparse.Namespace, reviewed: Path, rows: list[tuple[str, str]]) -> tuple[dict, str]:
-    """How the reviewed rows reach training. data.extra_train checks each file like a training
-    file, and (as of writing) refuses one where an intent has a single row, which a few hundred
-    reviews over 77 intents nearly always has; one training file of train_10.csv followed by the
-    reviewed rows is the same data in the same order (no few-shot sample, a separate valid file)."""
-    mode = args.feed
-    if mode == "auto":
-        mode = "merged" if singleton_intents(rows) else "extra_train"
-    if mode == "extra_train":
-        return {"data.extra_train": [str(reviewed)]}, mode
-    merged = reviewed.with_name(reviewed.stem + "+train_10.csv")
-    write_rows(merged, read_rows(args.data_dir / "banking77/train_10.csv") + rows)
-    return {"data.train": str(merged)}, mode
-
-
 def retrain(
     args: argparse.Namespace, seed: int, name: str, registry: Path, round0: Path, reviewed: Path
-) -> tuple[Any, float, str]:
-    rows = read_rows(reviewed)
+) -> tuple[Any, float]:
     overrides = {**base_overrides(args, seed, registry), "name": name}
     if args.retrain == "warm":
         overrides |= {"model.backbone": str(round0), "training.epochs": args.retrain_epochs}
-    extra, mode = feed(args, reviewed, rows)
-    version, wall = train(overrides | extra)
-    return version, wall, mode
+    version, wall = train(overrides | {"data.extra_train": [str(reviewed)]})
+    return version, wall
 
 
 # -- one review round ---------------------------------------------------------------------------
@@ -333,9 +311,7 @@ def run_arm(
         so_far = arm_dir / f"reviewed-upto-r{rnd}.csv"  # each round's training file, kept
         write_rows(so_far, rows)
         name = f"loop-s{seed}-{arm}-r{rnd}"
-        version, wall, mode = retrain(
-            args, seed, name, args.work_dir / "registry", Path(round0["model"]), so_far
-        )
+        version, wall = retrain(args, seed, name, args.work_dir / "registry", Path(round0["model"]), so_far)
         record = version_record(
             seed,
             arm,
@@ -346,14 +322,13 @@ def run_arm(
                 **review,
                 "reviewed_file": str(exported),
                 "train_file": str(so_far),
-                "feed": mode,
                 "retrain_seconds": wall,
             },
         )
         progress.put(record)
         say(
             f"seed {seed} {arm} round {rnd}: test accuracy {record['test_accuracy']:.2%} with "
-            f"{record['labels']} labels (retrain {wall:.0f} s, fed as {mode})"
+            f"{record['labels']} labels (retrain {wall:.0f} s)"
         )
         model_path = version.path
 
@@ -449,12 +424,6 @@ def markdown(runs: dict, summary: dict, settings: dict, seeds: list[int], rounds
     dropped = round0[0].get("live_dropped_as_eval_texts") if round0 else "?"
     short = f" for at most {settings['round0_epochs']} epoch(s)" if settings["round0_epochs"] else ""
     sample = f" (a seeded sample: --max-live {settings['max_live']})" if settings["max_live"] else ""
-    why = (
-        " (one training file of train_10.csv then the reviewed rows: the same rows in the same order as "
-        "data.extra_train, which refuses a file where an intent has a single row)"
-    )
-    feeds = sorted({x.get("feed", "?") for arm in ARMS for recs in table[arm][1:] for x in recs})
-    why = why if "merged" in feeds else ""
     lines = [
         f"Simulated review loop on BANKING77, measured on {machine}. Seeds {', '.join(map(str, seeds))}; "
         "test accuracy on banking77/test.csv (3,080 rows), each version's own metrics.json; mean ± sd "
@@ -470,8 +439,8 @@ def markdown(runs: dict, summary: dict, settings: dict, seeds: list[int], rounds
         "writes them out. Uncertainty: the review page's first messages (smallest top-1 − top-2 margin); "
         "random: a seeded uniform sample of the unreviewed messages.",
         f"- Retrain after each round on train_10.csv + every message reviewed so far: {retrain}; "
-        "early stopping and the out-of-scope threshold on valid.csv. "
-        f"Reviewed rows fed as: {', '.join(feeds)}{why}.",
+        "early stopping and the out-of-scope threshold on valid.csv; the reviewed rows reach training "
+        "as serving's would, through `data.extra_train`.",
         "",
         "| round | labels | uncertainty | random | uncertainty − random (points) |",
         "| --- | --- | --- | --- | --- |",
@@ -605,12 +574,6 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=4, help="epochs of a warm retrain [4]")
     parser.add_argument("--max-live", type=int, help="use a seeded sample of this many live texts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads [2]")
-    parser.add_argument(
-        "--feed",
-        choices=["auto", "extra_train", "merged"],
-        default="auto",
-        help="how reviewed rows reach training; auto: data.extra_train unless an intent has one row",
-    )
     parser.add_argument("--work-dir", type=Path, default=HERE / "work" / "review_loop")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "review_loop", help="path stem")
     parser.add_argument("--round0-epochs", type=int, help=argparse.SUPPRESS)  # smoke tests: shorter round 0

@@ -9,7 +9,7 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -311,6 +311,7 @@ class Job:
 class Answer:
     versions: str  # the model version(s) that answered, comma-separated
     predictions: list[Prediction]
+    answered_by: list[str] = field(default_factory=list)  # each text's version (a canary: two)
     decisions: list[dict] | None = None
     error: Exception | None = None  # a classifier call that failed this request's texts
 
@@ -520,7 +521,7 @@ class Ingress:
         request.state.model = answer.versions
         if self.capture is not None:
             self.capture.offer(
-                _request_id(request), answer.versions, texts, answer.predictions, answer.decisions
+                _request_id(request), answer.answered_by, texts, answer.predictions, answer.decisions
             )
         if self.settings.log_texts:
             log.info("texts: %s", texts)
@@ -572,8 +573,8 @@ class Ingress:
                 answers.append(Answer("", [], error=failed))
                 continue
             # A request's texts may be scored by two versions mid-way through a switch.
-            versions = ",".join(sorted({version for version, _ in mine}))
-            answers.append(Answer(versions, [prediction for _, prediction in mine]))
+            by = [version for version, _ in mine]
+            answers.append(Answer(",".join(sorted(set(by))), [prediction for _, prediction in mine], by))
         routed = [
             (answer, job.top_k)
             for answer, job in zip(answers, jobs, strict=True)

@@ -28,6 +28,8 @@ from transferdesk.review.store import Capture, Store, describe
 log = logging.getLogger("ray.serve")
 RANKED = 5  # intents kept per message: what a reviewer picks from
 State = Literal["starting", "ok", "degraded"]
+# Why messages are lost: the queue was full, a write failed, or capture itself failed on them.
+LOSSES = ("queue_full", "store_error", "capture_error")
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,15 @@ class CaptureWriter:
         self.settings, self.url = settings, url
         self.redactor = Redactor(settings.redaction)
         self.queue: deque[Offered] = deque()
-        self.written, self.lost = 0, Counter[str]()
+        # Every key from the start: /readyz sums the values on the event loop while the writer
+        # thread counts, and a key added meanwhile would change the dict's size under it.
+        self.written, self.lost = 0, Counter(dict.fromkeys(LOSSES, 0))
         self.state: State = "starting"
         self.error: str | None = None
         self.messages = Metric(
             "transferdesk_capture_messages",
             description="Messages offered to the review capture, by outcome: written, or lost "
-            "(queue_full, store_error).",
+            "(queue_full, store_error, capture_error).",
             tag_keys=("outcome",),
         )
         self.up = Gauge("transferdesk_capture_up", description="1 while the capture store takes writes.")
@@ -70,14 +74,30 @@ class CaptureWriter:
     def offer(
         self,
         request_id: str,
-        versions: str,
+        versions: list[str],
         texts: list[str],
         predictions: list[Prediction],
         decisions: list[dict] | None,
     ) -> None:
-        """From the request path: picks what to keep and queues it, in microseconds."""
+        """From the request path: picks what to keep and queues it, in microseconds; never
+        raises (a request must not fail for its capture)."""
+        try:
+            self._offer(request_id, versions, texts, predictions, decisions)
+        except Exception:
+            log.exception("capture failed on a request's messages")
+            self._lose("capture_error", len(texts))
+
+    def _offer(
+        self,
+        request_id: str,
+        versions: list[str],
+        texts: list[str],
+        predictions: list[Prediction],
+        decisions: list[dict] | None,
+    ) -> None:
         now, rate = time.time(), self.settings.sample_rate
-        for i, (text, prediction) in enumerate(zip(texts, predictions, strict=True)):
+        pairs = zip(texts, predictions, versions, strict=True)
+        for i, (text, prediction, version) in enumerate(pairs):
             decision = decisions[i] if decisions is not None else None
             if decision is not None:
                 reason = decision["reason"] if decision["handoff"] else None
@@ -91,7 +111,7 @@ class CaptureWriter:
                 self._lose("queue_full")
                 continue
             destination = decision["destination"] if decision is not None else None
-            self.queue.append(Offered(request_id, now, versions, text, prediction, reason, destination))
+            self.queue.append(Offered(request_id, now, version, text, prediction, reason, destination))
         if len(self.queue) >= self.settings.batch_size:
             self.wake.set()
 
@@ -141,14 +161,19 @@ class CaptureWriter:
             except TransferDeskError as err:
                 self._set_state("degraded", str(err))
             except Exception as err:  # never let the thread die: capture would stop for good
-                log.exception("capture writer")
-                self._set_state("degraded", f"{type(err).__name__}: {err}")
+                self._set_state("degraded", f"{type(err).__name__}: {err}")  # logged once, on change
             if stopping:
+                if store is not None:
+                    store.close()
                 return
 
     def _write(self, store: Store) -> None:
         batch = [self.queue.popleft() for _ in range(min(self.settings.batch_size, len(self.queue)))]
-        captures = [self._redacted(item) for item in batch]
+        try:
+            captures = [self._redacted(item) for item in batch]
+        except Exception:
+            self._lose("capture_error", len(batch))
+            raise
         try:
             store.add(captures)
         except TransferDeskError:

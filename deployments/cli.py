@@ -55,20 +55,25 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     rollout = parser.add_argument_group(
         "rollout",
-        "A second version beside MODEL (the Classifier's user_config `rollout`): a retrained model "
-        "(registry/<name>@canary, pinned to its version now) answers a share of the calls, or "
-        "scores every call in shadow; compare in GET /v1/model, then promote it or roll back.",
+        "The Classifier's user_config, which a running service applies in place (--deploy): a "
+        "second version beside MODEL (`rollout`: a retrained model, say registry/<name>@canary, "
+        "pinned to its version now, answers a share of the calls, or scores every call in "
+        "shadow; compare in GET /v1/model), or the version served (`model`: promote).",
     )
     second = rollout.add_mutually_exclusive_group()
     second.add_argument("--canary", metavar="VERSION", help="serve this version to --share of the calls")
     second.add_argument("--shadow", metavar="VERSION", help="score every call with it too; answer with MODEL")
     rollout.add_argument("--share", type=float, default=0.1, help="canary share [default: %(default)s]")
+    rollout.add_argument(
+        "--switch", metavar="VERSION", help="serve this version instead of MODEL's, in place (promote)"
+    )
     parser.add_argument(
         "--deploy",
         metavar="ADDRESS",
         help="`serve deploy` to the running cluster whose dashboard is at ADDRESS (e.g. "
-        "http://127.0.0.1:8265) instead of starting one: a rollout or a model switch applied in "
-        "place, without a restart",
+        "http://127.0.0.1:8265) instead of starting one. Give MODEL and the options the service "
+        "runs with: then only the Classifier's user_config differs (rollout, switch), which the "
+        "replicas apply in place; any other difference redeploys the application (new replicas)",
     )
     # The application's args (serve.yaml's `args:`), e.g. --top_k 5 or --limits.max_text_chars 500.
     add_config_flags(parser, ServeArgs, aliases={"routing_policy": ("--policy", "FILE")})
@@ -94,10 +99,12 @@ def serve_config(args: argparse.Namespace) -> dict:
     for deployment in app.get("deployments", []):
         if deployment["name"] != "Classifier":
             continue
+        user_config = deployment.setdefault("user_config", {})
         if args.canary or args.shadow:
             mode, spec = ("canary", args.canary) if args.canary else ("shadow", args.shadow)
-            rollout = {"model": str(resolve_version_dir(spec).resolve()), "mode": mode, "share": args.share}
-            deployment["user_config"] = {**deployment.get("user_config", {}), "rollout": rollout}
+            user_config["rollout"] = {"model": exact(spec), "mode": mode, "share": args.share}
+        if args.switch:
+            user_config["model"] = exact(args.switch)
         if "user_config" in deployment:
             checked = build_config(
                 deployment["user_config"], f"{args.config} (Classifier user_config)", ClassifierConfig
@@ -120,6 +127,12 @@ def pinned(spec: str) -> str:
     return str(version)
 
 
+def exact(spec: str) -> str:
+    """The exact version a stage or directory names now: a user_config is applied again on
+    every replica restart, and must load the same version then."""
+    return str(resolve_version_dir(spec).resolve())
+
+
 def deploy(config: dict, address: str, env: dict[str, str]) -> None:
     """`serve deploy` the config to a running cluster: Serve applies a changed user_config
     (a rollout, a model switch) to the running replicas in place."""
@@ -128,19 +141,20 @@ def deploy(config: dict, address: str, env: dict[str, str]) -> None:
         raise TransferDeskError(
             "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"
         )
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-deploy-", delete=False) as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-deploy-") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    done = subprocess.run([serve, "deploy", f.name, "--address", address], env=env)
+        f.flush()
+        done = subprocess.run([serve, "deploy", f.name, "--address", address], env=env)
     if done.returncode != 0:
-        raise TransferDeskError(
-            f"serve deploy to {address} failed (exit code {done.returncode}); config: {f.name}"
-        )
+        raise TransferDeskError(f"serve deploy to {address} failed (exit code {done.returncode})")
     classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    rollout = classifier.get("user_config", {}).get("rollout")
+    user_config = classifier.get("user_config", {})
+    rollout = user_config.get("rollout")
+    served = user_config.get("model") or config["applications"][0]["args"]["model"]
     what = f"{rollout['mode']} {rollout['model']}" if rollout else "no rollout"
     print(
-        f"deployed to {address}: {config['applications'][0]['args']['model']} with {what}; "
-        "GET /v1/model shows the rollout and, in shadow, how often the two disagree"
+        f"deployed to {address}: {served}, {what}. GET /v1/model shows what serves, the rollout "
+        "and, in shadow, how often the two disagree"
     )
 
 
@@ -159,15 +173,15 @@ def sigint_default() -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     config = serve_config(args)
     env = serve_env()
+    if args.deploy:  # the running service keeps its own keys
+        deploy(config, args.deploy, env)
+        return
     auth = not config["applications"][0]["args"]["auth"]["disabled"]
     if not auth:
         print("warning: API-key authentication is DISABLED: for local development only")
     if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
         env[KEYS_ENV] = secrets.token_urlsafe(24)
         print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
-    if args.deploy:
-        deploy(config, args.deploy, env)
-        return
     serve = installed_command("serve")
     if serve is None:
         raise TransferDeskError(

@@ -15,7 +15,7 @@ from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import VERSION_RE, split_stage
 from transferdesk.review.redaction import RedactionConfig
-from transferdesk.review.store import STORE_ENV, check_url
+from transferdesk.review.store import STORE_ENV, absolute_sqlite, check_url, store_url
 
 log = logging.getLogger("ray.serve")
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
@@ -162,7 +162,7 @@ class CaptureSettings(Section):
             raise ValueError(str(err)) from None
 
     def url(self) -> str:
-        return os.environ.get(STORE_ENV) or self.store
+        return store_url(self.store)
 
 
 class ServeArgs(Section):
@@ -221,14 +221,8 @@ class ServeArgs(Section):
         update: dict = {
             k: os.path.abspath(Path(getattr(self, k)).expanduser()) for k in ("model", "routing_policy")
         }
-        store = self.capture.store
-        if store.startswith(SQLITE_FILE) and not Path(store[len(SQLITE_FILE) :]).is_absolute():
-            path = os.path.abspath(Path(store[len(SQLITE_FILE) :]).expanduser())
-            update["capture"] = self.capture.model_copy(update={"store": SQLITE_FILE + path})
+        update["capture"] = self.capture.model_copy(update={"store": absolute_sqlite(self.capture.store)})
         return self.model_copy(update=update)
-
-
-SQLITE_FILE = "sqlite:///"  # then a path, relative unless it starts with another /
 
 
 def is_exact_version(spec: str) -> bool:

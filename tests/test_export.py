@@ -69,6 +69,12 @@ def test_export_then_load_answers_as_torch_does(fresh: Path, version: Path) -> N
         passes = 3 if runtime == "onnx" else 64
         assert np.allclose(onnx_model.proba_from_ids(ids, batch_size=passes), probs, atol=1e-5)
         assert [p.label for p in onnx_model.predict(texts)] == onnx_model.decide(probs)
+    # Each runtime's own out-of-scope threshold, chosen on the validation data as training chose
+    # torch's: what the loaded model decides with (fp32 finds torch's, to float precision).
+    for runtime in ("onnx", "onnx-int8"):
+        threshold = export.meta.runtimes[runtime].threshold
+        assert IntentModel.from_pretrained(fresh, "cpu", runtime).threshold == threshold is not None
+    assert export.meta.runtimes["onnx"].threshold == pytest.approx(torch_model.threshold, abs=1e-4)
     # auto: int8 on CPU where the export has it; the version itself is unchanged.
     assert IntentModel.from_pretrained(fresh, "cpu", "auto").runtime == "onnx-int8"
     assert open_version(fresh).files == open_version(version).files
@@ -148,7 +154,9 @@ def test_validation_data_must_be_findable(fresh: Path) -> None:
     write_manifest(moved, {**{k: v for k, v in manifest.items() if k != "files"}, "version": 2})
     with pytest.raises(TransferDeskError, match="pass --data FILE"):
         export_version(moved, ExportConfig())
-    assert export_version(moved, ExportConfig(data="valid.csv")).meta.validation_rows == 7
+    given = export_version(moved, ExportConfig(data="valid.csv"))
+    assert given.meta.validation_rows == 7
+    assert given.meta.runtimes["onnx-int8"].threshold is not None
 
 
 def test_cli_export_predict_and_evaluate_on_onnx(fresh: Path, capsys) -> None:

@@ -196,7 +196,8 @@ class ExportConfig(Section):
     )
     data: str | None = Field(
         None,
-        description="Labelled file to check the export on. Unset: the version's own validation data "
+        description="Labelled file to check the export on, and to choose each runtime's out-of-scope "
+        "threshold on: validation data, never the test file. Unset: the version's own validation data "
         "(found again from its config; give the file when it lives elsewhere now).",
     )
     max_accuracy_drop: float = Field(

@@ -378,16 +378,7 @@ def check_training_data(
             )
         )
         cleaned = cleaned.without(oos_label)
-    for intent, n in sorted(cleaned.counts().items()):
-        if n < min_per_intent:
-            problems.append(
-                Problem(
-                    "error",
-                    ds.path,
-                    None,
-                    f"intent {intent!r} has {n} example; each intent needs at least {min_per_intent}",
-                )
-            )
+    problems += _too_small(cleaned, ds.path, min_per_intent)
     return cleaned, problems
 
 
@@ -530,12 +521,22 @@ def _with_extra(
                 Problem("warning", extra.path, extra.rows[i], f"already in {train.path}; dropped")
             )
     combined = train.plus(extra.subset(keep))
+    problems += _too_small(combined, extra.path, 2)
+    # A misspelt or differently named out-of-scope label would otherwise train as an intent.
     problems += [
-        Problem("error", extra.path, None, f"intent {intent!r} has {n} example; each intent needs at least 2")
-        for intent, n in sorted(combined.counts().items())
-        if n < 2
+        Problem("warning", extra.path, None, f"{n} rows of {intent!r}, an intent the training file lacks")
+        for intent, n in sorted(extra.subset(keep).counts().items())
+        if intent not in train.counts()
     ]
     return combined, problems
+
+
+def _too_small(ds: Dataset, path: str, least: int) -> list[Problem]:
+    return [
+        Problem("error", path, None, f"intent {intent!r} has {n} example; each intent needs at least {least}")
+        for intent, n in sorted(ds.counts().items())
+        if n < least
+    ]
 
 
 def with_sample_defaults(cfg: DataConfig) -> DataConfig:

@@ -102,17 +102,18 @@ class IntentModel:
         with an ONNX runtime (or auto, see runtime.py), after verifying its export too.
         `threads`: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
-        runtime, onnx_file = resolve_runtime(version, runtime, device)
-        if onnx_file is None:
+        runtime, export = resolve_runtime(version, runtime, device)
+        if export is None:
             return cls._load(version.path, device, version.legacy_classifier)
         settings = version.legacy_classifier or cls._settings(version.path)
-        session = OnnxSession(onnx_file, threads)
+        session = OnnxSession(export.file(runtime), threads)
+        threshold = export.threshold(runtime)
         return cls(
             None,
             cls.load_tokenizer(version),
             settings["labels"],
             settings["max_length"],
-            settings["threshold"],
+            settings["threshold"] if threshold is None else threshold,
             settings["oos_label"],
             session=session,
             runtime=runtime,

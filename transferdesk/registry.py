@@ -145,7 +145,12 @@ class RuntimeCheck(Section):
     file: str
     argmax_agreement: float = Field(description="Share of messages with the same top intent.")
     max_prob_diff: float = Field(description="Largest |probability difference| over all intents.")
-    accuracy: float = Field(description="With the out-of-scope rule, as the version decides.")
+    threshold: float | None = Field(
+        None,
+        description="This runtime's out-of-scope threshold, chosen on the validation data as training "
+        "chose torch's (its confidences differ a little); null in exports made before: the version's.",
+    )
+    accuracy: float = Field(description="With the out-of-scope rule at this runtime's threshold.")
     torch_accuracy: float
     accuracy_drop_points: float = Field(description="torch_accuracy - accuracy, in points.")
     size_mb: float
@@ -183,6 +188,10 @@ class Export:
                 f"export it again: transferdesk export <version> --runtimes '[{wanted}]' --replace true"
             )
         return self.path / self.meta.runtimes[runtime].file
+
+    def threshold(self, runtime: str) -> float | None:
+        """The runtime's own out-of-scope threshold, when the export chose one."""
+        return self.meta.runtimes[runtime].threshold
 
 
 class VersionMeta(Section):

@@ -16,7 +16,7 @@ from scipy.special import softmax
 
 from transferdesk.config import RUNTIMES
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import ModelVersion
+from transferdesk.registry import Export, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def choose_runtime(version: ModelVersion, runtime: str, device: str) -> str:
     return resolve_runtime(version, runtime, device)[0]
 
 
-def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[str, Path | None]:
-    """choose_runtime, and for an ONNX runtime its file, verified once (hashing an export
-    reads every byte of it: loading should not do that twice)."""
+def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[str, Export | None]:
+    """choose_runtime, and for an ONNX runtime the export holding it, verified once (hashing an
+    export reads every byte of it: loading should not do that twice)."""
     if runtime not in RUNTIMES:
         raise TransferDeskError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
@@ -37,7 +37,9 @@ def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[s
         if on_gpu or not version.has_export("onnx-int8"):
             return "torch", None
         try:  # a damaged or stale export means torch, not a replica that cannot start
-            return "onnx-int8", version.open_export().file("onnx-int8")
+            export = version.open_export()
+            export.file("onnx-int8")
+            return "onnx-int8", export
         except TransferDeskError as err:
             log.warning("runtime auto: %s serves on torch: %s", version.spec, err)
             return "torch", None
@@ -47,7 +49,9 @@ def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[s
         raise TransferDeskError(
             f"runtime {runtime} runs on CPU; on a GPU use runtime torch (or auto), or set device cpu"
         )
-    return runtime, version.open_export().file(runtime)
+    export = version.open_export()
+    export.file(runtime)  # refused, with what to do, when the export lacks this runtime
+    return runtime, export
 
 
 def _cuda_available() -> bool:

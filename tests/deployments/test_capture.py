@@ -15,6 +15,7 @@ from transferdesk.prediction import Prediction
 from transferdesk.review.store import Store
 
 CARD = "4111 1111 1111 1111"  # passes the Luhn check
+V1, V2 = "registry/toy/v1", "registry/toy/v2"
 SURE = Prediction("track_order", 0.9, False, "track_order", (("track_order", 0.9), ("reset_password", 0.05)))
 UNSURE = Prediction("track_order", 0.3, True, "oos", (("track_order", 0.3), ("reset_password", 0.25)))
 
@@ -35,8 +36,8 @@ def _writer(store: str, **settings: Any) -> CaptureWriter:
 def test_hand_offs_are_kept_and_the_rest_sampled_at_the_rate(store_url: str) -> None:
     writer = _writer(store_url, sample_rate=0.25)
     texts = [f"message {i} paid with {CARD}" for i in range(400)]
-    writer.offer("req-1", "registry/toy/v1", texts, [SURE] * 400, None)
-    writer.offer("req-2", "registry/toy/v1", ["weather on mars"], [UNSURE], None)
+    writer.offer("req-1", [V1] * 400, texts, [SURE] * 400, None)
+    writer.offer("req-2", [V1], ["weather on mars"], [UNSURE], None)
     writer.close()
     captured = Store(store_url).pending(limit=1000)
     reasons = [m.reason for m in captured]
@@ -53,27 +54,34 @@ def test_routing_decisions_give_the_reason_and_the_destination(store_url: str) -
         {"reason": "intent", "handoff": False, "destination": "orders"},
         {"reason": "low_confidence", "handoff": True, "destination": "human-agents"},
     ]
-    writer.offer("req-1", "registry/toy/v1", ["where is my parcel", "hm"], [SURE, SURE], decisions)
+    writer.offer("req-1", [V1, V2], ["where is my parcel", "hm"], [SURE, SURE], decisions)
     writer.close()
     [captured] = Store(store_url).pending()
     assert (captured.text, captured.reason, captured.destination) == ("hm", "low_confidence", "human-agents")
-    assert (captured.request_id, captured.model_version) == ("req-1", "registry/toy/v1")
+    assert (captured.request_id, captured.model_version) == ("req-1", V2)  # its own version (a canary's)
     assert captured.ranked == [("track_order", 0.9), ("reset_password", 0.05)]
 
 
 def test_a_store_that_cannot_be_reached_loses_messages_counted_never_raised() -> None:
     writer = _writer(UNREACHABLE_STORE, max_pending=3)
-    writer.offer("req-1", "registry/toy/v1", ["a", "b", "c", "d", "e"], [UNSURE] * 5, None)
+    writer.offer("req-1", [V1] * 5, ["a", "b", "c", "d", "e"], [UNSURE] * 5, None)
     assert writer.status()["lost"] == 2  # past max_pending, at once
     status = _eventually(lambda: writer.status()["state"] == "degraded" and writer.status())
     assert "127.0.0.1:1" in status["error"] and "nothing" in status["store"]
     writer.close()
 
 
+def test_capture_never_fails_a_request_it_cannot_handle(store_url: str) -> None:
+    writer = _writer(store_url)
+    writer.offer("req-1", [V1], ["two texts", "one version"], [SURE, SURE], None)  # a mismatch: a bug
+    assert writer.lost["capture_error"] == 2 and writer.status()["lost"] == 2
+    writer.close()
+
+
 def test_a_full_queue_is_bounded(store_url: str) -> None:
     writer = _writer(store_url, max_pending=10, flush_interval_s=60)
-    writer.offer("req-1", "registry/toy/v1", ["x"] * 25, [UNSURE] * 25, None)
-    assert writer.status()["pending"] == 10 and writer.lost == {"queue_full": 15}
+    writer.offer("req-1", [V1] * 25, ["x"] * 25, [UNSURE] * 25, None)
+    assert writer.status()["pending"] == 10 and writer.lost["queue_full"] == 15
     writer.close()
     assert len(Store(store_url).pending(100)) == 10  # what was queued is written on close
 

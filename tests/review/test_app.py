@@ -52,8 +52,8 @@ class ReviewPage:
 
 
 @pytest.fixture
-def review_page(tmp_path: Path) -> Iterator[ReviewPage]:
-    store_url = f"sqlite:///{tmp_path / 'capture.db'}"
+def review_page(store_url: str, tmp_path: Path) -> Iterator[ReviewPage]:
+    """The page over a store of each kind (SQLite, PostgreSQL) holding MESSAGES."""
     store = Store(store_url)
     store.migrate()
     t0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -244,3 +244,31 @@ def test_a_reviewer_labels_by_keyboard_in_a_real_browser_and_exports(
     with open(tmp_path / "pool.csv", newline="", encoding="utf-8") as f:
         assert [row["text"] for row in csv.DictReader(f)] == [queue[5]]
     assert {r.reviewer for _, r in review_page.store.latest_reviews()} == {"ana"}
+
+
+@pytest.mark.parametrize(
+    ("env", "file", "message"),
+    [
+        ("", None, "no review keys"),
+        ("ana-without-a-name-0123", None, "expected name:key pairs"),
+        ("ana:short", None, "16 characters at least"),
+        ("ana:same-key-0123456789,ben:same-key-0123456789", None, "share a review key"),
+        ("", "ana: 1234567890123456789\n", "keys quoted, as text"),  # YAML reads it as a number
+    ],
+)
+def test_bad_review_keys_are_refused_with_what_to_do(
+    env: str, file: str | None, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transferdesk.errors import TransferDeskError
+    from transferdesk.review.app import review_keys
+
+    monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS", env)
+    if file is not None:
+        (tmp_path / "keys.yaml").write_text(file)
+        monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    with pytest.raises(TransferDeskError, match=message):
+        review_keys()
+    (tmp_path / "good.yaml").write_text('ben: "0123456789012345678"\n')
+    monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS_FILE", str(tmp_path / "good.yaml"))
+    monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS", "ana:ana-review-key-0123456789")
+    assert review_keys() == {"ana-review-key-0123456789": "ana", "0123456789012345678": "ben"}

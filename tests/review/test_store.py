@@ -103,7 +103,9 @@ def test_reviews_leave_the_queue_and_the_last_write_wins_with_both_kept(store: S
 def test_unreviewed_and_skipped_messages(store: Store) -> None:
     ids = {m.text: m.id for m in filled(store).pending()}
     store.review(ids["sure thing"], "ana", "skip")
-    assert store.unreviewed_texts() == ["a close call", "weather on mars"]
+    reviewed, unreviewed = store.for_export()
+    assert unreviewed == ["a close call", "weather on mars"]
+    assert [(m.text, r.action) for m, r in reviewed] == [("sure thing", "skip")]
 
 
 @pytest.mark.parametrize(

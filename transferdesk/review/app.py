@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from transferdesk.config import ReviewConfig
 from transferdesk.errors import TransferDeskError
-from transferdesk.review.store import STORE_ENV, Store
+from transferdesk.review.store import Store, StoreUnavailable, UnknownMessage, store_url
 
 KEYS_ENV = "TRANSFERDESK_REVIEW_KEYS"  # name:key,name:key
 KEYS_FILE_ENV = "TRANSFERDESK_REVIEW_KEYS_FILE"  # YAML: {name: key, ...} (a mounted Secret)
 MIN_KEY_CHARS = 16
+MAX_NAME_CHARS = 100  # what the store keeps of a reviewer's name
 COOKIE = "transferdesk_review"
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 
@@ -46,20 +47,27 @@ def review_keys() -> dict[str, str]:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
             raise TransferDeskError(f"{KEYS_FILE_ENV}={path}: cannot read it ({err})") from None
-        if not isinstance(loaded, dict):
-            raise TransferDeskError(f"{KEYS_FILE_ENV}={path}: expected a mapping of reviewer: key")
-        pairs += [(str(name), str(key)) for name, key in loaded.items()]
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded.values()):
+            # A key YAML reads as a number (digits alone) would lose its leading zeros: quote it.
+            raise TransferDeskError(
+                f'{KEYS_FILE_ENV}={path}: expected a mapping of reviewer: "key" (keys quoted, as text)'
+            )
+        pairs += [(str(name), key) for name, key in loaded.items()]
     if not pairs:
         raise TransferDeskError(
             f"no review keys: set {KEYS_ENV}=name:key[,name:key…] or point {KEYS_FILE_ENV} at a YAML "
             "file of reviewer: key (make keys with `openssl rand -hex 24`)"
         )
-    if bad := [name for name, key in pairs if not name or len(key) < MIN_KEY_CHARS]:
+    bad = [name for name, key in pairs if not name or len(name) > MAX_NAME_CHARS or len(key) < MIN_KEY_CHARS]
+    if bad:
         raise TransferDeskError(
             f"review keys of {', '.join(bad) or 'an unnamed reviewer'}: every key needs a reviewer name "
-            f"and {MIN_KEY_CHARS} characters at least"
+            f"(at most {MAX_NAME_CHARS} characters) and {MIN_KEY_CHARS} characters at least"
         )
-    return {key: name for name, key in pairs}
+    keys = {key: name for name, key in pairs}
+    if len(keys) < len(pairs):
+        raise TransferDeskError("two reviewers share a review key: give each their own")
+    return keys
 
 
 class ReviewRequest(BaseModel):
@@ -76,7 +84,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
     """The review app over the configured store (migrated on start)."""
-    store = Store(os.environ.get(STORE_ENV) or cfg.store)
+    store = Store(store_url(cfg.store))
     store.migrate()
     model_labels: list[str] = []
     if cfg.model:
@@ -85,16 +93,18 @@ def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
         model_labels = open_version(cfg.model).labels
     app = FastAPI(title="TransferDesk review", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def reviewer(request: Request) -> str | None:
-        """The reviewer whose key the request carries (cookie or bearer header), else None;
-        every key is compared, in constant time."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, "")
+    def owner(given: str) -> str | None:
+        """The reviewer a key belongs to, else None; every key compared, in constant time."""
         found = None
         for key, name in keys.items():
             if hmac.compare_digest(given.encode(), key.encode()):
                 found = name
         return found
+
+    def reviewer(request: Request) -> str | None:
+        """The reviewer whose key the request carries: the sign-in cookie or a bearer header."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return owner(token.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, ""))
 
     def intents() -> list[str]:
         return sorted(set(model_labels or store.seen_intents()) | set(store.new_intents()))
@@ -113,11 +123,13 @@ def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
     @app.post("/login")
     async def login(request: Request) -> Response:
         key = parse_qs((await request.body()).decode(errors="replace")).get("key", [""])[0].strip()
-        if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
+        if owner(key) is None:
             return login_page(request, 401, "That review key is not valid.")
         page = RedirectResponse("/", status_code=303)
-        # HttpOnly: no script reads it; SameSite=Strict: no other site's form can post with it.
-        page.set_cookie(COOKIE, key, httponly=True, samesite="strict")
+        # HttpOnly: no script reads it; SameSite=Strict: no other site's form can post with it;
+        # Secure behind HTTPS (a TLS-terminating proxy in front: set X-Forwarded-Proto).
+        https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+        page.set_cookie(COOKIE, key, httponly=True, samesite="strict", secure=https)
         return page
 
     @app.post("/logout")
@@ -162,9 +174,17 @@ def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
             )
         try:
             done = store.review(message_id, name, body.action, label, body.new_intent)
+        except UnknownMessage as err:
+            return _error(404, "not_found", str(err))
+        except StoreUnavailable:
+            raise  # 503, below
         except TransferDeskError as err:
-            status = 404 if "no captured message" in str(err) else 422
-            return _error(status, "not_found" if status == 404 else "invalid_review", str(err))
+            return _error(422, "invalid_review", str(err))
         return asdict(done)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, err: StoreUnavailable) -> JSONResponse:
+        # Nothing was recorded; the reviewer can press the key again once the store is back.
+        return _error(503, "store_unavailable", str(err))
 
     return app

@@ -43,14 +43,12 @@ def cmd_review(args: argparse.Namespace) -> None:
 
 
 def export(cfg: ReviewConfig, out: str | None, pool: str | None) -> None:
-    import os
-
     from transferdesk.review.export import export_reviews
-    from transferdesk.review.store import STORE_ENV, Store
+    from transferdesk.review.store import Store, store_url
 
     if not out:
         raise TransferDeskError("review export needs --out FILE (the labelled CSV to write)")
-    store = Store(os.environ.get(STORE_ENV) or cfg.store)
+    store = Store(store_url(cfg.store))
     store.migrate()
     done = export_reviews(store, Path(out), Path(pool) if pool else None, cfg.oos_label)
     print(

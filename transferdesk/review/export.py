@@ -32,8 +32,9 @@ def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
 def export_reviews(store: Store, out: Path, pool: Path | None = None, oos_label: str = "oos") -> Exported:
     """Each reviewed message with its latest label (confirmed, corrected, or `oos_label`);
     skipped and unreviewed messages go to the pool. Refuses when nothing is reviewed yet."""
+    reviewed, unreviewed = store.for_export()
     rows, new_intents = [], set()
-    for message, review in store.latest_reviews():
+    for message, review in reviewed:
         if review.action == "skip":
             continue
         label = oos_label if review.action == "out_of_scope" else review.label
@@ -47,8 +48,7 @@ def export_reviews(store: Store, out: Path, pool: Path | None = None, oos_label:
     _write(out, ["text", "label"], rows)
     texts = []
     if pool is not None:
-        skipped = [m.text for m, r in store.latest_reviews() if r.action == "skip"]
-        texts = store.unreviewed_texts() + skipped
+        texts = unreviewed + [m.text for m, r in reviewed if r.action == "skip"]
         _write(pool, ["text"], [[t] for t in texts])
     return Exported(
         labelled=len(rows),

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import fcntl
 import math
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -48,10 +49,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # The store's URL from a Kubernetes Secret, for serving and the review page alike: it holds the
 # database password, so it is kept out of config files.
 STORE_ENV = "TRANSFERDESK_CAPTURE_STORE"
+SQLITE_FILE = "sqlite:///"  # then a path: relative, or absolute with one more /
 Action = Literal["confirm", "correct", "out_of_scope", "skip"]
-ACTIONS: tuple[str, ...] = ("confirm", "correct", "out_of_scope", "skip")
-# Why a message was captured: the routing decision's hand-off reason, or the random sample.
-Reason = Literal["low_confidence", "out_of_scope", "no_route", "sample"]
+ACTIONS: tuple[str, ...] = get_args(Action)
 # Any fixed number: the advisory lock that lets one replica at a time migrate a PostgreSQL store.
 PG_MIGRATION_LOCK = 7_401_337
 
@@ -165,6 +165,27 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+class StoreUnavailable(TransferDeskError):
+    """The database did not answer, or refused (down, unreachable, full, no such schema)."""
+
+
+class UnknownMessage(TransferDeskError):
+    """No captured message has that id."""
+
+
+def store_url(configured: str) -> str:
+    """$TRANSFERDESK_CAPTURE_STORE where set (a Secret), else the configured URL."""
+    return os.environ.get(STORE_ENV) or configured
+
+
+def absolute_sqlite(url: str) -> str:
+    """A SQLite URL with its file made absolute: serving's replicas do not share the working
+    directory of the command that started them."""
+    if url.startswith(SQLITE_FILE) and not Path(url[len(SQLITE_FILE) :]).is_absolute():
+        return SQLITE_FILE + os.path.abspath(Path(url[len(SQLITE_FILE) :]).expanduser())
+    return url
+
+
 def describe(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:
@@ -178,8 +199,9 @@ def check_url(url: str) -> str:
     try:
         backend = make_url(url).get_backend_name()
     except ArgumentError:
+        # Not the URL itself: a malformed one may still hold a password.
         raise TransferDeskError(
-            f"store URL {url!r} is not a database URL; e.g. sqlite:///capture.db or "
+            "the store URL is not a database URL; e.g. sqlite:///capture.db or "
             "postgresql+psycopg://user:password@host:5432/transferdesk"
         ) from None
     if backend not in ("sqlite", "postgresql"):
@@ -209,13 +231,13 @@ class Store:
 
     @contextmanager
     def _connection(self, what: str) -> Iterator[Connection]:
-        """A transaction; a database error becomes a TransferDeskError that names the store."""
+        """A transaction; a database error becomes StoreUnavailable, naming the store."""
         try:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as err:
             reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-            raise TransferDeskError(f"store {self.where}: cannot {what}: {reason}") from None
+            raise StoreUnavailable(f"store {self.where}: cannot {what}: {reason}") from None
 
     # -- schema ---------------------------------------------------------------------------------
 
@@ -224,6 +246,7 @@ class Store:
         first migrates, the others wait for it and find nothing to do."""
         from alembic import command
         from alembic.config import Config
+        from alembic.util import CommandError
 
         with self._migration_lock(), self._connection("migrate the schema") as conn:
             if not self.sqlite:
@@ -231,7 +254,13 @@ class Store:
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            try:
+                command.upgrade(config, "head")
+            except CommandError as err:  # e.g. a schema newer than this release knows
+                raise StoreUnavailable(
+                    f"store {self.where}: cannot migrate the schema: {err} (a newer TransferDesk wrote "
+                    "it? run the same release everywhere)"
+                ) from None
 
     @contextmanager
     def _migration_lock(self) -> Iterator[None]:
@@ -241,11 +270,12 @@ class Store:
             yield
             return
         path = Path(database).expanduser().resolve()
+        lock_file = path.with_name(path.name + ".lock")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            lock = path.with_name(path.name + ".lock").open("a")
+            lock = lock_file.open("a")
         except OSError as err:
-            raise TransferDeskError(f"store {self.where}: cannot create {path.parent}: {err}") from None
+            raise StoreUnavailable(f"store {self.where}: cannot create {lock_file}: {err.strerror}") from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
@@ -260,6 +290,7 @@ class Store:
         """Stores captured messages in one transaction; returns how many."""
         if not captures:
             return 0
+        # Cut to the columns' sizes: PostgreSQL refuses longer text where SQLite keeps it.
         rows = [
             {
                 "request_id": c.request_id[:100],
@@ -272,7 +303,7 @@ class Store:
                 "margin": c.margin,
                 "out_of_scope": c.out_of_scope,
                 "reason": c.reason,
-                "destination": c.destination,
+                "destination": c.destination[:200] if c.destination else None,
                 "redactions": c.redactions,
             }
             for c in captures
@@ -299,7 +330,7 @@ class Store:
         with self._connection("read a message") as conn:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).mappings().first()
             if row is None:
-                raise TransferDeskError(f"no captured message {message_id}")
+                raise UnknownMessage(f"no captured message {message_id}")
             history = conn.execute(
                 select(reviews).where(reviews.c.message_id == message_id).order_by(reviews.c.id)
             ).mappings()
@@ -324,7 +355,7 @@ class Store:
         with self._connection("record a review") as conn:
             intent = conn.execute(select(messages.c.intent).where(messages.c.id == message_id)).scalar()
             if intent is None:
-                raise TransferDeskError(f"no captured message {message_id}")
+                raise UnknownMessage(f"no captured message {message_id}")
             label = {"confirm": intent, "correct": (label or "").strip()}.get(action)
             row = {
                 "message_id": message_id,
@@ -350,23 +381,16 @@ class Store:
 
     def latest_reviews(self) -> list[tuple[Message, Review]]:
         """Each reviewed message with its latest review (the last write wins), oldest first."""
-        latest = select(func.max(reviews.c.id)).group_by(reviews.c.message_id)
-        query = (
-            select(messages, reviews.c.id.label("review_id"), *[c for c in reviews.c if c.name != "id"])
-            .join(reviews, reviews.c.message_id == messages.c.id)
-            .where(reviews.c.id.in_(latest))
-            .order_by(messages.c.id)
-        )
         with self._connection("read the reviews") as conn:
-            out = []
-            for row in conn.execute(query).mappings():
-                review = Review(
-                    id=row["review_id"],
-                    **{k: row[k] for k in ("message_id", "reviewer", "action", "label", "new_intent")},
-                    reviewed_at=_utc(row["reviewed_at"]),
-                )
-                out.append((_message(row), review))
-            return out
+            return _latest_reviews(conn)
+
+    def for_export(self) -> tuple[list[tuple[Message, Review]], list[str]]:
+        """latest_reviews() and the texts nobody has reviewed, read in one transaction: a review
+        landing meanwhile puts its message in one of the two, never in neither."""
+        reviewed = select(reviews.c.message_id)
+        unreviewed = select(messages.c.text).where(messages.c.id.not_in(reviewed)).order_by(messages.c.id)
+        with self._connection("read the reviews") as conn:
+            return _latest_reviews(conn), list(conn.execute(unreviewed).scalars())
 
     def seen_intents(self) -> list[str]:
         """The intents the model ranked for the captured messages: those it knows, as far as
@@ -379,12 +403,6 @@ class Store:
         """Labels reviewers added as new intents."""
         query = select(reviews.c.label).where(reviews.c.new_intent.is_(True)).distinct()
         with self._connection("read the intents") as conn:
-            return list(conn.execute(query).scalars())
-
-    def unreviewed_texts(self) -> list[str]:
-        reviewed = select(reviews.c.message_id)
-        query = select(messages.c.text).where(messages.c.id.not_in(reviewed)).order_by(messages.c.id)
-        with self._connection("read the unreviewed messages") as conn:
             return list(conn.execute(query).scalars())
 
     def tally(self) -> Tally:
@@ -414,6 +432,19 @@ class Store:
             by_label=by_label,
             by_reviewer=by_reviewer,
         )
+
+
+def _latest_reviews(conn: Connection) -> list[tuple[Message, Review]]:
+    latest = select(func.max(reviews.c.id)).group_by(reviews.c.message_id)
+    query = (
+        select(messages, reviews.c.id.label("review_id"), *[c for c in reviews.c if c.name != "id"])
+        .join(reviews, reviews.c.message_id == messages.c.id)
+        .where(reviews.c.id.in_(latest))
+        .order_by(messages.c.id)
+    )
+    return [
+        (_message(row), _review({**row, "id": row["review_id"]})) for row in conn.execute(query).mappings()
+    ]
 
 
 def _review(row: Any) -> Review:
