@@ -265,7 +265,9 @@ class Progress:
 
 
 def version_record(seed: int, arm: str, rnd: int, path: Path, labels: int, extra: dict) -> dict:
-    metrics = json.loads((path / "metrics.json").read_text())
+    from transferdesk.registry import open_version
+
+    metrics = open_version(path).metrics
     return {
         "seed": seed,
         "arm": arm,

@@ -19,6 +19,8 @@ import platform
 import statistics
 from pathlib import Path
 
+from serve_load import write_results
+
 HERE = Path(__file__).resolve().parent
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 
@@ -100,10 +102,7 @@ def main() -> None:
         "test": args.test.name,
         "versions": [measure(spec, args) for spec in args.versions],
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "runtime_accuracy.json").write_text(json.dumps(result, indent=2))
-    (args.results / "runtime_accuracy.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.results, "runtime_accuracy", "", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -82,36 +82,29 @@ class CaptureWriter:
         """From the request path: picks what to keep and queues it, in microseconds; never
         raises (a request must not fail for its capture)."""
         try:
-            self._offer(request_id, versions, texts, predictions, decisions)
+            if not len(texts) == len(predictions) == len(versions):  # before any is queued
+                raise ValueError(
+                    f"{len(texts)} texts, {len(predictions)} predictions, {len(versions)} versions"
+                )
+            now, rate = time.time(), self.settings.sample_rate
+            for i, (text, prediction, version) in enumerate(zip(texts, predictions, versions, strict=True)):
+                decision = decisions[i] if decisions is not None else None
+                if decision is not None:
+                    reason = decision["reason"] if decision["handoff"] else None
+                else:  # /v1/classify: no policy, so only the model's own out-of-scope verdict
+                    reason = "out_of_scope" if prediction.out_of_scope else None
+                if reason is None:
+                    if random.random() >= rate:
+                        continue
+                    reason = "sample"
+                if len(self.queue) >= self.settings.max_pending:
+                    self._lose("queue_full")
+                    continue
+                destination = decision["destination"] if decision is not None else None
+                self.queue.append(Offered(request_id, now, version, text, prediction, reason, destination))
         except Exception:
             log.exception("capture failed on a request's messages")
             self._lose("capture_error", len(texts))
-
-    def _offer(
-        self,
-        request_id: str,
-        versions: list[str],
-        texts: list[str],
-        predictions: list[Prediction],
-        decisions: list[dict] | None,
-    ) -> None:
-        now, rate = time.time(), self.settings.sample_rate
-        pairs = zip(texts, predictions, versions, strict=True)
-        for i, (text, prediction, version) in enumerate(pairs):
-            decision = decisions[i] if decisions is not None else None
-            if decision is not None:
-                reason = decision["reason"] if decision["handoff"] else None
-            else:  # /v1/classify: no policy, so only the model's own out-of-scope verdict
-                reason = "out_of_scope" if prediction.out_of_scope else None
-            if reason is None:
-                if random.random() >= rate:
-                    continue
-                reason = "sample"
-            if len(self.queue) >= self.settings.max_pending:
-                self._lose("queue_full")
-                continue
-            destination = decision["destination"] if decision is not None else None
-            self.queue.append(Offered(request_id, now, version, text, prediction, reason, destination))
         if len(self.queue) >= self.settings.batch_size:
             self.wake.set()
 

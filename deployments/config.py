@@ -15,7 +15,7 @@ from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import VERSION_RE, split_stage
 from transferdesk.review.redaction import RedactionConfig
-from transferdesk.review.store import STORE_ENV, absolute_sqlite, check_url, store_url
+from transferdesk.review.store import STORE_ENV, STORE_FILE_ENV, absolute_sqlite, check_url, store_url
 
 log = logging.getLogger("ray.serve")
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys
@@ -138,8 +138,8 @@ class CaptureSettings(Section):
     store: str = Field(
         "sqlite:///capture.db",
         description=f"SQLAlchemy URL of the store: sqlite:///FILE, or postgresql+psycopg://user@host/db for "
-        f"several pods. ${STORE_ENV}, where set, takes precedence (keeps the password out of "
-        "the config).",
+        f"several pods. ${STORE_ENV} or the file ${STORE_FILE_ENV} names, where set, takes "
+        "precedence (keeps the password out of the config).",
     )
     sample_rate: float = Field(
         0.02, ge=0, le=1, description="Share of the messages not handed off that are captured too."

@@ -76,6 +76,7 @@ def test_capture_never_fails_a_request_it_cannot_handle(store_url: str) -> None:
     writer.offer("req-1", [V1], ["two texts", "one version"], [SURE, SURE], None)  # a mismatch: a bug
     assert writer.lost["capture_error"] == 2 and writer.status()["lost"] == 2
     writer.close()
+    assert Store(store_url).pending() == []
 
 
 def test_a_full_queue_is_bounded(store_url: str) -> None:

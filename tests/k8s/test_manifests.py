@@ -17,7 +17,7 @@ import yaml
 from deployments.cli import installed_command
 from deployments.config import FAST_PATH_ENV
 from tests.k8s.kuberay_schema import KubeRayValidator
-from transferdesk.review.store import STORE_ENV
+from transferdesk.review.store import STORE_FILE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -165,12 +165,16 @@ def test_capture_is_off_and_its_store_url_comes_from_a_secret(rendered: dict, ta
     service = one(rendered[target], "RayService")
     assert _applications(service)[0]["args"]["capture"]["enabled"] is False  # one switch, off
     for name, template in _pod_templates(service):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        # optional: a cluster without capture (or before the Secret exists) still starts
+        assert volumes["capture-store"]["secret"] == {
+            "secretName": "transferdesk-capture-store",
+            "optional": True,
+        }
         for container in template["spec"]["containers"]:
-            env = {e["name"]: e for e in container.get("env", [])}
-            # optional: a cluster without capture (or before the Secret exists) still starts
-            assert env[STORE_ENV]["valueFrom"] == {
-                "secretKeyRef": {"name": "transferdesk-capture-store", "key": "url", "optional": True}
-            }, name
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert env[STORE_FILE_ENV] == f"{mounts['capture-store']}/url", name
 
 
 def test_routing_policy_configmap_is_the_one_in_deployments(rendered: dict) -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import Postgres
 from transferdesk.errors import TransferDeskError
-from transferdesk.review.store import Capture, Store
+from transferdesk.review.store import STORE_ENV, STORE_FILE_ENV, Capture, Store, store_url
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
@@ -132,3 +133,15 @@ def test_an_unreachable_or_invalid_store_says_which(postgres: Postgres) -> None:
     with pytest.raises(TransferDeskError) as err:
         Store(secret, connect_timeout_s=1).ping()
     assert "hunter2" not in str(err.value)
+
+
+def test_the_store_url_comes_from_the_environment_or_a_mounted_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    monkeypatch.setenv(STORE_FILE_ENV, str(tmp_path / "url"))
+    assert store_url("sqlite:///capture.db") == "sqlite:///capture.db"  # an optional Secret, absent
+    (tmp_path / "url").write_text("postgresql+psycopg://td:secret@db/td\n")
+    assert store_url("sqlite:///capture.db") == "postgresql+psycopg://td:secret@db/td"
+    monkeypatch.setenv(STORE_ENV, "sqlite:////var/capture.db")
+    assert store_url("sqlite:///capture.db") == "sqlite:////var/capture.db"

@@ -49,6 +49,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # The store's URL from a Kubernetes Secret, for serving and the review page alike: it holds the
 # database password, so it is kept out of config files.
 STORE_ENV = "TRANSFERDESK_CAPTURE_STORE"
+STORE_FILE_ENV = "TRANSFERDESK_CAPTURE_STORE_FILE"  # a file holding it: a mounted Secret
 SQLITE_FILE = "sqlite:///"  # then a path: relative, or absolute with one more /
 Action = Literal["confirm", "correct", "out_of_scope", "skip"]
 ACTIONS: tuple[str, ...] = get_args(Action)
@@ -174,8 +175,14 @@ class UnknownMessage(TransferDeskError):
 
 
 def store_url(configured: str) -> str:
-    """$TRANSFERDESK_CAPTURE_STORE where set (a Secret), else the configured URL."""
-    return os.environ.get(STORE_ENV) or configured
+    """$TRANSFERDESK_CAPTURE_STORE where set; else the file $TRANSFERDESK_CAPTURE_STORE_FILE
+    names, where it exists (an optional Secret, mounted); else the configured URL."""
+    if url := os.environ.get(STORE_ENV):
+        return url
+    path = Path(os.environ.get(STORE_FILE_ENV) or "")
+    if path.name and path.is_file():
+        return path.read_text(encoding="utf-8").strip() or configured
+    return configured
 
 
 def absolute_sqlite(url: str) -> str:
