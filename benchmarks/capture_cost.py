@@ -109,7 +109,7 @@ def main() -> None:
     )
     parser.add_argument("--model", required=True, help="registry version (an ONNX export makes it int8)")
     parser.add_argument("--data", required=True, help="file of messages to send (a text column)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--seconds", type=float, default=15, help="per level")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm")
     parser.add_argument("--port", type=int, default=8125)
