@@ -6,8 +6,9 @@ out-of-scope threshold) and scored on the test file on torch, ONNX fp32 and ONNX
         registry/b77-seed3/v1 --valid ../shared/data/banking77/valid.csv \\
         --test ../shared/data/banking77/test.csv
 
-An export is made again (--replace) unless --keep-exports. Writes
-results/runtime_accuracy.{json,md}.
+An export is made again (--replace) unless --keep-exports, with the check's allowance opened
+wide so that every runtime is scored; the table says which the default check (0.5 points)
+would have refused. Writes results/runtime_accuracy.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from serve_load import write_results
 
 HERE = Path(__file__).resolve().parent
 RUNTIMES = ("torch", "onnx", "onnx-int8")
+DEFAULT_ALLOWANCE = 0.5  # ExportConfig.max_accuracy_drop's default, in points (1,540 rows: above one message)
 
 
 def measure(spec: str, args: argparse.Namespace) -> dict:
     from transferdesk.config import ExportConfig
     from transferdesk.data import read_dataset
-    from transferdesk.errors import TransferDeskError
     from transferdesk.evaluate import evaluate
     from transferdesk.export import export_version
     from transferdesk.modeling import IntentModel
@@ -37,11 +38,7 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
     version = open_version(spec)
     result: dict = {"version": version.spec, "seed": version.config.runtime.seed}
     if not args.keep_exports:
-        try:
-            export_version(version.path, ExportConfig(data=str(args.valid), replace=True))
-        except TransferDeskError as err:  # refused: the figures say why; record them
-            result["export_refused"] = str(err)
-            return result
+        export_version(version.path, ExportConfig(data=str(args.valid), replace=True, max_accuracy_drop=100))
     export = open_version(spec).open_export()
     result["check"] = {r: c.model_dump() for r, c in export.meta.runtimes.items()}
     test, _ = read_dataset(str(args.test), "text", "label")
@@ -54,7 +51,7 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(r: dict) -> str:
-    done = [x for x in r["versions"] if "torch" in x]
+    done = r["versions"]
     seeds = ", ".join(str(x["seed"]) for x in done)
     lines = [
         f"Measured on {r['machine']}. Versions: {', '.join(x['version'] for x in r['versions'])}; "
@@ -62,8 +59,8 @@ def markdown(r: dict) -> str:
         "alone, whatever the threshold). Mean ± sd (population) over seeds "
         f"{seeds}.",
         "",
-        "| runtime | test accuracy | per seed | against torch fp32 | export check on validation: accuracy "
-        "(threshold), same top intent |",
+        "| runtime | test accuracy | per seed | against torch fp32 | export check on validation, per seed: "
+        "accuracy, same top intent |",
         "| --- | --- | --- | --- | --- |",
     ]
     for runtime in RUNTIMES:
@@ -71,8 +68,9 @@ def markdown(r: dict) -> str:
         diffs = [100 * (x[runtime]["test_accuracy"] - x["torch"]["test_accuracy"]) for x in done]
         checks = [x["check"].get(runtime) for x in done]
         check = "; ".join(
-            f"{100 * c['accuracy']:.2f}% ({c['threshold']:.3f}) vs torch {100 * c['torch_accuracy']:.2f}%, "
-            f"{100 * c['argmax_agreement']:.2f}%"
+            f"{100 * c['accuracy']:.2f}% vs torch {100 * c['torch_accuracy']:.2f}%, "
+            f"{100 * c['argmax_agreement']:.2f}% same"
+            + (" (**refused** at 0.5)" if c["accuracy_drop_points"] > DEFAULT_ALLOWANCE + 1e-6 else "")
             for c in checks
             if c
         )
@@ -80,9 +78,6 @@ def markdown(r: dict) -> str:
             f"| {runtime} | {statistics.mean(accs):.2f}% ± {statistics.pstdev(accs):.2f} | "
             f"{', '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(diffs):+.2f} points | {check or '—'} |"
         )
-    refused = [x for x in r["versions"] if "export_refused" in x]
-    for x in refused:
-        lines += ["", f"{x['version']}: export refused: {x['export_refused']}"]
     return "\n".join(lines) + "\n"
 
 

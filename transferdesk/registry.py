@@ -150,7 +150,10 @@ class RuntimeCheck(Section):
         description="This runtime's out-of-scope threshold, chosen on the validation data as training "
         "chose torch's (its confidences differ a little); null in exports made before: the version's.",
     )
-    accuracy: float = Field(description="With the out-of-scope rule at this runtime's threshold.")
+    accuracy: float = Field(
+        description="With the out-of-scope rule at this runtime's threshold where the data has "
+        "out-of-scope rows; by top intent alone where it has none (as `evaluate` scores)."
+    )
     torch_accuracy: float
     accuracy_drop_points: float = Field(description="torch_accuracy - accuracy, in points.")
     size_mb: float
