@@ -91,6 +91,7 @@ def test_time_budget_ends_the_search_and_still_exports(
         ({"candidates": []}, "candidates"),
         ({"space": {"encoder_lr": [1e-3, 1e-5]}}, "low 0.001 is above high"),
         ({"candidates": [{"name": "x", "source": "/nonexistent/source.csv"}]}, "not found"),
+        ({"data": {"extra_train": ["/nonexistent/reviewed.csv"]}}, "reviewed.csv not found"),
         ({"candidates": [{"name": "x", "backbone": "/nonexistent/model"}]}, "neither a model directory"),
         ({"search": {"gpus_per_trial": 4}}, "asks for 4 GPU but the cluster has 0"),
         ({"candidates": [{"name": "x", "pretrained": False, "source": "a.csv"}]}, "cannot have a source"),
