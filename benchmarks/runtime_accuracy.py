@@ -51,8 +51,7 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
 
 
 def markdown(r: dict) -> str:
-    done = r["versions"]
-    seeds = ", ".join(str(x["seed"]) for x in done)
+    seeds = ", ".join(str(x["seed"]) for x in r["versions"])
     lines = [
         f"Measured on {r['machine']}. Versions: {', '.join(x['version'] for x in r['versions'])}; "
         f"export checked on {r['valid']}, test accuracy on {r['test']} (no out-of-scope rows: top intent "
@@ -64,9 +63,9 @@ def markdown(r: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for runtime in RUNTIMES:
-        accs = [100 * x[runtime]["test_accuracy"] for x in done]
-        diffs = [100 * (x[runtime]["test_accuracy"] - x["torch"]["test_accuracy"]) for x in done]
-        checks = [x["check"].get(runtime) for x in done]
+        accs = [100 * x[runtime]["test_accuracy"] for x in r["versions"]]
+        diffs = [100 * (x[runtime]["test_accuracy"] - x["torch"]["test_accuracy"]) for x in r["versions"]]
+        checks = [x["check"].get(runtime) for x in r["versions"]]
         check = "; ".join(
             f"{100 * c['accuracy']:.2f}% vs torch {100 * c['torch_accuracy']:.2f}%, "
             f"{100 * c['argmax_agreement']:.2f}% same"

@@ -124,14 +124,14 @@ def test_a_bad_review_is_refused(store: Store, action: str, label: str | None, m
 def test_an_unreachable_or_invalid_store_says_which(postgres: Postgres) -> None:
     closed = postgres.url().replace(f":{postgres.port}/", ":1/")
     with pytest.raises(TransferDeskError, match=r"store postgresql\+psycopg://transferdesk@127.0.0.1:1/"):
-        Store(closed, connect_timeout_s=1).ping()
+        Store(closed, connect_timeout_s=1).migrate()
     with pytest.raises(TransferDeskError, match="not a database URL"):
         Store("capture.db")
     with pytest.raises(TransferDeskError, match="only SQLite and PostgreSQL"):
         Store("mysql://user@host/db")
     secret = "postgresql+psycopg://user:hunter2@127.0.0.1:1/db"
     with pytest.raises(TransferDeskError) as err:
-        Store(secret, connect_timeout_s=1).ping()
+        Store(secret, connect_timeout_s=1).migrate()
     assert "hunter2" not in str(err.value)
 
 

@@ -12,7 +12,7 @@ import hmac
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs
 
 import yaml
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from transferdesk.config import ReviewConfig
 from transferdesk.errors import TransferDeskError
-from transferdesk.review.store import Store, StoreUnavailable, UnknownMessage, store_url
+from transferdesk.review.store import Action, Store, StoreUnavailable, UnknownMessage, store_url
 
 KEYS_ENV = "TRANSFERDESK_REVIEW_KEYS"  # name:key,name:key
 KEYS_FILE_ENV = "TRANSFERDESK_REVIEW_KEYS_FILE"  # YAML: {name: key, ...} (a mounted Secret)
@@ -73,7 +73,7 @@ def review_keys() -> dict[str, str]:
 class ReviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    action: Literal["confirm", "correct", "out_of_scope", "skip"]
+    action: Action
     label: str | None = Field(None, max_length=200, description="The right intent, for `correct`.")
     new_intent: bool = Field(False, description="Accept a label the model does not know as a new intent.")
 

@@ -287,10 +287,6 @@ class Store:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def ping(self) -> None:
-        with self._connection("connect") as conn:
-            conn.execute(select(1))
-
     # -- capture --------------------------------------------------------------------------------
 
     def add(self, captures: Sequence[Capture]) -> int:
