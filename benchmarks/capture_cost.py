@@ -14,14 +14,17 @@ Writes results/capture_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import signal
 import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 from cpu_serving import routing_policy, run_levels
 from serve_load import serve_pids, start_serve, write_results
 
@@ -37,13 +40,34 @@ def arms(store: str) -> dict[str, dict]:
     }
 
 
+def capture_totals(url: str, polls: int = 30) -> dict | None:
+    """Written and lost over the Ingress replicas, from /readyz once the load has stopped and a
+    flush has passed: each answer is one replica's view, static by then, so the distinct
+    answers are the replicas'."""
+    time.sleep(3)
+    seen = set()
+    for _ in range(polls):
+        capture = httpx.get(f"{url}/readyz", timeout=10).json().get("capture")
+        if capture is None:
+            return None
+        seen.add((capture["written"], capture["lost"], capture["pending"]))
+    return {
+        "replicas_seen": len(seen),
+        "written": sum(w for w, _, _ in seen),
+        "lost": sum(lost for _, lost, _ in seen),
+        "pending": sum(p for _, _, p in seen),
+    }
+
+
 def run_arm(
     model_dir: str, overrides: dict, args: argparse.Namespace, log: Path, texts: list[str]
-) -> list[dict]:
+) -> tuple[list[dict], dict | None]:
     proc, _ = start_serve(model_dir, args.port, log, overrides)
+    url = f"http://127.0.0.1:{args.port}"
     try:
         plan = [(c, 1) for c in args.concurrency]
-        return run_levels(f"http://127.0.0.1:{args.port}", texts, plan, args.seconds, serve_pids())
+        levels = run_levels(url, texts, plan, args.seconds, serve_pids())
+        return levels, capture_totals(url)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -95,6 +119,13 @@ def markdown(r: dict) -> str:
         row["p50_ms"] - off[row["concurrency"]]["p50_ms"] for row in r["rows"] if row["concurrency"] == 1
     )
     verdict = "met" if worst <= TARGET_P50_MS else "not met"
+    for arm, totals in r["capture"].items():
+        runs = "; ".join(
+            f"{t['written']} written, {t['lost']} lost, {t['pending']} pending ({t['replicas_seen']} Ingress "
+            "replicas seen)"
+            for t in totals
+        )
+        lines.append(f"\nCapture {arm}, per run (from /readyz after the load): {runs}.")
     lines += [
         "",
         f"Target: p50 within {TARGET_P50_MS:g} ms of capture off at concurrency 1: **{verdict}** "
@@ -127,12 +158,16 @@ def main() -> None:
     store = f"sqlite:///{scratch / 'capture.db'}"
     policy = str(routing_policy(version.labels, scratch / "policy.yaml"))
     runs: dict[str, list[list[dict]]] = {}
+    captured: dict[str, list[dict]] = {}  # per arm with capture on, per run: written and lost
     for repeat in range(args.repeats):
         for arm, overrides in arms(store).items():
             print(f"== {arm} (run {repeat + 1})", flush=True)
             log = scratch / f"serve-{len(runs.get(arm, []))}-{arm.split(',')[0]}.log"
-            levels = run_arm(model_dir, {**overrides, "routing_policy": policy}, args, log, texts)
+            levels, totals = run_arm(model_dir, {**overrides, "routing_policy": policy}, args, log, texts)
             runs.setdefault(arm, []).append(levels)
+            if totals is not None:
+                print(json.dumps({"arm": arm, **totals}), flush=True)
+                captured.setdefault(arm, []).append(totals)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
         "model": version.spec,
@@ -140,6 +175,7 @@ def main() -> None:
         "repeats": args.repeats,
         "captured": Store(store).tally().captured,
         "rows": summarise(runs),
+        "capture": captured,
         "runs": runs,
     }
     write_results(args.results, "capture_cost", "", result, markdown(result))

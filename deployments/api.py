@@ -9,7 +9,7 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -309,11 +309,15 @@ class Job:
 
 @dataclass
 class Answer:
-    versions: str  # the model version(s) that answered, comma-separated
     predictions: list[Prediction]
-    answered_by: list[str] = field(default_factory=list)  # each text's version (a canary: two)
+    answered_by: list[str]  # each text's model version (mid-switch or under a canary: two)
     decisions: list[dict] | None = None
     error: Exception | None = None  # a classifier call that failed this request's texts
+
+    @property
+    def versions(self) -> str:
+        """The model version(s) that answered, comma-separated."""
+        return ",".join(sorted(set(self.answered_by)))
 
 
 def job_texts(jobs: list[Job]) -> int:
@@ -570,11 +574,11 @@ class Ingress:
         for job in jobs:
             mine, start = scored[start : start + len(job.texts)], start + len(job.texts)
             if failed := next((x for x in mine if isinstance(x, Exception)), None):
-                answers.append(Answer("", [], error=failed))
+                answers.append(Answer([], [], error=failed))
                 continue
             # A request's texts may be scored by two versions mid-way through a switch.
             by = [version for version, _ in mine]
-            answers.append(Answer(",".join(sorted(set(by))), [prediction for _, prediction in mine], by))
+            answers.append(Answer([prediction for _, prediction in mine], by))
         routed = [
             (answer, job.top_k)
             for answer, job in zip(answers, jobs, strict=True)
