@@ -19,7 +19,7 @@ from deployments.routing import decide, load_policy
 from transferdesk.modeling import IntentModel
 
 MODEL = IntentModel.from_pretrained(os.environ["PEER_MODEL"], "cpu", os.environ.get("PEER_RUNTIME", "torch"))
-POLICY = load_policy(os.environ["PEER_POLICY"], MODEL.labels)
+POLICY = load_policy(os.environ["PEER_POLICY"], MODEL.labels, MODEL.tasks)
 KEY = os.environ.get("PEER_KEY", "").encode()
 TOP_K = 3
 

@@ -124,11 +124,24 @@ class Alternative(BaseModel):
     confidence: float
 
 
+class TaskAnswer(BaseModel):
+    label: str
+    confidence: float
+
+
+TASKS_FIELD = Field(
+    default_factory=dict,
+    description="Each other head's answer by task (urgency, sentiment …), from the same encoder pass; "
+    "empty for a model of the intent alone. GET /v1/model lists the heads and their labels.",
+)
+
+
 class Classification(BaseModel):
     intent: str
     confidence: float
     out_of_scope: bool = Field(description="Confidence below the model's calibrated threshold.")
     alternatives: list[Alternative]
+    tasks: dict[str, TaskAnswer] = TASKS_FIELD
 
 
 class ClassifyResponse(BaseModel):
@@ -142,9 +155,11 @@ class Decision(BaseModel):
     confidence: float
     destination: str
     priority: Priority
-    handoff: bool = Field(description="Goes to the human-agent fallback.")
-    reason: Literal["intent", "default", "low_confidence", "out_of_scope", "no_route"]
+    handoff: bool = Field(description="Goes to people: the human-agent fallback, or a rule's queue.")
+    reason: Literal["intent", "default", "low_confidence", "out_of_scope", "no_route", "rule"]
+    rule: str | None = Field(None, description="The policy rule that chose the queue (reason `rule`).")
     alternatives: list[Alternative]
+    tasks: dict[str, TaskAnswer] = TASKS_FIELD
 
 
 class RouteResponse(BaseModel):
@@ -169,6 +184,7 @@ class ModelInfo(BaseModel):
     name: str | None
     version: str
     labels: list[str]
+    tasks: dict[str, list[str]] = Field(description="Other heads beside the intent's: task → labels.")
     threshold: float
     runtime: str = Field(description="What the forward pass runs on: torch, onnx or onnx-int8.")
     metrics: dict[str, float]
@@ -623,6 +639,7 @@ class Ingress:
                 confidence=p.confidence,
                 out_of_scope=p.out_of_scope,
                 alternatives=[Alternative(intent=i, confidence=c) for i, c in p.alternatives[:k]],
+                tasks={task: TaskAnswer(label=label, confidence=c) for task, (label, c) in p.tasks.items()},
             )
             for p in predictions
         ]

@@ -196,7 +196,7 @@ class Classifier:
         export's, for an ONNX runtime), a forward pass, the routing policy (every intent it
         predicts is routed) and the tokenizer."""
         new = Served.load(path, self.device, self.precision, runtime, self.threads)
-        load_policy(self.policy_path, new.version.labels)
+        load_policy(self.policy_path, new.version.labels, new.version.tasks)
         if new.version.tokenizer_sha256 != self.served.version.tokenizer_sha256:
             raise TransferDeskError(
                 f"{new.version.spec} uses another tokenizer than the served model; deploy it as a "
@@ -388,7 +388,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # same version directory. Fails fast on a missing or damaged model.
     version = open_version(settings.model)
     choose_runtime(version, settings.runtime, settings.device)  # an ONNX runtime without an export
-    load_policy(settings.routing_policy, version.labels)  # and on a bad routing policy
+    load_policy(settings.routing_policy, version.labels, version.tasks)  # and on a bad routing policy
     tokenizer = Tokenizer.bind(str(version.path))
     classifier = Classifier.bind(
         str(version.path),

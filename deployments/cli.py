@@ -195,7 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "(Ctrl-C stops it). When it says the application is RUNNING, try:\n\n"
         + (f"  export {KEYS_ENV}={env[KEYS_ENV]}\n" if auth and KEYS_ENV in env else "")
         + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
-        """-d '{"text": "where is my parcel? it was due on monday"}'\n\n"""
+        """-d '{"text": "where is my parcel?? it was due on monday, this is ridiculous"}'\n\n"""
         f"The Serve config is {f.name}: to switch models in place, `serve deploy` a copy of it "
         "with `model:` added to the Classifier's user_config. Replica logs (JSON, with request "
         "ids) are under /tmp/ray/session_latest/logs/serve/.\n",

@@ -1,10 +1,12 @@
 """The routing policy: which queue (team, skill) and priority each intent goes to, and when a
-message goes to a human agent instead. Plain functions; the Router deployment wraps them."""
+message goes to a human agent instead; with a model of several heads, rules on the other
+tasks' answers (negative sentiment to a named queue) and the priority from one of them (the
+urgency head). Plain functions; the Router deployment wraps them."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError
@@ -14,11 +16,39 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.prediction import Prediction
 
 Priority = Literal["low", "normal", "high", "urgent"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
 
 
 class Route(Section):
     destination: str = Field(min_length=1, description="Queue, team or skill name.")
     priority: Priority = "normal"
+
+
+class Rule(Section):
+    """Where a message goes when another head's answer says so (checked in order, after the
+    out-of-scope and min_confidence checks, before the intent's route)."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The decision's `rule` when it fires."
+    )
+    task: str = Field(description="The head, e.g. sentiment.")
+    label: str = Field(description="Its answer that fires the rule, e.g. negative.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Fires only at this confidence or above.")
+    route: Route
+    handoff: bool = Field(True, description="The queue is staffed by people: the decision is a hand-off.")
+
+
+class PriorityFrom(Section):
+    """The priority a head gives (the urgency head): the higher of it and the route's."""
+
+    task: str = Field(description="The head, e.g. urgency.")
+    min_confidence: float = Field(0.5, ge=0, le=1, description="Below this the route's priority stands.")
+    levels: dict[str, Priority] | None = Field(
+        None, description="The head's label → priority; unset: the labels are priorities (low … urgent)."
+    )
+
+    def level(self, label: str) -> str | None:
+        return (self.levels or {}).get(label, label if label in PRIORITIES else None)
 
 
 class RoutingPolicy(Section):
@@ -33,11 +63,16 @@ class RoutingPolicy(Section):
     fallback: Route = Field(description="Where low-confidence and out-of-scope messages go: human agents.")
     default: Route | None = Field(None, description="Route for intents not listed; unset: list every intent.")
     routes: dict[str, Route] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list, description="Rules on other heads' answers, in order.")
+    priority_from: PriorityFrom | None = Field(None, description="Raise priorities from a head's answer.")
 
 
-def load_policy(path: str | Path, labels: list[str] | None = None) -> RoutingPolicy:
-    """Read and validate a policy, and against a model's intents when given (every intent
-    routed, no route for an intent the model does not know)."""
+def load_policy(
+    path: str | Path, labels: list[str] | None = None, tasks: dict[str, list[str]] | None = None
+) -> RoutingPolicy:
+    """Read and validate a policy, and against a model's intents and other heads (task →
+    labels) when given: every intent routed, no route for an intent the model does not know,
+    no rule on a head or label it lacks, a priority for each label of the priority head."""
     try:
         policy = RoutingPolicy.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except OSError as err:
@@ -56,16 +91,47 @@ def load_policy(path: str | Path, labels: list[str] | None = None) -> RoutingPol
         raise TransferDeskError(
             f"routing policy {path} has no route for {', '.join(unrouted)}; add them or set `default`"
         )
+    _check_heads(policy, path, tasks or {})
     return policy
 
 
+def _check_heads(policy: RoutingPolicy, path: str | Path, tasks: dict[str, list[str]]) -> None:
+    heads = ", ".join(f"{task} ({', '.join(labels)})" for task, labels in tasks.items()) or "none"
+    for rule in policy.rules:
+        if rule.task not in tasks:
+            raise TransferDeskError(
+                f"routing policy {path}: rule {rule.name} uses head {rule.task!r}, which the model "
+                f"does not have; its other heads: {heads}"
+            )
+        if rule.label not in tasks[rule.task]:
+            raise TransferDeskError(
+                f"routing policy {path}: rule {rule.name} waits for {rule.task} {rule.label!r}, a label "
+                f"the model's {rule.task} head does not give ({', '.join(tasks[rule.task])})"
+            )
+    if (source := policy.priority_from) is not None:
+        if source.task not in tasks:
+            raise TransferDeskError(
+                f"routing policy {path}: priority_from uses head {source.task!r}, which the model does "
+                f"not have; its other heads: {heads}"
+            )
+        if missing := [label for label in tasks[source.task] if source.level(label) is None]:
+            raise TransferDeskError(
+                f"routing policy {path}: priority_from {source.task}: no priority for {', '.join(missing)}; "
+                f"map them under `levels` to one of {', '.join(PRIORITIES)}"
+            )
+
+
 def decide(policy: RoutingPolicy, prediction: Prediction, alternatives: int) -> dict:
-    """One routing decision from the model's prediction (its out-of-scope flag included)."""
+    """One routing decision from the model's prediction (its out-of-scope flag and other heads'
+    answers included)."""
     intent, confidence = prediction.intent, prediction.confidence
+    rule = None
     if prediction.out_of_scope:
         reason, route = "out_of_scope", policy.fallback
     elif confidence < policy.min_confidence:
         reason, route = "low_confidence", policy.fallback
+    elif (rule := _fired(policy, prediction)) is not None:
+        reason, route = "rule", rule.route
     elif intent in policy.routes:
         reason, route = "intent", policy.routes[intent]
     elif policy.default is not None:
@@ -76,9 +142,33 @@ def decide(policy: RoutingPolicy, prediction: Prediction, alternatives: int) -> 
         "intent": intent,
         "confidence": confidence,
         "destination": route.destination,
-        "priority": route.priority,
-        "handoff": route is policy.fallback,
+        "priority": _priority(policy, prediction, route.priority),
+        "handoff": route is policy.fallback or (rule is not None and rule.handoff),
         "reason": reason,
+        "rule": rule.name if rule else None,
         "alternatives": [{"intent": i, "confidence": c} for i, c in prediction.alternatives[:alternatives]],
+        "tasks": {task: {"label": label, "confidence": c} for task, (label, c) in prediction.tasks.items()},
         "policy_version": policy.version,
     }
+
+
+def _fired(policy: RoutingPolicy, prediction: Prediction) -> Rule | None:
+    """The first rule whose head gave its label at its confidence (a head the model lacks,
+    after a policy edit, fires nothing)."""
+    for rule in policy.rules:
+        label, confidence = prediction.tasks.get(rule.task, (None, 0.0))
+        if label == rule.label and confidence >= rule.min_confidence:
+            return rule
+    return None
+
+
+def _priority(policy: RoutingPolicy, prediction: Prediction, priority: str) -> str:
+    """The route's priority, raised to the priority head's where it is confident enough."""
+    source = policy.priority_from
+    if source is None or source.task not in prediction.tasks:
+        return priority
+    label, confidence = prediction.tasks[source.task]
+    level = source.level(label)
+    if confidence < source.min_confidence or level is None:
+        return priority
+    return max(priority, level, key=PRIORITIES.index)

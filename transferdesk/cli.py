@@ -134,7 +134,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -156,7 +156,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     version = open_version(args.model)
     model = IntentModel.from_pretrained(version, args.device, args.runtime)
     data_cfg = version.config.data
-    ds, problems = read_dataset(args.data, data_cfg.text_column, data_cfg.label_column)
+    ds, problems = read_dataset(
+        args.data, data_cfg.text_column, data_cfg.label_column, data_cfg.task_columns()
+    )
     raise_on_errors(problems + check_eval_data(ds, model.labels, model.oos_label))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.output) if args.output else version.evaluation_dir(f"{Path(args.data).stem}-{stamp}")
@@ -190,6 +192,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
             "intent": p.label,
             "out_of_scope": p.out_of_scope,
             "top": [{"intent": lab, "confidence": round(c, 4)} for lab, c in p.ranked],
+            **(
+                {"tasks": {t: {"label": lab, "confidence": round(c, 4)} for t, (lab, c) in p.tasks.items()}}
+                if p.tasks
+                else {}
+            ),
         }
         for text, p in zip(texts, model.predict(texts, args.top_k), strict=True)
     ]
@@ -198,6 +205,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         return
     for row in rows:
         print(f"{row['text']}\n  → {row['intent']}" + ("  (below threshold)" if row["out_of_scope"] else ""))
+        for task, answer in row.get("tasks", {}).items():
+            print(f"    {task}: {answer['label']} ({answer['confidence']:.1%})")
         for alt in row["top"]:
             print(f"    {alt['confidence']:6.1%}  {alt['intent']}")
 
@@ -213,16 +222,29 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from transferdesk.data import check_eval_data, check_training_data, read_dataset, summarize
+    from transferdesk.data import Problem, check_eval_data, check_training_data, read_dataset, summarize
 
-    ds, problems = read_dataset(args.file, args.text_column, args.label_column)
+    tasks = {column: column for column in args.tasks}
+    ds, problems = read_dataset(args.file, args.text_column, args.label_column, tasks)
     if args.against:
         train, found = read_dataset(args.against, args.text_column, args.label_column)
         problems += check_eval_data(ds, train.intents, args.oos_label)
     else:
         _, found = check_training_data(ds, args.oos_label)
         problems += found
-    summary = summarize(ds, args.oos_label)
+    problems += [
+        Problem("error", args.file, None, f"no column {column!r} (--tasks)")
+        for column in tasks
+        if column not in ds.tasks
+    ]
+    tokenizer = None
+    if args.backbone.lower() != "none":
+        from transformers import AutoTokenizer
+
+        from transferdesk.network import resolve_backbone
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.backbone))
+    summary = summarize(ds, args.oos_label, tokenizer)
     if args.json:
         _print_json({**summary, "problems": [vars(p) for p in problems]})
     else:
@@ -236,9 +258,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             width = max(len(k) for k in counts)
             for intent, n in counts.items():
                 print(f"  {intent:<{width}}  {n:>5}  {'#' * min(n, 40)}")
-        for unit in ("chars", "words"):
-            s = summary[unit]
-            print(f"length in {unit}: min {s['min']}, mean {s['mean']}, p95 {s['p95']}, max {s['max']}")
+        for task, classes in summary["tasks"].items():
+            print(f"{task}: " + ", ".join(f"{label} {n}" for label, n in classes.items()))
+        for unit in ("chars", "tokens", "words"):
+            if s := summary.get(unit):
+                print(f"length in {unit}: min {s['min']}, mean {s['mean']}, p95 {s['p95']}, max {s['max']}")
+        if "words" not in summary:
+            print(
+                "(no word counts: most messages have no spaces, as in Chinese; characters and tokens count)"
+            )
         errors = sum(p.severity == "error" for p in problems)
         print(f"\n{errors} error(s), {len(problems) - errors} warning(s)")
         for p in problems:
@@ -448,6 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--text-column", default="text", help="[default: text]")
     check.add_argument("--label-column", default="label", help="[default: label]")
     check.add_argument("--oos-label", default="oos", help="out-of-scope label [default: oos]")
+    check.add_argument(
+        "--tasks", nargs="+", default=[], metavar="COLUMN", help="other tasks' label columns to summarise"
+    )
+    check.add_argument(
+        "--backbone",
+        default="all-MiniLM-L6-v2",
+        help="whose tokenizer counts the tokens (what model.max_length cuts); none: no token counts "
+        "[default: %(default)s]",
+    )
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_data_check)
 
@@ -499,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Messages and labels in any script: a terminal or pipe that cannot show a character gets
+    # its escape, never a UnicodeEncodeError halfway through the output.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

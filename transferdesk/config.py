@@ -6,6 +6,7 @@ stored inside every registry version, and reused by Ray Tune and Ray Serve.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
@@ -21,6 +22,29 @@ class Section(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# A task's name: a head's name in files, API answers and routing rules.
+TASK_NAME = r"^[a-z][a-z0-9_]*$"
+# Reserved task names: the intent task itself, and the joint source stage's head.
+INTENT_TASK, SOURCE_TASK = "intent", "source"
+
+
+class TaskConfig(Section):
+    """A classification task beside the intent (urgency, sentiment, product line …): a head of
+    its own on the shared encoder, trained jointly with the intent head."""
+
+    column: str | None = Field(None, description="Label column (or JSONL key); unset: the task's name.")
+    train: str | None = Field(
+        None,
+        description="A training file of the task's own (text column + this column), its rows "
+        "trained on this head alone; unset: the column of data.train (rows with it empty do not "
+        "train this head).",
+    )
+    weight: float = Field(1.0, gt=0, description="Loss weight, against the intent task's 1.")
+
+    def label_column(self, name: str) -> str:
+        return self.column or name
 
 
 class DataConfig(Section):
@@ -62,11 +86,36 @@ class DataConfig(Section):
     valid_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of training data held out when no valid file is given."
     )
+    tasks: dict[str, TaskConfig] = Field(
+        {},
+        description="Tasks beside the intent, each a head on the shared encoder: name → settings "
+        "(a list of names takes each from the column of that name).",
+    )
 
     @field_validator("extra_train", mode="before")
     @classmethod
     def _one_file(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _names_alone(cls, value: Any) -> Any:
+        return {name: {} for name in value} if isinstance(value, list | tuple) else value
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        for name in value:
+            if not re.fullmatch(TASK_NAME, name) or name in (INTENT_TASK, SOURCE_TASK):
+                raise ValueError(
+                    f"task name {name!r}: lower-case letters, digits and _, starting with a letter, "
+                    f"and not {INTENT_TASK!r} or {SOURCE_TASK!r}"
+                )
+        return value
+
+    def task_columns(self) -> dict[str, str]:
+        """Task → its label column, as evaluation files carry them."""
+        return {name: task.label_column(name) for name, task in self.tasks.items()}
 
 
 class ModelConfig(Section):
@@ -121,6 +170,17 @@ class SourceStageConfig(StageConfig):
     encoder_lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate of the encoder.")
     head_lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate of the linear head.")
     patience: int = Field(2, ge=1, description="Stop after this many epochs without improving.")
+    mode: Literal["sequential", "joint"] = Field(
+        "sequential",
+        description="sequential: a source stage first, then the target stage from its encoder. "
+        "joint: the source task trains at the same time as the target, as a task with a head of "
+        "its own (batch_size source rows beside each target batch, at `weight`); the other "
+        "settings here are the sequential stage's.",
+    )
+    weight: float = Field(0.5, gt=0, description="joint: the source task's loss weight.")
+    keep_head: bool = Field(
+        False, description="joint: publish the source head too (as task `source`); false drops it."
+    )
 
 
 class SemiSupervisedConfig(Section):

@@ -67,10 +67,14 @@ class Problem:
 
 @dataclass
 class Dataset:
+    """Labelled messages: the intent of each (`labels`), and the labels of other tasks where
+    the file has their columns (`tasks`: task → label per row, None where the row has none)."""
+
     texts: list[str]
     labels: list[str]
     rows: list[int] = field(default_factory=list)  # line in the file, for messages
     path: str = "<memory>"
+    tasks: dict[str, list[str | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.rows:
@@ -92,12 +96,26 @@ class Dataset:
             [self.labels[i] for i in indices],
             [self.rows[i] for i in indices],
             self.path,
+            {task: [labels[i] for i in indices] for task, labels in self.tasks.items()},
         )
 
     def plus(self, other: Dataset) -> Dataset:
-        """This data and then `other`'s rows (their line numbers are their own file's)."""
+        """This data and then `other`'s rows (their line numbers are their own file's); a task
+        only one of them has is unlabelled on the other's rows."""
+        tasks = {
+            task: self.tasks.get(task, [None] * len(self)) + other.tasks.get(task, [None] * len(other))
+            for task in {**self.tasks, **other.tasks}
+        }
         return Dataset(
-            self.texts + other.texts, self.labels + other.labels, self.rows + other.rows, self.path
+            self.texts + other.texts, self.labels + other.labels, self.rows + other.rows, self.path, tasks
+        )
+
+    def task(self, name: str) -> Dataset:
+        """The rows labelled for task `name`, with its labels as theirs."""
+        labels = self.tasks.get(name, [])
+        keep = [i for i, label in enumerate(labels) if label is not None]
+        return Dataset(
+            [self.texts[i] for i in keep], [labels[i] for i in keep], [self.rows[i] for i in keep], self.path
         )
 
     def without(self, label: str) -> Dataset:
@@ -150,19 +168,19 @@ Record = tuple  # (line number, value of each wanted column)
 
 def _read_delimited(
     lines: list[str], delimiter: str, name: str, columns: tuple[str, ...], hint: str
-) -> tuple[list[Record], list[Problem]]:
+) -> tuple[list[Record], list[Problem], set[str]]:
     reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
     header = reader.fieldnames or []
     missing = [c for c in columns if c not in header]
     if missing:
         raise _missing_columns(name, missing, list(header), hint)
     records = [(reader.line_num, *(r.get(c) for c in columns)) for r in reader]
-    return records, []
+    return records, [], set(header)
 
 
 def _read_jsonl(
     lines: list[str], name: str, columns: tuple[str, ...], hint: str
-) -> tuple[list[Record], list[Problem]]:
+) -> tuple[list[Record], list[Problem], set[str]]:
     records, problems = [], []
     keys: set[str] = set()
     for number, line in enumerate(lines, start=1):
@@ -181,38 +199,60 @@ def _read_jsonl(
     missing = [c for c in columns if c not in keys]
     if records and missing:
         raise _missing_columns(name, missing, sorted(keys), hint)
-    return records, problems
+    return records, problems, keys
 
 
 def _read_records(
     lines: list[str], suffix: str, name: str, columns: tuple[str, ...], hint: str = COLUMN_HINT
-) -> tuple[list[Record], list[Problem]]:
+) -> tuple[list[Record], list[Problem], set[str]]:
+    """Records of `columns`, problems, and the columns the file has."""
     if suffix == ".jsonl":
         return _read_jsonl(lines, name, columns, hint)
     if suffix == ".txt":
-        return [(n, line) for n, line in enumerate(lines, start=1)], []
+        return [(n, line) for n, line in enumerate(lines, start=1)], [], set()
     return _read_delimited(lines, "\t" if suffix == ".tsv" else ",", name, columns, hint)
 
 
+def _task_label(value: object, name: str, row: int, task: str, problems: list[Problem]) -> str | None:
+    """A task's label of one row: None when empty (the row does not train that task)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str | int) or isinstance(value, bool):
+        problems.append(Problem("error", name, row, f"{task} label is not a string: {value!r}"))
+        return None
+    return str(value).strip()
+
+
 def read_dataset(
-    path: str | Path, text_column: str = "text", label_column: str = "label"
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    task_columns: dict[str, str] | None = None,
 ) -> tuple[Dataset, list[Problem]]:
-    """Read a file; rows with problems are left out and reported, never silently dropped."""
+    """Read a file; rows with problems are left out and reported, never silently dropped.
+    `task_columns` (task → column): the labels of other tasks, from the columns the file has."""
     resolved = resolve_path(path)
     name = str(path)
     problems: list[Problem] = []
     lines = _decode_lines(resolved.read_bytes(), name, problems)
-    records, more = _read_records(lines, resolved.suffix.lower(), name, (text_column, label_column))
+    suffix = resolved.suffix.lower()
+    header = _read_records(lines, suffix, name, (), COLUMN_HINT)[2] if task_columns else set()
+    tasks = {task: column for task, column in (task_columns or {}).items() if column in header}
+    columns = (text_column, label_column, *tasks.values())
+    records, more, _ = _read_records(lines, suffix, name, columns)
     problems += more
     texts, labels, rows = [], [], []
-    for row, text, label in records:
+    task_labels: dict[str, list[str | None]] = {task: [] for task in tasks}
+    for row, text, label, *others in records:
         if _check_row(text, label, name, row, problems):
             texts.append(str(text).strip())
             labels.append(str(label).strip())
             rows.append(row)
+            for task, value in zip(tasks, others, strict=True):
+                task_labels[task].append(_task_label(value, name, row, task, problems))
     if not texts:
         problems.append(Problem("error", name, None, "no usable rows"))
-    return Dataset(texts, labels, rows, name), problems
+    return Dataset(texts, labels, rows, name, task_labels), problems
 
 
 def normalise(text: str) -> str:
@@ -266,7 +306,7 @@ def load_pool(
     lines = _decode_lines(raw, name, problems, severity="warning")
     bad_lines = {p.row for p in problems}
     hint = "data.unlabelled_column (--data.unlabelled_column NAME)"
-    records, more = _read_records(lines, resolved.suffix.lower(), name, (column,), hint)
+    records, more, _ = _read_records(lines, resolved.suffix.lower(), name, (column,), hint)
     problems += more
     if resolved.suffix.lower() == ".txt" and records and not records[-1][1].strip():
         records.pop()  # the newline that ends the file
@@ -335,7 +375,7 @@ def load_pool(
 
 
 def check_training_data(
-    ds: Dataset, oos_label: str, min_per_intent: int = 2
+    ds: Dataset, oos_label: str | None, min_per_intent: int = 2
 ) -> tuple[Dataset, list[Problem]]:
     """Duplicates are dropped (warning); conflicting labels and tiny intents are errors."""
     problems: list[Problem] = []
@@ -367,7 +407,7 @@ def check_training_data(
                 )
             )
     cleaned = ds.subset(keep)
-    if oos_label in cleaned.labels:
+    if oos_label is not None and oos_label in cleaned.labels:
         problems.append(
             Problem(
                 "warning",
@@ -427,9 +467,16 @@ def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     return ds.subset(sorted(train_idx)), ds.subset(sorted(valid_idx))
 
 
-def summarize(ds: Dataset, oos_label: str = "oos") -> dict:
+# Words are counted only where most messages have spaces between them: Chinese or Japanese
+# text has none, and its "words" would be whole messages.
+SPACED_SHARE = 0.5
+
+
+def summarize(ds: Dataset, oos_label: str = "oos", tokenizer: object | None = None) -> dict:
+    """Rows, intents, examples per intent, each task's classes, and lengths: in characters, in
+    tokens of `tokenizer` (what max_length cuts), and in words for text written with spaces."""
     chars = [len(t) for t in ds.texts] or [0]
-    words = [len(t.split()) for t in ds.texts] or [0]
+    spaced = sum(len(t.split()) > 1 for t in ds.texts) >= SPACED_SHARE * max(len(ds), 1)
     counts = ds.counts()
     in_scope = {k: v for k, v in counts.items() if k != oos_label}
 
@@ -448,8 +495,14 @@ def summarize(ds: Dataset, oos_label: str = "oos") -> dict:
         "intents": len(in_scope),
         "out_of_scope_rows": counts.get(oos_label, 0),
         "examples_per_intent": dict(sorted(in_scope.items())),
+        "tasks": {task: dict(sorted(ds.task(task).counts().items())) for task in ds.tasks},
         "chars": stats(chars),
-        "words": stats(words),
+        **(
+            {"tokens": stats([len(ids) for ids in tokenizer(ds.texts)["input_ids"]] or [0])}
+            if tokenizer
+            else {}
+        ),
+        **({"words": stats([len(t.split()) for t in ds.texts] or [0])} if spaced else {}),
     }
 
 
@@ -481,14 +534,73 @@ class Splits:
     test: Dataset | None
     source: Dataset | None
     pool: Pool | None = None
+    # Tasks with a training file of their own: task → (train, valid), the task's labels as labels.
+    own: dict[str, tuple[Dataset, Dataset]] = field(default_factory=dict)
 
     @property
     def intents(self) -> list[str]:
         return self.train.intents
 
+    def task_labels(self) -> dict[str, list[str]]:
+        """Each task's classes (its head's outputs, in order), from all its training rows."""
+        found: dict[str, set[str]] = {task: set(self.train.task(task).labels) for task in self.train.tasks}
+        for task, (train, _) in self.own.items():
+            found.setdefault(task, set()).update(train.labels)
+        return {task: sorted(labels) for task, labels in found.items()}
+
 
 def _read_checked(path: str, cfg: DataConfig) -> tuple[Dataset, list[Problem]]:
-    return read_dataset(path, cfg.text_column, cfg.label_column)
+    return read_dataset(path, cfg.text_column, cfg.label_column, cfg.task_columns())
+
+
+def check_tasks(ds: Dataset, cfg: DataConfig) -> list[Problem]:
+    """Each task trained from this file's column: the column is there, and each of its classes
+    has two rows at least (rows without a label are fine: they do not train that head)."""
+    problems = []
+    for task, settings in cfg.tasks.items():
+        if settings.train is not None:
+            continue
+        column = settings.label_column(task)
+        if task not in ds.tasks:
+            problems.append(
+                Problem(
+                    "error",
+                    ds.path,
+                    None,
+                    f"no column {column!r} for task {task!r}; add it, or set data.tasks.{task}.column "
+                    f"(or .train, a file of its own)",
+                )
+            )
+            continue
+        problems += _task_classes(ds.task(task), task, ds.path)
+    return problems
+
+
+def _task_classes(ds: Dataset, task: str, path: str) -> list[Problem]:
+    if len(ds.intents) < 2:
+        found = ", ".join(ds.intents) or "none"
+        return [Problem("error", path, None, f"task {task!r} needs two classes at least; found {found}")]
+    return [
+        Problem("error", path, None, f"{task} class {label!r} has {n} example; each needs at least 2")
+        for label, n in sorted(ds.counts().items())
+        if n < 2
+    ]
+
+
+def _own_task_data(
+    task: str, path: str, column: str, cfg: DataConfig, evaluation: set[str], seed: int
+) -> tuple[tuple[Dataset, Dataset], list[Problem]]:
+    """A task's own training file, checked (duplicates, conflicts, classes; no validation or
+    test text), and split for validation."""
+    raw, problems = read_dataset(path, cfg.text_column, column)
+    # No label of a task is out-of-scope: nothing is set aside here.
+    ds, found = check_training_data(raw, oos_label=None, min_per_intent=2)
+    keep = [i for i, text in enumerate(ds.texts) if text not in evaluation]
+    if dropped := len(ds) - len(keep):
+        problems.append(Problem("warning", path, None, f"{dropped} validation or test texts; dropped"))
+    ds = ds.subset(keep)
+    problems += found + _task_classes(ds, task, path)
+    return stratified_split(ds, cfg.valid_fraction, seed), problems
 
 
 def _with_extra(
@@ -579,6 +691,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         problems += found
         train, found = _with_extra(train, raw_extra, cfg.oos_label, evaluation)
         problems += found
+    problems += check_tasks(train, cfg)
+    own = {}
+    for task, settings in cfg.tasks.items():
+        if settings.train is not None:
+            column = settings.label_column(task)
+            own[task], found = _own_task_data(task, settings.train, column, cfg, evaluation, seed)
+            problems += found
     source = None
     if cfg.source:
         raw_source, found = _read_checked(cfg.source, cfg)
@@ -592,4 +711,4 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         pool, found = load_pool(cfg.unlabelled, column, train, evaluation, cfg.unlabelled_max_rows, seed)
         problems += found
     raise_on_errors(problems)
-    return Splits(train, valid, test, source, pool)
+    return Splits(train, valid, test, source, pool, own)

@@ -1,9 +1,14 @@
-"""Scoring a classifier: accuracy, macro-F1, per-intent P/R/F1, out-of-scope detection, speed."""
+"""Scoring a classifier: accuracy, macro-F1, per-intent P/R/F1, out-of-scope detection, speed;
+and each other task's head (accuracy, macro-F1, per-class P/R/F1, confusion) where the data
+has its labels."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +17,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_f
 from transferdesk.data import Dataset
 from transferdesk.modeling import IntentModel
 
+log = logging.getLogger(__name__)
 # Single-request latency is sampled on this many utterances: enough for a stable p95.
 LATENCY_SAMPLES = 50
 # An evaluation's files (a registry version's test/ holds these too, written by this module).
@@ -80,7 +86,7 @@ def evaluate(model: IntentModel, ds: Dataset, batch_size: int = 64, progress: bo
     """All metrics for one labelled file; out-of-scope metrics when it has rows labelled with
     the model's out-of-scope label."""
     start = time.perf_counter()
-    probs = model.predict_proba(ds.texts, batch_size, progress)
+    probs, task_probs = model.predict_heads(ds.texts, batch_size, progress)
     predict_seconds = time.perf_counter() - start
     # Scored as the data allows: with out-of-scope rows the threshold is part of the task
     # (a message below it counts as predicted out-of-scope); without them, plain argmax.
@@ -97,10 +103,38 @@ def evaluate(model: IntentModel, ds: Dataset, batch_size: int = 64, progress: bo
     )
     if has_oos:
         metrics.update(oos_metrics(ds.labels, probs, pred, oos_label))
+    if tasks := task_metrics(model, ds, task_probs):
+        metrics["tasks"] = tasks
     metrics["speed"] = measure_speed(model, ds.texts, batch_size)
     metrics["speed"]["predict_seconds"] = predict_seconds
     metrics["predictions"] = pred
     return metrics
+
+
+def task_metrics(model: IntentModel, ds: Dataset, task_probs: dict[str, np.ndarray]) -> dict:
+    """Each other task's scores over the rows the data labels for it (`predictions`: the
+    head's answer on each of those rows, in order)."""
+    out = {}
+    for task, probs in task_probs.items():
+        truth = ds.tasks.get(task, [])
+        rows = [i for i, label in enumerate(truth) if label is not None]
+        if not rows:
+            continue
+        names = model.tasks[task]
+        pred = [names[j] for j in probs[rows].argmax(axis=1)]
+        scores = classification_metrics([truth[i] for i in rows], pred, names)
+        out[task] = {**scores, "rows": len(rows), "predictions": pred}
+    return out
+
+
+def scores_alone(metrics: dict) -> dict:
+    """An evaluation's figures without its per-row predictions (the intent's and each task's)."""
+    saved = {k: v for k, v in metrics.items() if k != "predictions"}
+    if "tasks" in saved:
+        saved["tasks"] = {
+            t: {k: v for k, v in m.items() if k != "predictions"} for t, m in saved["tasks"].items()
+        }
+    return saved
 
 
 def scored_labels(model: IntentModel, has_oos: bool) -> list[str]:
@@ -108,23 +142,33 @@ def scored_labels(model: IntentModel, has_oos: bool) -> list[str]:
     return model.labels + ([model.oos_label] if has_oos else [])
 
 
-def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path: Path) -> None:
+def plot_confusion(
+    y_true: list[str], y_pred: list[str], labels: list[str], path: Path, what: str = "intent"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    font, ticks = label_font(labels), labels
+    if font is False:  # no installed font draws them: numbered, the numbers explained below
+        ticks = [str(i) for i in range(1, len(labels) + 1)]
     matrix = confusion_matrix(y_true, y_pred, labels=labels)
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     size = max(6.0, 0.28 * len(labels) + 3)
     fig, ax = plt.subplots(figsize=(size, size))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("predicted intent")
-    ax.set_ylabel("true intent")
-    ax.set_title("Confusion matrix (share of each true intent)")
+    family = {"fontfamily": font} if isinstance(font, str) else {}
+    ax.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=7, **family)
+    ax.set_yticks(range(len(labels)), ticks, fontsize=7, **family)
+    ax.set_xlabel(f"predicted {what}")
+    ax.set_ylabel(f"true {what}")
+    ax.set_title(f"Confusion matrix (share of each true {what})")
+    if font is False:
+        key = "; ".join(f"{i} = {label}" for i, label in enumerate(labels, start=1))
+        # The key as text would miss its glyphs too: its code points are at least legible.
+        fig.text(0.01, 0.005, key.encode("ascii", "backslashreplace").decode()[:400], fontsize=5, wrap=True)
     if len(labels) <= 30:
         for i, j in zip(*np.nonzero(matrix), strict=True):
             ax.text(
@@ -140,6 +184,35 @@ def plot_confusion(y_true: list[str], y_pred: list[str], labels: list[str], path
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@cache
+def _font_chars(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(path).get_charmap())
+
+
+def label_font(labels: list[str]) -> str | bool | None:
+    """A font that draws every character of `labels`: None when matplotlib's default does (any
+    Latin label), else the name of an installed one (CJK labels need a CJK font), or False
+    when none does, and the plot numbers its labels instead."""
+    from matplotlib import font_manager
+
+    needed = {ord(c) for label in labels for c in label}
+    default = font_manager.findfont(font_manager.FontProperties())
+    if needed <= _font_chars(default):
+        return None
+    for entry in font_manager.fontManager.ttflist:
+        with contextlib.suppress(RuntimeError, OSError):
+            if needed <= _font_chars(entry.fname):
+                return entry.name
+    log.warning(
+        "no installed font draws the labels %s; the plot numbers them (install one, e.g. Debian's "
+        "fonts-noto-cjk for Chinese)",
+        ", ".join(labels[:5]),
+    )
+    return False
 
 
 def most_confused(y_true: list[str], y_pred: list[str], n: int = 5) -> list[tuple[str, str, int]]:
@@ -185,6 +258,13 @@ def report_markdown(metrics: dict, y_true: list[str], title: str) -> str:
     ]
     lines += ["", "## Most confused (true → predicted)", ""]
     lines += [f"- {t} → {p}: {c}" for t, p, c in most_confused(y_true, metrics["predictions"])]
+    if tasks := metrics.get("tasks"):
+        lines += ["", "## Other tasks", "", "| task | rows | accuracy | macro-F1 | weakest class (F1) |"]
+        lines.append("| --- | --- | --- | --- | --- |")
+        for task, m in tasks.items():
+            name, worst = min(m["per_intent"].items(), key=lambda kv: kv[1]["f1"])
+            scores = f"{m['rows']} | {m['accuracy']:.2%} | {m['macro_f1']:.2%}"
+            lines.append(f"| {task} | {scores} | {name} ({worst['f1']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -195,7 +275,13 @@ def write_evaluation(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     plot_confusion(ds.labels, metrics["predictions"], labels, written["confusion"])
+    for task, scores in metrics.get("tasks", {}).items():
+        written[f"confusion_{task}"] = out_dir / f"confusion_{task}.png"
+        names = list(scores["per_intent"])
+        path = written[f"confusion_{task}"]
+        plot_confusion(ds.task(task).labels, scores["predictions"], names, path, task)
     written["report"].write_text(report_markdown(metrics, ds.labels, title), encoding="utf-8")
-    saved = {k: v for k, v in metrics.items() if k != "predictions"}
-    written["metrics"].write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    written["metrics"].write_text(
+        json.dumps(scores_alone(metrics), indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     return written

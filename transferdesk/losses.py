@@ -1,4 +1,5 @@
-"""Training objectives: cross-entropy on the head, optionally plus supervised contrastive."""
+"""Training objectives: cross-entropy on the intent head, optionally plus supervised contrastive;
+cross-entropy on each other task's head over the rows labelled for it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from torch import nn
 
 from transferdesk.network import IntentClassifier
 
+# A row's target for a task it has no label for.
+UNLABELLED = -100
 # SupCon temperature: 0.1 is the value of the SupCon and CPFT papers for sentence encoders.
 SUPCON_TEMPERATURE = 0.1
 
@@ -31,14 +34,25 @@ def supervised_contrastive(
     return -(pos_log_prob[has] / counts[has]).mean()
 
 
-def stage_loss(
-    net: IntentClassifier, batch: dict[str, torch.Tensor], targets: torch.Tensor, objective: str
+def intent_loss(
+    net: IntentClassifier, embeddings: torch.Tensor, targets: torch.Tensor, objective: str
 ) -> torch.Tensor:
     """Cross-entropy against class ids, or against probability rows (a teacher's soft targets:
     the same as KL divergence to the teacher, up to a constant)."""
-    embeddings = net.embed(batch["input_ids"], batch["attention_mask"])
     loss = nn.functional.cross_entropy(net.head(net.dropout(embeddings)).float(), targets)
     if objective == "supcon":
         ids = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         loss = loss + supervised_contrastive(embeddings, ids, SUPCON_TEMPERATURE)
     return loss
+
+
+def task_loss(
+    net: IntentClassifier, task: str, embeddings: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of one other task's head over the rows labelled for it (target UNLABELLED:
+    the row does not train this head); zero when none is."""
+    labelled = targets != UNLABELLED
+    if not labelled.any():
+        return embeddings.sum() * 0.0
+    logits = net.heads[task](net.dropout(embeddings[labelled]))
+    return nn.functional.cross_entropy(logits.float(), targets[labelled])

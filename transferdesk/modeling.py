@@ -1,8 +1,10 @@
 """The model object: an intent classifier that loads, saves and predicts, out-of-scope included.
 
 `IntentModel` is what training produces, the registry stores, and the CLI, evaluation and
-Serve use. The out-of-scope rule (top confidence below the calibrated threshold) and the
-threshold itself live here and nowhere else; everyone else reads `Prediction.out_of_scope`.
+Serve use. Beside the intent it may predict other tasks (urgency, sentiment …), each from a
+head of its own over the same encoder pass. The out-of-scope rule (top confidence below the
+calibrated threshold) and the threshold itself live here and nowhere else; everyone else reads
+`Prediction.out_of_scope`.
 Its forward pass runs in torch, or in ONNX Runtime over the version's export (runtime.py):
 the same tokenizer, labels and rule either way.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from scipy.special import softmax
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -38,6 +41,8 @@ from transferdesk.runtime import OnnxSession, resolve_runtime
 # The model object's own files inside a saved directory (a registry version holds more).
 HEAD_FILE = "head.safetensors"
 SETTINGS_FILE = "classifier.json"
+# Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none).
+TASK_PREFIX = "tasks."
 # Of validation confidences, when validation has no out-of-scope rows: about one in twenty
 # in-scope messages then goes to a human — a conservative default.
 IN_SCOPE_QUANTILE = 0.05
@@ -48,9 +53,9 @@ def _rounded(value: float, digits: int | None) -> float:
 
 
 class IntentModel:
-    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold. Loaded with
-    an ONNX runtime it holds an ONNX Runtime session instead of the torch network, and only
-    predicts."""
+    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold, and a head
+    per other task (`tasks`: task → its labels, in head order). Loaded with an ONNX runtime it
+    holds an ONNX Runtime session instead of the torch network, and only predicts."""
 
     def __init__(
         self,
@@ -64,8 +69,10 @@ class IntentModel:
         precision: str = "auto",
         session: OnnxSession | None = None,
         runtime: str = "torch",
+        tasks: dict[str, list[str]] | None = None,
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
+        self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
         self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
@@ -83,12 +90,15 @@ class IntentModel:
         device: torch.device | None = None,
         oos_label: str = "oos",
         pretrained: bool = True,
+        tasks: dict[str, list[str]] | None = None,
     ) -> IntentModel:
-        """A new, untrained classifier on a pretrained encoder (pretrained=False: random weights)."""
+        """A new, untrained classifier on a pretrained encoder (pretrained=False: random weights),
+        with a head for each of `tasks` besides the intent's."""
         device = device or torch.device("cpu")
         encoder, tokenizer = load_encoder(backbone, pretrained=pretrained)
-        net = IntentClassifier(encoder, len(labels), cfg.pooling, cfg.dropout).to(device)
-        return cls(net, tokenizer, labels, cfg.max_length, oos_label=oos_label, device=device)
+        heads = {task: len(names) for task, names in (tasks or {}).items()}
+        net = IntentClassifier(encoder, len(labels), cfg.pooling, cfg.dropout, heads).to(device)
+        return cls(net, tokenizer, labels, cfg.max_length, oos_label=oos_label, device=device, tasks=tasks)
 
     @classmethod
     def from_pretrained(
@@ -117,6 +127,7 @@ class IntentModel:
             settings["oos_label"],
             session=session,
             runtime=runtime,
+            tasks=settings.get("tasks"),
         )
 
     @staticmethod
@@ -134,8 +145,15 @@ class IntentModel:
         if settings is None:
             settings = cls._settings(root)
         encoder, tokenizer = load_encoder(str(root / ENCODER_DIR))
-        net = IntentClassifier(encoder, len(settings["labels"]), settings["pooling"], settings["dropout"])
-        net.head.load_state_dict(load_file(root / HEAD_FILE))
+        tasks = settings.get("tasks", {})
+        heads = {task: len(names) for task, names in tasks.items()}
+        net = IntentClassifier(
+            encoder, len(settings["labels"]), settings["pooling"], settings["dropout"], heads
+        )
+        weights = load_file(root / HEAD_FILE)
+        net.head.load_state_dict({k: v for k, v in weights.items() if "." not in k})
+        for task, head in net.heads.items():
+            head.load_state_dict({k: weights[f"{TASK_PREFIX}{task}.{k}"] for k in ("weight", "bias")})
         torch_device = select_device(device)
         net.to(torch_device).eval()
         return cls(
@@ -146,6 +164,7 @@ class IntentModel:
             settings["threshold"],
             settings["oos_label"],
             torch_device,
+            tasks=tasks,
         )
 
     @staticmethod
@@ -165,6 +184,7 @@ class IntentModel:
             self.oos_label,
             session=session,
             runtime=runtime,
+            tasks=self.tasks,
         )
 
     @property
@@ -176,6 +196,11 @@ class IntentModel:
             )
         return self.network
 
+    def drop_task(self, task: str) -> None:
+        """Remove a task's head (the joint source stage's, before publishing)."""
+        del self.torch_network.heads[task]
+        del self.tasks[task]
+
     def save_encoder(self, directory: Path) -> None:
         """Encoder and tokenizer alone, as a Hugging Face model directory (a backbone)."""
         self.torch_network.encoder.save_pretrained(directory)
@@ -186,6 +211,10 @@ class IntentModel:
         self.save_encoder(directory / ENCODER_DIR)
         net = self.torch_network
         head = {k: v.detach().cpu().float().contiguous() for k, v in net.head.state_dict().items()}
+        for task, module in net.heads.items():
+            head |= {
+                f"{TASK_PREFIX}{task}.{k}": v.detach().cpu().float() for k, v in module.state_dict().items()
+            }
         save_file(head, directory / HEAD_FILE)
         settings = {
             "labels": self.labels,
@@ -194,26 +223,46 @@ class IntentModel:
             "pooling": net.pooling,
             "dropout": net.dropout.p,
             "max_length": self.max_length,
+            **({"tasks": self.tasks} if self.tasks else {}),
         }
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
     # -- probabilities ------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def predict_proba(
         self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "predict"
+    ) -> np.ndarray:
+        """Intent probabilities, rows × labels."""
+        return self._all_proba(texts, batch_size, progress, desc)[:, : len(self.labels)]
+
+    def predict_heads(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Intent probabilities and each task's (rows × its labels), from one pass."""
+        return self.split_heads(self._all_proba(texts, batch_size, progress))
+
+    def split_heads(self, probs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The intent's and each task's columns of a forward pass's probabilities."""
+        start, tasks = len(self.labels), {}
+        for task, names in self.tasks.items():
+            tasks[task], start = probs[:, start : start + len(names)], start + len(names)
+        return probs[:, : len(self.labels)], tasks
+
+    def _all_proba(
+        self, texts: list[str], batch_size: int, progress: bool = False, desc: str = "predict"
     ) -> np.ndarray:
         encode = partial(
             self.tokenizer, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
         return self._passes(texts, batch_size, encode, progress, desc)
 
-    @torch.inference_mode()
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
-        """Probabilities for texts tokenized elsewhere (Serve's tokenizer). Longer inputs are
-        cut to this model's max_length, keeping the closing special token."""
-        cut = [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
-        return self._passes(cut, batch_size, self._pad)
+        """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
+        return self._passes(self._cut(ids), batch_size, self._pad)[:, : len(self.labels)]
+
+    def _cut(self, ids: list[list[int]]) -> list[list[int]]:
+        """Longer inputs cut to this model's max_length, keeping the closing special token."""
+        return [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
 
     def _pad(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
         """Right-padded ids and mask, built directly: the tokenizer's own `pad` costs more
@@ -225,6 +274,7 @@ class IntentModel:
             mask[row, : len(x)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
 
+    @torch.inference_mode()
     def _passes(
         self,
         items: Sequence[Sized],
@@ -236,21 +286,27 @@ class IntentModel:
         """Forward passes over length-sorted batches of texts or token ids, in input order."""
         if self.network is not None:
             self.network.eval()
-        probs = np.zeros((len(items), len(self.labels)), dtype=np.float32)
+        width = len(self.labels) + sum(map(len, self.tasks.values()))
+        probs = np.zeros((len(items), width), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             probs[idx] = self._proba(encode([items[i] for i in idx]))
         return probs
 
     def _proba(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Each head's softmax, side by side (the network's output is all heads' logits)."""
         ids, mask = np.asarray(batch["input_ids"], np.int64), np.asarray(batch["attention_mask"], np.int64)
         if self.session is not None:
-            return self.session.proba(ids, mask)
-        with autocast(self.device, self.precision):
-            logits = self.network(
-                torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-            )
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            logits = self.session.logits(ids, mask)
+        else:
+            with autocast(self.device, self.precision):
+                out = self.network(
+                    torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+                )
+            logits = out.float().cpu().numpy()
+        sizes = [len(self.labels), *map(len, self.tasks.values())]
+        parts = np.split(logits, np.cumsum(sizes)[:-1], axis=1)
+        return np.concatenate([softmax(part, axis=1) for part in parts], axis=1)
 
     # -- the out-of-scope rule ----------------------------------------------------------------
 
@@ -268,26 +324,33 @@ class IntentModel:
         return [self.oos_label if probs[i, j] < threshold else self.labels[j] for i, j in enumerate(best)]
 
     def predictions(self, probs: np.ndarray, k: int = 3, digits: int | None = None) -> list[Prediction]:
-        """Typed answers from probabilities, with the k best intents ranked (confidences rounded
-        to `digits` places if given, for compact responses; the out-of-scope rule sees them whole)."""
+        """Typed answers from a forward pass's probabilities (every head's), with the k best
+        intents ranked and each task's best label (confidences rounded to `digits` places if
+        given, for compact responses; the out-of-scope rule sees them whole)."""
+        probs, tasks = self.split_heads(probs)
         k = max(1, min(k, len(self.labels)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: the same intent as argmax
         flags = self.out_of_scope(probs)
+        best = {task: (p.argmax(axis=1), p.max(axis=1)) for task, p in tasks.items()}
         out = []
-        for p, row, flag in zip(probs, order, flags, strict=True):
+        for i, (p, row, flag) in enumerate(zip(probs, order, flags, strict=True)):
             ranked = tuple((self.labels[j], _rounded(float(p[j]), digits)) for j in row)
             intent, confidence = ranked[0]
             label = self.oos_label if flag else intent
-            out.append(Prediction(intent, confidence, bool(flag), label, ranked))
+            heads = {
+                task: (self.tasks[task][index[i]], _rounded(float(top[i]), digits))
+                for task, (index, top) in best.items()
+            }
+            out.append(Prediction(intent, confidence, bool(flag), label, ranked, heads))
         return out
 
     def predict(self, texts: list[str], k: int = 3, batch_size: int = 64) -> list[Prediction]:
-        return self.predictions(self.predict_proba(texts, batch_size), k)
+        return self.predictions(self._all_proba(texts, batch_size), k)
 
     def predict_ids(
         self, ids: list[list[int]], k: int = 3, batch_size: int = 64, digits: int | None = None
     ) -> list[Prediction]:
-        return self.predictions(self.proba_from_ids(ids, batch_size), k, digits)
+        return self.predictions(self._passes(self._cut(ids), batch_size, self._pad), k, digits)
 
     def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> np.ndarray:
         """Choose the out-of-scope threshold on labelled validation data; returns its probabilities."""

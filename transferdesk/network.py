@@ -106,14 +106,25 @@ def freeze_lower_layers(encoder: nn.Module, n: int) -> None:
 
 
 class IntentClassifier(nn.Module):
-    """BERT-style encoder, pooled sentence vector, dropout, linear head."""
+    """BERT-style encoder, pooled sentence vector, dropout, a linear head for the intent and
+    one more for each other task (`heads`: task → its number of classes)."""
 
-    def __init__(self, encoder: PreTrainedModel, num_labels: int, pooling: str, dropout: float):
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        num_labels: int,
+        pooling: str,
+        dropout: float,
+        heads: dict[str, int] | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.heads = nn.ModuleDict(
+            {task: nn.Linear(encoder.config.hidden_size, n) for task, n in (heads or {}).items()}
+        )
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -123,7 +134,12 @@ class IntentClassifier(nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.embed(input_ids, attention_mask)))
+        """The intent logits, then each task's, side by side: one encoder pass, one output
+        (and so one output of the ONNX graph) whatever the heads."""
+        pooled = self.dropout(self.embed(input_ids, attention_mask))
+        if not self.heads:
+            return self.head(pooled)
+        return torch.cat([self.head(pooled), *(head(pooled) for head in self.heads.values())], dim=-1)
 
 
 def tokenize(tokenizer: object, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

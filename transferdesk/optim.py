@@ -9,10 +9,12 @@ from transferdesk.network import IntentClassifier
 
 
 def build_optimizer(model: IntentClassifier, stage: StageConfig) -> torch.optim.AdamW:
-    """Separate learning rates for encoder and head; no weight decay on biases and norms."""
+    """Separate learning rates for encoder and heads (the intent's and every task's); no weight
+    decay on biases and norms."""
     groups = []
-    for part, lr in ((model.encoder, stage.encoder_lr), (model.head, stage.head_lr)):
-        params = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+    heads = [model.head, *model.heads.values()]
+    for parts, lr in (([model.encoder], stage.encoder_lr), (heads, stage.head_lr)):
+        params = [(n, p) for part in parts for n, p in part.named_parameters() if p.requires_grad]
         decay = [p for n, p in params if p.ndim >= 2]
         no_decay = [p for n, p in params if p.ndim < 2]
         groups += [

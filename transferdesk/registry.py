@@ -209,6 +209,10 @@ class VersionMeta(Section):
     candidate: str | None = Field(None, description="The search candidate (versions exported by tune).")
     pretrained: bool = Field(True, description="False for a 'no transfer' control.")
     train_examples: int = Field(ge=0, description="Rows of the target training data.")
+    tasks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Other tasks' heads beside the intent's: task → labels in head order.",
+    )
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     device: str = Field("cpu", description="Where it was trained.")
 
@@ -358,6 +362,10 @@ class ModelVersion:
         return self.meta.labels
 
     @property
+    def tasks(self) -> dict[str, list[str]]:
+        return self.meta.tasks
+
+    @property
     def manifest_sha256(self) -> str:
         """Identifies this exact version: any change to any sealed file changes it."""
         return sha256(self.path / MANIFEST)
@@ -438,6 +446,7 @@ class ModelVersion:
             "path": str(self.path),
             "created": self.created,
             "labels": self.labels,
+            "tasks": self.tasks,
             "backbone": self.meta.backbone,
             "source": self.meta.source,
             "tokenizer_sha256": self.tokenizer_sha256,
@@ -514,6 +523,7 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"({meta.train_examples} examples, {len(meta.labels)} intents)",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
         f"- Out-of-scope threshold: {model.threshold:.3f} (confidence below it → `{model.oos_label}`)",
+        *_task_lines(cfg, meta, test),
         f"- Training time: {meta.timings.get('train_seconds', 0):.0f} s on {meta.device}",
     ]
     if semi := metrics.get("semi_supervised"):
@@ -540,6 +550,22 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         "go to a human agent. Evaluate on your own traffic before relying on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _task_lines(cfg: RunConfig, meta: VersionMeta, test: dict) -> list[str]:
+    """The other tasks the model predicts, and how the source task was used."""
+    lines = []
+    for task, labels in meta.tasks.items():
+        scored = test.get("tasks", {}).get(task)
+        score = (
+            f"; test accuracy {scored['accuracy']:.2%}, macro-F1 {scored['macro_f1']:.2%}" if scored else ""
+        )
+        lines.append(
+            f"- Task `{task}`: a head of its own over the shared encoder ({', '.join(labels)}){score}"
+        )
+    if meta.source:
+        lines.append(f"- Transfer from the source task: {cfg.source_training.mode}")
+    return lines
 
 
 def _staging_dir(parent: Path) -> Path:

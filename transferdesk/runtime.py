@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 
 from transferdesk.config import RUNTIMES
 from transferdesk.errors import TransferDeskError
@@ -61,7 +60,8 @@ def _cuda_available() -> bool:
 
 
 class OnnxSession:
-    """One ONNX Runtime session on CPU: token ids and attention mask in, probabilities out."""
+    """One ONNX Runtime session on CPU: token ids and attention mask in, logits out (every
+    head's, side by side: see network.IntentClassifier.forward)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -82,7 +82,7 @@ class OnnxSession:
         self.path = path
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def proba(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = dict(zip(self.names, (input_ids, attention_mask), strict=True))
         (logits,) = self.session.run(None, feeds)
-        return softmax(logits.astype(np.float32), axis=-1)
+        return logits.astype(np.float32)

@@ -31,7 +31,7 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.network import resolve_backbone
 from transferdesk.registry import Registry, TeacherRecord
-from transferdesk.trainer import Callback, FitResult, seed_everything, train_stage
+from transferdesk.trainer import Callback, FitResult, TaskData, seed_everything, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,12 @@ def _student_data(
     top = probs[rows].argmax(axis=1)
     pseudo = probs[rows] / probs[rows].sum(axis=1, keepdims=True) if soft else eye[top]
     targets = np.concatenate([eye[[index[lab] for lab in train.labels]], pseudo])
-    data = Dataset(
-        train.texts + [pool_texts[i] for i in rows],
-        train.labels + [labels[j] for j in top],
-        train.rows + [-(i + 1) for i in rows],  # negative: a pool row, not a line of the file
-        train.path,
+    pseudo_rows = Dataset(
+        [pool_texts[i] for i in rows],
+        [labels[j] for j in top],
+        [-(i + 1) for i in rows],  # negative: a pool row, not a line of the file
     )
-    return data, torch.from_numpy(targets)
+    return train.plus(pseudo_rows), torch.from_numpy(targets)
 
 
 def self_train(
@@ -165,9 +164,11 @@ def self_train(
     pretrained: bool = True,
     callbacks: list[Callback] | None = None,
     log_dir: Path | None = None,
+    tasks: TaskData | None = None,
 ) -> SelfTrainingResult:
-    """Train the student(s) from the teachers' labels; returns the student of the round with
-    the best validation score (a later round can drift, learning its own mistakes)."""
+    """Train the student(s) from the teachers' labels (and the other tasks' heads: the teachers
+    label intents only); returns the student of the round with the best validation score (a
+    later round can drift, learning its own mistakes)."""
     semi = cfg.semi_supervised
     labels = train.intents
     for record in teachers:
@@ -203,6 +204,7 @@ def self_train(
             pretrained,
             callbacks,
             soft_targets=targets,
+            tasks=tasks,
         )
         student_probs = model.predict_proba(
             pool_texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"student {number}: labelling pool"

@@ -1,6 +1,8 @@
 """The recipe: an optional source stage, the few-shot target stage (or, with an unlabelled
 pool, teachers and a self-trained student: self_training.py), out-of-scope calibration on
-validation data, and a new registry version.
+validation data, and a new registry version. The target stage trains the other tasks' heads
+(data.tasks) beside the intent's, and, with source_training.mode joint, the source task's
+instead of a source stage before it.
 
 The stages are the classic BERT fine-tuning (encoder + linear head, AdamW, linear warm-up and
 decay, gradient clipping; see trainer.py) plus early stopping on validation data and a head
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from transferdesk.config import RunConfig
+from transferdesk.config import SOURCE_TASK, RunConfig
 from transferdesk.data import (
     Dataset,
     Splits,
@@ -27,12 +29,12 @@ from transferdesk.data import (
     stratified_split,
     with_sample_defaults,
 )
-from transferdesk.evaluate import evaluate, scored_labels, write_evaluation
+from transferdesk.evaluate import evaluate, scored_labels, scores_alone, write_evaluation
 from transferdesk.modeling import IntentModel
 from transferdesk.network import resolve_backbone
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path, sha256
 from transferdesk.self_training import self_train, semi_supervised_record, teacher_labels
-from transferdesk.trainer import FitResult, configure_runtime, train_stage
+from transferdesk.trainer import FitResult, TaskData, configure_runtime, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,19 @@ def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
     return registry.save_source(model, key, info)
 
 
+def task_data(cfg: RunConfig, splits: Splits) -> TaskData | None:
+    """The heads the target stage trains besides the intent's: data.tasks, and the source task
+    when it trains jointly. None: the intent's alone."""
+    labels = splits.task_labels()
+    weights = {task: settings.weight for task, settings in cfg.data.tasks.items()}
+    own = dict(splits.own)
+    if splits.source is not None and cfg.source_training.mode == "joint":
+        own[SOURCE_TASK] = stratified_split(splits.source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
+        labels[SOURCE_TASK] = splits.source.intents
+        weights[SOURCE_TASK] = cfg.source_training.weight
+    return TaskData(labels, weights, own) if labels else None
+
+
 @dataclass
 class RunResult:
     model: IntentModel
@@ -103,7 +118,8 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
     )
     timings: dict[str, float] = {}
     backbone, checkpoint = cfg.model.backbone, None
-    if splits.source is not None:
+    tasks = task_data(cfg, splits)
+    if splits.source is not None and cfg.source_training.mode == "sequential":
         t0 = time.perf_counter()
         checkpoint = source_stage(cfg, splits.source, device)
         backbone = str(checkpoint)
@@ -113,16 +129,28 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         t0 = time.perf_counter()
         teachers = teacher_labels(cfg, backbone, splits.train, splits.valid, splits.pool, device)
         timings["teacher_seconds"] = time.perf_counter() - t0
-        outcome = self_train(cfg, backbone, splits.train, splits.valid, teachers, device, log_dir=log_dir)
+        outcome = self_train(
+            cfg, backbone, splits.train, splits.valid, teachers, device, log_dir=log_dir, tasks=tasks
+        )
         model, result = outcome.model, outcome.fit
         timings["student_seconds"] = outcome.seconds
         timings["train_seconds"] = timings["teacher_seconds"] + outcome.seconds
         semi = semi_supervised_record(cfg, splits.pool, teachers, outcome.rounds, Registry(cfg.output))
     else:
         model, result = train_stage(
-            backbone, splits.train, splits.valid, cfg, cfg.training, device, "target stage", log_dir
+            backbone,
+            splits.train,
+            splits.valid,
+            cfg,
+            cfg.training,
+            device,
+            "target stage",
+            log_dir,
+            tasks=tasks,
         )
         timings["train_seconds"] = result.seconds
+    if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
+        model.drop_task(SOURCE_TASK)
     calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
     return RunResult(model, splits, result, checkpoint, timings, semi)
 
@@ -147,7 +175,7 @@ def score_and_publish(
         scores["data"] = portable_path(scores["data"])
         labels = scored_labels(model, "oos_recall" in scores)
         write_evaluation(scores, test, labels, draft.test_dir, f"{draft.name}: test set")
-        scores.pop("predictions")
+        scores = scores_alone(scores)
         metrics = {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "test": scores, **metrics}
         log.info(
             "test accuracy %.2f%%, macro-F1 %.2f%% (%d rows)",
@@ -174,6 +202,7 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
             source=registry.portable(cfg.data.source),
             source_checkpoint=registry.portable(checkpoint),
             train_examples=len(result.splits.train),
+            tasks=result.model.tasks,
             timings=result.timings,
             device=str(result.model.device),
         )

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from transferdesk.config import RunConfig, RuntimeConfig, StageConfig
+from transferdesk.config import SOURCE_TASK, RunConfig, RuntimeConfig, StageConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.evaluate import classification_metrics
-from transferdesk.losses import stage_loss
+from transferdesk.losses import UNLABELLED, intent_loss, task_loss
 from transferdesk.modeling import IntentModel
 from transferdesk.network import (
     autocast,
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # Head logits start as this × cosine(sentence, class mean): a softmax temperature that is
 # confident enough to give useful gradients from the first step, but not saturated.
 PROTOTYPE_LOGIT_SCALE = 20.0
+# Rows per class a head's starting prototypes are averaged over: plenty for a mean, and a
+# large source task (joint transfer) is not embedded whole before training starts.
+PROTOTYPE_ROWS = 32
 VALID_METRICS = ("accuracy", "macro_f1")
 
 
@@ -110,39 +113,100 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class TaskData:
+    """The other tasks a stage trains beside the intent: each one's labels (head order) and loss
+    weight, and, for tasks with rows of their own (a file of the task's, the joint source task),
+    those rows: task → (train, valid), the task's labels as labels; a batch of them joins each
+    target batch. The others are columns of the target rows (Dataset.tasks)."""
+
+    labels: dict[str, list[str]]
+    weights: dict[str, float]
+    own: dict[str, tuple[Dataset, Dataset]] = field(default_factory=dict)
+
+    def heads(self, train: Dataset) -> dict[str, Dataset]:
+        """Each task's training rows: its own, or the target rows labelled for it."""
+        return {task: self.own[task][0] if task in self.own else train.task(task) for task in self.labels}
+
+
+def _class_sample(labels: list[str], per_class: int) -> list[int]:
+    seen: dict[str, int] = {}
+    keep = []
+    for i, label in enumerate(labels):
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(i)
+    return keep
+
+
 @torch.no_grad()
-def init_head_from_prototypes(model: IntentModel, ds: Dataset) -> None:
-    """Point each class's head row at the mean embedding of its examples."""
+def init_head_from_prototypes(model: IntentModel, ds: Dataset, task: str | None = None) -> None:
+    """Point each class's head row (the intent head's, or `task`'s) at the mean embedding of
+    its examples (PROTOTYPE_ROWS of them at most)."""
     net = model.network
     net.eval()
-    index = {lab: i for i, lab in enumerate(model.labels)}
-    sums = torch.zeros(len(model.labels), net.head.in_features, device=model.device)
+    labels = model.labels if task is None else model.tasks[task]
+    head = net.head if task is None else net.heads[task]
+    ds = ds.subset(_class_sample(ds.labels, PROTOTYPE_ROWS))
+    index = {lab: i for i, lab in enumerate(labels)}
+    sums = torch.zeros(len(labels), head.in_features, device=model.device)
+    norms = []
     for idx in length_sorted_batches(ds.texts, 64):
         batch = tokenize(model.tokenizer, [ds.texts[i] for i in idx], model.max_length)
-        emb = net.embed(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
-        emb = nn.functional.normalize(emb.float(), dim=-1)
+        emb = net.embed(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)).float()
+        norms.append(emb.norm(dim=-1))
         targets = torch.tensor([index[ds.labels[i]] for i in idx], device=model.device)
-        sums.index_add_(0, targets, emb)
+        sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
     prototypes = nn.functional.normalize(sums, dim=-1)
     # The head sees unnormalised embeddings: divide by their typical norm to get cosines.
-    sample = tokenize(model.tokenizer, ds.texts[:256], model.max_length)
-    norm = net.embed(sample["input_ids"].to(model.device), sample["attention_mask"].to(model.device))
-    scale = PROTOTYPE_LOGIT_SCALE / norm.float().norm(dim=-1).mean()
-    net.head.weight.copy_(prototypes * scale)
-    net.head.bias.zero_()
+    scale = PROTOTYPE_LOGIT_SCALE / torch.cat(norms).mean()
+    head.weight.copy_(prototypes * scale)
+    head.bias.zero_()
 
 
-def validation_score(model: IntentModel, valid: Dataset, batch_size: int) -> dict:
-    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied)."""
+def validation_score(
+    model: IntentModel, valid: Dataset, batch_size: int, own: dict[str, Dataset] | None = None
+) -> dict:
+    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied), and each
+    other task's accuracy (`<task>_accuracy`) on the rows labelled for it: the validation
+    file's, or the task's own validation rows (`own`)."""
     known = set(model.labels)
     rows = [i for i, lab in enumerate(valid.labels) if lab in known]
     if not rows:
         raise TransferDeskError(f"validation data {valid.path} shares no intent with the training data")
     sub = valid.subset(rows)
-    probs = model.predict_proba(sub.texts, batch_size)
+    probs, tasks = model.predict_heads(sub.texts, batch_size)
     pred = [model.labels[j] for j in probs.argmax(axis=1)]
     scores = classification_metrics(sub.labels, pred, model.labels)
-    return {name: scores[name] for name in VALID_METRICS}
+    out = {name: scores[name] for name in VALID_METRICS}
+    truth = {task: sub.tasks.get(task, []) for task in tasks}
+    for task, data in (own or {}).items():
+        tasks[task], truth[task] = model.predict_heads(data.texts, batch_size)[1][task], data.labels
+    for task, task_probs in tasks.items():
+        if labelled := [i for i, label in enumerate(truth[task]) if label is not None]:
+            names = model.tasks[task]
+            hits = [names[task_probs[i].argmax()] == truth[task][i] for i in labelled]
+            out[f"{task}_accuracy"] = float(np.mean(hits))
+    return out
+
+
+def _task_targets(tasks: TaskData | None, train: Dataset) -> dict[str, torch.Tensor]:
+    """Class ids of the target rows for each task labelled in their columns (UNLABELLED where
+    a row has no label for it)."""
+    out = {}
+    for task, labels in (tasks.labels if tasks else {}).items():
+        if task in tasks.own or task not in train.tasks:
+            continue
+        index = {lab: i for i, lab in enumerate(labels)}
+        out[task] = torch.tensor([UNLABELLED if lab is None else index[lab] for lab in train.tasks[task]])
+    return out
+
+
+def _endless_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Shuffled batches of range(n), pass after pass (a task's own rows beside target batches)."""
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        yield from (order[i : i + batch_size] for i in range(0, n, batch_size))
 
 
 def fit(
@@ -153,15 +217,28 @@ def fit(
     runtime: RuntimeConfig,
     callbacks: Sequence[Callback] = (),
     soft_targets: torch.Tensor | None = None,
+    tasks: TaskData | None = None,
 ) -> FitResult:
-    """Train in place; on return the model holds the weights of its best validation epoch.
+    """Train in place; on return the model holds the weights of its best validation epoch (by
+    the intent's validation metric).
 
     `soft_targets` (rows × model.labels, each row summing to 1) replaces the labels as the
-    cross-entropy target, for distillation; `train.labels` still decides the batches."""
+    cross-entropy target, for distillation; `train.labels` still decides the batches. `tasks`:
+    the other heads' training (weights, labels, rows of their own)."""
     net, device = model.network, model.device
     index = {lab: i for i, lab in enumerate(model.labels)}
     target_ids = [index[lab] for lab in train.labels]
     targets = torch.tensor(target_ids) if soft_targets is None else soft_targets.float()
+    column_targets = _task_targets(tasks, train)
+    generator = torch.Generator().manual_seed(runtime.seed)
+    own_rows = {
+        task: (data, torch.tensor([model.tasks[task].index(lab) for lab in data.labels]))
+        for task, (data, _) in (tasks.own if tasks else {}).items()
+    }
+    own_batches = {
+        task: _endless_batches(len(d), stage.batch_size, generator) for task, (d, _) in own_rows.items()
+    }
+    own_valid = {task: valid_rows for task, (_, valid_rows) in (tasks.own if tasks else {}).items()}
     lengths = [len(t) for t in train.texts]
     steps_per_epoch = len(epoch_batches(stage, target_ids, lengths, torch.Generator()))
     optimizer = build_optimizer(net, stage)
@@ -169,8 +246,15 @@ def fit(
     scaler = torch.amp.GradScaler(
         device.type, enabled=autocast_dtype(device, runtime.precision) == torch.float16
     )
-    generator = torch.Generator().manual_seed(runtime.seed)
-    best, best_state, history = -1.0, None, []
+    best, best_key, best_state, history = -1.0, (-1.0, -1.0), None, []
+    shipped = [task for task in (tasks.labels if tasks else {}) if task != SOURCE_TASK]
+
+    def rank(scores: dict) -> tuple[float, float]:
+        """The intent's monitored metric, ties broken by the other heads' mean accuracy: an
+        intent head that is already as good as it gets leaves the others time to learn."""
+        accuracies = [scores[f"{task}_accuracy"] for task in shipped if f"{task}_accuracy" in scores]
+        return scores[stage.monitor], float(np.mean(accuracies)) if accuracies else 0.0
+
     start, bad_epochs, step, epoch = time.perf_counter(), 0, 0, 0
     for callback in callbacks:
         callback.on_train_begin(steps_per_epoch * stage.epochs)
@@ -178,11 +262,23 @@ def fit(
         net.train()
         epoch_loss = 0.0
         for idx in epoch_batches(stage, target_ids, lengths, generator):
-            batch = tokenize(model.tokenizer, [train.texts[i] for i in idx], model.max_length)
+            texts = [train.texts[i] for i in idx]
+            extra = {task: next(batches) for task, batches in own_batches.items()}
+            for task, rows in extra.items():
+                texts += [own_rows[task][0].texts[i] for i in rows]
+            batch = tokenize(model.tokenizer, texts, model.max_length)
             with autocast(device, runtime.precision):
-                loss = stage_loss(
-                    net, {k: v.to(device) for k, v in batch.items()}, targets[idx].to(device), stage.objective
-                )
+                embeddings = net.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                ours = embeddings[: len(idx)]
+                loss = intent_loss(net, ours, targets[idx].to(device), stage.objective)
+                for task, ids in column_targets.items():
+                    loss = loss + tasks.weights[task] * task_loss(net, task, ours, ids[idx].to(device))
+                start = len(idx)
+                for task, rows in extra.items():
+                    theirs = embeddings[start : start + len(rows)]
+                    ids = own_rows[task][1][rows].to(device)
+                    loss = loss + tasks.weights[task] * task_loss(net, task, theirs, ids)
+                    start += len(rows)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -194,7 +290,7 @@ def fit(
             epoch_loss += loss.item() * len(idx)
             for callback in callbacks:
                 callback.on_step(step, epoch, loss.item(), scheduler.get_last_lr()[0])
-        scores = validation_score(model, valid, runtime.eval_batch_size)
+        scores = validation_score(model, valid, runtime.eval_batch_size, own_valid)
         entry = {
             "epoch": epoch,
             "loss": epoch_loss / len(train),
@@ -202,9 +298,9 @@ def fit(
             "seconds": time.perf_counter() - start,
         }
         history.append(entry)
-        improved = scores[stage.monitor] > best
+        improved = rank(scores) > best_key
         if improved:
-            best, bad_epochs = scores[stage.monitor], 0
+            best, best_key, bad_epochs = scores[stage.monitor], rank(scores), 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
         else:
             bad_epochs += 1
@@ -215,7 +311,7 @@ def fit(
     for callback in callbacks:
         callback.on_train_end()
     net.load_state_dict(best_state)
-    best_epoch = max(history, key=lambda h: h[stage.monitor])["epoch"]
+    best_epoch = max(history, key=rank)["epoch"]
     return FitResult(best_epoch, best, epoch, time.perf_counter() - start, epoch < stage.epochs, history)
 
 
@@ -245,21 +341,24 @@ def train_stage(
     pretrained: bool = True,
     callbacks: list[Callback] | None = None,
     soft_targets: torch.Tensor | None = None,
+    tasks: TaskData | None = None,
 ) -> tuple[IntentModel, FitResult]:
     """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings
-    (against `soft_targets` where given: see trainer.fit)."""
+    (against `soft_targets` where given, with the heads of `tasks`: see trainer.fit)."""
     model = IntentModel.from_backbone(
-        backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained
+        backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained, tasks and tasks.labels
     )
     freeze_lower_layers(model.network.encoder, stage.freeze_layers)
     if cfg.model.head_init == "prototypes":
         init_head_from_prototypes(model, train)
+        for task, rows in (tasks.heads(train) if tasks else {}).items():
+            init_head_from_prototypes(model, rows, task)
     callbacks = list(callbacks or [])
     if cfg.runtime.progress:
         callbacks.append(ProgressBar(desc, stage.monitor))
     if log_dir is not None:
         callbacks.append(TensorBoard(log_dir, desc))
-    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets)
+    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets, tasks)
     log.info(
         "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
         desc,

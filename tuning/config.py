@@ -71,6 +71,11 @@ class Candidate(Section):
         "cross_entropy", description="Source-stage loss (supcon keeps sentence geometry)."
     )
     source_epochs: int | None = Field(None, ge=1, description="Source-stage epochs (default: the run's).")
+    transfer: Literal["sequential", "joint"] = Field(
+        "sequential",
+        description="With a source: a source stage before the trials (sequential), or the source "
+        "task trained in every trial beside the target, a head of its own (joint).",
+    )
     pretrained: bool = Field(
         True, description="false: random weights of the backbone's shape, a 'no transfer' control."
     )
@@ -80,6 +85,16 @@ class Candidate(Section):
         if not self.pretrained and self.source:
             raise ValueError("a 'no transfer' candidate (pretrained: false) cannot have a source stage")
         return self
+
+    @property
+    def source_stage(self) -> bool:
+        """Whether its trials start from a source stage's checkpoint."""
+        return self.source is not None and self.transfer == "sequential"
+
+    @property
+    def joint_source(self) -> str | None:
+        """The source its trials train jointly with the target, if any."""
+        return self.source if self.transfer == "joint" else None
 
 
 def _space_field(name: str, knob: Searchable) -> tuple[Any, FieldInfo]:

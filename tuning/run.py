@@ -15,6 +15,7 @@ from typing import Literal
 import ray
 from ray import tune
 
+from transferdesk.config import SOURCE_TASK
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
@@ -270,6 +271,8 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
     registry = Registry(spec.run.output)
     with registry.draft(spec.run.name) as draft, best.checkpoint.as_directory() as checkpoint:
         model = load_checkpoint(Path(checkpoint))
+        if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
+            model.drop_task(SOURCE_TASK)
         splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
         calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
         search_dir = draft.search_dir
@@ -292,11 +295,12 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
             backbone=registry.portable(candidate.backbone),
             source=registry.portable(candidate.source),
             source_checkpoint=registry.portable(found.backbones[candidate.name])
-            if candidate.source
+            if candidate.source_stage
             else None,
             candidate=candidate.name,
             pretrained=candidate.pretrained,
             train_examples=len(splits.train),
+            tasks=model.tasks,
             timings={"train_seconds": float(best.metrics_dataframe["time_total_s"].iloc[-1])},
             device="cuda" if spec.search.gpus_per_trial else "cpu",  # where the trials trained
         )

@@ -1,4 +1,5 @@
-"""Source stages of the candidates: trained once each, as Ray tasks, before any trial.
+"""Source stages of the candidates: trained once each, as Ray tasks, before any trial (a
+candidate with joint transfer has none: its trials train the source task themselves).
 
 Candidates that share backbone, source data and source settings share one checkpoint
 (the cache key of transferdesk.train.source_key), and a checkpoint already in the
@@ -26,6 +27,7 @@ def source_config(spec: TuneSpec, candidate: Candidate) -> RunConfig:
         update={
             "objective": candidate.objective,
             "epochs": candidate.source_epochs or base.source_training.epochs,
+            "mode": candidate.transfer,
         }
     )
     return base.model_copy(
@@ -49,9 +51,9 @@ def _train_source(cfg_json: str) -> str:
 
 def prepare_backbones(spec: TuneSpec) -> dict[str, str]:
     """Candidate name → the backbone its trials start from (a source checkpoint or as given)."""
-    backbones = {c.name: c.backbone for c in spec.candidates if not c.source}
+    backbones = {c.name: c.backbone for c in spec.candidates if not c.source_stage}
     pending: dict[str, tuple[ray.ObjectRef, list[str]]] = {}
-    for candidate in (c for c in spec.candidates if c.source):
+    for candidate in (c for c in spec.candidates if c.source_stage):
         cfg = source_config(spec, candidate)
         key = source_key(cfg)
         if key not in pending:

@@ -71,8 +71,11 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunCo
         data[section][field] = params[name]
     data["model"]["backbone"] = backbone
     # Source stages and teachers are prepared before the search (tuning.sources, .teachers),
-    # the teachers with the run's own training settings, whatever the trial samples.
-    data["data"].update(test=None, source=None, unlabelled=None)
+    # the teachers with the run's own training settings, whatever the trial samples; a joint
+    # source trains in the trial.
+    candidate = spec.candidate(params["candidate"])
+    data["data"].update(test=None, source=candidate.joint_source, unlabelled=None)
+    data["source_training"]["mode"] = candidate.transfer
     if spec.uses_pool():
         data["semi_supervised"]["teacher_training"] = teacher_stage(spec.base_run()).model_dump()
     return RunConfig.model_validate(data)

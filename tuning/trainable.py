@@ -10,6 +10,7 @@ from ray import tune
 from transferdesk.data import load_splits
 from transferdesk.modeling import IntentModel
 from transferdesk.self_training import self_train
+from transferdesk.train import task_data
 from transferdesk.trainer import Callback, configure_runtime, train_stage
 from tuning.config import TuneSpec
 from tuning.space import trial_config
@@ -45,6 +46,7 @@ def run_trial(
     cfg = trial_config(spec, params, backbones[candidate.name])
     device = configure_runtime(cfg.runtime)
     splits = load_splits(cfg.data, cfg.runtime.seed)  # train and valid only: cfg.data.test is None
+    tasks = task_data(cfg, splits)
     if cfg.semi_supervised.enabled and candidate.name in teachers:
         records = load_teachers(cfg, teachers[candidate.name])
         self_train(
@@ -56,6 +58,7 @@ def run_trial(
             device,
             pretrained=candidate.pretrained,
             callbacks=[TuneReport(spec.search.metric)],
+            tasks=tasks,
         )
         return
     train_stage(
@@ -68,4 +71,5 @@ def run_trial(
         f"trial {candidate.name}",
         pretrained=candidate.pretrained,
         callbacks=[TuneReport(spec.search.metric)],
+        tasks=tasks,
     )

@@ -5,6 +5,7 @@ two registry versions of the tiny model, and two applications of deployments/ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -55,13 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_policy(path: Path, min_confidence: float = 0.0, version: str = "test-1") -> Path:
-    routes = {intent: {"destination": f"{intent}-queue", "priority": "high"} for intent in TOY_INTENTS}
+def write_policy(path: Path, min_confidence: float = 0.0, version: str = "test-1", **more: object) -> Path:
+    """The toy versions' policy; `more`: other settings (rules, priority_from)."""
+    routes = {intent: {"destination": f"{intent}-queue", "priority": "normal"} for intent in TOY_INTENTS}
     policy = {
         "version": version,
         "min_confidence": min_confidence,
         "fallback": {"destination": "human-agents"},
         "routes": routes,
+        **more,
     }
     path.write_text(yaml.safe_dump(policy))
     return path
@@ -112,14 +115,32 @@ def ray_metrics(service: Service) -> list[tuple[str, dict[str, str], float]]:
     return samples
 
 
+# The toy versions' second head: how urgent each toy intent's messages are.
+TOY_URGENCY = {"track_order": "normal", "reset_password": "normal", "refund_status": "urgent"}
+
+
+def _with_urgency(rows: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    return [(text, label, TOY_URGENCY.get(label, "normal")) for text, label in rows]
+
+
 def train_versions(tmp: Path, backbone: Path) -> list[Path]:
+    """Two versions of a toy model with two heads: intent and urgency."""
+    header = ("text", "label", "urgency")
     files = {
-        "train": write_csv(tmp / "train.csv", toy_rows(0, 6)),
-        "valid": write_csv(tmp / "valid.csv", [*toy_rows(6, 8), ("weather on mars", "oos")]),
+        "train": write_csv(tmp / "train.csv", _with_urgency(toy_rows(0, 6)), header),
+        "valid": write_csv(
+            tmp / "valid.csv", _with_urgency([*toy_rows(6, 8), ("weather on mars", "oos")]), header
+        ),
     }
     versions = []
     for seed in (1, 2):  # two versions of one model, with different weights
-        overrides = {"name": "toy", "runtime.seed": seed, "training.epochs": 15, "model.dropout": 0.1}
+        overrides = {
+            "name": "toy",
+            "runtime.seed": seed,
+            "training.epochs": 15,
+            "model.dropout": 0.1,
+            "data.tasks": ["urgency"],
+        }
         cfg = tiny_run(backbone, files, tmp / "registry", **overrides)
         versions.append(train_and_register(cfg).path)
     return versions
@@ -129,19 +150,26 @@ def train_versions(tmp: Path, backbone: Path) -> list[Path]:
 UNREACHABLE_STORE = "postgresql+psycopg://transferdesk@127.0.0.1:1/nothing"
 
 
+def app_config(version: Path, policy: Path, port: int) -> dict:
+    """serve.yaml serving `version` on localhost, with small CPU shares and one replica each."""
+    config = yaml.safe_load(SERVE_YAML.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    app = config["applications"][0]
+    app["args"].update(model=str(version), routing_policy=str(policy))
+    for deployment in app["deployments"]:
+        deployment["ray_actor_options"] = {"num_cpus": 0.1}
+        deployment["autoscaling_config"]["min_replicas"] = 1
+    return config
+
+
 def _config(versions: list[Path], policy: Path, port: int, store: str) -> dict:
     """serve.yaml with the tiny model, small CPU shares (2 cores hold both apps), and an /open
     copy of the app without auth. Capture is on: / writes every message to `store` (sample_rate
     1: a message not handed off is captured as a sample), /open to an unreachable store."""
-    config = yaml.safe_load(SERVE_YAML.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config = app_config(versions[0], policy, port)
     app = config["applications"][0]
-    app["args"].update(model=str(versions[0]), routing_policy=str(policy))
     app["args"]["limits"]["body_timeout_s"] = 3.0  # slow-body tests wait this long
     app["args"]["capture"] = {"enabled": True, "store": store, "sample_rate": 1.0, "flush_interval_s": 0.2}
-    for deployment in app["deployments"]:
-        deployment["ray_actor_options"] = {"num_cpus": 0.1}
-        deployment["autoscaling_config"]["min_replicas"] = 1
     classifier = next(d for d in app["deployments"] if d["name"] == "Classifier")
     classifier["autoscaling_config"]["min_replicas"] = 2  # one may be killed by a test
     open_app = yaml.safe_load(yaml.safe_dump(app))
@@ -155,13 +183,16 @@ def _config(versions: list[Path], policy: Path, port: int, store: str) -> dict:
     return config
 
 
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
+def wait_until_up(
+    url: str, proc: subprocess.Popen, log: Path, prefixes: tuple[str, ...] = ("", "/open")
+) -> None:
+    """Until every application (by route prefix) answers /readyz, or fail with the log's end."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if all(httpx.get(f"{url}{p}/readyz", timeout=5).status_code == 200 for p in ("", "/open")):
+            if all(httpx.get(f"{url}{p}/readyz", timeout=5).status_code == 200 for p in prefixes):
                 return
         except httpx.HTTPError:
             pass
@@ -169,47 +200,33 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"the Serve app did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def service(
-    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path, postgres: Postgres
-) -> Iterator[Service]:
+@contextlib.contextmanager
+def serve_running(
+    config: dict, tmp: Path, env: dict[str, str], prefixes: tuple[str, ...] = ("", "/open")
+) -> Iterator[tuple[str, Path, Path, str]]:
+    """`serve run` of `config` (written to tmp/serve.yaml), on a Ray of its own, until the block
+    ends: (url, log, Ray's temp directory, dashboard address)."""
     if SERVE is None:
         pytest.fail("Ray Serve's `serve` command is not installed")
-    tmp = tmp_path_factory.mktemp("serve")
-    versions = train_versions(tmp, tiny_backbone)
-    policy = write_policy(tmp / "policy.yaml")
-    port = free_port()
-    store = postgres.new_database()
-    config = _config(versions, policy, port, store)
     config_path = tmp / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = tmp / "serve.log"
     # Short, under /tmp: Ray's socket paths inside it must stay under 108 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="td-ray-", dir="/tmp"))
-    keys_file = tmp / "keys"  # a mounted Secret's stand-in: rotated by a test
-    keys_file.write_text("")
-    env = {
-        **serve_env(),
-        **RAY_ENV,
-        **isolated_env(ray_tmp),
-        "TRANSFERDESK_API_KEYS": ",".join(KEYS),
-        "TRANSFERDESK_API_KEYS_FILE": str(keys_file),
-    }
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [SERVE, "run", str(config_path)],
             cwd=ROOT,
-            env=env,
+            env={**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=sigint_default,
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
-        _wait_until_up(url, proc, log)
+        wait_until_up(url, proc, log, prefixes)
         match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
-        dashboard = f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
-        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file, store)
+        yield url, log, ray_tmp, f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:
@@ -217,3 +234,20 @@ def service(
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def service(
+    tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path, postgres: Postgres
+) -> Iterator[Service]:
+    tmp = tmp_path_factory.mktemp("serve")
+    versions = train_versions(tmp, tiny_backbone)
+    policy = write_policy(tmp / "policy.yaml")
+    store = postgres.new_database()
+    config = _config(versions, policy, free_port(), store)
+    keys_file = tmp / "keys"  # a mounted Secret's stand-in: rotated by a test
+    keys_file.write_text("")
+    env = {"TRANSFERDESK_API_KEYS": ",".join(KEYS), "TRANSFERDESK_API_KEYS_FILE": str(keys_file)}
+    with serve_running(config, tmp, env) as (url, log, ray_tmp, dashboard):
+        config_path = tmp / "serve.yaml"
+        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file, store)

@@ -95,3 +95,92 @@ def test_serve_yaml_args_are_valid_serve_args() -> None:
 def test_a_batch_must_hold_one_ingress_call() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         ClassifierConfig(max_batch_size=CALL_TEXTS - 1)
+
+
+HEADS = {"sentiment": ["negative", "neutral", "positive"], "urgency": ["low", "normal", "high", "urgent"]}
+RULES = {
+    "rules": [
+        {
+            "name": "upset-customer",
+            "task": "sentiment",
+            "label": "negative",
+            "min_confidence": 0.8,
+            "route": {"destination": "customer-care", "priority": "high"},
+        }
+    ],
+    "priority_from": {"task": "urgency", "min_confidence": 0.6},
+}
+
+
+def headed(intent: float, sentiment: tuple[str, float], urgency: tuple[str, float]) -> Prediction:
+    return Prediction(
+        "track_order",
+        intent,
+        False,
+        "track_order",
+        (("track_order", intent),),
+        {"sentiment": sentiment, "urgency": urgency},
+    )
+
+
+@pytest.mark.parametrize(
+    ("prediction_", "reason", "destination", "priority", "handoff"),
+    [
+        # The rule fires at its confidence, with its own reason, whatever the intent's route.
+        (headed(0.9, ("negative", 0.85), ("normal", 0.9)), "rule", "customer-care", "high", True),
+        (headed(0.9, ("negative", 0.7), ("normal", 0.9)), "intent", "orders", "high", False),
+        (headed(0.9, ("positive", 0.99), ("low", 0.9)), "intent", "orders", "high", False),
+        # The urgency head raises the route's priority (never lowers it), when confident.
+        (headed(0.9, ("neutral", 0.9), ("urgent", 0.7)), "intent", "orders", "urgent", False),
+        (headed(0.9, ("neutral", 0.9), ("urgent", 0.5)), "intent", "orders", "high", False),
+        (headed(0.9, ("negative", 0.99), ("urgent", 0.9)), "rule", "customer-care", "urgent", True),
+        # Out-of-scope and low confidence go to the fallback first; still prioritised.
+        (headed(0.3, ("negative", 0.99), ("urgent", 0.9)), "low_confidence", "human-agents", "urgent", True),
+    ],
+)
+def test_rules_and_priority_from_other_heads(
+    tmp_path: Path, prediction_: Prediction, reason: str, destination: str, priority: str, handoff: bool
+) -> None:
+    policy = load_policy(policy_file(tmp_path, **RULES), LABELS, HEADS)
+    decision = decide(policy, prediction_, 3)
+    assert (decision["reason"], decision["destination"], decision["priority"], decision["handoff"]) == (
+        reason,
+        destination,
+        priority,
+        handoff,
+    )
+    assert decision["rule"] == ("upset-customer" if reason == "rule" else None)
+    assert decision["tasks"]["sentiment"]["label"] == prediction_.tasks["sentiment"][0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "heads", "message"),
+    [
+        (
+            {},
+            {"urgency": HEADS["urgency"]},
+            "uses head 'sentiment', which the model does not have; its other heads: urgency",
+        ),
+        (
+            {},
+            {**HEADS, "sentiment": ["bad", "good"]},
+            "waits for sentiment 'negative', a label the model's sentiment head",
+        ),
+        ({}, {"sentiment": HEADS["sentiment"]}, "priority_from uses head 'urgency'"),
+        ({}, {**HEADS, "urgency": ["asap", "later"]}, "no priority for asap, later; map them under `levels`"),
+        (
+            {"priority_from": {"task": "urgency", "levels": {"asap": "urgent", "later": "low"}}},
+            {**HEADS, "urgency": ["asap", "later"]},
+            None,
+        ),
+    ],
+)
+def test_policies_on_heads_the_model_lacks_are_refused(
+    tmp_path: Path, changes: dict, heads: dict, message: str | None
+) -> None:
+    path = policy_file(tmp_path, **{**RULES, **changes})
+    if message is None:
+        assert load_policy(path, LABELS, heads).priority_from.level("asap") == "urgent"
+        return
+    with pytest.raises(TransferDeskError, match=message.replace("(", r"\(")):
+        load_policy(path, LABELS, heads)

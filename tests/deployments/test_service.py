@@ -70,7 +70,7 @@ def test_route_follows_the_policy(service: Service) -> None:
     assert (track["intent"], track["destination"], track["priority"]) == (
         "track_order",
         "track_order-queue",
-        "high",
+        "normal",
     )
     assert reset["destination"] == "reset_password-queue"
     assert not track["handoff"] and track["reason"] == "intent"
@@ -165,6 +165,54 @@ def test_policy_reloads_without_restart(service: Service) -> None:
         assert body["policy_version"] == "test-2"
         assert decision["handoff"] and decision["reason"] == "low_confidence"
         assert decision["destination"] == "human-agents"
+    finally:
+        write_policy(service.policy)
+
+
+def test_extra_heads_answer_and_route(service: Service) -> None:
+    """One encoder pass answers every head; the policy's rule on the urgency head and its
+    priority from that head route as written, with their reason, after a reload."""
+    refund = "refund not received"  # confidently in scope, and urgent, for both toy versions
+    with service.client() as client:
+        info = client.get("/v1/model").json()
+        classified = client.post("/v1/classify", json={"texts": [refund, TRACK]}).json()["results"]
+    assert info["tasks"] == {"urgency": ["normal", "urgent"]}
+    assert [r["tasks"]["urgency"]["label"] for r in classified] == ["urgent", "normal"], classified
+    assert 0.5 < classified[0]["tasks"]["urgency"]["confidence"] <= 1
+    rule = {
+        "name": "urgent-money",
+        "task": "urgency",
+        "label": "urgent",
+        "min_confidence": 0.5,
+        "route": {"destination": "escalations"},
+    }
+    write_policy(
+        service.policy,
+        version="test-heads",
+        rules=[rule],
+        priority_from={"task": "urgency", "min_confidence": 0.5},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        with service.client() as client:
+            while time.monotonic() < deadline:
+                body = client.post("/v1/route", json={"texts": [refund, TRACK]}).json()
+                if body["policy_version"] == "test-heads":
+                    break
+                time.sleep(1)
+        urgent, normal = body["decisions"]
+        assert body["policy_version"] == "test-heads"
+        assert (urgent["reason"], urgent["rule"], urgent["destination"]) == (
+            "rule",
+            "urgent-money",
+            "escalations",
+        )
+        assert (
+            urgent["handoff"]
+            and urgent["priority"] == "urgent"
+            and urgent["tasks"]["urgency"]["label"] == "urgent"
+        )
+        assert (normal["reason"], normal["rule"], normal["priority"]) == ("intent", None, "normal")
     finally:
         write_policy(service.policy)
 

@@ -27,6 +27,12 @@ def test_source_stage_trained_once_and_test_split_unread(
             {"name": "tiny", "backbone": str(tiny_backbone)},
             {"name": "tiny+src", "backbone": str(tiny_backbone), "source": str(source)},
             {"name": "tiny+src-again", "backbone": str(tiny_backbone), "source": str(source)},
+            {
+                "name": "tiny+joint",
+                "backbone": str(tiny_backbone),
+                "source": str(source),
+                "transfer": "joint",
+            },
         ],
         search={"num_samples": 5, "algorithm": "random"},
     )
@@ -38,14 +44,16 @@ def test_source_stage_trained_once_and_test_split_unread(
     results = found.results
     assert not results.errors and len(results) == 5
     checkpoints = list((tmp_path / "registry" / "sources").iterdir())
-    assert len(checkpoints) == 1  # two candidates, one shared source stage, trained once
-    assert len({r.config["candidate"] for r in results}) >= 2
+    assert len(checkpoints) == 1  # two candidates, one shared source stage, trained once (joint: none)
+    # Every candidate's baseline trial ran: the joint one trained the source task beside the target.
+    assert {r.config["candidate"] for r in results} == {"tiny", "tiny+src", "tiny+src-again", "tiny+joint"}
     test.write_bytes(good)
     version = export(spec, found)
     assert verify(version.path) and IntentModel.from_pretrained(version).labels == version.labels
     assert version.config.data.test == test.name  # a name, not this machine's path
-    assert version.meta.candidate in {"tiny", "tiny+src", "tiny+src-again"}
-    if version.meta.source:
+    assert version.meta.candidate in {"tiny", "tiny+src", "tiny+src-again", "tiny+joint"}
+    assert version.tasks == {}  # a joint source's head is dropped at publish
+    if version.meta.source and version.meta.candidate != "tiny+joint":
         assert version.meta.source_checkpoint == f"sources/{checkpoints[0].name}"
     assert version.card.startswith("# toy-search v1\n") and version.meta.timings["train_seconds"] > 0
     assert "accuracy" in version.metrics and version.metrics["search"]["trials"] == 5
