@@ -15,12 +15,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from figures import child_result
 
 HERE = Path(__file__).resolve().parent
 # Published 10-shot BANKING77 test accuracies (Zhang et al. 2021, DNNC/CPFT tables).
@@ -164,24 +164,8 @@ def main() -> None:
     results = []
     for name, seed in ((n, s) for n in args.runs for s in args.seeds):
         print(f"== {run_key(name, seed)}", flush=True)
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--one",
-                name,
-                "--seeds",
-                str(seed),
-                "--data-dir",
-                str(args.data_dir),
-                "--work",
-                str(args.work),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-        )
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        child = [sys.executable, __file__, "--one", name, "--seeds", str(seed)]
+        results.append(child_result([*child, "--data-dir", str(args.data_dir), "--work", str(args.work)]))
         print(json.dumps(results[-1], indent=2), flush=True)
     machine = (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, "

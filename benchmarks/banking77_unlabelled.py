@@ -22,10 +22,11 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from figures import child_result, mean_sd
 
 HERE = Path(__file__).resolve().parent
 SEEDS = [1, 2, 3]
@@ -120,27 +121,8 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path) -> dict:
 
 
 def run_peer(python: str, shots: int, seed: int, data: Path) -> dict:
-    proc = subprocess.run(
-        [
-            python,
-            str(HERE / "setfit_peer.py"),
-            "--shots",
-            str(shots),
-            "--seed",
-            str(seed),
-            "--data-dir",
-            str(data),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2%} ± {sd:.2%}"
+    peer = [python, str(HERE / "setfit_peer.py"), "--shots", str(shots), "--seed", str(seed)]
+    return child_result([*peer, "--data-dir", str(data)])
 
 
 def markdown(results: list[dict], machine: str) -> str:
@@ -167,8 +149,8 @@ def markdown(results: list[dict], machine: str) -> str:
             right = f"{statistics.mean(on_kept):.1%} / {pool:.1%}" if on_kept else f"– / {pool:.1%}"
             pseudo = f"{kept:.0f} of {rows[0]['pool_rows']} ({right})"
         lines.append(
-            f"| {shots} | {method} | {seeds} | {_mean_sd([r['test_accuracy'] for r in rows])} | "
-            f"{_mean_sd([r['test_macro_f1'] for r in rows])} | {times:.0f} s | {pseudo} | "
+            f"| {shots} | {method} | {seeds} | {mean_sd([r['test_accuracy'] for r in rows])} | "
+            f"{mean_sd([r['test_macro_f1'] for r in rows])} | {times:.0f} s | {pseudo} | "
             f"{PUBLISHED.get(shots, '')} |"
         )
     return "\n".join(lines) + "\n"
@@ -203,8 +185,7 @@ def main() -> None:
                 print(f"== {shots}-shot {method} seed {seed}", flush=True)
                 child = [sys.executable, __file__, "--one", method, str(shots), str(seed)]
                 child += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
-                proc = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                result = child_result(child)
                 merged[f"{shots}/{method}/{seed}"] = {"key": f"{shots}/{method}/{seed}", **result}
                 print(json.dumps(result), flush=True)
             if args.peer:

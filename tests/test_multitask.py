@@ -108,6 +108,10 @@ def test_rows_without_a_task_label_still_train_the_other(mood_backbone: Path, tm
     assert len(result.splits.train) == len(_messages(range(0, 3)))  # every row trains the intent
     history = result.fit.history[-1]
     assert history["accuracy"] >= 0.9 and history["mood_accuracy"] >= 0.9
+    assert (
+        0 < history["seconds"] == result.fit.seconds < 300
+        or 0 < history["seconds"] < result.fit.seconds < 300
+    )
 
 
 def test_task_with_a_training_file_of_its_own(mood_backbone: Path, tmp_path: Path) -> None:
@@ -203,3 +207,27 @@ def test_onnx_export_answers_every_head_as_torch(mood_backbone: Path, tmp_path: 
     )
     ids = [onnx.tokenizer(t)["input_ids"] for t in texts]
     assert [p.tasks for p in onnx.predict_ids(ids)] == [p.tasks for p in onnx.predict(texts)]
+
+
+def test_command_line_shows_every_head(
+    mood_backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from transferdesk.cli import main
+
+    files = _files(tmp_path)
+    version = train_and_register(_run(mood_backbone, files, tmp_path))
+    capsys.readouterr()
+    assert main(["predict", str(version.path), "about my parcel furious"]) == 0
+    assert "mood: angry" in capsys.readouterr().out
+    assert (
+        main(["evaluate", str(version.path), "--data", str(files["test"]), "--output", str(tmp_path / "e")])
+        == 0
+    )
+    assert "| mood |" in capsys.readouterr().out and (tmp_path / "e" / "confusion_mood.png").is_file()
+    assert (
+        main(["data", "check", str(files["train"]), "--tasks", "mood", "--backbone", "none", "--json"]) == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tasks"] == {"mood": {"angry": 45, "happy": 45}} and "words" in summary
+    assert main(["data", "check", str(files["train"]), "--tasks", "urgency", "--backbone", "none"]) == 1
+    assert "no column 'urgency' (--tasks)" in capsys.readouterr().out

@@ -273,12 +273,12 @@ def fit(
                 loss = intent_loss(net, ours, targets[idx].to(device), stage.objective)
                 for task, ids in column_targets.items():
                     loss = loss + tasks.weights[task] * task_loss(net, task, ours, ids[idx].to(device))
-                start = len(idx)
+                offset = len(idx)
                 for task, rows in extra.items():
-                    theirs = embeddings[start : start + len(rows)]
+                    theirs = embeddings[offset : offset + len(rows)]
                     ids = own_rows[task][1][rows].to(device)
                     loss = loss + tasks.weights[task] * task_loss(net, task, theirs, ids)
-                    start += len(rows)
+                    offset += len(rows)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
