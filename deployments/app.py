@@ -341,13 +341,17 @@ class Router:
     It checks a policy's form, not its intents: which intents must be routed depends on the
     version serving, which changes under it (a switch, a canary), and the Classifier checks a
     version against the policy before it serves. An intent without a route goes to the
-    fallback (`no_route`), so an edit that drops one is safe."""
+    fallback (`no_route`), so an edit that drops one is safe. Rules and priority_from are
+    checked against the heads of the version the application started with."""
 
-    def __init__(self, policy_path: str) -> None:
+    def __init__(self, policy_path: str, tasks: dict[str, list[str]] | None = None) -> None:
         # The path as mounted, links and all: a ConfigMap swaps its `..data` link on update.
         self.path = Path(policy_path)
+        # The other heads of the version the application started with: an edit with a rule on
+        # a head it lacks would never fire, so it is refused like any broken edit.
+        self.tasks = tasks or {}
         self.stamp = self._stamp()
-        self.policy = load_policy(self.path)
+        self.policy = load_policy(self.path, tasks=self.tasks)
         self.checked = time.monotonic()
 
     def _stamp(self) -> tuple[int, int]:
@@ -364,7 +368,7 @@ class Router:
         try:
             stamp = self._stamp()  # before reading: an edit meanwhile is seen next time
             if stamp != self.stamp:
-                self.policy, self.stamp = load_policy(self.path), stamp
+                self.policy, self.stamp = load_policy(self.path, tasks=self.tasks), stamp
                 log.info("routing policy %s loaded", self.policy.version)
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
@@ -398,5 +402,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         settings.precision,
         settings.runtime,
     )
-    router = Router.bind(settings.routing_policy)
+    router = Router.bind(settings.routing_policy, version.tasks)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

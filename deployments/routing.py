@@ -79,6 +79,8 @@ def load_policy(
         raise TransferDeskError(f"cannot read routing policy {path}: {err.strerror}") from None
     except (yaml.YAMLError, ValidationError) as err:
         raise TransferDeskError(f"routing policy {path} is invalid: {err}") from None
+    if tasks is not None:
+        _check_heads(policy, path, tasks)
     if labels is None:
         return policy
     unknown = sorted(set(policy.routes) - set(labels))
@@ -91,7 +93,6 @@ def load_policy(
         raise TransferDeskError(
             f"routing policy {path} has no route for {', '.join(unrouted)}; add them or set `default`"
         )
-    _check_heads(policy, path, tasks or {})
     return policy
 
 

@@ -16,7 +16,7 @@ from transferdesk.config import RunConfig, load_config
 from transferdesk.data import load_splits, read_dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
-from transferdesk.train import run_training, train_and_register
+from transferdesk.train import run_training, source_key, train_and_register
 from transferdesk.trainer import init_head_from_prototypes
 
 # Two factors in every message: its topic (the intent) and its mood (a second task). Each
@@ -163,8 +163,16 @@ def test_joint_source_task_trains_beside_the_target(mood_backbone: Path, tmp_pat
         _run(mood_backbone, files, tmp_path, **overrides, **{"source_training.keep_head": True})
     )
     assert kept.tasks == {"source": ["angry", "happy"]}
+    # The joint mode's settings are not part of a sequential source stage's cache key.
+    sequential = _with_mode(cfg, "sequential")
+    assert source_key(sequential) == source_key(_with_mode(cfg, "sequential", weight=0.9))
     [answer] = IntentModel.from_pretrained(kept).predict(["about my parcel furious"])
     assert set(answer.tasks) == {"source"}
+
+
+def _with_mode(cfg: RunConfig, mode: str, **more: object) -> RunConfig:
+    stage = cfg.source_training.model_copy(update={"mode": mode, **more})
+    return cfg.model_copy(update={"source_training": stage})
 
 
 def test_prototype_start_of_a_task_head(mood_backbone: Path, tmp_path: Path) -> None:
@@ -195,7 +203,10 @@ def test_onnx_export_answers_every_head_as_torch(mood_backbone: Path, tmp_path: 
 
     files = _files(tmp_path)
     version = train_and_register(_run(mood_backbone, files, tmp_path))
-    export_version(version.path, ExportConfig(runtimes=["onnx"], data=str(files["valid"])))
+    export = export_version(version.path, ExportConfig(runtimes=["onnx"], data=str(files["valid"])))
+    # Every head is checked against torch at export, on the rows labelled for it.
+    head = export.meta.runtimes["onnx"].heads["mood"]
+    assert head.argmax_agreement == 1.0 and head.accuracy == head.torch_accuracy is not None
     texts = [t for t, _, _ in _messages(range(4, 6))]
     reference = IntentModel.from_pretrained(version.path, "cpu").predict_heads(texts)
     onnx = IntentModel.from_pretrained(version.path, "cpu", "onnx")

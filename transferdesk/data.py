@@ -543,10 +543,11 @@ class Splits:
 
     def task_labels(self) -> dict[str, list[str]]:
         """Each task's classes (its head's outputs, in order), from all its training rows."""
-        found: dict[str, set[str]] = {task: set(self.train.task(task).labels) for task in self.train.tasks}
-        for task, (train, _) in self.own.items():
-            found.setdefault(task, set()).update(train.labels)
-        return {task: sorted(labels) for task, labels in found.items()}
+        found = {task: self.train.task(task).labels for task in self.train.tasks if task not in self.own}
+        # A task with a file of its own learns from that file alone (a same-named column of the
+        # training file would add classes its head never trains on).
+        found |= {task: train.labels for task, (train, _) in self.own.items()}
+        return {task: sorted(set(labels)) for task, labels in found.items()}
 
 
 def _read_checked(path: str, cfg: DataConfig) -> tuple[Dataset, list[Problem]]:

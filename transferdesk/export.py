@@ -28,7 +28,15 @@ from transferdesk.config import ExportConfig
 from transferdesk.data import Dataset, check_eval_data, load_splits, raise_on_errors, read_dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
-from transferdesk.registry import ONNX_FILES, Export, ExportMeta, RuntimeCheck, open_version, save_export
+from transferdesk.registry import (
+    ONNX_FILES,
+    Export,
+    ExportMeta,
+    HeadCheck,
+    RuntimeCheck,
+    open_version,
+    save_export,
+)
 from transferdesk.runtime import OnnxSession
 
 log = logging.getLogger(__name__)
@@ -39,7 +47,7 @@ def validation_data(version_spec: str | Path, data: str | None) -> tuple[Dataset
     version = open_version(version_spec)
     cfg = version.config.data
     if data:
-        ds, problems = read_dataset(data, cfg.text_column, cfg.label_column)
+        ds, problems = read_dataset(data, cfg.text_column, cfg.label_column, cfg.task_columns())
         raise_on_errors(problems + check_eval_data(ds, version.labels, cfg.oos_label))
         return ds, Path(data).name if "://" not in data else data
     own = cfg.model_copy(update={"test": None, "source": None, "unlabelled": None})
@@ -149,7 +157,7 @@ def check_runtime(
     model: IntentModel,
     session: OnnxSession,
     runtime: str,
-    reference: np.ndarray,
+    reference: tuple[np.ndarray, dict[str, np.ndarray]],
     ds: Dataset,
     batch_size: int,
 ) -> RuntimeCheck:
@@ -158,9 +166,13 @@ def check_runtime(
     out-of-scope rows; by top intent alone where it has none, since there the rule only marks
     the least confident share wrong, and which messages those are shifts with any small change
     of confidence. The runtime gets its own threshold, chosen on `ds` as training chose torch's
-    (its confidences differ a little), and serves with it."""
+    (its confidences differ a little), and serves with it. Each other head: agreement with
+    torch's top label, and accuracy where `ds` has the task's labels."""
     predictor = model.with_session(session, runtime)
-    probs = predictor.predict_proba(list(ds.texts), batch_size, progress=True, desc=runtime)
+    (probs, heads), (reference, reference_heads) = (
+        predictor.predict_heads(list(ds.texts), batch_size),
+        reference,
+    )
     predictor.calibrate_from_probs(probs, list(ds.labels))
     truth, rule = np.array(ds.labels), model.oos_label in ds.labels
     torch_acc = float(np.mean(np.array(model.decide(reference, out_of_scope=rule)) == truth))
@@ -174,6 +186,24 @@ def check_runtime(
         torch_accuracy=torch_acc,
         accuracy_drop_points=round((torch_acc - acc) * 100, 4),
         size_mb=round(session.path.stat().st_size / 2**20, 1),
+        heads={
+            task: _head_check(model.tasks[task], p, reference_heads[task], ds.tasks.get(task))
+            for task, p in heads.items()
+        },
+    )
+
+
+def _head_check(labels: list[str], probs: np.ndarray, reference: np.ndarray, truth: list | None) -> HeadCheck:
+    rows = [i for i, label in enumerate(truth or []) if label is not None]
+    names = np.array(labels)
+
+    def accuracy(p: np.ndarray) -> float | None:
+        return float(np.mean(names[p[rows].argmax(1)] == np.array(truth)[rows])) if rows else None
+
+    return HeadCheck(
+        argmax_agreement=float(np.mean(probs.argmax(1) == reference.argmax(1))),
+        accuracy=accuracy(probs),
+        torch_accuracy=accuracy(reference),
     )
 
 
@@ -184,7 +214,7 @@ def export_version(spec: str | Path, cfg: ExportConfig) -> Export:
     model = IntentModel.from_pretrained(version, "cpu")
     ds, described = validation_data(version.path, cfg.data)
     log.info("checking on %s (%d messages)", described, len(ds))
-    reference = model.predict_proba(list(ds.texts), cfg.batch_size, progress=True, desc="torch fp32")
+    reference = model.predict_heads(list(ds.texts), cfg.batch_size, progress=True)
     with tempfile.TemporaryDirectory(prefix="transferdesk-export-") as scratch:
         files = {
             "onnx": Path(scratch) / ONNX_FILES["onnx"],
@@ -208,6 +238,12 @@ def export_version(spec: str | Path, cfg: ExportConfig) -> Export:
         # 115 rows: 0.87 points a message) a single changed answer must not refuse the export.
         allowed = max(cfg.max_accuracy_drop, 100 / len(ds))
         lost = {r: (c.torch_accuracy - c.accuracy) * 100 for r, c in checks.items()}  # unrounded
+        # Other heads by the same rule, on the rows labelled for them.
+        for r, c in checks.items():
+            for task, drop in c.head_drops().items():
+                scored = sum(label is not None for label in ds.tasks[task])
+                if drop > max(cfg.max_accuracy_drop, 100 / scored) + 1e-6:
+                    lost[r] = max(lost[r], drop)
         if refused := [r for r in checks if lost[r] > allowed + 1e-6]:
             raise TransferDeskError(
                 f"export refused: {', '.join(refused)} lose more than {allowed:.2f} points of accuracy on "
@@ -242,4 +278,13 @@ def summary(check: RuntimeCheck) -> str:
         f"{(check.accuracy - check.torch_accuracy) * 100:+.2f} points), "
         f"same top intent {check.argmax_agreement:.2%}, "
         f"largest probability difference {check.max_prob_diff:.4f}, {check.size_mb:g} MB"
+        + "".join(
+            f"; {task}: same top label {h.argmax_agreement:.2%}"
+            + (
+                f", accuracy {h.accuracy:.2%} (torch {h.torch_accuracy:.2%})"
+                if h.accuracy is not None
+                else ""
+            )
+            for task, h in check.heads.items()
+        )
     )

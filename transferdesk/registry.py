@@ -139,6 +139,14 @@ class TeacherRecord:
     path: Path
 
 
+class HeadCheck(Section):
+    """How one exported runtime's answers of another head (task) compared with torch fp32's."""
+
+    argmax_agreement: float = Field(description="Share of messages with the same top label.")
+    accuracy: float | None = Field(description="On the rows labelled for the task; null: none are.")
+    torch_accuracy: float | None
+
+
 class RuntimeCheck(Section):
     """How one exported runtime compared with torch fp32 on the version's validation data."""
 
@@ -157,6 +165,15 @@ class RuntimeCheck(Section):
     torch_accuracy: float
     accuracy_drop_points: float = Field(description="torch_accuracy - accuracy, in points.")
     size_mb: float
+    heads: dict[str, HeadCheck] = Field(default_factory=dict, description="Each other head's, by task.")
+
+    def head_drops(self) -> dict[str, float]:
+        """Accuracy lost by each head that could be scored, in points (unrounded)."""
+        return {
+            task: (check.torch_accuracy - check.accuracy) * 100
+            for task, check in self.heads.items()
+            if check.accuracy is not None and check.torch_accuracy is not None
+        }
 
 
 class ExportMeta(Section):
@@ -288,6 +305,12 @@ def portable_config(cfg: RunConfig, registry: Path) -> RunConfig:
             k: portable_path(getattr(cfg.data, k)) for k in ("train", "valid", "test", "source", "unlabelled")
         }
         | {"extra_train": [portable_path(path) for path in cfg.data.extra_train]}
+        | {
+            "tasks": {
+                task: settings.model_copy(update={"train": portable_path(settings.train)})
+                for task, settings in cfg.data.tasks.items()
+            }
+        }
     )
     model = cfg.model.model_copy(update={"backbone": portable_path(cfg.model.backbone, registry)})
     return cfg.model_copy(update={"data": data, "model": model, "output": "registry"})

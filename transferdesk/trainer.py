@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,18 +168,18 @@ def validation_score(
     model: IntentModel, valid: Dataset, batch_size: int, own: dict[str, Dataset] | None = None
 ) -> dict:
     """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied), and each
-    other task's accuracy (`<task>_accuracy`) on the rows labelled for it: the validation
-    file's, or the task's own validation rows (`own`)."""
+    other task's accuracy (`<task>_accuracy`) on the rows labelled for it, out-of-scope ones
+    included (as `evaluate` scores them): the validation file's, or the task's own validation
+    rows (`own`)."""
     known = set(model.labels)
     rows = [i for i, lab in enumerate(valid.labels) if lab in known]
     if not rows:
         raise TransferDeskError(f"validation data {valid.path} shares no intent with the training data")
-    sub = valid.subset(rows)
-    probs, tasks = model.predict_heads(sub.texts, batch_size)
-    pred = [model.labels[j] for j in probs.argmax(axis=1)]
-    scores = classification_metrics(sub.labels, pred, model.labels)
+    probs, tasks = model.predict_heads(valid.texts, batch_size)
+    pred = [model.labels[j] for j in probs[rows].argmax(axis=1)]
+    scores = classification_metrics([valid.labels[i] for i in rows], pred, model.labels)
     out = {name: scores[name] for name in VALID_METRICS}
-    truth = {task: sub.tasks.get(task, []) for task in tasks}
+    truth = {task: valid.tasks.get(task, []) for task in tasks}
     for task, data in (own or {}).items():
         tasks[task], truth[task] = model.predict_heads(data.texts, batch_size)[1][task], data.labels
     for task, task_probs in tasks.items():
@@ -188,6 +188,14 @@ def validation_score(
             hits = [names[task_probs[i].argmax()] == truth[task][i] for i in labelled]
             out[f"{task}_accuracy"] = float(np.mean(hits))
     return out
+
+
+def selection_key(scores: dict, metric: str, tasks: Iterable[str]) -> tuple[float, float]:
+    """How an epoch's validation scores rank: the intent's `metric`, ties broken by the mean
+    accuracy of the other heads that ship (not the joint source's), so that an intent head
+    already as good as it gets leaves the others time to learn."""
+    accuracies = [scores[f"{t}_accuracy"] for t in tasks if t != SOURCE_TASK and f"{t}_accuracy" in scores]
+    return scores[metric], float(np.mean(accuracies)) if accuracies else 0.0
 
 
 def _task_targets(tasks: TaskData | None, train: Dataset) -> dict[str, torch.Tensor]:
@@ -247,13 +255,9 @@ def fit(
         device.type, enabled=autocast_dtype(device, runtime.precision) == torch.float16
     )
     best, best_key, best_state, history = -1.0, (-1.0, -1.0), None, []
-    shipped = [task for task in (tasks.labels if tasks else {}) if task != SOURCE_TASK]
 
     def rank(scores: dict) -> tuple[float, float]:
-        """The intent's monitored metric, ties broken by the other heads' mean accuracy: an
-        intent head that is already as good as it gets leaves the others time to learn."""
-        accuracies = [scores[f"{task}_accuracy"] for task in shipped if f"{task}_accuracy" in scores]
-        return scores[stage.monitor], float(np.mean(accuracies)) if accuracies else 0.0
+        return selection_key(scores, stage.monitor, model.tasks)
 
     start, bad_epochs, step, epoch = time.perf_counter(), 0, 0, 0
     for callback in callbacks:

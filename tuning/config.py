@@ -84,6 +84,10 @@ class Candidate(Section):
     def _control_has_no_source(self) -> Candidate:
         if not self.pretrained and self.source:
             raise ValueError("a 'no transfer' candidate (pretrained: false) cannot have a source stage")
+        if self.transfer == "joint" and not self.source:
+            raise ValueError(
+                f"candidate {self.name}: transfer: joint needs a `source` to train beside the target"
+            )
         return self
 
     @property

@@ -55,6 +55,7 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     data = data.model_copy(
         update={k: _absolute(getattr(data, k)) for k in ("train", "valid", "test", "source", "unlabelled")}
         | {"extra_train": [_absolute(path) for path in data.extra_train]}
+        | {"tasks": {t: s.model_copy(update={"train": _absolute(s.train)}) for t, s in data.tasks.items()}}
     )
     candidates = [
         c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
@@ -63,7 +64,8 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     search = spec.search.model_copy(update={"storage_path": _absolute(spec.search.storage_path)})
     run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
     spec = spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
-    for path in (data.train, *data.extra_train, data.valid, data.test, *(c.source for c in candidates)):
+    own = [task.train for task in data.tasks.values()]
+    for path in (data.train, *data.extra_train, *own, data.valid, data.test, *(c.source for c in candidates)):
         if path:
             resolve_path(path)  # raises a clear error for a missing or unsupported file
     for candidate in candidates:

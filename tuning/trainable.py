@@ -11,7 +11,7 @@ from transferdesk.data import load_splits
 from transferdesk.modeling import IntentModel
 from transferdesk.self_training import self_train
 from transferdesk.train import task_data
-from transferdesk.trainer import Callback, configure_runtime, train_stage
+from transferdesk.trainer import Callback, configure_runtime, selection_key, train_stage
 from tuning.config import TuneSpec
 from tuning.space import trial_config
 from tuning.teachers import load_teachers
@@ -21,18 +21,20 @@ REPORTED = ("epoch", "loss", "accuracy", "macro_f1")
 
 class TuneReport(Callback):
     """Each epoch's validation metrics to Tune; a checkpoint (the model's own files) only when
-    the search metric beats the trial's best so far, across all its fits (the rounds of
+    the epoch beats the trial's best so far (the search metric, ties broken by the other
+    heads' accuracy, as training picks its epoch), across all its fits (the rounds of
     self-training are several), so a trial's latest checkpoint is its best epoch."""
 
     def __init__(self, metric: str) -> None:
-        self.metric, self.best = metric, float("-inf")
+        self.metric, self.best = metric, (float("-inf"), float("-inf"))
 
     def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
         metrics = {key: entry[key] for key in REPORTED}
-        if entry[self.metric] <= self.best:
+        key = selection_key(entry, self.metric, model.tasks)
+        if key <= self.best:
             tune.report(metrics)
             return
-        self.best = entry[self.metric]
+        self.best = key
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))

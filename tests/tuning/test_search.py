@@ -103,6 +103,7 @@ def test_time_budget_ends_the_search_and_still_exports(
         ({"candidates": [{"name": "x", "backbone": "/nonexistent/model"}]}, "neither a model directory"),
         ({"search": {"gpus_per_trial": 4}}, "asks for 4 GPU but the cluster has 0"),
         ({"candidates": [{"name": "x", "pretrained": False, "source": "a.csv"}]}, "cannot have a source"),
+        ({"candidates": [{"name": "x", "transfer": "joint"}]}, "joint needs a `source`"),
     ],
 )
 def test_bad_specs_fail_before_any_trial(local_ray, tiny_backbone, tmp_path, sections, message) -> None:
@@ -210,3 +211,17 @@ def test_pool_search_shares_teachers_and_reports_what_the_pool_bought(
     if version.metrics["search"]["best_config"]["semi_supervised"]:
         assert version.metrics["semi_supervised"]["pool"]["rows_used"] == 4
         assert "Unlabelled pool: `pool.txt`" in version.card
+
+
+def test_task_files_of_their_own_reach_trials_as_absolute_paths(
+    tiny_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Trials run in directories of their own: a task's own file, given relative, must not be lost."""
+    from tests.conftest import toy_rows, write_csv
+
+    monkeypatch.chdir(tmp_path)
+    moods = [(text, "calm" if i % 2 else "upset") for i, (text, _) in enumerate(toy_rows(0, 8))]
+    write_csv(tmp_path / "moods.csv", moods, ("text", "mood"))
+    path = write_spec(tmp_path, tiny_backbone, data={"tasks": {"mood": {"train": "moods.csv"}}})
+    spec = prepare_spec(load_spec(path))
+    assert spec.run.data.tasks["mood"].train == str(tmp_path / "moods.csv")
