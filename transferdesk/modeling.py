@@ -258,7 +258,11 @@ class IntentModel:
 
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
-        return self._passes(self._cut(ids), batch_size, self._pad)[:, : len(self.labels)]
+        return self.heads_from_ids(ids, batch_size)[:, : len(self.labels)]
+
+    def heads_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+        """Every head's probabilities, side by side (see split_heads), for token ids."""
+        return self._passes(self._cut(ids), batch_size, self._pad)
 
     def _cut(self, ids: list[list[int]]) -> list[list[int]]:
         """Longer inputs cut to this model's max_length, keeping the closing special token."""
@@ -350,7 +354,7 @@ class IntentModel:
     def predict_ids(
         self, ids: list[list[int]], k: int = 3, batch_size: int = 64, digits: int | None = None
     ) -> list[Prediction]:
-        return self.predictions(self._passes(self._cut(ids), batch_size, self._pad), k, digits)
+        return self.predictions(self.heads_from_ids(ids, batch_size), k, digits)
 
     def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> np.ndarray:
         """Choose the out-of-scope threshold on labelled validation data; returns its probabilities."""

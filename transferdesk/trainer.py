@@ -302,12 +302,13 @@ def fit(
             "seconds": time.perf_counter() - start,
         }
         history.append(entry)
+        # Patience runs out on the intent's metric alone, so other heads do not keep a stage
+        # going that the intent alone would have stopped; within it, ties are broken by theirs.
+        bad_epochs = 0 if scores[stage.monitor] > best else bad_epochs + 1
         improved = rank(scores) > best_key
         if improved:
-            best, best_key, bad_epochs = scores[stage.monitor], rank(scores), 0
+            best, best_key = scores[stage.monitor], rank(scores)
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
-        else:
-            bad_epochs += 1
         for callback in callbacks:
             callback.on_epoch(entry, improved, model)
         if bad_epochs >= stage.patience:

@@ -46,7 +46,9 @@ def test_train_evaluate_predict_beats_chance(sample_model: Path, capsys) -> None
     evaluated = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
     assert evaluated["accuracy"] == pytest.approx(metrics["accuracy"])
     assert main(["predict", str(sample_model), "where is my parcel? it was due monday", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["intent"] in ("track_order", "delivery_delayed")
+    [answer] = json.loads(capsys.readouterr().out)
+    # Its best guess (a 4-epoch model may still hand this one to a human: the threshold decides).
+    assert answer["top"][0]["intent"] in ("track_order", "delivery_delayed")
 
 
 def test_tampered_real_model_is_refused(sample_model: Path, tmp_path: Path) -> None:
