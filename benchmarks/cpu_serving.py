@@ -64,8 +64,8 @@ def in_process(model_dir: str, runtime: str, texts: list[str], labels: list[str]
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     model = IntentModel.from_pretrained(model_dir, "cpu", runtime, threads)
-    probs = model.predict_proba(texts, 64)
-    accuracy = float(np.mean(np.array(model.decide(probs, out_of_scope=False)) == np.array(labels)))
+    heads = model.predict_heads(texts, 64)
+    accuracy = float(np.mean(np.array(model.decide(heads, out_of_scope=False)) == np.array(labels)))
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         model.predict_proba(texts[:256], batch_size=16)

@@ -139,7 +139,10 @@ TASKS_FIELD = Field(
 class Classification(BaseModel):
     intent: str
     confidence: float
-    out_of_scope: bool = Field(description="Confidence below the model's calibrated threshold.")
+    out_of_scope: bool = Field(
+        description="The model's out-of-scope score below its threshold, both chosen on validation "
+        "data (GET /v1/model: calibration)."
+    )
     alternatives: list[Alternative]
     tasks: dict[str, TaskAnswer] = TASKS_FIELD
 
@@ -156,7 +159,9 @@ class Decision(BaseModel):
     destination: str
     priority: Priority
     handoff: bool = Field(description="Goes to people: the human-agent fallback, or a rule's queue.")
-    reason: Literal["intent", "default", "low_confidence", "out_of_scope", "no_route", "rule"]
+    reason: Literal[
+        "intent", "default", "low_confidence", "queue_threshold", "out_of_scope", "no_route", "rule"
+    ]
     rule: str | None = Field(None, description="The policy rule that chose the queue (reason `rule`).")
     alternatives: list[Alternative]
     tasks: dict[str, TaskAnswer] = TASKS_FIELD
@@ -180,15 +185,39 @@ class RolloutInfo(BaseModel):
     mean_confidence_shift: float | None = Field(None, description="Shadow: mean |top-confidence change|.")
 
 
+class Calibration(BaseModel):
+    """How the model's confidences are calibrated and its threshold was chosen (the run's
+    calibration settings and the temperature fitted on validation data)."""
+
+    temperature: bool
+    fitted_temperature: float
+    score: str = Field(description="softmax (the calibrated top confidence) or energy.")
+    target: str = Field(description="balance, handoff_rate, precision or oos_recall.")
+    value: float | None
+
+
+class PolicyThresholds(BaseModel):
+    """The routing policy's confidence thresholds: below them a message routed by intent goes to
+    the fallback (reasons `low_confidence`, `queue_threshold`)."""
+
+    min_confidence: float
+    queues: dict[str, float] = Field(description="Per destination.")
+    routes: dict[str, float] = Field(description="Per intent, where its route sets one.")
+
+
 class ModelInfo(BaseModel):
     name: str | None
     version: str
     labels: list[str]
     tasks: dict[str, list[str]] = Field(description="Other heads beside the intent's: task → labels.")
-    threshold: float
+    threshold: float = Field(
+        description="The model's out-of-scope threshold, on its score (calibration.score)."
+    )
+    calibration: Calibration
     runtime: str = Field(description="What the forward pass runs on: torch, onnx or onnx-int8.")
     metrics: dict[str, float]
     policy_version: str
+    policy_thresholds: PolicyThresholds
     switch_error: str | None = Field(description="Why the last requested model switch was refused.")
     rollout: RolloutInfo | None = Field(
         description="A canary or shadow version beside this one (one replica's view)."
@@ -674,9 +703,13 @@ class Ingress:
         """The model being served, its test metrics and the routing policy version."""
         info, policy = await asyncio.gather(
             self._within_time(lambda: self.classifier.info.remote()),
-            self._within_time(lambda: self.router.version.remote()),
+            self._within_time(lambda: self.router.thresholds.remote()),
         )
-        return ModelInfo(**{k: info[k] for k in ModelInfo.model_fields if k in info}, policy_version=policy)
+        return ModelInfo(
+            **{k: info[k] for k in ModelInfo.model_fields if k in info},
+            policy_version=policy.pop("version"),
+            policy_thresholds=policy,
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> Health:

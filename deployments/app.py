@@ -97,7 +97,16 @@ class Served:
         return str(self.version.path) == path and self.asked == runtime
 
     def info(self) -> dict:
-        return {**self.version.summary(), "threshold": self.model.threshold, "runtime": self.model.runtime}
+        model = self.model
+        return {
+            **self.version.summary(),
+            "threshold": model.threshold,
+            "calibration": {
+                **model.calibration.model_dump(mode="json"),
+                "fitted_temperature": model.temperature,
+            },
+            "runtime": model.runtime,
+        }
 
 
 @dataclass
@@ -379,6 +388,10 @@ class Router:
         self._maybe_reload()
         policy = self.policy
         return [[decide(policy, p, top_k) for p in predictions] for predictions, top_k in requests]
+
+    async def thresholds(self) -> dict:
+        """The policy's version and confidence thresholds (GET /v1/model)."""
+        return {"version": self.policy.version, **self.policy.thresholds()}
 
     async def version(self) -> str:
         self._maybe_reload()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from transferdesk.config import Section
 from transferdesk.errors import TransferDeskError
@@ -22,6 +22,22 @@ PRIORITIES: tuple[str, ...] = get_args(Priority)
 class Route(Section):
     destination: str = Field(min_length=1, description="Queue, team or skill name.")
     priority: Priority = "normal"
+    min_confidence: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="An intent's route only: below this confidence its messages go to the fallback "
+        "instead (reason `queue_threshold`); unset: the queue's, else the policy's.",
+    )
+
+
+class Queue(Section):
+    min_confidence: float = Field(
+        ge=0,
+        le=1,
+        description="Messages routed here by intent need this confidence, else they go to the fallback "
+        "(reason `queue_threshold`): stricter for payments than for sales.",
+    )
 
 
 class Rule(Section):
@@ -63,8 +79,50 @@ class RoutingPolicy(Section):
     fallback: Route = Field(description="Where low-confidence and out-of-scope messages go: human agents.")
     default: Route | None = Field(None, description="Route for intents not listed; unset: list every intent.")
     routes: dict[str, Route] = Field(default_factory=dict)
+    queues: dict[str, Queue] = Field(
+        default_factory=dict,
+        description="Per destination: its confidence threshold (routes may set their own).",
+    )
     rules: list[Rule] = Field(default_factory=list, description="Rules on other heads' answers, in order.")
     priority_from: PriorityFrom | None = Field(None, description="Raise priorities from a head's answer.")
+
+    @model_validator(mode="after")
+    def _thresholds_where_they_apply(self) -> RoutingPolicy:
+        # Thresholds gate routing by intent: a fallback or a rule's route has none to gate.
+        if self.fallback.min_confidence is not None:
+            raise ValueError("fallback: min_confidence applies to routes chosen by intent, not the fallback")
+        if named := [rule.name for rule in self.rules if rule.route.min_confidence is not None]:
+            raise ValueError(
+                f"rules {', '.join(named)}: min_confidence of a rule goes on the rule, not its route"
+            )
+        routed = {route.destination for route in self.routes.values()}
+        routed |= {self.default.destination} if self.default else set()
+        if unknown := sorted(set(self.queues) - routed):
+            raise ValueError(
+                f"queues {', '.join(unknown)}: no route or default goes there "
+                f"(destinations: {', '.join(sorted(routed))})"
+            )
+        return self
+
+    def required(self, route: Route) -> float:
+        """The confidence a message routed by intent needs for `route`: the route's own, else
+        its queue's, else the policy's."""
+        if route.min_confidence is not None:
+            return route.min_confidence
+        queue = self.queues.get(route.destination)
+        return queue.min_confidence if queue else self.min_confidence
+
+    def thresholds(self) -> dict:
+        """Every confidence threshold, for GET /v1/model."""
+        return {
+            "min_confidence": self.min_confidence,
+            "queues": {name: queue.min_confidence for name, queue in self.queues.items()},
+            "routes": {
+                intent: route.min_confidence
+                for intent, route in self.routes.items()
+                if route.min_confidence is not None
+            },
+        }
 
 
 def load_policy(
@@ -139,6 +197,8 @@ def decide(policy: RoutingPolicy, prediction: Prediction, alternatives: int) -> 
         reason, route = "default", policy.default
     else:  # a model switched in with an intent the policy predates
         reason, route = "no_route", policy.fallback
+    if reason in ("intent", "default") and confidence < policy.required(route):
+        reason, route = "queue_threshold", policy.fallback
     return {
         "intent": intent,
         "confidence": confidence,

@@ -68,7 +68,8 @@ def test_export_then_load_answers_as_torch_does(fresh: Path, version: Path) -> N
         ids = [torch_model.tokenizer(t)["input_ids"] for t in texts]
         passes = 3 if runtime == "onnx" else 64
         assert np.allclose(onnx_model.proba_from_ids(ids, batch_size=passes), probs, atol=1e-5)
-        assert [p.label for p in onnx_model.predict(texts)] == onnx_model.decide(probs)
+        heads = onnx_model.predict_heads(texts)
+        assert [p.label for p in onnx_model.predict(texts)] == onnx_model.decide(heads)
     # Each runtime's own out-of-scope threshold, chosen on the validation data as training chose
     # torch's: what the loaded model decides with (fp32 finds torch's, to float precision).
     for runtime in ("onnx", "onnx-int8"):
@@ -164,10 +165,13 @@ def test_cli_export_predict_and_evaluate_on_onnx(fresh: Path, capsys) -> None:
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("onnx-int8: accuracy") and out[-1] == str(fresh / "exports" / "onnx")
     assert main(["predict", str(fresh), "where is my parcel", "--runtime", "onnx-int8", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["intent"] == "track_order"
+    # The best guess: whether it clears the out-of-scope threshold is the toy model's business.
+    assert json.loads(capsys.readouterr().out)[0]["top"][0]["intent"] == "track_order"
     assert main(["evaluate", str(fresh), "--data", "test.csv", "--runtime", "onnx-int8"]) == 0
     metrics = json.loads(Path(capsys.readouterr().out.strip().splitlines()[-1]).read_text())
-    assert metrics["runtime"] == "onnx-int8" and metrics["accuracy"] > 0.5
+    # Nothing handed off, most answers right (where the toy's threshold falls, chosen on seven
+    # validation rows, is not what this checks).
+    assert metrics["runtime"] == "onnx-int8" and metrics["handoff_curve"][0]["precision"] > 0.5
     assert main(["predict", str(fresh), "hello", "--runtime", "onnx"]) == 2  # no fp32 export
     assert "holds no onnx runtime" in capsys.readouterr().err
 

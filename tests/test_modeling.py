@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.conftest import toy_rows
-from transferdesk.config import ModelConfig
+from transferdesk.config import CalibrationConfig, ModelConfig
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.network import IntentClassifier, load_encoder
@@ -30,15 +30,16 @@ def test_save_then_load_predicts_identically(model: IntentModel, tmp_path: Path)
 
 
 def test_out_of_scope_exactly_below_the_threshold(model: IntentModel) -> None:
-    probs = np.array([[0.5, 0.3, 0.2], [0.4999, 0.3001, 0.2], [0.2, 0.2, 0.6]], dtype=np.float32)
-    model.threshold = 0.5
-    answers = model.predictions(probs, k=2)
+    probs = np.array([[0.5, 0.3, 0.2], [0.4999, 0.3001, 0.2], [0.2, 0.2, 0.6]], dtype=np.float64)
+    logits = np.log(probs)  # at temperature 1, softmax gives the probabilities back
+    model.calibration, model.threshold = CalibrationConfig(score="softmax"), 0.5
+    answers = model.predictions(logits, k=2)
     assert [p.out_of_scope for p in answers] == [False, True, False]
     assert [p.label for p in answers] == ["track_order", "oos", "refund"]
     assert [p.intent for p in answers] == ["track_order", "track_order", "refund"]  # the guess stays
     assert answers[2].ranked[0] == ("refund", pytest.approx(0.6)) and len(answers[2].ranked) == 2
     assert answers[2].alternatives == answers[2].ranked[1:]
-    assert model.decide(probs) == [p.label for p in answers]
+    assert model.decide(model.split_heads(logits)) == [p.label for p in answers]
     for p in model.predict(TEXTS, k=3):  # and from texts, the same rule
         assert p.out_of_scope == (p.confidence < model.threshold)
         assert [c for _, c in p.ranked] == sorted((c for _, c in p.ranked), reverse=True)
@@ -46,27 +47,41 @@ def test_out_of_scope_exactly_below_the_threshold(model: IntentModel) -> None:
 
 def test_calibration_separates_out_of_scope_on_validation(model: IntentModel) -> None:
     model.labels = ["a", "b"]
-    probs = np.array([[0.95, 0.05], [0.1, 0.9], [0.55, 0.45], [0.6, 0.4]])
+    logits = np.log(np.array([[0.95, 0.05], [0.1, 0.9], [0.55, 0.45], [0.6, 0.4]]))
     true = ["a", "b", "oos", "oos"]
-    model.calibrate_from_probs(probs, true)
+    model.calibration = CalibrationConfig(temperature=False, score="softmax")
+    model.calibrate_from_logits(logits, true)
     assert 0.6 < model.threshold <= 0.9
-    assert model.decide(probs) == true
+    assert model.decide(model.split_heads(logits)) == true
 
 
 def test_calibration_without_oos_rows_keeps_most_in_scope(model: IntentModel) -> None:
     model.labels = ["a", "b"]
-    probs = np.linspace(0.3, 1.0, 100)[:, None] * np.array([[1.0, 0.0]])
-    model.calibrate_from_probs(probs, ["a"] * 100)
-    kept = np.mean(~model.out_of_scope(probs))
-    assert 0.9 <= kept < 1.0
+    probs = np.linspace(0.55, 0.99, 100)[:, None] * np.array([[1.0, 0.0]]) + [[0.0, 1.0]] * (
+        1 - np.linspace(0.55, 0.99, 100)[:, None]
+    )
+    model.calibration = CalibrationConfig(temperature=False)
+    point = model.calibrate_from_logits(np.log(probs), ["a"] * 100)
+    kept = np.mean(~model.out_of_scope(model.split_heads(np.log(probs)).score))
+    assert 0.9 <= kept < 1.0 and point.handoff_rate == pytest.approx(1 - kept)
 
 
-def test_calibrate_from_texts_sets_the_threshold(model: IntentModel) -> None:
+def test_calibrate_from_texts_sets_temperature_and_threshold(model: IntentModel) -> None:
     rows = toy_rows(0, 2)
     texts, labels = [t for t, _ in rows] + ["weather today"], [lab for _, lab in rows] + ["oos"]
     model.labels = ["track_order", "reset_password", "refund_status"]
-    probs = model.calibrate(texts, labels)
-    assert probs.shape == (len(texts), 3) and 0.0 <= model.threshold <= 1.0
+    heads = model.calibrate(texts, labels)
+    assert heads.intent.shape == (len(texts), 3) and np.isfinite(model.threshold)
+    assert model.temperature != 1.0
+
+
+def test_saved_model_keeps_its_calibration(model: IntentModel, tmp_path: Path) -> None:
+    model.calibration = CalibrationConfig(score="energy", target="handoff_rate", value=0.1)
+    model.temperature, model.threshold = 1.7, -2.5
+    model.save_pretrained(tmp_path / "m")
+    again = IntentModel.load(tmp_path / "m", device="cpu")
+    assert (again.calibration, again.temperature, again.threshold) == (model.calibration, 1.7, -2.5)
+    assert [p.out_of_scope for p in again.predict(TEXTS)] == [p.out_of_scope for p in model.predict(TEXTS)]
 
 
 def test_forward_check_refuses_non_finite_weights(model: IntentModel) -> None:

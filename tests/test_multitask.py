@@ -82,7 +82,7 @@ def test_two_heads_learn_two_tasks_over_one_encoder(mood_backbone: Path, tmp_pat
     [answer] = model.predict(["about my parcel furious"])
     assert answer.intent == "track_order" and answer.tasks["mood"][0] == "angry"
     # One forward pass gives every head: the intent's columns are those predict_proba returns.
-    intent, tasks = model.predict_heads(["regarding my login lovely"])
+    intent, tasks, _ = model.predict_heads(["regarding my login lovely"])
     assert np.allclose(intent, model.predict_proba(["regarding my login lovely"]))
     assert tasks["mood"].shape == (1, 2) and np.isclose(tasks["mood"].sum(), 1.0)
 
@@ -92,7 +92,7 @@ def test_untrained_second_head_is_chance(mood_backbone: Path, tmp_path: Path) ->
     cfg = _run(mood_backbone, _files(tmp_path), tmp_path, **{"data.tasks": {"mood": {"weight": 1e-9}}})
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head_init": "random"})})
     result = run_training(cfg)
-    probs = result.model.predict_heads(result.splits.valid.texts)[1]["mood"]
+    probs = result.model.predict_heads(result.splits.valid.texts).tasks["mood"]
     truth = result.splits.valid.tasks["mood"]
     accuracy = np.mean(
         [result.model.tasks["mood"][j] == t for j, t in zip(probs.argmax(1), truth, strict=True)]
@@ -211,10 +211,10 @@ def test_onnx_export_answers_every_head_as_torch(mood_backbone: Path, tmp_path: 
     reference = IntentModel.from_pretrained(version.path, "cpu").predict_heads(texts)
     onnx = IntentModel.from_pretrained(version.path, "cpu", "onnx")
     assert onnx.tasks == {"mood": ["angry", "happy"]}
-    intent, tasks = onnx.predict_heads(texts)
+    intent, tasks, _ = onnx.predict_heads(texts)
     assert (
-        np.abs(intent - reference[0]).max() < 1e-4
-        and np.abs(tasks["mood"] - reference[1]["mood"]).max() < 1e-4
+        np.abs(intent - reference.intent).max() < 1e-4
+        and np.abs(tasks["mood"] - reference.tasks["mood"]).max() < 1e-4
     )
     ids = [onnx.tokenizer(t)["input_ids"] for t in texts]
     assert [p.tasks for p in onnx.predict_ids(ids)] == [p.tasks for p in onnx.predict(texts)]

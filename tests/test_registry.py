@@ -203,7 +203,9 @@ def test_versions_written_before_this_format_still_load(registered: ModelVersion
     texts = ["where is my parcel", "refund status please"]
     new_model, old_model = IntentModel.from_pretrained(registered), IntentModel.from_pretrained(old)
     assert old_model.threshold == new_model.threshold
-    assert np.array_equal(old_model.predict_proba(texts), new_model.predict_proba(texts))
+    assert np.array_equal(old_model.predict_logits(texts), new_model.predict_logits(texts))
+    # Its threshold was chosen on the plain softmax, before calibration existed.
+    assert old_model.temperature == 1.0 and old_model.calibration.score == "softmax"
 
 
 def test_threshold_applies_only_to_data_with_out_of_scope_rows(registered: ModelVersion) -> None:
@@ -211,7 +213,7 @@ def test_threshold_applies_only_to_data_with_out_of_scope_rows(registered: Model
     from transferdesk.evaluate import evaluate
 
     model = IntentModel.from_pretrained(registered)
-    model.threshold = 1.01  # every message is below it
+    model.threshold = float("inf")  # every message is below it
     in_scope = Dataset(["where is my parcel", "forgot my password"], ["track_order", "reset_password"])
     plain = evaluate(model, in_scope, progress=False)
     assert plain["below_threshold"] == 1.0 and "oos" not in plain["predictions"]

@@ -89,7 +89,7 @@ def add_config_flags(
             dest=dotted,
             default=argparse.SUPPRESS,
             metavar=metavar,
-            help=f"{info.description} [default: {default}]",
+            help=f"{info.description} [default: {default}]".replace("%", "%%"),  # argparse formats help
         )
     parser.add_argument(
         "--set",

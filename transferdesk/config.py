@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from transferdesk.confidence import Score, Target
 from transferdesk.errors import TransferDeskError
 
 
@@ -153,8 +154,12 @@ class StageConfig(Section):
     freeze_layers: int = Field(
         0, ge=0, description="Freeze the embeddings and this many lower encoder layers."
     )
-    monitor: Literal["accuracy", "macro_f1"] = Field(
-        "accuracy", description="Validation metric for early stopping and checkpoint choice."
+    monitor: Literal["auto", "accuracy", "macro_f1", "accuracy_auroc"] = Field(
+        "auto",
+        description="Validation metric for early stopping and checkpoint choice: accuracy and macro_f1 "
+        "of the in-scope rows; accuracy_auroc, their accuracy averaged with the out-of-scope AUROC "
+        "(needs out-of-scope rows); auto: accuracy_auroc where validation has out-of-scope rows, "
+        "else accuracy.",
     )
     objective: Literal["cross_entropy", "supcon"] = Field(
         "cross_entropy",
@@ -224,6 +229,42 @@ class SemiSupervisedConfig(Section):
         description="The teachers' own settings; unset: those of `training`. A search sets it so "
         "that every trial shares the same teachers.",
     )
+
+
+class CalibrationConfig(Section):
+    """How confidences are calibrated and the hand-off threshold is chosen, on validation data
+    (reported on test)."""
+
+    temperature: bool = Field(
+        True,
+        description="Fit a temperature to the intent's logits so that a confidence of 0.8 is right "
+        "about 80% of the time (never changes the top intent).",
+    )
+    # energy, measured on BANKING77-OOS 10-shot (benchmarks/out_of_scope.py): it separates
+    # out-of-scope messages better than the top confidence does.
+    score: Score = Field(
+        "energy",
+        description="Out-of-scope score: energy (log-sum-exp of the intent's logits: how much the "
+        "message looks like any intent at all) or softmax (the calibrated top confidence).",
+    )
+    target: Target = Field(
+        "balance",
+        description="What the threshold is chosen for. balance: the best mean of in-scope accuracy "
+        "and out-of-scope recall (without out-of-scope rows in validation: 5% of in-scope messages "
+        "handed off); handoff_rate: at most `value` of in-scope messages handed off; precision: at "
+        "least `value` of routed messages right; oos_recall: at least `value` of out-of-scope "
+        "messages handed off.",
+    )
+    value: float | None = Field(None, ge=0, le=1, description="The target's value (a share, 0-1).")
+
+    @model_validator(mode="after")
+    def _value_for_target(self) -> CalibrationConfig:
+        if (self.target == "balance") != (self.value is None):
+            raise ValueError(
+                f"calibration.target {self.target} "
+                + ("takes no value" if self.target == "balance" else "needs a value (a share, 0-1)")
+            )
+        return self
 
 
 class RuntimeConfig(Section):
@@ -310,6 +351,7 @@ class RunConfig(Section):
     training: StageConfig = StageConfig()
     source_training: SourceStageConfig = SourceStageConfig()
     semi_supervised: SemiSupervisedConfig = SemiSupervisedConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")

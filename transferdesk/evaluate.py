@@ -14,14 +14,21 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
+from transferdesk.confidence import handoff_curve, operating_point, reliability
 from transferdesk.data import Dataset
-from transferdesk.modeling import IntentModel
+from transferdesk.modeling import Heads, IntentModel
 
 log = logging.getLogger(__name__)
 # Single-request latency is sampled on this many utterances: enough for a stable p95.
 LATENCY_SAMPLES = 50
 # An evaluation's files (a registry version's test/ holds these too, written by this module).
-REPORT_FILES = {"metrics": "metrics.json", "report": "report.md", "confusion": "confusion.png"}
+REPORT_FILES = {
+    "metrics": "metrics.json",
+    "report": "report.md",
+    "confusion": "confusion.png",
+    "reliability": "reliability.png",
+    "handoff": "handoff.png",
+}
 
 
 def classification_metrics(y_true: list[str], y_pred: list[str], labels: list[str]) -> dict:
@@ -51,7 +58,8 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(roc_auc_score(positive, scores))
 
 
-def oos_metrics(y_true: list[str], probs: np.ndarray, pred: list[str], oos_label: str) -> dict:
+def oos_metrics(y_true: list[str], score: np.ndarray, pred: list[str], oos_label: str) -> dict:
+    """`score`: the model's out-of-scope score of each row (higher: more in-scope)."""
     true, pred_a = np.array(y_true), np.array(pred)
     is_oos = true == oos_label
     flagged = pred_a == oos_label
@@ -59,8 +67,34 @@ def oos_metrics(y_true: list[str], probs: np.ndarray, pred: list[str], oos_label
         "in_scope_accuracy": float(np.mean(pred_a[~is_oos] == true[~is_oos])),
         "oos_recall": float(np.mean(flagged[is_oos])),
         "oos_precision": float(np.mean(is_oos[flagged])) if flagged.any() else 0.0,
-        "oos_auroc": auroc(-probs.max(axis=1), is_oos),
+        "oos_auroc": auroc(-score, is_oos),
         "oos_rows": int(is_oos.sum()),
+    }
+
+
+def confidence_metrics(model: IntentModel, logits: np.ndarray, heads: Heads, y_true: list[str]) -> dict:
+    """Calibration (ECE of the top intent on in-scope rows, as served and at temperature 1, with
+    the reliability table), the operating point of the model's threshold (its target's value
+    achieved here), and the curve of hand-off rate against routed accuracy and out-of-scope
+    recall, for choosing another."""
+    known, targets = model.intent_targets(y_true)
+    correct = known & (heads.intent.argmax(axis=1) == targets)
+    is_oos = np.array([label == model.oos_label for label in y_true], dtype=bool)
+    point = operating_point(heads.score, correct, is_oos, model.threshold)
+    table = reliability(heads.intent[known], targets[known])
+    return {
+        "calibration": {
+            "temperature": model.temperature,
+            "ece": table["ece"],
+            "ece_uncalibrated": model.calibration_error(logits, y_true, temperature=1.0),
+            "bins": table["bins"],
+        },
+        "operating_point": {
+            **model.calibration.model_dump(mode="json"),
+            **point.to_dict(),
+            "achieved": point.value(model.calibration.target),
+        },
+        "handoff_curve": handoff_curve(heads.score, correct, is_oos),
     }
 
 
@@ -86,24 +120,26 @@ def evaluate(model: IntentModel, ds: Dataset, batch_size: int = 64, progress: bo
     """All metrics for one labelled file; out-of-scope metrics when it has rows labelled with
     the model's out-of-scope label."""
     start = time.perf_counter()
-    probs, task_probs = model.predict_heads(ds.texts, batch_size, progress)
+    logits = model.predict_logits(ds.texts, batch_size, progress)
+    heads = model.split_heads(logits)
     predict_seconds = time.perf_counter() - start
     # Scored as the data allows: with out-of-scope rows the threshold is part of the task
     # (a message below it counts as predicted out-of-scope); without them, plain argmax.
     oos_label = model.oos_label
     has_oos = oos_label in ds.labels
-    pred = model.decide(probs, out_of_scope=has_oos)
+    pred = model.decide(heads, out_of_scope=has_oos)
     labels = scored_labels(model, has_oos)
     metrics = classification_metrics(ds.labels, pred, labels)
     metrics.update(
         rows=len(ds),
         data=ds.path,
         threshold=model.threshold,
-        below_threshold=float(np.mean(model.out_of_scope(probs))),
+        below_threshold=float(np.mean(model.out_of_scope(heads.score))),
     )
     if has_oos:
-        metrics.update(oos_metrics(ds.labels, probs, pred, oos_label))
-    if tasks := task_metrics(model, ds, task_probs):
+        metrics.update(oos_metrics(ds.labels, heads.score, pred, oos_label))
+    metrics.update(confidence_metrics(model, logits, heads, ds.labels))
+    if tasks := task_metrics(model, ds, heads.tasks):
         metrics["tasks"] = tasks
     metrics["speed"] = measure_speed(model, ds.texts, batch_size)
     metrics["speed"]["predict_seconds"] = predict_seconds
@@ -256,6 +292,7 @@ def report_markdown(metrics: dict, y_true: list[str], title: str) -> str:
         f"- {name}: F1 {m['f1']:.2f} (P {m['precision']:.2f}, R {m['recall']:.2f}, n={m['support']})"
         for name, m in worst
     ]
+    lines += _confidence_markdown(metrics)
     lines += ["", "## Most confused (true → predicted)", ""]
     lines += [f"- {t} → {p}: {c}" for t, p, c in most_confused(y_true, metrics["predictions"])]
     if tasks := metrics.get("tasks"):
@@ -268,13 +305,107 @@ def report_markdown(metrics: dict, y_true: list[str], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _confidence_markdown(metrics: dict) -> list[str]:
+    calibration, point = metrics["calibration"], metrics["operating_point"]
+    target = point["target"] + ("" if point["value"] is None else f" {point['value']}")
+    oos = "—" if point["oos_recall"] is None else f"{point['oos_recall']:.1%}"
+    lines = [
+        "",
+        "## Confidence",
+        "",
+        f"- Calibration: temperature {calibration['temperature']:.2f}; expected calibration error "
+        f"{calibration['ece']:.3f} (uncalibrated {calibration['ece_uncalibrated']:.3f}); `reliability.png`.",
+        f"- Threshold {point['threshold']:.3f} on the {point['score']} score, chosen on validation data for "
+        f"target `{target}`. Here: {point['handoff_rate']:.1%} of in-scope messages handed off "
+        f"({point['handoff_all']:.1%} of all), routed messages {point['precision']:.1%} right, "
+        f"out-of-scope recall {oos}.",
+        "",
+        "### Hand-off curve (`handoff.png`): pick an operating point",
+        "",
+        "| in-scope handed off | all handed off | routed right | out-of-scope recall | threshold |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in metrics["handoff_curve"][::2]:
+        recall = "—" if row["oos_recall"] is None else f"{row['oos_recall']:.1%}"
+        lines.append(
+            f"| {row['handoff_rate']:.1%} | {row['handoff_all']:.1%} | {row['precision']:.1%} | "
+            f"{recall} | {row['threshold']:.3f} |"
+        )
+    return lines
+
+
+def plot_reliability(calibration: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = calibration["bins"]
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    width = [b["high"] - b["low"] for b in bins]
+    ax.bar(
+        [b["low"] for b in bins],
+        [b["accuracy"] for b in bins],
+        width=width,
+        align="edge",
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy in the bin (in-scope rows)",
+    )
+    ax.plot(
+        [b["confidence"] for b in bins],
+        [b["accuracy"] for b in bins],
+        "o",
+        color="C3",
+        label="each bin at its mean confidence",
+    )
+    ax.set_xlabel("confidence of the top intent")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(
+        f"Reliability (T = {calibration['temperature']:.2f}): ECE {calibration['ece']:.3f}, "
+        f"uncalibrated {calibration['ece_uncalibrated']:.3f}",
+        fontsize=9,
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_handoff(curve: list[dict], point: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rate = [100 * row["handoff_rate"] for row in curve]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(rate, [100 * row["precision"] for row in curve], "-o", ms=3, label="routed messages right")
+    if curve[0]["oos_recall"] is not None:
+        ax.plot(rate, [100 * row["oos_recall"] for row in curve], "-s", ms=3, label="out-of-scope recall")
+    ax.axvline(100 * point["handoff_rate"], color="grey", ls="--", label="the model's threshold")
+    ax.set_xlabel("in-scope messages handed off to a human (%)")
+    ax.set_ylabel("%")
+    ax.set_title("Hand-off rate against routed accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_evaluation(
     metrics: dict, ds: Dataset, labels: list[str], out_dir: Path, title: str
 ) -> dict[str, Path]:
-    """metrics.json, report.md and confusion.png in out_dir; returns their paths by kind."""
+    """metrics.json, report.md and the plots (REPORT_FILES) in out_dir; returns their paths by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {kind: out_dir / name for kind, name in REPORT_FILES.items()}
     plot_confusion(ds.labels, metrics["predictions"], labels, written["confusion"])
+    plot_reliability(metrics["calibration"], written["reliability"])
+    plot_handoff(metrics["handoff_curve"], metrics["operating_point"], written["handoff"])
     for task, scores in metrics.get("tasks", {}).items():
         written[f"confusion_{task}"] = out_dir / f"confusion_{task}.png"
         names = list(scores["per_intent"])

@@ -27,7 +27,7 @@ import torch
 from transferdesk.config import ExportConfig
 from transferdesk.data import Dataset, check_eval_data, load_splits, raise_on_errors, read_dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
+from transferdesk.modeling import Heads, IntentModel
 from transferdesk.registry import (
     ONNX_FILES,
     Export,
@@ -157,38 +157,36 @@ def check_runtime(
     model: IntentModel,
     session: OnnxSession,
     runtime: str,
-    reference: tuple[np.ndarray, dict[str, np.ndarray]],
+    reference: Heads,
     ds: Dataset,
     batch_size: int,
 ) -> RuntimeCheck:
     """The runtime's answers on `ds` (validation data) against torch fp32's (`reference`, the
-    probabilities). Scored as `evaluate` scores: with the out-of-scope rule where `ds` has
+    heads). Scored as `evaluate` scores: with the out-of-scope rule where `ds` has
     out-of-scope rows; by top intent alone where it has none, since there the rule only marks
     the least confident share wrong, and which messages those are shifts with any small change
     of confidence. The runtime gets its own threshold, chosen on `ds` as training chose torch's
-    (its confidences differ a little), and serves with it. Each other head: agreement with
-    torch's top label, and accuracy where `ds` has the task's labels."""
+    (its confidences differ a little; the temperature stays torch's), and serves with it. Each
+    other head: agreement with torch's top label, and accuracy where `ds` has the task's labels."""
     predictor = model.with_session(session, runtime)
-    (probs, heads), (reference, reference_heads) = (
-        predictor.predict_heads(list(ds.texts), batch_size),
-        reference,
-    )
-    predictor.calibrate_from_probs(probs, list(ds.labels))
+    ours = predictor.predict_heads(list(ds.texts), batch_size)
+    predictor.choose_threshold(ours, list(ds.labels))
     truth, rule = np.array(ds.labels), model.oos_label in ds.labels
     torch_acc = float(np.mean(np.array(model.decide(reference, out_of_scope=rule)) == truth))
-    acc = float(np.mean(np.array(predictor.decide(probs, out_of_scope=rule)) == truth))
+    acc = float(np.mean(np.array(predictor.decide(ours, out_of_scope=rule)) == truth))
+    probs = ours.intent
     return RuntimeCheck(
         file=session.path.name,
-        argmax_agreement=float(np.mean(probs.argmax(1) == reference.argmax(1))),
-        max_prob_diff=float(np.abs(probs - reference).max()),
+        argmax_agreement=float(np.mean(probs.argmax(1) == reference.intent.argmax(1))),
+        max_prob_diff=float(np.abs(probs - reference.intent).max()),
         threshold=predictor.threshold,
         accuracy=acc,
         torch_accuracy=torch_acc,
         accuracy_drop_points=round((torch_acc - acc) * 100, 4),
         size_mb=round(session.path.stat().st_size / 2**20, 1),
         heads={
-            task: _head_check(model.tasks[task], p, reference_heads[task], ds.tasks.get(task))
-            for task, p in heads.items()
+            task: _head_check(model.tasks[task], p, reference.tasks[task], ds.tasks.get(task))
+            for task, p in ours.tasks.items()
         },
     )
 

@@ -2,9 +2,10 @@
 
 `IntentModel` is what training produces, the registry stores, and the CLI, evaluation and
 Serve use. Beside the intent it may predict other tasks (urgency, sentiment …), each from a
-head of its own over the same encoder pass. The out-of-scope rule (top confidence below the
-calibrated threshold) and the threshold itself live here and nowhere else; everyone else reads
-`Prediction.out_of_scope`.
+head of its own over the same encoder pass. Confidence (the intent's probabilities, scaled by
+a temperature fitted on validation data), the out-of-scope rule (an out-of-scope score below a
+threshold chosen for the operator's target; confidence.py) and their settings live here and
+nowhere else; everyone else reads `Prediction.out_of_scope`.
 Its forward pass runs in torch, or in ONNX Runtime over the version's export (runtime.py):
 the same tokenizer, labels and rule either way.
 """
@@ -15,6 +16,7 @@ import json
 from collections.abc import Callable, Sequence, Sized
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from transferdesk.config import ModelConfig
+from transferdesk.confidence import (
+    OperatingPoint,
+    choose_threshold,
+    fit_temperature,
+    oos_score,
+    reliability,
+    scaled_softmax,
+)
+from transferdesk.config import CalibrationConfig, ModelConfig
 from transferdesk.errors import TransferDeskError
 from transferdesk.network import (
     IntentClassifier,
@@ -43,9 +53,19 @@ HEAD_FILE = "head.safetensors"
 SETTINGS_FILE = "classifier.json"
 # Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none).
 TASK_PREFIX = "tasks."
-# Of validation confidences, when validation has no out-of-scope rows: about one in twenty
-# in-scope messages then goes to a human — a conservative default.
-IN_SCOPE_QUANTILE = 0.05
+
+
+# Versions saved before calibration: their thresholds are on the plain softmax.
+LEGACY_CALIBRATION = {"temperature": False, "score": "softmax"}
+
+
+class Heads(NamedTuple):
+    """What one forward pass says of each row: the intent's calibrated probabilities, each other
+    task's, and how in-scope the row looks (the model's out-of-scope score; higher: more)."""
+
+    intent: np.ndarray
+    tasks: dict[str, np.ndarray]
+    score: np.ndarray
 
 
 def _rounded(value: float, digits: int | None) -> float:
@@ -70,10 +90,13 @@ class IntentModel:
         session: OnnxSession | None = None,
         runtime: str = "torch",
         tasks: dict[str, list[str]] | None = None,
+        calibration: CalibrationConfig | None = None,
+        temperature: float = 1.0,
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
         self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
+        self.calibration, self.temperature = calibration or CalibrationConfig(), temperature
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
         self.session, self.runtime = session, runtime
@@ -127,8 +150,18 @@ class IntentModel:
             settings["oos_label"],
             session=session,
             runtime=runtime,
-            tasks=settings.get("tasks"),
+            **cls._confidence(settings),
         )
+
+    @staticmethod
+    def _confidence(settings: dict) -> dict:
+        """The other heads and confidence settings of a settings file (older files: none, and
+        the uncalibrated softmax their thresholds were chosen on)."""
+        return {
+            "tasks": settings.get("tasks"),
+            "calibration": CalibrationConfig.model_validate(settings.get("calibration", LEGACY_CALIBRATION)),
+            "temperature": settings.get("temperature", 1.0),
+        }
 
     @staticmethod
     def _settings(root: Path) -> dict:
@@ -145,8 +178,7 @@ class IntentModel:
         if settings is None:
             settings = cls._settings(root)
         encoder, tokenizer = load_encoder(str(root / ENCODER_DIR))
-        tasks = settings.get("tasks", {})
-        heads = {task: len(names) for task, names in tasks.items()}
+        heads = {task: len(names) for task, names in settings.get("tasks", {}).items()}
         net = IntentClassifier(
             encoder, len(settings["labels"]), settings["pooling"], settings["dropout"], heads
         )
@@ -164,7 +196,7 @@ class IntentModel:
             settings["threshold"],
             settings["oos_label"],
             torch_device,
-            tasks=tasks,
+            **cls._confidence(settings),
         )
 
     @staticmethod
@@ -174,7 +206,7 @@ class IntentModel:
         return AutoTokenizer.from_pretrained(str(version.encoder_dir))
 
     def with_session(self, session: OnnxSession, runtime: str) -> IntentModel:
-        """This model's tokenizer, labels and threshold over an ONNX Runtime session."""
+        """This model's tokenizer, labels and confidence settings over an ONNX Runtime session."""
         return IntentModel(
             None,
             self.tokenizer,
@@ -185,6 +217,8 @@ class IntentModel:
             session=session,
             runtime=runtime,
             tasks=self.tasks,
+            calibration=self.calibration,
+            temperature=self.temperature,
         )
 
     @property
@@ -223,6 +257,8 @@ class IntentModel:
             "pooling": net.pooling,
             "dropout": net.dropout.p,
             "max_length": self.max_length,
+            "calibration": self.calibration.model_dump(mode="json"),
+            "temperature": self.temperature,
             **({"tasks": self.tasks} if self.tasks else {}),
         }
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -232,25 +268,32 @@ class IntentModel:
     def predict_proba(
         self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "predict"
     ) -> np.ndarray:
-        """Intent probabilities, rows × labels."""
-        return self._all_proba(texts, batch_size, progress, desc)[:, : len(self.labels)]
+        """Intent probabilities (calibrated), rows × labels."""
+        return self.split_heads(self.predict_logits(texts, batch_size, progress, desc)).intent
 
-    def predict_heads(
-        self, texts: list[str], batch_size: int = 64, progress: bool = False
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Intent probabilities and each task's (rows × its labels), from one pass."""
-        return self.split_heads(self._all_proba(texts, batch_size, progress))
+    def predict_heads(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> Heads:
+        """Every head's probabilities and the out-of-scope score, from one pass."""
+        return self.split_heads(self.predict_logits(texts, batch_size, progress))
 
-    def split_heads(self, probs: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """The intent's and each task's columns of a forward pass's probabilities."""
-        start, tasks = len(self.labels), {}
+    def split_heads(self, logits: np.ndarray) -> Heads:
+        """A forward pass's logits (every head's, side by side) as calibrated intent
+        probabilities, each task's probabilities and the out-of-scope score."""
+        intent, start, tasks = logits[:, : len(self.labels)], len(self.labels), {}
         for task, names in self.tasks.items():
-            tasks[task], start = probs[:, start : start + len(names)], start + len(names)
-        return probs[:, : len(self.labels)], tasks
+            tasks[task] = softmax(logits[:, start : start + len(names)], axis=1)
+            start += len(names)
+        # Probabilities as float32, as the network gives them (pseudo-labels are stored so); the
+        # score in float64, which keeps confidences near 1 apart for the threshold.
+        return Heads(
+            scaled_softmax(intent, self.temperature).astype(np.float32),
+            tasks,
+            oos_score(intent, self.temperature, self.calibration.score),
+        )
 
-    def _all_proba(
-        self, texts: list[str], batch_size: int, progress: bool = False, desc: str = "predict"
+    def predict_logits(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "predict"
     ) -> np.ndarray:
+        """Every head's logits, side by side (see split_heads)."""
         encode = partial(
             self.tokenizer, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
@@ -258,10 +301,10 @@ class IntentModel:
 
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
-        return self.heads_from_ids(ids, batch_size)[:, : len(self.labels)]
+        return self.split_heads(self.logits_from_ids(ids, batch_size)).intent
 
-    def heads_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
-        """Every head's probabilities, side by side (see split_heads), for token ids."""
+    def logits_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+        """Every head's logits, side by side (see split_heads), for token ids."""
         return self._passes(self._cut(ids), batch_size, self._pad)
 
     def _cut(self, ids: list[list[int]]) -> list[list[int]]:
@@ -287,98 +330,108 @@ class IntentModel:
         progress: bool = False,
         desc: str = "predict",
     ) -> np.ndarray:
-        """Forward passes over length-sorted batches of texts or token ids, in input order."""
+        """Every head's logits from forward passes over length-sorted batches of texts or token
+        ids, in input order."""
         if self.network is not None:
             self.network.eval()
         width = len(self.labels) + sum(map(len, self.tasks.values()))
-        probs = np.zeros((len(items), width), dtype=np.float32)
+        logits = np.zeros((len(items), width), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-            probs[idx] = self._proba(encode([items[i] for i in idx]))
-        return probs
+            logits[idx] = self._logits(encode([items[i] for i in idx]))
+        return logits
 
-    def _proba(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        """Each head's softmax, side by side (the network's output is all heads' logits)."""
+    def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         ids, mask = np.asarray(batch["input_ids"], np.int64), np.asarray(batch["attention_mask"], np.int64)
         if self.session is not None:
-            logits = self.session.logits(ids, mask)
-        else:
-            with autocast(self.device, self.precision):
-                out = self.network(
-                    torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
-                )
-            logits = out.float().cpu().numpy()
-        sizes = [len(self.labels), *map(len, self.tasks.values())]
-        parts = np.split(logits, np.cumsum(sizes)[:-1], axis=1)
-        return np.concatenate([softmax(part, axis=1) for part in parts], axis=1)
+            return self.session.logits(ids, mask)
+        with autocast(self.device, self.precision):
+            out = self.network(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
+        return out.float().cpu().numpy()
 
     # -- the out-of-scope rule ----------------------------------------------------------------
 
-    def out_of_scope(self, probs: np.ndarray) -> np.ndarray:
-        """Per row: is the top confidence below the threshold."""
-        return probs.max(axis=1) < self.threshold
+    def out_of_scope(self, score: np.ndarray) -> np.ndarray:
+        """Per row: is its out-of-scope score below the threshold."""
+        return score < self.threshold
 
-    def decide(self, probs: np.ndarray, out_of_scope: bool = True) -> list[str]:
+    def decide(self, heads: Heads, out_of_scope: bool = True) -> list[str]:
         """The label of each row: its top intent, or (out_of_scope=True) the out-of-scope label
         below the threshold. out_of_scope=False: plain argmax, for data without such rows."""
-        return self._decide_at(probs, self.threshold if out_of_scope else 0.0)
+        flags = self.out_of_scope(heads.score) if out_of_scope else np.zeros(len(heads.score), bool)
+        best = heads.intent.argmax(axis=1)
+        return [self.oos_label if flag else self.labels[j] for j, flag in zip(best, flags, strict=True)]
 
-    def _decide_at(self, probs: np.ndarray, threshold: float) -> list[str]:
-        best = probs.argmax(axis=1)
-        return [self.oos_label if probs[i, j] < threshold else self.labels[j] for i, j in enumerate(best)]
-
-    def predictions(self, probs: np.ndarray, k: int = 3, digits: int | None = None) -> list[Prediction]:
-        """Typed answers from a forward pass's probabilities (every head's), with the k best
-        intents ranked and each task's best label (confidences rounded to `digits` places if
-        given, for compact responses; the out-of-scope rule sees them whole)."""
-        probs, tasks = self.split_heads(probs)
+    def predictions(self, logits: np.ndarray, k: int = 3, digits: int | None = None) -> list[Prediction]:
+        """Typed answers from a forward pass's logits (every head's), with the k best intents
+        ranked and each task's best label (confidences rounded to `digits` places if given, for
+        compact responses; the out-of-scope rule sees them whole)."""
+        heads = self.split_heads(logits)
+        probs, tasks = heads.intent, heads.tasks
         k = max(1, min(k, len(self.labels)))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # ties: the same intent as argmax
-        flags = self.out_of_scope(probs)
+        flags = self.out_of_scope(heads.score)
         best = {task: (p.argmax(axis=1), p.max(axis=1)) for task, p in tasks.items()}
         out = []
         for i, (p, row, flag) in enumerate(zip(probs, order, flags, strict=True)):
             ranked = tuple((self.labels[j], _rounded(float(p[j]), digits)) for j in row)
             intent, confidence = ranked[0]
             label = self.oos_label if flag else intent
-            heads = {
+            heads_i = {
                 task: (self.tasks[task][index[i]], _rounded(float(top[i]), digits))
                 for task, (index, top) in best.items()
             }
-            out.append(Prediction(intent, confidence, bool(flag), label, ranked, heads))
+            out.append(Prediction(intent, confidence, bool(flag), label, ranked, heads_i))
         return out
 
     def predict(self, texts: list[str], k: int = 3, batch_size: int = 64) -> list[Prediction]:
-        return self.predictions(self._all_proba(texts, batch_size), k)
+        return self.predictions(self.predict_logits(texts, batch_size), k)
 
     def predict_ids(
         self, ids: list[list[int]], k: int = 3, batch_size: int = 64, digits: int | None = None
     ) -> list[Prediction]:
-        return self.predictions(self.heads_from_ids(ids, batch_size), k, digits)
+        return self.predictions(self.logits_from_ids(ids, batch_size), k, digits)
 
-    def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> np.ndarray:
-        """Choose the out-of-scope threshold on labelled validation data; returns its probabilities."""
-        probs = self.predict_proba(texts, batch_size)
-        self.calibrate_from_probs(probs, labels)
-        return probs
+    def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> Heads:
+        """Fit the temperature and choose the threshold on labelled validation data, for the
+        model's calibration settings; returns the data's heads, as now calibrated."""
+        logits = self.predict_logits(texts, batch_size)
+        self.calibrate_from_logits(logits, labels)
+        return self.split_heads(logits)
 
-    def calibrate_from_probs(self, probs: np.ndarray, labels: list[str]) -> None:
-        """With out-of-scope rows: the threshold that best balances in-scope accuracy and
-        out-of-scope recall. Without: the IN_SCOPE_QUANTILE of in-scope confidence."""
-        confidence = probs.max(axis=1)
-        if self.oos_label not in labels:
-            self.threshold = float(np.quantile(confidence, IN_SCOPE_QUANTILE)) if len(confidence) else 0.0
-            return
-        candidates = np.unique(np.concatenate([[0.0], confidence]))
-        scores = [self._oos_balance(labels, self._decide_at(probs, t)) for t in candidates]
-        self.threshold = float(candidates[int(np.argmax(scores))])
+    def calibration_error(
+        self, logits: np.ndarray, labels: list[str], temperature: float | None = None
+    ) -> float:
+        """Expected calibration error of the top intent's confidence on the in-scope rows, at
+        this model's temperature (or `temperature`: 1 for the uncalibrated model)."""
+        known, targets = self.intent_targets(labels)
+        probs = scaled_softmax(logits[known, : len(self.labels)], temperature or self.temperature)
+        return reliability(probs, targets[known])["ece"]
 
-    def _oos_balance(self, y_true: list[str], pred: list[str]) -> float:
-        true, pred_a = np.array(y_true), np.array(pred)
-        is_oos = true == self.oos_label
-        in_scope_acc = np.mean(pred_a[~is_oos] == true[~is_oos]) if (~is_oos).any() else 0.0
-        oos_recall = np.mean(pred_a[is_oos] == self.oos_label) if is_oos.any() else 0.0
-        return float((in_scope_acc + oos_recall) / 2)
+    def calibrate_from_logits(self, logits: np.ndarray, labels: list[str]) -> OperatingPoint:
+        """As `calibrate`, from the data's logits; returns the threshold's operating point on it.
+        The temperature is fitted on in-scope rows (out-of-scope ones have no right intent)."""
+        known, targets = self.intent_targets(labels)
+        intent = logits[known, : len(self.labels)]
+        self.temperature = fit_temperature(intent, targets[known]) if self.calibration.temperature else 1.0
+        return self.choose_threshold(self.split_heads(logits), labels)
+
+    def choose_threshold(self, heads: Heads, labels: list[str]) -> OperatingPoint:
+        """Set the threshold that meets the calibration target on labelled data (with the
+        temperature as it is); returns its operating point there."""
+        known, targets = self.intent_targets(labels)
+        correct = known & (heads.intent.argmax(axis=1) == targets)
+        is_oos = np.array([label == self.oos_label for label in labels], dtype=bool)
+        target = self.calibration
+        point = choose_threshold(heads.score, correct, is_oos, target.target, target.value)
+        self.threshold = point.threshold
+        return point
+
+    def intent_targets(self, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows have one of this model's intents, and its index (-1 elsewhere)."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        targets = np.array([index.get(label, -1) for label in labels], dtype=int)
+        return targets >= 0, targets
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -395,6 +448,6 @@ class IntentModel:
     def check_forward(self) -> None:
         """Raises when a forward pass over a minimal input does not give finite probabilities."""
         tok = self.tokenizer
-        probs = self.proba_from_ids([[tok.cls_token_id, tok.sep_token_id]])
-        if not np.isfinite(probs).all():
+        logits = self.logits_from_ids([[tok.cls_token_id, tok.sep_token_id]])
+        if not np.isfinite(logits).all():
             raise TransferDeskError("the model returns non-finite probabilities")

@@ -545,7 +545,7 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"- Target data: `{cfg.data.train}`{''.join(f' + `{path}`' for path in cfg.data.extra_train)} "
         f"({meta.train_examples} examples, {len(meta.labels)} intents)",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
-        f"- Out-of-scope threshold: {model.threshold:.3f} (confidence below it → `{model.oos_label}`)",
+        *_confidence_lines(cfg, model, metrics),
         *_task_lines(cfg, meta, test),
         f"- Training time: {meta.timings.get('train_seconds', 0):.0f} s on {meta.device}",
     ]
@@ -573,6 +573,28 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         "go to a human agent. Evaluate on your own traffic before relying on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _confidence_lines(cfg: RunConfig, model: SavesPretrained, metrics: dict) -> list[str]:
+    """How confidences were calibrated and the hand-off threshold chosen, and what it did on test."""
+    chosen, target = metrics.get("calibration") or {}, cfg.calibration
+    goal = target.target if target.value is None else f"{target.target} {target.value}"
+    lines = [
+        f"- Out-of-scope threshold: {model.threshold:.3f} on the {target.score} score (below it → "
+        f"`{model.oos_label}`, a human), chosen on validation data for target `{goal}`"
+    ]
+    if chosen:
+        lines.append(
+            f"- Calibration: temperature {chosen['fitted_temperature']:.2f} (validation expected calibration "
+            f"error {chosen['valid_ece_before']:.3f} → {chosen['valid_ece_after']:.3f})"
+        )
+    if point := metrics.get("test", {}).get("operating_point"):
+        recall = "" if point["oos_recall"] is None else f", out-of-scope recall {point['oos_recall']:.1%}"
+        lines.append(
+            f"- On test: {point['handoff_rate']:.1%} of in-scope messages handed off, routed messages "
+            f"{point['precision']:.1%} right{recall}"
+        )
+    return lines
 
 
 def _task_lines(cfg: RunConfig, meta: VersionMeta, test: dict) -> list[str]:

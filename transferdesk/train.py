@@ -102,6 +102,7 @@ class RunResult:
     source_checkpoint: Path | None
     timings: dict[str, float]
     semi_supervised: dict | None = None  # what the run learnt from its unlabelled pool
+    calibration: dict | None = None  # what calibration did on validation data
 
 
 def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
@@ -152,19 +153,40 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         timings["train_seconds"] = result.seconds
     if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
         model.drop_task(SOURCE_TASK)
-    calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
-    return RunResult(model, splits, result, checkpoint, timings, semi)
+    calibration = calibrate(model, splits.valid, cfg)
+    return RunResult(model, splits, result, checkpoint, timings, semi, calibration)
 
 
-def calibrate(model: IntentModel, valid: Dataset, batch_size: int) -> None:
-    """Set the out-of-scope confidence threshold from validation data."""
-    probs = model.calibrate(valid.texts, valid.labels, batch_size)
+def calibrate(model: IntentModel, valid: Dataset, cfg: RunConfig) -> dict:
+    """Fit the temperature and choose the hand-off threshold on validation data for the run's
+    calibration settings; returns what it did there (metrics.json's `calibration`)."""
+    model.calibration = cfg.calibration
+    logits = model.predict_logits(valid.texts, cfg.runtime.eval_batch_size)
+    before = model.calibration_error(logits, valid.labels, temperature=1.0)
+    point = model.calibrate_from_logits(logits, valid.labels)
+    after = model.calibration_error(logits, valid.labels)
     log.info(
-        "out-of-scope threshold %.3f chosen on validation data (%d of %d below it)",
+        "temperature %.2f (validation ECE %.3f → %.3f); %s threshold %.3f for target %s: %.1f%% of "
+        "in-scope validation messages handed off, routed ones %.1f%% right%s",
+        model.temperature,
+        before,
+        after,
+        cfg.calibration.score,
         model.threshold,
-        int(model.out_of_scope(probs).sum()),
-        len(valid),
+        cfg.calibration.target
+        if cfg.calibration.value is None
+        else f"{cfg.calibration.target} {cfg.calibration.value}",
+        100 * point.handoff_rate,
+        100 * point.precision,
+        "" if point.oos_recall is None else f", out-of-scope recall {100 * point.oos_recall:.1f}%",
     )
+    return {
+        **cfg.calibration.model_dump(mode="json"),
+        "fitted_temperature": model.temperature,
+        "valid_ece_before": before,
+        "valid_ece_after": after,
+        "valid": point.to_dict(),
+    }
 
 
 def score_and_publish(
@@ -193,7 +215,12 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
     with registry.draft(cfg.name) as draft:
         result = run_training(cfg, log_dir=draft.logs_dir)
         cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
-        metrics = {"valid_history": result.fit.history, "best_epoch": result.fit.best_epoch, **result.timings}
+        metrics = {
+            "valid_history": result.fit.history,
+            "best_epoch": result.fit.best_epoch,
+            "calibration": result.calibration,
+            **result.timings,
+        }
         if result.semi_supervised:
             metrics["semi_supervised"] = result.semi_supervised
         checkpoint = result.source_checkpoint

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transferdesk.config import SOURCE_TASK, RunConfig, RuntimeConfig, StageConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.evaluate import classification_metrics
+from transferdesk.evaluate import auroc, classification_metrics
 from transferdesk.losses import UNLABELLED, intent_loss, task_loss
 from transferdesk.modeling import IntentModel
 from transferdesk.network import (
@@ -76,7 +76,7 @@ class ProgressBar(Callback):
         self.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", best=f"{self.best:.3f}")
 
     def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
-        self.best = max(self.best, entry[self.monitor])
+        self.best = max(self.best, entry[monitored(self.monitor, entry)])
 
     def on_train_end(self) -> None:
         self.bar.close()
@@ -167,7 +167,8 @@ def init_head_from_prototypes(model: IntentModel, ds: Dataset, task: str | None 
 def validation_score(
     model: IntentModel, valid: Dataset, batch_size: int, own: dict[str, Dataset] | None = None
 ) -> dict:
-    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied), and each
+    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied), the
+    out-of-scope AUROC of the model's score where validation has out-of-scope rows, and each
     other task's accuracy (`<task>_accuracy`) on the rows labelled for it, out-of-scope ones
     included (as `evaluate` scores them): the validation file's, or the task's own validation
     rows (`own`)."""
@@ -175,13 +176,18 @@ def validation_score(
     rows = [i for i, lab in enumerate(valid.labels) if lab in known]
     if not rows:
         raise TransferDeskError(f"validation data {valid.path} shares no intent with the training data")
-    probs, tasks = model.predict_heads(valid.texts, batch_size)
-    pred = [model.labels[j] for j in probs[rows].argmax(axis=1)]
+    heads = model.predict_heads(valid.texts, batch_size)
+    tasks = dict(heads.tasks)
+    pred = [model.labels[j] for j in heads.intent[rows].argmax(axis=1)]
     scores = classification_metrics([valid.labels[i] for i in rows], pred, model.labels)
     out = {name: scores[name] for name in VALID_METRICS}
+    is_oos = np.array([label == model.oos_label for label in valid.labels])
+    if is_oos.any():
+        out["oos_auroc"] = auroc(-heads.score, is_oos)
+        out["accuracy_auroc"] = (out["accuracy"] + out["oos_auroc"]) / 2
     truth = {task: valid.tasks.get(task, []) for task in tasks}
     for task, data in (own or {}).items():
-        tasks[task], truth[task] = model.predict_heads(data.texts, batch_size)[1][task], data.labels
+        tasks[task], truth[task] = model.predict_heads(data.texts, batch_size).tasks[task], data.labels
     for task, task_probs in tasks.items():
         if labelled := [i for i, label in enumerate(truth[task]) if label is not None]:
             names = model.tasks[task]
@@ -190,12 +196,25 @@ def validation_score(
     return out
 
 
+def monitored(monitor: str, scores: dict) -> str:
+    """The validation metric `monitor` names for these scores: auto is accuracy_auroc where
+    validation has out-of-scope rows (in-scope accuracy alone is flat there after the first
+    epoch, while the separation of out-of-scope messages keeps improving), accuracy elsewhere."""
+    if monitor == "auto":
+        return "accuracy_auroc" if "accuracy_auroc" in scores else "accuracy"
+    if monitor not in scores:
+        raise TransferDeskError(
+            f"the validation metric {monitor} needs out-of-scope rows in the validation data"
+        )
+    return monitor
+
+
 def selection_key(scores: dict, metric: str, tasks: Iterable[str]) -> tuple[float, float]:
     """How an epoch's validation scores rank: the intent's `metric`, ties broken by the mean
     accuracy of the other heads that ship (not the joint source's), so that an intent head
     already as good as it gets leaves the others time to learn."""
     accuracies = [scores[f"{t}_accuracy"] for t in tasks if t != SOURCE_TASK and f"{t}_accuracy" in scores]
-    return scores[metric], float(np.mean(accuracies)) if accuracies else 0.0
+    return scores[monitored(metric, scores)], float(np.mean(accuracies)) if accuracies else 0.0
 
 
 def _task_targets(tasks: TaskData | None, train: Dataset) -> dict[str, torch.Tensor]:
@@ -304,10 +323,11 @@ def fit(
         history.append(entry)
         # Patience runs out on the intent's metric alone, so other heads do not keep a stage
         # going that the intent alone would have stopped; within it, ties are broken by theirs.
-        bad_epochs = 0 if scores[stage.monitor] > best else bad_epochs + 1
+        metric = monitored(stage.monitor, scores)
+        bad_epochs = 0 if scores[metric] > best else bad_epochs + 1
         improved = rank(scores) > best_key
         if improved:
-            best, best_key = scores[stage.monitor], rank(scores)
+            best, best_key = scores[metric], rank(scores)
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in net.state_dict().items()})
         for callback in callbacks:
             callback.on_epoch(entry, improved, model)
@@ -353,6 +373,7 @@ def train_stage(
     model = IntentModel.from_backbone(
         backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained, tasks and tasks.labels
     )
+    model.calibration = cfg.calibration  # its score is what validation's out-of-scope AUROC uses
     freeze_lower_layers(model.network.encoder, stage.freeze_layers)
     if cfg.model.head_init == "prototypes":
         init_head_from_prototypes(model, train)
@@ -367,7 +388,7 @@ def train_stage(
     log.info(
         "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
         desc,
-        stage.monitor,
+        monitored(stage.monitor, result.history[0]),
         result.best_metric,
         result.best_epoch,
         result.epochs_run,

@@ -276,7 +276,7 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
         if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
             model.drop_task(SOURCE_TASK)
         splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
-        calibrate(model, splits.valid, cfg.runtime.eval_batch_size)
+        calibration = calibrate(model, splits.valid, cfg)
         search_dir = draft.search_dir
         write_table(rows, search_dir)
         plot_curves(results, metric, search_dir / "curves.png")
@@ -287,7 +287,8 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
                 f"best_valid_{metric}": rows[0][f"best_{metric}"],
                 "trials": len(rows),
                 "experiment": experiment_id(spec),
-            }
+            },
+            "calibration": calibration,
         }
         if cfg.semi_supervised.enabled and candidate.name in found.teachers:
             records = load_teachers(cfg, found.teachers[candidate.name])

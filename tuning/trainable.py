@@ -16,7 +16,8 @@ from tuning.config import TuneSpec
 from tuning.space import trial_config
 from tuning.teachers import load_teachers
 
-REPORTED = ("epoch", "loss", "accuracy", "macro_f1")
+# And, where validation has out-of-scope rows, oos_auroc and accuracy_auroc (trainer.validation_score).
+REPORTED = ("epoch", "loss", "accuracy", "macro_f1", "oos_auroc", "accuracy_auroc")
 
 
 class TuneReport(Callback):
@@ -29,7 +30,7 @@ class TuneReport(Callback):
         self.metric, self.best = metric, (float("-inf"), float("-inf"))
 
     def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
-        metrics = {key: entry[key] for key in REPORTED}
+        metrics = {key: entry[key] for key in REPORTED if key in entry}
         key = selection_key(entry, self.metric, model.tasks)
         if key <= self.best:
             tune.report(metrics)

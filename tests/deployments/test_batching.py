@@ -37,14 +37,14 @@ def test_calls_arriving_during_a_forward_pass_form_the_next_batch(
     monkeypatch.setattr(serve.context, "_INTERNAL_REPLICA_CONTEXT", replica)
     model = classifier.served.model
     passes: list[int] = []
-    forward = model.heads_from_ids
+    forward = model.logits_from_ids
 
     def timed_forward(ids: list[list[int]], batch_size: int) -> np.ndarray:
         passes.append(len(ids))
         time.sleep(FORWARD_S)
         return forward(ids, batch_size)
 
-    model.heads_from_ids = timed_forward
+    model.logits_from_ids = timed_forward
     tok = model.tokenizer
 
     async def main() -> list[tuple]:

@@ -76,6 +76,52 @@ def test_bad_policies_are_refused(tmp_path: Path, changes: dict, message: str) -
         load_policy(policy_file(tmp_path, **changes), LABELS)
 
 
+@pytest.mark.parametrize(
+    ("confidence", "intent", "reason", "destination"),
+    [
+        (0.85, "track_order", "intent", "orders"),  # the route's own 0.8
+        (0.75, "track_order", "queue_threshold", "human-agents"),
+        (0.75, "reset_password", "default", "general"),  # the policy's 0.6
+        (0.95, "cancel_order", "intent", "orders"),  # the orders queue's 0.9
+        (0.88, "cancel_order", "queue_threshold", "human-agents"),
+        (0.55, "cancel_order", "low_confidence", "human-agents"),  # the policy's comes first
+    ],
+)
+def test_per_queue_thresholds(
+    tmp_path: Path, confidence: float, intent: str, reason: str, destination: str
+) -> None:
+    routes = {
+        "track_order": {"destination": "orders", "min_confidence": 0.8},
+        "cancel_order": {"destination": "orders"},
+    }
+    path = policy_file(tmp_path, routes=routes, queues={"orders": {"min_confidence": 0.9}})
+    policy = load_policy(path, [*LABELS, "cancel_order"])
+    decision = decide(policy, prediction([(intent, confidence)]), 3)
+    assert (decision["reason"], decision["destination"]) == (reason, destination)
+    assert decision["handoff"] == (destination == "human-agents")
+    assert policy.thresholds() == {
+        "min_confidence": 0.6,
+        "queues": {"orders": 0.9},
+        "routes": {"track_order": 0.8},
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"queues": {"oders": {"min_confidence": 0.9}}},
+            r"queues oders: no route or default goes there \(destinations: general, orders\)",
+        ),
+        ({"fallback": {"destination": "h", "min_confidence": 0.5}}, "not the fallback"),
+        ({"queues": {"orders": {"min_confidence": 1.5}}}, "less than or equal to 1"),
+    ],
+)
+def test_bad_thresholds_are_refused(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(TransferDeskError, match=message):
+        load_policy(policy_file(tmp_path, **changes), LABELS)
+
+
 def test_missing_policy_file(tmp_path: Path) -> None:
     with pytest.raises(TransferDeskError, match="cannot read routing policy"):
         load_policy(tmp_path / "nope.yaml", LABELS)

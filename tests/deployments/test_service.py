@@ -76,6 +76,10 @@ def test_route_follows_the_policy(service: Service) -> None:
     assert not track["handoff"] and track["reason"] == "intent"
     assert sorted(info["labels"]) == sorted(TOY_INTENTS)
     assert "path" not in info  # no server internals in responses
+    assert (
+        info["calibration"]["score"] in ("softmax", "energy")
+        and info["calibration"]["fitted_temperature"] > 0
+    )
 
 
 def test_request_id_is_echoed(service: Service) -> None:
@@ -152,19 +156,24 @@ def test_auth_can_be_disabled_explicitly(service: Service) -> None:
 
 
 def test_policy_reloads_without_restart(service: Service) -> None:
-    write_policy(service.policy, min_confidence=1.0, version="test-2")
+    # A threshold on the track_order queue alone: its messages go to people, others still route.
+    write_policy(service.policy, version="test-2", queues={"track_order-queue": {"min_confidence": 1.0}})
     try:
         deadline = time.monotonic() + 30
         with service.client() as client:
             while time.monotonic() < deadline:
-                body = client.post("/v1/route", json={"text": TRACK}).json()
+                body = client.post("/v1/route", json={"texts": [TRACK, RESET]}).json()
                 if body["policy_version"] == "test-2":
                     break
                 time.sleep(1)
-        decision = body["decisions"][0]
+            info = client.get("/v1/model").json()
+        track, reset = body["decisions"]
         assert body["policy_version"] == "test-2"
-        assert decision["handoff"] and decision["reason"] == "low_confidence"
-        assert decision["destination"] == "human-agents"
+        assert track["handoff"] and track["reason"] == "queue_threshold"
+        assert track["destination"] == "human-agents"
+        assert reset["reason"] == "intent" and not reset["handoff"]
+        thresholds = {"min_confidence": 0.0, "queues": {"track_order-queue": 1.0}, "routes": {}}
+        assert info["policy_version"] == "test-2" and info["policy_thresholds"] == thresholds
     finally:
         write_policy(service.policy)
 

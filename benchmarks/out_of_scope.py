@@ -1,0 +1,330 @@
+"""Confidence and out-of-scope detection on BANKING77-OOS 10-shot and CLINC150 10-shot, each
+over several seeds: calibration error before and after temperature scaling, AUROC of each
+out-of-scope score (in-domain and out-of-domain out-of-scope rows apart), in-scope accuracy and
+out-of-scope recall at the thresholds chosen on validation data for each target, and the
+hand-off rate on test when validation chose the threshold for 10% in-scope hand-off.
+
+    python benchmarks/out_of_scope.py                     # both sets × seeds 1 2 3 (about 60 min on 2 cores)
+    python benchmarks/out_of_scope.py --sets banking77_oos --recipes accuracy auto --seeds 1
+
+BANKING77-OOS: train.csv with data.few_shot_k 10 (50 intents); validation valid.csv +
+id_oos_valid.csv + ood_oos_valid.csv; test test.csv + id_oos_test.csv + ood_oos_test.csv.
+CLINC150: train_10.csv; validation valid.csv + oos_valid.csv; test test.csv + oos_test.csv.
+Each model is trained once per (set, recipe, seed) in a process of its own, and every score
+and target is computed from its validation and test logits. Reads ../shared/data (--data-dir);
+results/out_of_scope.{json,md,png} are rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from figures import child_result, mean_sd
+
+HERE = Path(__file__).resolve().parent
+# Per set: training file (and its few-shot k), then validation and test files, each with the
+# group its out-of-scope rows belong to (in-scope files: None).
+SETS = {
+    "banking77_oos": {
+        "train": "banking77_oos/train.csv",
+        "few_shot_k": 10,
+        "valid": {
+            "banking77_oos/valid.csv": None,
+            "banking77_oos/id_oos_valid.csv": "id",
+            "banking77_oos/ood_oos_valid.csv": "ood",
+        },
+        "test": {
+            "banking77_oos/test.csv": None,
+            "banking77_oos/id_oos_test.csv": "id",
+            "banking77_oos/ood_oos_test.csv": "ood",
+        },
+    },
+    "clinc150": {
+        "train": "clinc150/train_10.csv",
+        "few_shot_k": None,
+        "valid": {"clinc150/valid.csv": None, "clinc150/oos_valid.csv": "oos"},
+        "test": {"clinc150/test.csv": None, "clinc150/oos_test.csv": "oos"},
+    },
+}
+# Training recipes compared: the validation metric that chooses the epoch (training.monitor).
+RECIPES = {"accuracy": {"training.monitor": "accuracy"}, "auto": {"training.monitor": "auto"}}
+HANDOFF_TARGET = 0.10
+OOS_RECALL_TARGET = 0.80
+
+
+def combined(data: Path, files: dict[str, str | None], out: Path) -> list[str | None]:
+    """The files as one CSV (text, label); returns each row's out-of-scope group."""
+    groups: list[str | None] = []
+    with out.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for name, group in files.items():
+            with (data / name).open(encoding="utf-8") as source:
+                for row in csv.DictReader(source):
+                    writer.writerow([row["text"], row["label"]])
+                    groups.append(group)
+    return groups
+
+
+def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
+    from transferdesk.config import load_config
+    from transferdesk.data import read_dataset
+    from transferdesk.train import run_training
+
+    spec = SETS[name]
+    work.mkdir(parents=True, exist_ok=True)
+    valid_groups = combined(data, spec["valid"], work / f"{name}-valid.csv")
+    test_groups = combined(data, spec["test"], work / f"{name}-test.csv")
+    overrides = {
+        "data.train": str(data / spec["train"]),
+        "data.few_shot_k": spec["few_shot_k"],
+        "data.valid": str(work / f"{name}-valid.csv"),
+        "output": str(work / "registry"),
+        "runtime.seed": seed,
+        "runtime.progress": False,
+        **RECIPES[recipe],
+    }
+    start = time.perf_counter()
+    result = run_training(load_config(None, overrides))
+    seconds = time.perf_counter() - start
+    model, valid = result.model, result.splits.valid
+    test, _ = read_dataset(str(work / f"{name}-test.csv"), "text", "label")
+    # The splits dropped duplicate rows: keep the groups of the rows that stayed.
+    valid_groups = regroup(valid.texts, work / f"{name}-valid.csv", valid_groups)
+    test_groups = regroup(test.texts, work / f"{name}-test.csv", test_groups)
+    figures = scores(
+        model,
+        model.predict_logits(valid.texts, 128),
+        valid.labels,
+        model.predict_logits(test.texts, 128),
+        test.labels,
+        test_groups,
+    )
+    history = result.fit.history
+    return {
+        "set": name,
+        "recipe": recipe,
+        "seed": seed,
+        "train_seconds": seconds,
+        "best_epoch": result.fit.best_epoch,
+        "epochs_run": len(history),
+        "valid_history": [
+            {k: h[k] for k in ("epoch", "accuracy", "oos_auroc", "loss") if k in h} for h in history
+        ],
+        "valid_rows": len(valid_groups),
+        "test_rows": len(test_groups),
+        **figures,
+    }
+
+
+def regroup(texts: list[str], path: Path, groups: list[str | None]) -> list[str | None]:
+    with path.open(encoding="utf-8") as handle:
+        first = {}
+        for row, group in zip(csv.DictReader(handle), groups, strict=True):
+            first.setdefault(row["text"].strip(), group)
+    return [first.get(text.strip()) for text in texts]
+
+
+def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_groups) -> dict:
+    """Every figure of one model, for each out-of-scope score, from its logits."""
+    from transferdesk.confidence import SCORES, choose_threshold, operating_point, reliability
+    from transferdesk.config import CalibrationConfig
+    from transferdesk.evaluate import auroc
+
+    known_v, targets_v = model.intent_targets(valid_labels)
+    known_t, targets_t = model.intent_targets(test_labels)
+    oos_v = np.array([label == model.oos_label for label in valid_labels])
+    oos_t = np.array([label == model.oos_label for label in test_labels])
+    groups = sorted({g for g in test_groups if g})
+    out: dict = {
+        "plain_in_scope_accuracy": float(np.mean(test_logits[known_t].argmax(1) == targets_t[known_t]))
+    }
+    for score in SCORES:
+        model.calibration = CalibrationConfig(score=score)
+        model.calibrate_from_logits(valid_logits, valid_labels)
+        heads_v, heads_t = model.split_heads(valid_logits), model.split_heads(test_logits)
+        correct_v = known_v & (heads_v.intent.argmax(1) == targets_v)
+        correct_t = known_t & (heads_t.intent.argmax(1) == targets_t)
+        row = {
+            "temperature": model.temperature,
+            "ece_before": model.calibration_error(test_logits, test_labels, temperature=1.0),
+            "ece_after": reliability(heads_t.intent[known_t], targets_t[known_t])["ece"],
+        }
+        for group in groups:
+            rows = ~oos_t | np.array([g == group for g in test_groups])
+            row[f"auroc_{group}"] = auroc(-heads_t.score[rows], oos_t[rows])
+        row["auroc"] = auroc(-heads_t.score, oos_t)
+        for target, value in (
+            ("balance", None),
+            ("handoff_rate", HANDOFF_TARGET),
+            ("oos_recall", OOS_RECALL_TARGET),
+        ):
+            chosen = choose_threshold(heads_v.score, correct_v, oos_v, target, value)
+            on_test = operating_point(heads_t.score, correct_t, oos_t, chosen.threshold)
+            routed_right = correct_t & (heads_t.score >= chosen.threshold)
+            row[target] = {
+                "threshold": chosen.threshold,
+                "valid": chosen.to_dict(),
+                "test": on_test.to_dict(),
+                "in_scope_accuracy": float(routed_right[~oos_t].mean()),
+            }
+        out[score] = row
+    return out
+
+
+# Summary figures of a run's score: what to read from it.
+FIGURES = {
+    "ece_before": lambda s: s["ece_before"],
+    "ece_after": lambda s: s["ece_after"],
+    "auroc": lambda s: s["auroc"],
+    "auroc_id": lambda s: s.get("auroc_id", float("nan")),
+    "auroc_ood": lambda s: s.get("auroc_ood", s.get("auroc_oos", float("nan"))),
+    "in_scope_accuracy": lambda s: s["balance"]["in_scope_accuracy"],
+    "oos_recall": lambda s: s["balance"]["test"]["oos_recall"],
+    "handoff_test": lambda s: s["handoff_rate"]["test"]["handoff_rate"],
+    "at_recall80_in_scope": lambda s: s["oos_recall"]["in_scope_accuracy"],
+    "at_recall80_recall": lambda s: s["oos_recall"]["test"]["oos_recall"],
+}
+
+
+def summary(runs: list[dict]) -> list[dict]:
+    rows = []
+    for name in SETS:
+        for recipe in RECIPES:
+            mine = [r for r in runs if (r["set"], r["recipe"]) == (name, recipe)]
+            if not mine:
+                continue
+            for score in ("softmax", "energy"):
+                row = {
+                    "set": name,
+                    "recipe": recipe,
+                    "score": score,
+                    "seeds": sorted(r["seed"] for r in mine),
+                }
+                for key, get in FIGURES.items():
+                    got = [get(r[score]) for r in mine]
+                    known = [v for v in got if not np.isnan(v)]  # a set without that group: NaN
+                    row[key] = statistics.mean(known) if known else float("nan")
+                    row[f"{key}_sd"] = statistics.pstdev(known) if known else float("nan")
+                    row[f"{key}_all"] = got
+                row["plain_in_scope_accuracy"] = statistics.mean(r["plain_in_scope_accuracy"] for r in mine)
+                row["best_epochs"] = [r["best_epoch"] for r in mine]
+                row["train_seconds"] = statistics.mean(r["train_seconds"] for r in mine)
+                rows.append(row)
+    return rows
+
+
+def _pm(row: dict, key: str, digits: int = 3) -> str:
+    return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}"
+
+
+def markdown(runs: list[dict], machine: str) -> str:
+    lines = [
+        f"Measured on {machine}; mean ± sd over seeds. Thresholds chosen on validation data, "
+        "figures on test. In-scope accuracy: in-scope messages routed to their right intent (a "
+        "hand-off counts as not routed). ECE: in-scope test rows, 15 bins.",
+        "",
+        "| set | recipe (monitor) | score | ECE before → after | AUROC in-domain OOS "
+        "| AUROC out-of-domain OOS | balance: in-scope acc. / OOS recall | test hand-off at a 10% target "
+        "| at OOS recall ≥ 80% on validation: in-scope acc. / OOS recall | best epochs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summary(runs):
+        auroc_id = "—" if np.isnan(row["auroc_id"]) else _pm(row, "auroc_id")
+        lines.append(
+            f"| {row['set']} | {row['recipe']} | {row['score']} | {_pm(row, 'ece_before')} → "
+            f"{_pm(row, 'ece_after')} | {auroc_id} | {_pm(row, 'auroc_ood')} | "
+            f"{mean_sd(row['in_scope_accuracy_all'])} / {mean_sd(row['oos_recall_all'])} | "
+            f"{mean_sd(row['handoff_test_all'])} | {mean_sd(row['at_recall80_in_scope_all'])} / "
+            f"{mean_sd(row['at_recall80_recall_all'])} | {', '.join(map(str, row['best_epochs']))} |"
+        )
+    lines += [
+        "",
+        "| set | recipe | seed | training | best epoch / run | in-scope accuracy, no threshold |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['set']} | {r['recipe']} | {r['seed']} | {r['train_seconds']:.0f} s | "
+            f"{r['best_epoch']} / {r['epochs_run']} | {r['plain_in_scope_accuracy']:.2%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Validation in-scope accuracy and out-of-scope AUROC per epoch, each run a line: where
+    the epoch is chosen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        epochs = [h["epoch"] for h in r["valid_history"]]
+        style = "-" if r["recipe"] == "auto" else "--"
+        label = f"{r['set']} {r['recipe']} seed {r['seed']}"
+        axes[0].plot(epochs, [h["accuracy"] for h in r["valid_history"]], style, label=label)
+        axes[1].plot(epochs, [h.get("oos_auroc", np.nan) for h in r["valid_history"]], style, label=label)
+    axes[0].set_title("validation in-scope accuracy (no threshold)")
+    axes[1].set_title("validation out-of-scope AUROC")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--recipes", nargs="+", default=["auto"], choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "out_of_scope")
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: SET RECIPE, JSON out
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args.seeds[0], args.data_dir, args.work)))
+        return
+    if not (args.data_dir / "banking77_oos" / "train.csv").is_file():
+        sys.exit(f"error: BANKING77-OOS and CLINC150 not found under {args.data_dir}; pass --data-dir")
+    import torch
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
+    out = args.results / "out_of_scope.json"
+    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
+    for seed in args.seeds:
+        for name in args.sets:
+            for recipe in args.recipes:
+                print(f"== {name}, {recipe}, seed {seed}", flush=True)
+                command = [sys.executable, __file__, "--one", name, recipe, "--seeds", str(seed)]
+                command += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
+                result = child_result(command)
+                print(json.dumps(result), flush=True)  # kept in the log whatever happens next
+                key = (name, recipe, seed)
+                runs = [r for r in runs if (r["set"], r["recipe"], r["seed"]) != key] + [result]
+                args.results.mkdir(parents=True, exist_ok=True)
+                out.write_text(
+                    json.dumps({"machine": machine, "runs": runs, "summary": summary(runs)}, indent=2)
+                )
+                (args.results / "out_of_scope.md").write_text(markdown(runs, machine))
+                plot(runs, args.results / "out_of_scope.png")
+    print((args.results / "out_of_scope.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
