@@ -437,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser(
         "predict",
         help="top intents with confidences for some texts",
-        description="Print the top intents with confidences; a top confidence below the "
-        "model's threshold means out-of-scope.",
+        description="Print the top intents with (calibrated) confidences, and whether the model "
+        "calls each message out-of-scope (its out-of-scope score below its threshold).",
     )
     _add_model_args(predict)
     predict.add_argument("texts", nargs="*", help="utterances to classify")
