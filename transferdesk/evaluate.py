@@ -10,6 +10,7 @@ import logging
 import time
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
@@ -178,13 +179,20 @@ def scored_labels(model: IntentModel, has_oos: bool) -> list[str]:
     return model.labels + ([model.oos_label] if has_oos else [])
 
 
-def plot_confusion(
-    y_true: list[str], y_pred: list[str], labels: list[str], path: Path, what: str = "intent"
-) -> None:
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot on the file-only backend (no display on servers and CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(
+    y_true: list[str], y_pred: list[str], labels: list[str], path: Path, what: str = "intent"
+) -> None:
+    plt = _pyplot()
 
     font, ticks = label_font(labels), labels
     if font is False:  # no installed font draws them: numbered, the numbers explained below
@@ -335,10 +343,7 @@ def _confidence_markdown(metrics: dict) -> list[str]:
 
 
 def plot_reliability(calibration: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     bins = calibration["bins"]
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -376,10 +381,7 @@ def plot_reliability(calibration: dict, path: Path) -> None:
 
 
 def plot_handoff(curve: list[dict], point: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     rate = [100 * row["handoff_rate"] for row in curve]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
