@@ -367,7 +367,12 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--seconds", type=float, default=15, help="per level, and per in-process measurement")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=4,
+        help="runs of each arm (fresh serve runs differ by more than 5%%; 2 did not resolve it)",
+    )
     parser.add_argument("--port", type=int, default=8126)
     parser.add_argument("--results", type=Path, default=HERE / "results")
     # The run config's settings as `transferdesk train` takes them: --training.epochs 5, --set ...
