@@ -139,10 +139,11 @@ class SearchSettings(Section):
     algorithm: Literal["optuna", "random"] = Field("optuna", description="Search algorithm.")
     num_samples: int = Field(8, ge=1, description="Trials to run.")
     max_concurrent: int | None = Field(None, ge=1, description="Trials at once (unset: as resources allow).")
-    metric: Literal["accuracy", "macro_f1", "accuracy_auroc"] = Field(
-        "accuracy",
+    metric: Literal["auto", "accuracy", "macro_f1", "accuracy_auroc"] = Field(
+        "auto",
         description="Validation metric to maximise (accuracy_auroc: in-scope accuracy averaged with the "
-        "out-of-scope AUROC; needs out-of-scope rows in validation).",
+        "out-of-scope AUROC; needs out-of-scope rows in validation). auto, as training.monitor's: "
+        "accuracy_auroc where validation has out-of-scope rows, else accuracy.",
     )
     grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial gets before it can be stopped.")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/this of trials at each rung.")

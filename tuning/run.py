@@ -61,9 +61,8 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
         for c in spec.candidates
     ]
-    search = spec.search.model_copy(update={"storage_path": _absolute(spec.search.storage_path)})
     run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
-    spec = spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
+    spec = spec.model_copy(update={"run": run, "candidates": candidates})
     own = [task.train for task in data.tasks.values()]
     for path in (data.train, *data.extra_train, *own, data.valid, data.test, *(c.source for c in candidates)):
         if path:
@@ -71,8 +70,25 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     for candidate in candidates:
         resolve_backbone(candidate.backbone)
     # Every data problem up front (the pool's too, which is checked against the test file).
-    load_splits(data, spec.run.runtime.seed)
-    return spec
+    splits = load_splits(data, spec.run.runtime.seed)
+    metric = search_metric(spec.search.metric, data.oos_label in splits.valid.labels)
+    search = spec.search.model_copy(
+        update={"storage_path": _absolute(spec.search.storage_path), "metric": metric}
+    )
+    return spec.model_copy(update={"search": search})
+
+
+def search_metric(metric: str, valid_has_oos: bool) -> str:
+    """The metric Tune maximises, resolved before the search: Tune needs one name for every
+    trial, and `auto` must pick checkpoints as training.monitor's auto picks epochs."""
+    if metric == "auto":
+        return "accuracy_auroc" if valid_has_oos else "accuracy"
+    if metric == "accuracy_auroc" and not valid_has_oos:
+        raise TransferDeskError(
+            "search.metric accuracy_auroc needs out-of-scope rows in the validation data; "
+            "use accuracy or auto"
+        )
+    return metric
 
 
 def _check_reachable(address: str) -> None:

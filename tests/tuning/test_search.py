@@ -225,3 +225,19 @@ def test_task_files_of_their_own_reach_trials_as_absolute_paths(
     path = write_spec(tmp_path, tiny_backbone, data={"tasks": {"mood": {"train": "moods.csv"}}})
     spec = prepare_spec(load_spec(path))
     assert spec.run.data.tasks["mood"].train == str(tmp_path / "moods.csv")
+
+
+def test_auto_metric_resolved_from_the_validation_file(tiny_backbone: Path, tmp_path: Path) -> None:
+    # The toy validation file has an out-of-scope row: checkpoints chosen as epochs are.
+    spec = prepare_spec(load_spec(write_spec(tmp_path, tiny_backbone)))
+    assert spec.search.metric == "accuracy_auroc"
+    in_scope_only = tmp_path / "valid-in-scope.csv"
+    rows = Path(spec.run.data.valid).read_text().splitlines()
+    in_scope_only.write_text("\n".join(r for r in rows if not r.endswith(",oos")) + "\n")
+    path = write_spec(tmp_path, tiny_backbone, data={"valid": str(in_scope_only)})
+    assert prepare_spec(load_spec(path)).search.metric == "accuracy"
+    path = write_spec(
+        tmp_path, tiny_backbone, data={"valid": str(in_scope_only)}, search={"metric": "accuracy_auroc"}
+    )
+    with pytest.raises(TransferDeskError, match="needs out-of-scope rows"):
+        prepare_spec(load_spec(path))
