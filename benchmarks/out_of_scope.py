@@ -6,6 +6,8 @@ hand-off rate on test when validation chose the threshold for 10% in-scope hand-
 
     python benchmarks/out_of_scope.py                     # both sets × seeds 1 2 3 (about 60 min on 2 cores)
     python benchmarks/out_of_scope.py --sets banking77_oos --recipes accuracy auto --seeds 1
+    python benchmarks/out_of_scope.py --sets banking77_oos --recipes epochs20 supcon clinc_source
+    python benchmarks/out_of_scope.py --sets clinc150 --recipes banking_source
 
 BANKING77-OOS: train.csv with data.few_shot_k 10 (50 intents); validation valid.csv +
 id_oos_valid.csv + ood_oos_valid.csv; test test.csv + id_oos_test.csv + ood_oos_test.csv.
@@ -54,8 +56,29 @@ SETS = {
         "test": {"clinc150/test.csv": None, "clinc150/oos_test.csv": "oos"},
     },
 }
-# Training recipes compared: the validation metric that chooses the epoch (training.monitor).
-RECIPES = {"accuracy": {"training.monitor": "accuracy"}, "auto": {"training.monitor": "auto"}}
+# Training recipes compared: the validation metric that chooses the epoch (training.monitor),
+# then changes to the default (auto) recipe that might separate out-of-scope messages better:
+# twice the epochs, a supervised contrastive term, a source stage from the other set's
+# family (one pass, as in multitask.py). A data.source path is relative to --data-dir.
+RECIPES = {
+    "accuracy": {"training.monitor": "accuracy"},
+    "auto": {"training.monitor": "auto"},
+    "epochs20": {"training.epochs": 20},
+    "supcon": {"training.objective": "supcon"},
+    "clinc_source": {
+        "data.source": "clinc150/train.csv",
+        "source_training.mode": "sequential",
+        "source_training.epochs": 1,
+    },
+    "banking_source": {
+        "data.source": "banking77/train.csv",
+        "source_training.mode": "sequential",
+        "source_training.epochs": 1,
+    },
+}
+# A source stage only where it shares no data with the set: BANKING77-OOS is cut from
+# BANKING77, whose training file holds its in-domain out-of-scope intents.
+SOURCE_SETS = {"clinc_source": "banking77_oos", "banking_source": "clinc150"}
 HANDOFF_TARGET = 0.10
 OOS_RECALL_TARGET = 0.80
 
@@ -92,6 +115,8 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
         "runtime.progress": False,
         **RECIPES[recipe],
     }
+    if "data.source" in overrides:
+        overrides["data.source"] = str(data / overrides["data.source"])
     start = time.perf_counter()
     result = run_training(load_config(None, overrides))
     seconds = time.perf_counter() - start
@@ -232,15 +257,16 @@ def markdown(runs: list[dict], machine: str) -> str:
         "figures on test. In-scope accuracy: in-scope messages routed to their right intent (a "
         "hand-off counts as not routed). ECE: in-scope test rows, 15 bins.",
         "",
-        "| set | recipe (monitor) | score | ECE before → after | AUROC in-domain OOS "
+        "| set | recipe | seeds | score | ECE before → after | AUROC in-domain OOS "
         "| AUROC out-of-domain OOS | balance: in-scope acc. / OOS recall | test hand-off at a 10% target "
         "| at OOS recall ≥ 80% on validation: in-scope acc. / OOS recall | best epochs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary(runs):
         auroc_id = "—" if np.isnan(row["auroc_id"]) else _pm(row, "auroc_id")
         lines.append(
-            f"| {row['set']} | {row['recipe']} | {row['score']} | {_pm(row, 'ece_before')} → "
+            f"| {row['set']} | {row['recipe']} | {', '.join(map(str, row['seeds']))} | {row['score']} | "
+            f"{_pm(row, 'ece_before')} → "
             f"{_pm(row, 'ece_after')} | {auroc_id} | {_pm(row, 'auroc_ood')} | "
             f"{mean_sd(row['in_scope_accuracy_all'])} / {mean_sd(row['oos_recall_all'])} | "
             f"{mean_sd(row['handoff_test_all'])} | {mean_sd(row['at_recall80_in_scope_all'])} / "
@@ -268,13 +294,18 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in runs:
+    colours = {recipe: f"C{i}" for i, recipe in enumerate(RECIPES)}
+    styles = {name: style for name, style in zip(SETS, ("-", ":"), strict=True)}
+    labelled = set()
+    for r in runs:  # one line per seed, one colour per recipe, one line style per set
         epochs = [h["epoch"] for h in r["valid_history"]]
-        style = "-" if r["recipe"] == "auto" else "--"
-        label = f"{r['set']} {r['recipe']} seed {r['seed']}"
-        axes[0].plot(epochs, [h["accuracy"] for h in r["valid_history"]], style, label=label)
-        axes[1].plot(epochs, [h.get("oos_auroc", np.nan) for h in r["valid_history"]], style, label=label)
-    axes[0].set_title("validation in-scope accuracy (no threshold)")
+        key = (r["set"], r["recipe"])
+        style = {"color": colours[r["recipe"]], "linestyle": styles[r["set"]], "alpha": 0.8}
+        style["label"] = None if key in labelled else f"{r['set']} {r['recipe']}"
+        labelled.add(key)
+        axes[0].plot(epochs, [h["accuracy"] for h in r["valid_history"]], **style)
+        axes[1].plot(epochs, [h.get("oos_auroc", np.nan) for h in r["valid_history"]], **style)
+    axes[0].set_title("validation in-scope accuracy (no threshold), a line per seed")
     axes[1].set_title("validation out-of-scope AUROC")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -310,6 +341,9 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.sets:
             for recipe in args.recipes:
+                if SOURCE_SETS.get(recipe, name) != name:
+                    print(f"== {name}, {recipe}: skipped (a source for {SOURCE_SETS[recipe]})", flush=True)
+                    continue
                 print(f"== {name}, {recipe}, seed {seed}", flush=True)
                 command = [sys.executable, __file__, "--one", name, recipe, "--seeds", str(seed)]
                 command += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
