@@ -142,8 +142,8 @@ class SearchSettings(Section):
     metric: Literal["auto", "accuracy", "macro_f1", "accuracy_auroc"] = Field(
         "auto",
         description="Validation metric to maximise (accuracy_auroc: in-scope accuracy averaged with the "
-        "out-of-scope AUROC; needs out-of-scope rows in validation). auto, as training.monitor's: "
-        "accuracy_auroc where validation has out-of-scope rows, else accuracy.",
+        "out-of-scope AUROC; needs out-of-scope rows in validation). auto: run.training.monitor's "
+        "(whose auto is accuracy_auroc where validation has out-of-scope rows, else accuracy).",
     )
     grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial gets before it can be stopped.")
     reduction_factor: float = Field(2, gt=1, description="ASHA: keep 1/this of trials at each rung.")

@@ -71,7 +71,8 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         resolve_backbone(candidate.backbone)
     # Every data problem up front (the pool's too, which is checked against the test file).
     splits = load_splits(data, spec.run.runtime.seed)
-    metric = search_metric(spec.search.metric, data.oos_label in splits.valid.labels)
+    metric = spec.run.training.monitor if spec.search.metric == "auto" else spec.search.metric
+    metric = search_metric(metric, data.oos_label in splits.valid.labels)
     search = spec.search.model_copy(
         update={"storage_path": _absolute(spec.search.storage_path), "metric": metric}
     )
@@ -79,8 +80,9 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
 
 
 def search_metric(metric: str, valid_has_oos: bool) -> str:
-    """The metric Tune maximises, resolved before the search: Tune needs one name for every
-    trial, and `auto` must pick checkpoints as training.monitor's auto picks epochs."""
+    """The metric Tune maximises, resolved before the search (Tune needs one name for every
+    trial): search.metric auto is the run's training.monitor, so that checkpoints are picked
+    as epochs are; its auto is accuracy_auroc where validation has out-of-scope rows."""
     if metric == "auto":
         return "accuracy_auroc" if valid_has_oos else "accuracy"
     if metric == "accuracy_auroc" and not valid_has_oos:

@@ -236,6 +236,8 @@ def test_auto_metric_resolved_from_the_validation_file(tiny_backbone: Path, tmp_
     in_scope_only.write_text("\n".join(r for r in rows if not r.endswith(",oos")) + "\n")
     path = write_spec(tmp_path, tiny_backbone, data={"valid": str(in_scope_only)})
     assert prepare_spec(load_spec(path)).search.metric == "accuracy"
+    path = write_spec(tmp_path, tiny_backbone, training={"monitor": "macro_f1"})
+    assert prepare_spec(load_spec(path)).search.metric == "macro_f1"  # as training picks epochs
     path = write_spec(
         tmp_path, tiny_backbone, data={"valid": str(in_scope_only)}, search={"metric": "accuracy_auroc"}
     )
