@@ -196,17 +196,23 @@ def validation_score(
     return out
 
 
-def monitored(monitor: str, scores: dict) -> str:
-    """The validation metric `monitor` names for these scores: auto is accuracy_auroc where
-    validation has out-of-scope rows (in-scope accuracy alone is flat there after the first
-    epoch, while the separation of out-of-scope messages keeps improving), accuracy elsewhere."""
+def resolve_monitor(monitor: str, valid_has_oos: bool) -> str:
+    """The validation metric `monitor` names: auto is accuracy_auroc where validation has
+    out-of-scope rows (in-scope accuracy alone is flat there after the first epoch, while the
+    separation of out-of-scope messages keeps improving), accuracy elsewhere."""
     if monitor == "auto":
-        return "accuracy_auroc" if "accuracy_auroc" in scores else "accuracy"
-    if monitor not in scores:
+        return "accuracy_auroc" if valid_has_oos else "accuracy"
+    if monitor == "accuracy_auroc" and not valid_has_oos:
         raise TransferDeskError(
             f"the validation metric {monitor} needs out-of-scope rows in the validation data"
         )
     return monitor
+
+
+def monitored(monitor: str, scores: dict) -> str:
+    """resolve_monitor for one epoch's validation scores (AUROC only where there were
+    out-of-scope rows)."""
+    return resolve_monitor(monitor, "accuracy_auroc" in scores)
 
 
 def selection_key(scores: dict, metric: str, tasks: Iterable[str]) -> tuple[float, float]:

@@ -23,6 +23,7 @@ from transferdesk.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
 from transferdesk.self_training import semi_supervised_record
 from transferdesk.train import calibrate, score_and_publish
+from transferdesk.trainer import resolve_monitor
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
@@ -71,26 +72,14 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         resolve_backbone(candidate.backbone)
     # Every data problem up front (the pool's too, which is checked against the test file).
     splits = load_splits(data, spec.run.runtime.seed)
+    # Tune needs one metric name for every trial: resolved here, from the validation file.
+    # auto is the run's training.monitor, so that checkpoints are picked as epochs are.
     metric = spec.run.training.monitor if spec.search.metric == "auto" else spec.search.metric
-    metric = search_metric(metric, data.oos_label in splits.valid.labels)
+    metric = resolve_monitor(metric, data.oos_label in splits.valid.labels)
     search = spec.search.model_copy(
         update={"storage_path": _absolute(spec.search.storage_path), "metric": metric}
     )
     return spec.model_copy(update={"search": search})
-
-
-def search_metric(metric: str, valid_has_oos: bool) -> str:
-    """The metric Tune maximises, resolved before the search (Tune needs one name for every
-    trial): search.metric auto is the run's training.monitor, so that checkpoints are picked
-    as epochs are; its auto is accuracy_auroc where validation has out-of-scope rows."""
-    if metric == "auto":
-        return "accuracy_auroc" if valid_has_oos else "accuracy"
-    if metric == "accuracy_auroc" and not valid_has_oos:
-        raise TransferDeskError(
-            "search.metric accuracy_auroc needs out-of-scope rows in the validation data; "
-            "use accuracy or auto"
-        )
-    return metric
 
 
 def _check_reachable(address: str) -> None:

@@ -241,5 +241,5 @@ def test_auto_metric_resolved_from_the_validation_file(tiny_backbone: Path, tmp_
     path = write_spec(
         tmp_path, tiny_backbone, data={"valid": str(in_scope_only)}, search={"metric": "accuracy_auroc"}
     )
-    with pytest.raises(TransferDeskError, match="needs out-of-scope rows"):
+    with pytest.raises(TransferDeskError, match="accuracy_auroc needs out-of-scope rows"):
         prepare_spec(load_spec(path))
