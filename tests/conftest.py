@@ -8,6 +8,9 @@ import os
 # No network in tests: hub look-ups must fail at once, not after connection time-outs.
 # Set before anything imports huggingface_hub, which reads it once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Seeded GPU runs repeat exactly only when cuBLAS starts with this (see trainer.configure_runtime);
+# a test that touched the GPU before training would otherwise start it without.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import contextlib
 import csv

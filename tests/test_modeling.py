@@ -60,7 +60,8 @@ def test_calibration_without_oos_rows_keeps_most_in_scope(model: IntentModel) ->
     probs = np.linspace(0.55, 0.99, 100)[:, None] * np.array([[1.0, 0.0]]) + [[0.0, 1.0]] * (
         1 - np.linspace(0.55, 0.99, 100)[:, None]
     )
-    model.calibration = CalibrationConfig(temperature=False)
+    # softmax: the energy of log-probabilities is 0 for every row, ties broken by rounding alone.
+    model.calibration = CalibrationConfig(temperature=False, score="softmax")
     point = model.calibrate_from_logits(np.log(probs), ["a"] * 100)
     kept = np.mean(~model.out_of_scope(model.split_heads(np.log(probs)).score))
     assert 0.9 <= kept < 1.0 and point.handoff_rate == pytest.approx(1 - kept)
@@ -127,3 +128,21 @@ def test_bf16_predictions_on_cpu_stay_close_to_fp32(tiny_backbone: Path) -> None
     model.for_serving("bf16")  # weights cast once instead of on every call: the same answers
     assert model.network.head.weight.dtype == torch.bfloat16
     assert np.allclose(model.predict_proba(texts), bf16, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_saved_on_gpu_loads_anywhere_and_serves_in_half_precision(
+    model: IntentModel, tmp_path: Path
+) -> None:
+    fp32 = model.predict_proba(TEXTS)
+    model.save_pretrained(tmp_path / "cpu")
+    on_gpu = IntentModel.load(tmp_path / "cpu", device="cuda")
+    assert next(on_gpu.network.parameters()).device.type == "cuda"
+    assert np.allclose(on_gpu.predict_proba(TEXTS), fp32, atol=0.02)  # auto: half-precision autocast
+    on_gpu.save_pretrained(tmp_path / "gpu")  # saved from the GPU: loads on a CPU-only machine
+    again = IntentModel.load(tmp_path / "gpu", device="cpu")
+    assert np.allclose(again.predict_proba(TEXTS), fp32, atol=1e-6)
+    on_gpu.for_serving("bf16")
+    assert on_gpu.network.head.weight.dtype == torch.bfloat16
+    assert np.allclose(on_gpu.predict_proba(TEXTS), fp32, atol=0.02)

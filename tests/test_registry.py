@@ -76,7 +76,8 @@ def test_version_directory_is_complete(registered: ModelVersion) -> None:
 
 def test_card_is_titled_with_the_version_number(registered: ModelVersion) -> None:
     assert registered.card.splitlines()[0] == "# intent-classifier v1"
-    assert f"Training time: {registered.meta.timings['train_seconds']:.0f} s on cpu" in registered.card
+    timing = f"Training time: {registered.meta.timings['train_seconds']:.0f} s on {registered.meta.device}"
+    assert timing in registered.card
 
 
 def test_no_metadata_file_holds_a_machine_path(registered: ModelVersion, workdir: Path) -> None:

@@ -104,7 +104,11 @@ def test_student_targets_soft_and_hard() -> None:
 
 
 def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> None:
-    result = run_training(bridge_config)
+    # Hard targets: the teacher is right on 90% of this pool but unsure (top probability 0.51
+    # on average). Matching such soft rows, where the labelled rows made each seen word a sure
+    # sign, the tiny student learns to pull each new word away from its own intent: validation
+    # accuracy peaks at the second epoch, then falls to nothing.
+    result = run_training(_with(bridge_config, **{"semi_supervised.targets": "hard"}))
     record = result.semi_supervised
     assert record is not None
     teacher, student = record["teachers"][0]["best_valid"], record["rounds"][-1]["best_valid"]

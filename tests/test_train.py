@@ -1,6 +1,7 @@
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,29 @@ def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
     partnered = sum(sum(targets[j] == targets[i] for j in b) > 1 for b in batches for i in b)
     assert partnered / len(rows) > 0.8  # random batches of 16 over 40 intents: about 0.3
     assert len({targets[i] for i in batches[0]}) < 16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_training_on_gpu_publishes_a_model_that_answers_alike_on_cpu(
+    tiny_config: RunConfig, precision: str
+) -> None:
+    from transferdesk.train import train_and_register
+
+    cfg = _with(tiny_config, **{"runtime.device": "cuda", "runtime.precision": precision})
+    result = run_training(cfg)
+    assert result.model.device.type == "cuda"
+    losses = [h["loss"] for h in result.fit.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] * 0.7  # fp16: the scaler ran
+    assert result.fit.history[result.fit.best_epoch - 1]["accuracy"] >= 0.8
+
+    version = train_and_register(cfg)
+    texts = ["where is my parcel", "forgot my password", "refund status please", "weather today"]
+    on_gpu = IntentModel.from_pretrained(version, device="cuda")
+    on_cpu = IntentModel.from_pretrained(version, device="cpu")
+    assert on_gpu.device.type == "cuda" and on_cpu.device.type == "cpu"
+    cpu = on_cpu.predict_proba(texts)
+    assert np.allclose(on_gpu.predict_proba(texts), cpu, atol=0.06)  # auto: bf16 autocast
+    on_gpu.precision = "fp32"
+    assert np.allclose(on_gpu.predict_proba(texts), cpu, atol=1e-4)  # the same weights

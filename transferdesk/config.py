@@ -278,6 +278,12 @@ class RuntimeConfig(Section):
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for torch; unset: one per available core."
     )
+    deterministic: bool = Field(
+        True,
+        description="On a GPU, deterministic kernels where torch has them, so that the same seed "
+        "gives the same weights (a little slower; torch warns about the others). CPU runs repeat "
+        "exactly either way.",
+    )
     eval_batch_size: int = Field(64, ge=1, description="Utterances per batch when predicting.")
     progress: bool = Field(True, description="Show progress bars.")
 

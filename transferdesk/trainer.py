@@ -357,7 +357,15 @@ def configure_runtime(runtime: RuntimeConfig) -> torch.device:
     seed_everything(runtime.seed)
     threads = runtime.num_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    return select_device(runtime.device)
+    device = select_device(runtime.device)
+    if device.type == "cuda" and runtime.deterministic:
+        # CUDA sums embedding gradients with atomic adds, in a different order on every run:
+        # seeded runs drifted apart by the last bits, and self-training's students with them.
+        # warn_only: where torch has no deterministic kernel (fused attention's backward) it
+        # warns and goes on rather than stop a run. cuBLAS reads the variable when it starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
 
 
 def train_stage(
