@@ -39,6 +39,7 @@ from serve_load import (
     ROOT,
     cpu_seconds,
     level,
+    run_config,
     serve_pids,
     start_serve,
     write_results,
@@ -46,6 +47,10 @@ from serve_load import (
 
 HERE = Path(__file__).resolve().parent
 PEER = "peer (uvicorn)"
+FLOORS = {
+    "single": "Serve, no work: one deployment",
+    "shape": "Serve, no work: Ingress → Tokenizer → Classifier → Router",
+}
 
 
 def routing_policy(labels: list[str], path: Path) -> Path:
@@ -112,6 +117,34 @@ def start_peer(model_dir: str, runtime: str, policy: Path, port: int, log: Path)
     sys.exit(f"error: the peer did not come up; see {log}")
 
 
+def floor_config(app: str) -> dict:
+    """deployments/serve.yaml's proxy and deployment settings around benchmarks/floor_app.py's
+    `app` (single: the Ingress alone), without the work."""
+    config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
+    deployments = [
+        {k: v for k, v in d.items() if k not in ("user_config", "health_check_period_s")}
+        for d in config["applications"][0]["deployments"]
+        if app == "shape" or d["name"] == "Ingress"
+    ]
+    config["applications"] = [
+        {
+            "name": "floor",
+            "route_prefix": "/",
+            "import_path": f"benchmarks.floor_app:{app}",
+            "deployments": deployments,
+        }
+    ]
+    return config
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def run_levels(
     url: str, texts: list[str], plan: list[tuple[int, int]], seconds: float, pids: dict[int, str]
 ) -> list[dict]:
@@ -136,12 +169,15 @@ def markdown(r: dict) -> str:
         f"Measured on {r['machine']}; model {r['model']}; messages and accuracy from {r['data']} "
         f"({r['messages']} messages). One run, one load generator (aiohttp on uvloop, sharing the 2 cores).",
         "",
-        "## In process",
-        "",
-        "| runtime | test accuracy | messages/s, batches of 16, "
-        f"{r['in_process'][0]['threads']} threads | one message p50 / p95 ms, 1 thread |",
-        "| --- | --- | --- | --- |",
     ]
+    if r["in_process"]:
+        lines += [
+            "## In process",
+            "",
+            "| runtime | test accuracy | messages/s, batches of 16, "
+            f"{r['in_process'][0]['threads']} threads | one message p50 / p95 ms, 1 thread |",
+            "| --- | --- | --- | --- |",
+        ]
     for x in r["in_process"]:
         lines.append(
             f"| {x['runtime']} | {x['accuracy']:.2%} | {x['batch16_per_s']:.0f} | "
@@ -173,9 +209,16 @@ def main() -> None:
     )
     parser.add_argument("--model", required=True, help="registry version with an ONNX export")
     parser.add_argument("--data", required=True, help="labelled file: load messages and test accuracy")
-    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx", "onnx-int8"])
-    parser.add_argument("--serve-runtimes", nargs="+", default=["torch", "onnx-int8"])
-    parser.add_argument("--peer-runtimes", nargs="+", default=["torch", "onnx-int8"])
+    parser.add_argument("--runtimes", nargs="*", default=["torch", "onnx", "onnx-int8"])
+    parser.add_argument("--serve-runtimes", nargs="*", default=["torch", "onnx-int8"])
+    parser.add_argument("--peer-runtimes", nargs="*", default=["torch", "onnx-int8"])
+    parser.add_argument(
+        "--floor",
+        nargs="*",
+        default=[],
+        choices=list(FLOORS),
+        help="also Serve apps that do no work (benchmarks/floor_app.py): Serve's own cost",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--texts-per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=15, help="per level")
@@ -212,12 +255,16 @@ def main() -> None:
         try:
             levels = run_levels(url, texts, plan, args.seconds, serve_pids())
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         end_to_end += [{"server": "TransferDesk Serve", "runtime": runtime, **x} for x in levels]
+    for app in args.floor:
+        print(f"== Serve doing no work: {app}", flush=True)
+        proc, _ = run_config(floor_config(app), args.port, scratch / f"floor-{app}.log")
+        try:
+            levels = run_levels(url, texts, plan, args.seconds, serve_pids())
+        finally:
+            stop(proc)
+        end_to_end += [{"server": FLOORS[app], "runtime": "none", **x} for x in levels]
     for runtime in args.peer_runtimes:
         print(f"== peer: {runtime}", flush=True)
         proc = start_peer(model_dir, runtime, policy, args.port, scratch / f"peer-{runtime}.log")

@@ -82,11 +82,16 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> tuple[
     """`serve run` of deployments/serve.yaml with this model and app args; returns the process
     and the config it runs (`serve deploy` a changed copy to change it in place)."""
     config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
-    config["http_options"]["port"] = port
     app_args = config["applications"][0]["args"]
     app_args["model"] = str(Path(model_dir).resolve())
     for key, value in overrides.items():
         set_dotted(app_args, key, value)
+    return run_config(config, port, log)
+
+
+def run_config(config: dict, port: int, log: Path) -> tuple[subprocess.Popen, Path]:
+    """`serve run` of a Serve config on `port`, once /readyz answers 200."""
+    config["http_options"]["port"] = port
     path = Path(tempfile.mkdtemp()) / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     # A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token.
