@@ -37,6 +37,7 @@ METHODS: dict[str, dict] = {
     "soft": {},  # the defaults: soft targets, threshold 0.5, one teacher, one round
     "soft+3teachers": {"semi_supervised.teachers": 3},
     "soft+2rounds": {"semi_supervised.rounds": 2},
+    "soft+5epochs": {"semi_supervised.student_epochs": 5},
 }
 PUBLISHED = {
     10: "CPFT 87.20% (RoBERTa-base, no in-domain pool); ICDA 89.79% (OPT-66B synthetic data)",
