@@ -141,7 +141,8 @@ def markdown(results: list[dict], machine: str) -> str:
         groups.setdefault((r["shots"], r["method"]), []).append(r)
     for (shots, method), rows in sorted(groups.items()):
         seeds = ", ".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
-        times = statistics.mean(r["train_seconds"] for r in rows)
+        # Runs that shared the machine carry no time (see the README).
+        times = [r["train_seconds"] for r in rows if "train_seconds" in r]
         pseudo = "–"
         if rows[0].get("rounds"):
             kept = statistics.mean(r["rounds"][0]["pseudo_labels"] for r in rows)
@@ -151,7 +152,8 @@ def markdown(results: list[dict], machine: str) -> str:
             pseudo = f"{kept:.0f} of {rows[0]['pool_rows']} ({right})"
         lines.append(
             f"| {shots} | {method} | {seeds} | {mean_sd([r['test_accuracy'] for r in rows])} | "
-            f"{mean_sd([r['test_macro_f1'] for r in rows])} | {times:.0f} s | {pseudo} | "
+            f"{mean_sd([r['test_macro_f1'] for r in rows])} | "
+            f"{f'{statistics.mean(times):.0f} s' if times else '–'} | {pseudo} | "
             f"{PUBLISHED.get(shots, '')} |"
         )
     return "\n".join(lines) + "\n"
