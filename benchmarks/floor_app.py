@@ -3,7 +3,7 @@
 `single`: one FastAPI deployment answering POST /v1/route at once (HTTP proxy → replica).
 `shape`: TransferDesk's shape, each hop doing nothing: an Ingress that awaits a Tokenizer, a
 Classifier and a Router in turn (three handle calls a request), as deployments/app.py does.
-Run by benchmarks/serve_floor.py; nothing else imports it.
+Run by `benchmarks/cpu_serving.py --floor`; nothing else imports it.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `Request` itself, not a string.
@@ -34,22 +34,12 @@ class Single:
         return ANSWER
 
 
-@serve.deployment(name="Tokenizer")
-class Tokenizer:
+@serve.deployment
+class Hop:
+    """A deployment that hands back what it was given (deployed as each of the three)."""
+
     async def __call__(self, body: bytes) -> bytes:
         return body
-
-
-@serve.deployment(name="Classifier")
-class Classifier:
-    async def __call__(self, body: bytes) -> bytes:
-        return body
-
-
-@serve.deployment(name="Router")
-class Router:
-    async def __call__(self, body: bytes) -> dict:
-        return ANSWER
 
 
 shape_api = _api()
@@ -71,8 +61,9 @@ class Shape:
     async def route(self, request: Request) -> dict:
         ids = await self.tokenizer.remote(await request.body())
         logits = await self.classifier.remote(ids)
-        return await self.router.remote(logits)
+        await self.router.remote(logits)
+        return ANSWER
 
 
 single = Single.bind()
-shape = Shape.bind(Tokenizer.bind(), Classifier.bind(), Router.bind())
+shape = Shape.bind(*(Hop.options(name=name).bind() for name in ("Tokenizer", "Classifier", "Router")))

@@ -206,3 +206,26 @@ def test_training_on_gpu_publishes_a_model_that_answers_alike_on_cpu(
     assert np.allclose(on_gpu.predict_proba(texts), cpu, atol=0.06)  # auto: bf16 autocast
     on_gpu.precision = "fp32"
     assert np.allclose(on_gpu.predict_proba(texts), cpu, atol=1e-4)  # the same weights
+
+
+def test_cpu_runs_leave_torch_free_to_pick_its_kernels() -> None:
+    from transferdesk.config import RuntimeConfig
+    from transferdesk.trainer import configure_runtime
+
+    assert configure_runtime(RuntimeConfig(device="cpu", num_threads=1)).type == "cpu"
+    assert not torch.are_deterministic_algorithms_enabled()  # process-wide: CPU needs none
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_runs_switch_deterministic_kernels_on_and_off() -> None:
+    from transferdesk.config import RuntimeConfig
+    from transferdesk.trainer import configure_runtime
+
+    try:
+        configure_runtime(RuntimeConfig(device="cuda", num_threads=1))
+        assert torch.are_deterministic_algorithms_enabled()
+        configure_runtime(RuntimeConfig(device="cuda", num_threads=1, deterministic=False))
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -358,13 +358,15 @@ def configure_runtime(runtime: RuntimeConfig) -> torch.device:
     threads = runtime.num_threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     device = select_device(runtime.device)
-    if device.type == "cuda" and runtime.deterministic:
+    if device.type == "cuda":
         # CUDA sums embedding gradients with atomic adds, in a different order on every run:
         # seeded runs drifted apart by the last bits, and self-training's students with them.
         # warn_only: where torch has no deterministic kernel (fused attention's backward) it
         # warns and goes on rather than stop a run. cuBLAS reads the variable when it starts.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Set both ways: the flag is process-wide, and a process may run several trainings.
+        if runtime.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(runtime.deterministic, warn_only=True)
     return device
 
 
