@@ -8,6 +8,7 @@ hand-off rate on test when validation chose the threshold for 10% in-scope hand-
     python benchmarks/out_of_scope.py --sets banking77_oos --recipes accuracy auto --seeds 1
     python benchmarks/out_of_scope.py --sets banking77_oos --recipes epochs20 supcon clinc_source
     python benchmarks/out_of_scope.py --sets clinc150 --recipes banking_source
+    python benchmarks/out_of_scope.py --sets clinc150 --recipes outliers
 
 BANKING77-OOS: train.csv with data.few_shot_k 10 (50 intents); validation valid.csv +
 id_oos_valid.csv + ood_oos_valid.csv; test test.csv + id_oos_test.csv + ood_oos_test.csv.
@@ -75,10 +76,20 @@ RECIPES = {
         "source_training.mode": "sequential",
         "source_training.epochs": 1,
     },
+    "outliers": {"data.extra_train": "clinc150/oos_train.csv", "training.outlier_weight": 0.5},
+    # Self-training (semi_supervised's defaults) from the texts of CLINC150's full training file.
+    "pool": {"data.unlabelled": "clinc150/train.csv"},
 }
-# A source stage only where it shares no data with the set: BANKING77-OOS is cut from
-# BANKING77, whose training file holds its in-domain out-of-scope intents.
-SOURCE_SETS = {"clinc_source": "banking77_oos", "banking_source": "clinc150"}
+# Recipes for one set alone. A source stage only where it shares no data with the set:
+# BANKING77-OOS is cut from BANKING77, whose training file holds its in-domain out-of-scope
+# intents. Outlier exposure from CLINC150's own 100 out-of-scope training rows (BANKING77-OOS's
+# out-of-domain rows are CLINC150's out-of-scope ones), and its own unlabelled pool.
+ONE_SET = {
+    "clinc_source": "banking77_oos",
+    "banking_source": "clinc150",
+    "outliers": "clinc150",
+    "pool": "clinc150",
+}
 HANDOFF_TARGET = 0.10
 OOS_RECALL_TARGET = 0.80
 
@@ -115,8 +126,9 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
         "runtime.progress": False,
         **RECIPES[recipe],
     }
-    if "data.source" in overrides:
-        overrides["data.source"] = str(data / overrides["data.source"])
+    for key in ("data.source", "data.extra_train", "data.unlabelled"):  # files of --data-dir
+        if key in overrides:
+            overrides[key] = str(data / overrides[key])
     start = time.perf_counter()
     result = run_training(load_config(None, overrides))
     seconds = time.perf_counter() - start
@@ -125,14 +137,13 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
     # The splits dropped duplicate rows: keep the groups of the rows that stayed.
     valid_groups = regroup(valid.texts, work / f"{name}-valid.csv", valid_groups)
     test_groups = regroup(test.texts, work / f"{name}-test.csv", test_groups)
+    test_logits = model.predict_logits(test.texts, 128)
     figures = scores(
-        model,
-        model.predict_logits(valid.texts, 128),
-        valid.labels,
-        model.predict_logits(test.texts, 128),
-        test.labels,
-        test_groups,
+        model, model.predict_logits(valid.texts, 128), valid.labels, test_logits, test.labels, test_groups
     )
+    known, targets = model.intent_targets(test.labels)
+    correct = known & (model.split_heads(test_logits).intent.argmax(1) == targets)
+    figures["geometry"] = geometry(model, result.splits.train, test.texts, correct, ~known, test_groups)
     history = result.fit.history
     return {
         "set": name,
@@ -158,17 +169,57 @@ def regroup(texts: list[str], path: Path, groups: list[str | None]) -> list[str 
     return [first.get(text.strip()) for text in texts]
 
 
+def separation(score: np.ndarray, correct: np.ndarray, is_oos: np.ndarray, groups: list) -> dict:
+    """AUROC of `score` (higher: more in-scope) over all out-of-scope rows and each group's,
+    and the in-scope accuracy at the threshold that catches OOS_RECALL_TARGET of the
+    out-of-scope test rows, set on test itself: the best any threshold of this score can do."""
+    from transferdesk.evaluate import auroc
+
+    out = {"auroc": auroc(-score, is_oos)}
+    for group in sorted({g for g in groups if g}):
+        rows = ~is_oos | np.array([g == group for g in groups])
+        out[f"auroc_{group}"] = auroc(-score[rows], is_oos[rows])
+    threshold = np.quantile(score[is_oos], OOS_RECALL_TARGET)
+    out["best_at_recall80_in_scope"] = float((correct & (score > threshold))[~is_oos].mean())
+    return out
+
+
+def sentence_vectors(model, texts: list[str]) -> np.ndarray:
+    """The encoder's pooled sentence vectors, unit length."""
+    import torch
+
+    from transferdesk.network import length_sorted_batches, tokenize
+
+    net, out = model.network.eval(), np.zeros((len(texts), model.network.head.in_features), np.float32)
+    with torch.no_grad():
+        for idx in length_sorted_batches(texts, 128):
+            batch = tokenize(model.tokenizer, [texts[i] for i in idx], model.max_length)
+            out[idx] = net.embed(batch["input_ids"], batch["attention_mask"]).float().numpy()
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def geometry(model, train, test_texts: list[str], correct, is_oos, groups: list) -> dict:
+    """Scores from the encoder's geometry, measured here only: a test message's cosine
+    similarity to its nearest training message (knn) and to the nearest intent's mean
+    sentence vector (centroid)."""
+    bank = sentence_vectors(model, train.texts)
+    ids = np.array([model.labels.index(label) for label in train.labels])
+    centroids = np.stack([bank[ids == c].mean(0) for c in range(len(model.labels))])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    vectors = sentence_vectors(model, test_texts)
+    found = {"knn": (vectors @ bank.T).max(1), "centroid": (vectors @ centroids.T).max(1)}
+    return {name: separation(score, correct, is_oos, groups) for name, score in found.items()}
+
+
 def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_groups) -> dict:
     """Every figure of one model, for each out-of-scope score, from its logits."""
     from transferdesk.confidence import SCORES, choose_threshold, operating_point, reliability
     from transferdesk.config import CalibrationConfig
-    from transferdesk.evaluate import auroc
 
     known_v, targets_v = model.intent_targets(valid_labels)
     known_t, targets_t = model.intent_targets(test_labels)
     oos_v = np.array([label == model.oos_label for label in valid_labels])
     oos_t = np.array([label == model.oos_label for label in test_labels])
-    groups = sorted({g for g in test_groups if g})
     out: dict = {
         "plain_in_scope_accuracy": float(np.mean(test_logits[known_t].argmax(1) == targets_t[known_t]))
     }
@@ -183,10 +234,7 @@ def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_gro
             "ece_before": model.calibration_error(test_logits, test_labels, temperature=1.0),
             "ece_after": reliability(heads_t.intent[known_t], targets_t[known_t])["ece"],
         }
-        for group in groups:
-            rows = ~oos_t | np.array([g == group for g in test_groups])
-            row[f"auroc_{group}"] = auroc(-heads_t.score[rows], oos_t[rows])
-        row["auroc"] = auroc(-heads_t.score, oos_t)
+        row |= separation(heads_t.score, correct_t, oos_t, test_groups)
         for target, value in (
             ("balance", None),
             ("handoff_rate", HANDOFF_TARGET),
@@ -272,6 +320,7 @@ def markdown(runs: list[dict], machine: str) -> str:
             f"{mean_sd(row['handoff_test_all'])} | {mean_sd(row['at_recall80_in_scope_all'])} / "
             f"{mean_sd(row['at_recall80_recall_all'])} | {', '.join(map(str, row['best_epochs']))} |"
         )
+    lines += geometry_table(runs)
     lines += [
         "",
         "| set | recipe | seed | training | best epoch / run | in-scope accuracy, no threshold |",
@@ -283,6 +332,33 @@ def markdown(runs: list[dict], machine: str) -> str:
             f"{r['best_epoch']} / {r['epochs_run']} | {r['plain_in_scope_accuracy']:.2%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def geometry_table(runs: list[dict]) -> list[str]:
+    """Each score, the encoder-geometry ones too, at its best: AUROC, and in-scope accuracy at
+    80% out-of-scope recall with the threshold set on test itself (runs measured with them)."""
+    lines = [
+        "",
+        "Every score at its best (runs since the geometry scores were added): in-scope accuracy at "
+        "80% out-of-scope recall with the threshold set on the test data itself, which no threshold "
+        "chosen on validation can beat. knn: cosine similarity to the nearest training message; "
+        "centroid: to the nearest intent's mean sentence vector.",
+        "",
+        "| set | recipe | seeds | score | AUROC | best in-scope acc. at 80% OOS recall |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    measured = [r for r in runs if "geometry" in r]
+    for name, recipe in dict.fromkeys((r["set"], r["recipe"]) for r in measured):
+        mine = [r for r in measured if (r["set"], r["recipe"]) == (name, recipe)]
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        for score in ("softmax", "energy", "knn", "centroid"):
+            got = [r[score] if score in r else r["geometry"][score] for r in mine]
+            aurocs, best = [g["auroc"] for g in got], [g["best_at_recall80_in_scope"] for g in got]
+            lines.append(
+                f"| {name} | {recipe} | {seeds} | {score} | {statistics.mean(aurocs):.3f} ± "
+                f"{statistics.pstdev(aurocs):.3f} | {mean_sd(best)} |"
+            )
+    return lines
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -341,8 +417,8 @@ def main() -> None:
     for seed in args.seeds:
         for name in args.sets:
             for recipe in args.recipes:
-                if SOURCE_SETS.get(recipe, name) != name:
-                    print(f"== {name}, {recipe}: skipped (a source for {SOURCE_SETS[recipe]})", flush=True)
+                if ONE_SET.get(recipe, name) != name:
+                    print(f"== {name}, {recipe}: skipped (a recipe for {ONE_SET[recipe]} alone)", flush=True)
                     continue
                 print(f"== {name}, {recipe}, seed {seed}", flush=True)
                 command = [sys.executable, __file__, "--one", name, recipe, "--seeds", str(seed)]

@@ -86,7 +86,7 @@ def test_training_checks(tmp_path: Path) -> None:
     assert ":3: warning: exact duplicate of row 2; dropped" in text
     assert "error: the same text has labels x, y" in text
     assert "error: intent 'z' has 1 example" in text
-    assert "2 out-of-scope ('oos') rows are not trained on" in text
+    assert "2 out-of-scope ('oos') rows are not an intent" in text
     assert "oos" not in cleaned.labels and cleaned.texts.count("a b") == 1
     with pytest.raises(TransferDeskError, match="2 problem"):
         raise_on_errors(problems)
@@ -249,3 +249,16 @@ def test_large_pool_is_sampled_with_a_warning(tmp_path: Path, caplog) -> None:
     assert first is not None and again is not None
     assert len(first) == 10 and first.texts == again.texts and first.dropped == {"over_max_rows": 40}
     assert "50 usable messages; a seeded sample of 10 is used" in caplog.text
+
+
+def test_out_of_scope_training_rows_are_kept_apart_as_outliers(tmp_path: Path) -> None:
+    rows = [(f"{intent} {i}", intent) for intent in ("x", "y") for i in range(6)]
+    doubted = [("weather", "oos"), ("weather", "oos"), ("sports", "oos")]
+    train = write_csv(tmp_path / "train.csv", [*rows, *doubted])
+    extra = write_csv(tmp_path / "extra.csv", [("sports", "oos"), ("movies", "oos"), ("tested", "oos")])
+    test = write_csv(tmp_path / "test.csv", [("x 9", "x"), ("tested", "oos")])
+    cfg = DataConfig(train=str(train), test=str(test), few_shot_k=2, extra_train=[str(extra)])
+    splits = load_splits(cfg, seed=1)
+    # Once each, none sampled away by few_shot_k, none of the test's: it would be scored on them.
+    assert splits.outliers == ["weather", "sports", "movies"]
+    assert splits.intents == ["x", "y"] and "oos" not in splits.train.labels + splits.valid.labels

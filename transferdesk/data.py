@@ -413,8 +413,8 @@ def check_training_data(
                 "warning",
                 ds.path,
                 None,
-                f"{cleaned.counts()[oos_label]} out-of-scope ('{oos_label}') rows are not "
-                "trained on as an intent; out-of-scope is detected by confidence",
+                f"{cleaned.counts()[oos_label]} out-of-scope ('{oos_label}') rows are not an "
+                "intent; training.outlier_weight above 0 teaches the model to doubt them",
             )
         )
         cleaned = cleaned.without(oos_label)
@@ -536,6 +536,8 @@ class Splits:
     pool: Pool | None = None
     # Tasks with a training file of their own: task → (train, valid), the task's labels as labels.
     own: dict[str, tuple[Dataset, Dataset]] = field(default_factory=dict)
+    # The training files' out-of-scope messages (outlier exposure; none of validation or test).
+    outliers: list[str] = field(default_factory=list)
 
     @property
     def intents(self) -> list[str]:
@@ -687,11 +689,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         test, found = _read_checked(cfg.test, cfg)
         problems += found + check_eval_data(test, train.intents, cfg.oos_label)
     evaluation = {text for ds in (valid, test) if ds is not None for text in ds.texts}
+    outliers = out_of_scope_texts(raw, cfg.oos_label, evaluation)
     for path in cfg.extra_train:
         raw_extra, found = _read_checked(path, cfg)
         problems += found
         train, found = _with_extra(train, raw_extra, cfg.oos_label, evaluation)
         problems += found
+        outliers += out_of_scope_texts(raw_extra, cfg.oos_label, evaluation | set(outliers))
     problems += check_tasks(train, cfg)
     own = {}
     for task, settings in cfg.tasks.items():
@@ -712,4 +716,11 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         pool, found = load_pool(cfg.unlabelled, column, train, evaluation, cfg.unlabelled_max_rows, seed)
         problems += found
     raise_on_errors(problems)
-    return Splits(train, valid, test, source, pool, own)
+    return Splits(train, valid, test, source, pool, own, outliers)
+
+
+def out_of_scope_texts(ds: Dataset, oos_label: str, evaluation: set[str]) -> list[str]:
+    """The out-of-scope rows' texts, once each, but for validation or test texts (a model
+    trained to doubt them would be scored on them)."""
+    found = [text for text, label in zip(ds.texts, ds.labels, strict=True) if label == oos_label]
+    return [text for text in dict.fromkeys(found) if text not in evaluation]

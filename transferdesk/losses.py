@@ -1,5 +1,6 @@
 """Training objectives: cross-entropy on the intent head, optionally plus supervised contrastive;
-cross-entropy on each other task's head over the rows labelled for it."""
+outlier exposure on out-of-scope rows; cross-entropy on each other task's head over the rows
+labelled for it."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def intent_loss(
         ids = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         loss = loss + supervised_contrastive(embeddings, ids, SUPCON_TEMPERATURE)
     return loss
+
+
+def outlier_loss(net: IntentClassifier, scoped: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
+    """Outlier exposure for both out-of-scope scores: cross-entropy of the out-of-scope rows
+    against an even spread over the intents (Hendrycks et al., 2019), which lowers their top
+    confidence but not their energy (adding one number to every logit changes no softmax);
+    and a logistic loss on every (in-scope, out-of-scope) pair of the batch that ranks the
+    out-of-scope row's energy (log-sum-exp of the logits) below the in-scope one's."""
+    inside = torch.logsumexp(net.head(net.dropout(scoped)).float(), dim=-1)
+    logits = net.head(net.dropout(outliers)).float()
+    spread = -nn.functional.log_softmax(logits, dim=-1).mean()
+    ranking = nn.functional.softplus(torch.logsumexp(logits, dim=-1)[None, :] - inside[:, None]).mean()
+    return spread + ranking
 
 
 def task_loss(

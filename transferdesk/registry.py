@@ -226,6 +226,9 @@ class VersionMeta(Section):
     candidate: str | None = Field(None, description="The search candidate (versions exported by tune).")
     pretrained: bool = Field(True, description="False for a 'no transfer' control.")
     train_examples: int = Field(ge=0, description="Rows of the target training data.")
+    outlier_examples: int = Field(
+        0, ge=0, description="Out-of-scope training rows the model was taught to doubt (outlier exposure)."
+    )
     tasks: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Other tasks' heads beside the intent's: task → labels in head order.",
@@ -477,6 +480,10 @@ class ModelVersion:
         }
 
 
+def _outliers_note(meta: VersionMeta) -> str:
+    return f"; {meta.outlier_examples} out-of-scope ones taught as outliers" if meta.outlier_examples else ""
+
+
 def _legacy_meta(root: Path) -> VersionMeta:
     """Format 1's model.json, which held absolute source-checkpoint paths, as VersionMeta."""
     info = _read_json(root / "model.json")
@@ -543,7 +550,7 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"fine-tuned with AdamW and {OBJECTIVES[cfg.training.objective]}.",
         "",
         f"- Target data: `{cfg.data.train}`{''.join(f' + `{path}`' for path in cfg.data.extra_train)} "
-        f"({meta.train_examples} examples, {len(meta.labels)} intents)",
+        f"({meta.train_examples} examples, {len(meta.labels)} intents{_outliers_note(meta)})",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
         *_confidence_lines(cfg, model, metrics),
         *_task_lines(cfg, meta, test),

@@ -55,16 +55,24 @@ def _digest(texts: list[str]) -> str:
 
 
 def teacher_key(
-    cfg: RunConfig, backbone: str, train: Dataset, valid: Dataset, pool: Pool, seed: int, pretrained: bool
+    cfg: RunConfig,
+    backbone: str,
+    train: Dataset,
+    valid: Dataset,
+    pool: Pool,
+    seed: int,
+    pretrained: bool,
+    outliers: Sequence[str] = (),
 ) -> str:
-    """Identifies one teacher's labels: same backbone (pretrained or a random control), data,
-    pool, settings and seed → same labels."""
+    """Identifies one teacher's labels: same backbone (pretrained or a random control), data
+    (out-of-scope rows too), pool, settings and seed → same labels."""
     parts = {
         "backbone": resolve_backbone(backbone),
         "pretrained": pretrained,
         "train": _digest([f"{t}\t{lab}" for t, lab in zip(train.texts, train.labels, strict=True)]),
         "valid": _digest([f"{t}\t{lab}" for t, lab in zip(valid.texts, valid.labels, strict=True)]),
         "pool": _digest(pool.texts),
+        "outliers": _digest(list(outliers)),
         "stage": teacher_stage(cfg).model_dump(),
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "seed": seed,
@@ -81,15 +89,17 @@ def teacher_labels(
     device: torch.device,
     pretrained: bool = True,
     seeds: Sequence[int] | None = None,
+    outliers: Sequence[str] = (),
 ) -> list[TeacherRecord]:
     """Each teacher's probabilities over the pool, from the registry's cache or trained now.
-    Teachers: seeds seed, seed+1, … (`semi_supervised.teachers` of them) unless `seeds`."""
+    Teachers: seeds seed, seed+1, … (`semi_supervised.teachers` of them) unless `seeds`; they
+    train on the out-of-scope `outliers` too (trainer.fit)."""
     registry = Registry(cfg.output)
     if seeds is None:
         seeds = range(cfg.runtime.seed, cfg.runtime.seed + cfg.semi_supervised.teachers)
     records = []
     for seed in seeds:
-        key = teacher_key(cfg, backbone, train, valid, pool, seed, pretrained)
+        key = teacher_key(cfg, backbone, train, valid, pool, seed, pretrained, outliers)
         if (cached := registry.teacher_labels(key)) is not None:
             log.info("reusing teacher labels %s (seed %d)", cached.path, seed)
             records.append(cached)
@@ -98,7 +108,15 @@ def teacher_labels(
         run = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": seed})})
         t0, desc = time.perf_counter(), f"teacher (seed {seed})"
         teacher, result = train_stage(
-            backbone, train, valid, run, teacher_stage(cfg), device, desc, pretrained=pretrained
+            backbone,
+            train,
+            valid,
+            run,
+            teacher_stage(cfg),
+            device,
+            desc,
+            pretrained=pretrained,
+            outliers=outliers,
         )
         probs = teacher.predict_proba(
             pool.texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"{desc}: labelling pool"
@@ -165,10 +183,11 @@ def self_train(
     callbacks: list[Callback] | None = None,
     log_dir: Path | None = None,
     tasks: TaskData | None = None,
+    outliers: Sequence[str] = (),
 ) -> SelfTrainingResult:
     """Train the student(s) from the teachers' labels (and the other tasks' heads: the teachers
-    label intents only); returns the student of the round with the best validation score (a
-    later round can drift, learning its own mistakes)."""
+    label intents only; and the out-of-scope `outliers`); returns the student of the round with
+    the best validation score (a later round can drift, learning its own mistakes)."""
     semi = cfg.semi_supervised
     labels = train.intents
     for record in teachers:
@@ -205,6 +224,7 @@ def self_train(
             callbacks,
             soft_targets=targets,
             tasks=tasks,
+            outliers=outliers,
         )
         student_probs = model.predict_proba(
             pool_texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"student {number}: labelling pool"

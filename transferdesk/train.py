@@ -111,10 +111,11 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
     device = configure_runtime(cfg.runtime)
     splits = load_splits(cfg.data, cfg.runtime.seed)
     log.info(
-        "training on %d examples of %d intents (%s), validating on %d, device %s",
+        "training on %d examples of %d intents (%s) and %d out-of-scope ones, validating on %d, device %s",
         len(splits.train),
         len(splits.intents),
         cfg.data.train,
+        len(splits.outliers) if cfg.training.outlier_weight > 0 else 0,
         len(splits.valid),
         device,
     )
@@ -129,10 +130,20 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
     semi = None
     if splits.pool is not None and cfg.semi_supervised.enabled:
         t0 = time.perf_counter()
-        teachers = teacher_labels(cfg, backbone, splits.train, splits.valid, splits.pool, device)
+        teachers = teacher_labels(
+            cfg, backbone, splits.train, splits.valid, splits.pool, device, outliers=splits.outliers
+        )
         timings["teacher_seconds"] = time.perf_counter() - t0
         outcome = self_train(
-            cfg, backbone, splits.train, splits.valid, teachers, device, log_dir=log_dir, tasks=tasks
+            cfg,
+            backbone,
+            splits.train,
+            splits.valid,
+            teachers,
+            device,
+            log_dir=log_dir,
+            tasks=tasks,
+            outliers=splits.outliers,
         )
         model, result = outcome.model, outcome.fit
         timings["student_seconds"] = outcome.seconds
@@ -149,6 +160,7 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
             "target stage",
             log_dir,
             tasks=tasks,
+            outliers=splits.outliers,
         )
         timings["train_seconds"] = result.seconds
     if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
@@ -230,6 +242,7 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
             source=registry.portable(cfg.data.source),
             source_checkpoint=registry.portable(checkpoint),
             train_examples=len(result.splits.train),
+            outlier_examples=len(result.splits.outliers) if cfg.training.outlier_weight > 0 else 0,
             tasks=result.model.tasks,
             timings=result.timings,
             device=str(result.model.device),

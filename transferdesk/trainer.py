@@ -23,7 +23,7 @@ from transferdesk.config import SOURCE_TASK, RunConfig, RuntimeConfig, StageConf
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.evaluate import auroc, classification_metrics
-from transferdesk.losses import UNLABELLED, intent_loss, task_loss
+from transferdesk.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
 from transferdesk.modeling import IntentModel
 from transferdesk.network import (
     autocast,
@@ -251,13 +251,15 @@ def fit(
     callbacks: Sequence[Callback] = (),
     soft_targets: torch.Tensor | None = None,
     tasks: TaskData | None = None,
+    outliers: Sequence[str] = (),
 ) -> FitResult:
     """Train in place; on return the model holds the weights of its best validation epoch (by
     the intent's validation metric).
 
     `soft_targets` (rows × model.labels, each row summing to 1) replaces the labels as the
     cross-entropy target, for distillation; `train.labels` still decides the batches. `tasks`:
-    the other heads' training (weights, labels, rows of their own)."""
+    the other heads' training (weights, labels, rows of their own). `outliers`: out-of-scope
+    messages, half a batch of them beside each batch (at stage.outlier_weight; 0: unused)."""
     net, device = model.network, model.device
     index = {lab: i for i, lab in enumerate(model.labels)}
     target_ids = [index[lab] for lab in train.labels]
@@ -272,6 +274,10 @@ def fit(
         task: _endless_batches(len(d), stage.batch_size, generator) for task, (d, _) in own_rows.items()
     }
     own_valid = {task: valid_rows for task, (_, valid_rows) in (tasks.own if tasks else {}).items()}
+    outliers = list(outliers) if stage.outlier_weight > 0 else []
+    # Half a batch: 100 outliers beside 1,500 in-scope rows (CLINC150 10-shot) are each seen
+    # about 7 times an epoch, for half again the rows per step.
+    outlier_batches = _endless_batches(len(outliers), max(1, stage.batch_size // 2), generator)
     lengths = [len(t) for t in train.texts]
     steps_per_epoch = len(epoch_batches(stage, target_ids, lengths, torch.Generator()))
     optimizer = build_optimizer(net, stage)
@@ -295,6 +301,8 @@ def fit(
             extra = {task: next(batches) for task, batches in own_batches.items()}
             for task, rows in extra.items():
                 texts += [own_rows[task][0].texts[i] for i in rows]
+            doubted = [outliers[i] for i in next(outlier_batches)] if outliers else []
+            texts += doubted
             batch = tokenize(model.tokenizer, texts, model.max_length)
             with autocast(device, runtime.precision):
                 embeddings = net.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -308,6 +316,8 @@ def fit(
                     ids = own_rows[task][1][rows].to(device)
                     loss = loss + tasks.weights[task] * task_loss(net, task, theirs, ids)
                     offset += len(rows)
+                if doubted:
+                    loss = loss + stage.outlier_weight * outlier_loss(net, ours, embeddings[offset:])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -383,9 +393,11 @@ def train_stage(
     callbacks: list[Callback] | None = None,
     soft_targets: torch.Tensor | None = None,
     tasks: TaskData | None = None,
+    outliers: Sequence[str] = (),
 ) -> tuple[IntentModel, FitResult]:
     """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings
-    (against `soft_targets` where given, with the heads of `tasks`: see trainer.fit)."""
+    (against `soft_targets` where given, with the heads of `tasks` and the out-of-scope
+    `outliers`: see trainer.fit)."""
     model = IntentModel.from_backbone(
         backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained, tasks and tasks.labels
     )
@@ -400,7 +412,7 @@ def train_stage(
         callbacks.append(ProgressBar(desc, stage.monitor))
     if log_dir is not None:
         callbacks.append(TensorBoard(log_dir, desc))
-    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets, tasks)
+    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets, tasks, outliers)
     log.info(
         "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
         desc,

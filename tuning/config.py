@@ -42,6 +42,8 @@ SEARCHABLE: dict[str, Searchable] = {
     "pooling": Searchable("model.pooling", "choice", ["mean"]),
     "max_length": Searchable("model.max_length", "choice", [64]),
     "freeze_layers": Searchable("training.freeze_layers", "int", (0, 0)),
+    # Outlier exposure: used where the training data has out-of-scope rows.
+    "outlier_weight": Searchable("training.outlier_weight", "linear", (0.0, 0.0)),
     # Self-training from run.data.unlabelled (ignored without a pool).
     "semi_supervised": Searchable("semi_supervised.enabled", "choice", [True]),
     "pseudo_targets": Searchable("semi_supervised.targets", "choice", ["soft"]),

@@ -26,7 +26,7 @@ def _label_pool(cfg_json: str, backbone: str, seed: int, pretrained: bool) -> st
     # With the test file: the pool is checked against it like in any run (trials never read it).
     splits = load_splits(cfg.data, cfg.runtime.seed)
     (record,) = teacher_labels(
-        cfg, backbone, splits.train, splits.valid, splits.pool, device, pretrained, [seed]
+        cfg, backbone, splits.train, splits.valid, splits.pool, device, pretrained, [seed], splits.outliers
     )
     return record.path.name
 

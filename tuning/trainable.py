@@ -62,6 +62,7 @@ def run_trial(
             pretrained=candidate.pretrained,
             callbacks=[TuneReport(spec.search.metric)],
             tasks=tasks,
+            outliers=splits.outliers,
         )
         return
     train_stage(
@@ -75,4 +76,5 @@ def run_trial(
         pretrained=candidate.pretrained,
         callbacks=[TuneReport(spec.search.metric)],
         tasks=tasks,
+        outliers=splits.outliers,
     )
