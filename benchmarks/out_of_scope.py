@@ -77,18 +77,15 @@ RECIPES = {
         "source_training.epochs": 1,
     },
     "outliers": {"data.extra_train": "clinc150/oos_train.csv", "training.outlier_weight": 0.5},
-    # Self-training (semi_supervised's defaults) from the texts of CLINC150's full training file.
-    "pool": {"data.unlabelled": "clinc150/train.csv"},
 }
 # Recipes for one set alone. A source stage only where it shares no data with the set:
 # BANKING77-OOS is cut from BANKING77, whose training file holds its in-domain out-of-scope
 # intents. Outlier exposure from CLINC150's own 100 out-of-scope training rows (BANKING77-OOS's
-# out-of-domain rows are CLINC150's out-of-scope ones), and its own unlabelled pool.
+# out-of-domain rows are CLINC150's out-of-scope ones).
 ONE_SET = {
     "clinc_source": "banking77_oos",
     "banking_source": "clinc150",
     "outliers": "clinc150",
-    "pool": "clinc150",
 }
 HANDOFF_TARGET = 0.10
 OOS_RECALL_TARGET = 0.80
@@ -126,7 +123,7 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
         "runtime.progress": False,
         **RECIPES[recipe],
     }
-    for key in ("data.source", "data.extra_train", "data.unlabelled"):  # files of --data-dir
+    for key in ("data.source", "data.extra_train"):  # files of --data-dir
         if key in overrides:
             overrides[key] = str(data / overrides[key])
     start = time.perf_counter()
