@@ -208,3 +208,21 @@ def test_teacher_key_tells_a_random_control_from_the_pretrained_backbone(bridge_
         for p in (True, False)
     }
     assert len(keys) == 2
+
+
+def test_teacher_key_counts_out_of_scope_rows_only_where_teachers_learn_from_them(
+    bridge_config: RunConfig,
+) -> None:
+    from transferdesk.data import Pool
+    from transferdesk.self_training import teacher_key
+
+    train, pool = Dataset(["a b"], ["x"]), Pool(["c"], "pool.txt", "0" * 64, 1)
+
+    def key(cfg: RunConfig, outliers: list[str]) -> str:
+        return teacher_key(cfg, cfg.model.backbone, train, train, pool, 13, True, outliers)
+
+    assert key(bridge_config, ["weather"]) == key(bridge_config, [])  # weight 0: not trained on
+    doubting = bridge_config.model_copy(
+        update={"training": bridge_config.training.model_copy(update={"outlier_weight": 0.5})}
+    )
+    assert key(doubting, ["weather"]) != key(doubting, [])

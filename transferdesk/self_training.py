@@ -72,7 +72,8 @@ def teacher_key(
         "train": _digest([f"{t}\t{lab}" for t, lab in zip(train.texts, train.labels, strict=True)]),
         "valid": _digest([f"{t}\t{lab}" for t, lab in zip(valid.texts, valid.labels, strict=True)]),
         "pool": _digest(pool.texts),
-        "outliers": _digest(list(outliers)),
+        # Out-of-scope rows shape a teacher only when it trains on them.
+        "outliers": _digest(list(outliers)) if teacher_stage(cfg).outlier_weight > 0 else None,
         "stage": teacher_stage(cfg).model_dump(),
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "seed": seed,

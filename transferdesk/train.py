@@ -94,6 +94,11 @@ def task_data(cfg: RunConfig, splits: Splits) -> TaskData | None:
     return TaskData(labels, weights, own) if labels else None
 
 
+def taught_outliers(cfg: RunConfig, splits: Splits) -> int:
+    """Out-of-scope training rows the target stage learns from (none at outlier_weight 0)."""
+    return len(splits.outliers) if cfg.training.outlier_weight > 0 else 0
+
+
 @dataclass
 class RunResult:
     model: IntentModel
@@ -115,7 +120,7 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         len(splits.train),
         len(splits.intents),
         cfg.data.train,
-        len(splits.outliers) if cfg.training.outlier_weight > 0 else 0,
+        taught_outliers(cfg, splits),
         len(splits.valid),
         device,
     )
@@ -242,7 +247,7 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
             source=registry.portable(cfg.data.source),
             source_checkpoint=registry.portable(checkpoint),
             train_examples=len(result.splits.train),
-            outlier_examples=len(result.splits.outliers) if cfg.training.outlier_weight > 0 else 0,
+            outlier_examples=taught_outliers(cfg, result.splits),
             tasks=result.model.tasks,
             timings=result.timings,
             device=str(result.model.device),
