@@ -262,3 +262,9 @@ def test_out_of_scope_training_rows_are_kept_apart_as_outliers(tmp_path: Path) -
     # Once each, none sampled away by few_shot_k, none of the test's: it would be scored on them.
     assert splits.outliers == ["weather", "sports", "movies"]
     assert splits.intents == ["x", "y"] and "oos" not in splits.train.labels + splits.valid.labels
+
+
+def test_training_data_of_out_of_scope_rows_alone_is_refused(tmp_path: Path) -> None:
+    train = write_csv(tmp_path / "train.csv", [("hello", "oos"), ("bye", "oos")])
+    with pytest.raises(TransferDeskError, match="no intent to train on: every row is out-of-scope"):
+        load_splits(DataConfig(train=str(train)), seed=1)

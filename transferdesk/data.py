@@ -677,6 +677,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     problems += found
     train, found = check_training_data(raw, cfg.oos_label)
     problems += found
+    if not train.intents:  # nothing to train: stop before the few-shot sample and the split
+        problems.append(Problem("error", cfg.train, None, "no intent to train on: every row is out-of-scope"))
+        raise_on_errors(problems)
     if cfg.valid:
         valid, found = _read_checked(cfg.valid, cfg)
         problems += found + check_eval_data(valid, train.intents, cfg.oos_label)
