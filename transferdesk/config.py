@@ -226,6 +226,13 @@ class SemiSupervisedConfig(Section):
     teachers: int = Field(
         1, ge=1, le=5, description="Teachers (the labelled-data recipe with seeds seed, seed+1, …), averaged."
     )
+    teacher_backbone: str | None = Field(
+        None,
+        description="Encoder the teachers fine-tune: unset, the student's own (after its source "
+        "stage, if any); or a larger one, a model directory or hub id (all-mpnet-base-v2: `make "
+        "teacher-mpnet`, then .tools/all-mpnet-base-v2). The student keeps model.backbone, so "
+        "serving costs the same.",
+    )
     rounds: int = Field(
         1, ge=1, le=5, description="Rounds; each after the first uses the previous student as its teacher."
     )

@@ -316,7 +316,10 @@ def portable_config(cfg: RunConfig, registry: Path) -> RunConfig:
         }
     )
     model = cfg.model.model_copy(update={"backbone": portable_path(cfg.model.backbone, registry)})
-    return cfg.model_copy(update={"data": data, "model": model, "output": "registry"})
+    teacher = portable_path(cfg.semi_supervised.teacher_backbone, registry)
+    semi = cfg.semi_supervised.model_copy(update={"teacher_backbone": teacher})
+    update = {"data": data, "model": model, "semi_supervised": semi, "output": "registry"}
+    return cfg.model_copy(update=update)
 
 
 def encoder_dir(path: Path) -> Path:
@@ -558,9 +561,12 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
     ]
     if semi := metrics.get("semi_supervised"):
         pool, settings = semi["pool"], semi["settings"]
+        teachers = f"{len(semi['teachers'])} teacher(s)"
+        if settings.get("teacher_backbone"):  # absent from versions made before it existed
+            teachers += f" fine-tuned from `{settings['teacher_backbone']}`"
         lines.append(
             f"- Unlabelled pool: `{pool['file']}` ({pool['rows_used']} of {pool['rows_read']} messages used, "
-            f"sha256 {pool['sha256'][:12]}); {len(semi['teachers'])} teacher(s), {settings['rounds']} "
+            f"sha256 {pool['sha256'][:12]}); {teachers}, {settings['rounds']} "
             f"round(s), {settings['targets']} targets, threshold {settings['threshold']}"
         )
         if semi["rounds"]:

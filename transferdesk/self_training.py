@@ -124,6 +124,7 @@ def teacher_labels(
         )
         info = {
             "labels": teacher.labels,
+            "backbone": registry.portable(backbone),
             "seed": seed,
             "pool": pool.summary(),
             "best_valid": result.best_metric,
@@ -266,10 +267,12 @@ def semi_supervised_record(
     """What metrics.json and the model card say the model learnt from."""
     return {
         "pool": {**pool.summary(), "file": registry.portable(pool.path)},
-        "settings": cfg.semi_supervised.model_dump(exclude={"teacher_training"}),
+        "settings": cfg.semi_supervised.model_dump(exclude={"teacher_training"})
+        | {"teacher_backbone": registry.portable(cfg.semi_supervised.teacher_backbone)},
         "teachers": [
             {
                 "seed": t.info["seed"],
+                "backbone": t.info.get("backbone"),  # absent from labels cached before it was recorded
                 "best_valid": t.info["best_valid"],
                 "labels": registry.portable(t.path),
             }

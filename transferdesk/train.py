@@ -136,7 +136,13 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
     if splits.pool is not None and cfg.semi_supervised.enabled:
         t0 = time.perf_counter()
         teachers = teacher_labels(
-            cfg, backbone, splits.train, splits.valid, splits.pool, device, outliers=splits.outliers
+            cfg,
+            cfg.semi_supervised.teacher_backbone or backbone,
+            splits.train,
+            splits.valid,
+            splits.pool,
+            device,
+            outliers=splits.outliers,
         )
         timings["teacher_seconds"] = time.perf_counter() - t0
         outcome = self_train(

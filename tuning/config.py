@@ -49,6 +49,8 @@ SEARCHABLE: dict[str, Searchable] = {
     "pseudo_targets": Searchable("semi_supervised.targets", "choice", ["soft"]),
     "pseudo_threshold": Searchable("semi_supervised.threshold", "linear", (0.5, 0.5)),
     "teachers": Searchable("semi_supervised.teachers", "int", (1, 1)),
+    # null: the candidate's own encoder; a larger one (a model directory or hub id) teaches better.
+    "teacher_backbone": Searchable("semi_supervised.teacher_backbone", "choice", [None]),
     "rounds": Searchable("semi_supervised.rounds", "int", (1, 1)),
     "student_epochs": Searchable("semi_supervised.student_epochs", "int", (3, 3)),
 }

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ray.tune import ResultGrid
 
+from transferdesk.registry import portable_path
 from tuning.config import SEARCHABLE
 from tuning.schedule import is_baseline
 
@@ -27,6 +28,8 @@ def trial_rows(results: ResultGrid, metric: str, baselines: Sequence[dict] = ())
                 "trial": (result.metrics or {}).get("trial_id", "?"),
                 "candidate": params.get("candidate"),
                 **{name: params.get(name) for name in SEARCHABLE},
+                # A model directory by its name: the table is kept in the registry.
+                "teacher_backbone": portable_path(params.get("teacher_backbone")),
                 f"best_{metric}": float(frame[metric].max()) if reported else math.nan,
                 "epochs_run": epochs_run,
                 "wall_s": round(float(frame["time_total_s"].iloc[-1]), 1) if reported else math.nan,

@@ -29,7 +29,7 @@ from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
 from tuning.sources import prepare_backbones, source_config
 from tuning.space import baseline_points, param_space, trial_config
-from tuning.teachers import load_teachers, prepare_teachers
+from tuning.teachers import Teachers, load_teachers, prepare_teachers
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,15 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         for c in spec.candidates
     ]
     run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
-    spec = spec.model_copy(update={"run": run, "candidates": candidates})
+    teachers = [name and _absolute_backbone(name) for name in spec.space.teacher_backbone]
+    space = spec.space.model_copy(update={"teacher_backbone": teachers})
+    spec = spec.model_copy(update={"run": run, "candidates": candidates, "space": space})
     own = [task.train for task in data.tasks.values()]
     for path in (data.train, *data.extra_train, *own, data.valid, data.test, *(c.source for c in candidates)):
         if path:
             resolve_path(path)  # raises a clear error for a missing or unsupported file
-    for candidate in candidates:
-        resolve_backbone(candidate.backbone)
+    for backbone in (*(c.backbone for c in candidates), *filter(None, teachers)):
+        resolve_backbone(backbone)
     # Every data problem up front (the pool's too, which is checked against the test file).
     splits = load_splits(data, spec.run.runtime.seed)
     # Tune needs one metric name for every trial: resolved here, from the validation file.
@@ -129,9 +131,7 @@ def experiment_path(spec: TuneSpec) -> str:
 Resume = bool | Literal["auto"]  # "auto": resume when the search exists, else start it
 
 
-def build_tuner(
-    spec: TuneSpec, backbones: dict[str, str], teachers: dict[str, list[str]], resume: Resume
-) -> tune.Tuner:
+def build_tuner(spec: TuneSpec, backbones: dict[str, str], teachers: Teachers, resume: Resume) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, spec_json=spec.model_dump_json(), backbones=backbones, teachers=teachers
@@ -223,7 +223,7 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
 class SearchResult:
     results: tune.ResultGrid
     backbones: dict[str, str]  # candidate → the backbone its trials started from
-    teachers: dict[str, list[str]]  # candidate → cache keys of its teachers' pool labels
+    teachers: Teachers  # candidate → teacher backbone → cache keys of its teachers' pool labels
 
 
 def experiment_id(spec: TuneSpec) -> str:
@@ -243,7 +243,9 @@ def recorded_spec(spec: TuneSpec, registry: Registry) -> TuneSpec:
     ]
     search = spec.search.model_copy(update={"storage_path": registry.portable(spec.search.storage_path)})
     run = portable_config(spec.run, registry.root)
-    return spec.model_copy(update={"run": run, "candidates": candidates, "search": search})
+    teachers = [registry.portable(name) for name in spec.space.teacher_backbone]
+    space = spec.space.model_copy(update={"teacher_backbone": teachers})
+    return spec.model_copy(update={"run": run, "candidates": candidates, "search": search, "space": space})
 
 
 def load_checkpoint(checkpoint: Path) -> IntentModel:
@@ -297,8 +299,7 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
             },
             "calibration": calibration,
         }
-        if cfg.semi_supervised.enabled and candidate.name in found.teachers:
-            records = load_teachers(cfg, found.teachers[candidate.name])
+        if records := load_teachers(cfg, found.teachers, candidate.name):
             metrics["semi_supervised"] = semi_supervised_record(cfg, splits.pool, records, [], registry)
         meta = VersionMeta(
             labels=model.labels,

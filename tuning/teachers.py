@@ -1,7 +1,9 @@
 """Teachers of the candidates: each teacher's labels of the unlabelled pool, computed once, as
 Ray tasks, before any trial. Every semi-supervised trial of a candidate shares them: the
 teachers train with the run's own `training` settings (pinned in every trial's
-`semi_supervised.teacher_training`), whatever the trial samples for its student."""
+`semi_supervised.teacher_training`), whatever the trial samples for its student. A candidate
+has one set of teachers per `space.teacher_backbone` choice: its own encoder (null), or a
+larger one, whose teachers every candidate shares."""
 
 from __future__ import annotations
 
@@ -31,24 +33,39 @@ def _label_pool(cfg_json: str, backbone: str, seed: int, pretrained: bool) -> st
     return record.path.name
 
 
-def prepare_teachers(spec: TuneSpec, backbones: dict[str, str]) -> dict[str, list[str]]:
-    """Candidate name → the cache keys of its teachers (as many as space.teachers allows)."""
+# Candidate name → teacher backbone ("" for the candidate's own) → cache keys of its teachers.
+Teachers = dict[str, dict[str, list[str]]]
+
+
+def prepare_teachers(spec: TuneSpec, backbones: dict[str, str]) -> Teachers:
+    """Every candidate's teachers for every teacher backbone choice (as many as space.teachers
+    allows), each trained once."""
     if not spec.uses_pool():
         return {}
     cfg = spec.base_run()
     seeds = range(cfg.runtime.seed, cfg.runtime.seed + spec.space.teachers[1])
     task = _label_pool.options(num_cpus=spec.search.cpus_per_trial, num_gpus=spec.search.gpus_per_trial)
-    refs = {
-        c.name: [task.remote(cfg.model_dump_json(), backbones[c.name], s, c.pretrained) for s in seeds]
-        for c in spec.candidates
-    }
-    keys = {name: ray.get(pending) for name, pending in refs.items()}
+    refs: dict[tuple[str, bool], list[ray.ObjectRef]] = {}
+    plan: dict[str, dict[str, tuple[str, bool]]] = {}
+    for c in spec.candidates:
+        for teacher in spec.space.teacher_backbone:
+            encoder = (teacher, True) if teacher else (backbones[c.name], c.pretrained)
+            if encoder not in refs:
+                backbone, pretrained = encoder
+                refs[encoder] = [task.remote(cfg.model_dump_json(), backbone, s, pretrained) for s in seeds]
+            plan.setdefault(c.name, {})[teacher or ""] = encoder
+    done = {encoder: ray.get(pending) for encoder, pending in refs.items()}
+    keys = {name: {t: done[encoder] for t, encoder in choices.items()} for name, choices in plan.items()}
     log.info("teacher labels ready: %s", keys)
     return keys
 
 
-def load_teachers(cfg: RunConfig, keys: list[str]) -> list[TeacherRecord]:
-    """The first `semi_supervised.teachers` of a candidate's cached teachers."""
+def load_teachers(cfg: RunConfig, teachers: Teachers, candidate: str) -> list[TeacherRecord] | None:
+    """The first `semi_supervised.teachers` of the candidate's cached teachers on the run's
+    teacher backbone; None when the run learns from no pool."""
+    if not cfg.semi_supervised.enabled or candidate not in teachers:
+        return None
+    keys = teachers[candidate][cfg.semi_supervised.teacher_backbone or ""]
     registry = Registry(cfg.output)
     records = [registry.teacher_labels(key) for key in keys[: cfg.semi_supervised.teachers]]
     if any(r is None for r in records):

@@ -14,7 +14,7 @@ from transferdesk.train import task_data
 from transferdesk.trainer import Callback, configure_runtime, selection_key, train_stage
 from tuning.config import TuneSpec
 from tuning.space import trial_config
-from tuning.teachers import load_teachers
+from tuning.teachers import Teachers, load_teachers
 
 # And, where validation has out-of-scope rows, oos_auroc and accuracy_auroc (trainer.validation_score).
 REPORTED = ("epoch", "loss", "accuracy", "macro_f1", "oos_auroc", "accuracy_auroc")
@@ -41,17 +41,14 @@ class TuneReport(Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_trial(
-    params: dict, spec_json: str, backbones: dict[str, str], teachers: dict[str, list[str]]
-) -> None:
+def run_trial(params: dict, spec_json: str, backbones: dict[str, str], teachers: Teachers) -> None:
     spec = TuneSpec.model_validate_json(spec_json)
     candidate = spec.candidate(params["candidate"])
     cfg = trial_config(spec, params, backbones[candidate.name])
     device = configure_runtime(cfg.runtime)
     splits = load_splits(cfg.data, cfg.runtime.seed)  # train and valid only: cfg.data.test is None
     tasks = task_data(cfg, splits)
-    if cfg.semi_supervised.enabled and candidate.name in teachers:
-        records = load_teachers(cfg, teachers[candidate.name])
+    if records := load_teachers(cfg, teachers, candidate.name):
         self_train(
             cfg,
             cfg.model.backbone,

@@ -59,10 +59,12 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         "semi_supervised": True,
         "pseudo_targets": "hard",
         "pseudo_threshold": 0.7,
+        "teacher_backbone": "/models/mpnet",
         "candidate": "minilm",
     }
     cfg = trial_config(spec, params, "/ckpt")
     assert (cfg.semi_supervised.targets, cfg.semi_supervised.threshold) == ("hard", 0.7)
+    assert cfg.semi_supervised.teacher_backbone == "/models/mpnet"  # the student keeps /ckpt
     assert cfg.semi_supervised.teacher_training is None  # no pool: no teachers to pin
     assert (cfg.training.encoder_lr, cfg.training.epochs, cfg.model.pooling) == (3e-5, 4, "cls")
     assert cfg.model.backbone == "/ckpt" and cfg.data.test is None and cfg.data.source is None

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_tiny_backbone
 from tests.tuning.conftest import write_spec
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
@@ -190,24 +191,30 @@ def test_pool_search_shares_teachers_and_reports_what_the_pool_bought(
 ) -> None:
     pool = tmp_path / "pool.txt"
     pool.write_text("where is the parcel now\nreset the password now\nrefund money please\nparcel please\n")
+    wide = make_tiny_backbone(tmp_path / "wide-bert", width=48, layers=3)
+    space = {"epochs": 2, "semi_supervised": [True, False], "teachers": [1, 2], "student_epochs": 2}
     path = write_spec(
         tmp_path,
         tiny_backbone,
         data={"unlabelled": str(pool)},
-        space={"epochs": 2, "semi_supervised": [True, False], "teachers": [1, 2], "student_epochs": 2},
+        space=space | {"teacher_backbone": [None, str(wide)]},
         search={"num_samples": 4, "algorithm": "random"},
     )
     spec = prepare_spec(load_spec(path))
     found = search(spec)
     assert not found.results.errors
-    teachers = sorted((tmp_path / "registry" / "teachers").iterdir())
-    assert len(teachers) == 2 and sorted(found.teachers["tiny"]) == [t.name for t in teachers]  # once each
+    teachers = sorted(d.name for d in (tmp_path / "registry" / "teachers").iterdir())
+    # Two seeds on each encoder ("": the candidate's own), each trained once.
+    own, larger = found.teachers["tiny"][""], found.teachers["tiny"][str(wide)]
+    assert len(teachers) == 4 and sorted(own + larger) == teachers
     version = export(spec, found)
     rows = _rows(version)
     baselines = [r for r in rows if r["baseline"] == "True"]
     assert sorted(r["semi_supervised"] for r in baselines) == ["False", "True"]  # with and without
     assert len(rows) == 4 and {r["semi_supervised"] for r in rows} == {"True", "False"}
     assert version.config.data.unlabelled == "pool.txt"
+    assert load_spec(version.search_dir / "search.yaml").space.teacher_backbone == [None, "wide-bert"]
+    assert {r["teacher_backbone"] for r in rows} <= {"", "wide-bert"}  # None: empty; no machine paths
     if version.metrics["search"]["best_config"]["semi_supervised"]:
         assert version.metrics["semi_supervised"]["pool"]["rows_used"] == 4
         assert "Unlabelled pool: `pool.txt`" in version.card
@@ -242,4 +249,12 @@ def test_auto_metric_resolved_from_the_validation_file(tiny_backbone: Path, tmp_
         tmp_path, tiny_backbone, data={"valid": str(in_scope_only)}, search={"metric": "accuracy_auroc"}
     )
     with pytest.raises(TransferDeskError, match="accuracy_auroc needs out-of-scope rows"):
+        prepare_spec(load_spec(path))
+
+
+def test_a_missing_teacher_backbone_stops_the_search_before_any_trial(
+    tiny_backbone: Path, tmp_path: Path
+) -> None:
+    path = write_spec(tmp_path, tiny_backbone, space={"teacher_backbone": [None, "./no-such-teacher"]})
+    with pytest.raises(TransferDeskError, match="no-such-teacher is neither a model directory"):
         prepare_spec(load_spec(path))
