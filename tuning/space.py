@@ -68,7 +68,8 @@ def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunCo
     data = spec.base_run().model_dump()
     for name, knob in SEARCHABLE.items():
         section, field = knob.target.split(".")
-        data[section][field] = params[name]
+        # A setting added since a resumed search started keeps the run's own value.
+        data[section][field] = params.get(name, data[section][field])
     data["model"]["backbone"] = backbone
     # Source stages and teachers are prepared before the search (tuning.sources, .teachers),
     # the teachers with the run's own training settings, whatever the trial samples; a joint

@@ -13,6 +13,7 @@ import ray
 
 from transferdesk.config import RunConfig
 from transferdesk.data import load_splits
+from transferdesk.errors import TransferDeskError
 from transferdesk.registry import Registry, TeacherRecord
 from transferdesk.self_training import teacher_labels
 from transferdesk.trainer import configure_runtime
@@ -65,7 +66,13 @@ def load_teachers(cfg: RunConfig, teachers: Teachers, candidate: str) -> list[Te
     teacher backbone; None when the run learns from no pool."""
     if not cfg.semi_supervised.enabled or candidate not in teachers:
         return None
-    keys = teachers[candidate][cfg.semi_supervised.teacher_backbone or ""]
+    choice = cfg.semi_supervised.teacher_backbone or ""
+    if choice not in teachers[candidate]:
+        raise TransferDeskError(
+            f"no teachers on {choice} were prepared for candidate {candidate} (the search space "
+            "changed since the search started?); run the search again under a new --name"
+        )
+    keys = teachers[candidate][choice]
     registry = Registry(cfg.output)
     records = [registry.teacher_labels(key) for key in keys[: cfg.semi_supervised.teachers]]
     if any(r is None for r in records):

@@ -10,6 +10,7 @@ import ray
 import yaml
 
 from tests.conftest import toy_rows, write_csv
+from transferdesk.config import RunConfig
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +48,8 @@ def write_spec(tmp: Path, backbone: Path, **sections: dict) -> Path:
         },
     }
     for key, value in sections.items():
-        part = run if key in run else spec  # run sections go under run:
-        part[key] = {**part[key], **value} if isinstance(value, dict) else value
+        part = run if key in RunConfig.model_fields else spec  # run sections go under run:
+        part[key] = {**part.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -131,3 +131,21 @@ def test_pool_searches_pin_the_teachers_and_compare_with_and_without_it() -> Non
     # The student takes the sampled rate; the teachers keep the run's own, so all trials share them.
     assert cfg.training.encoder_lr == 9e-5 and cfg.semi_supervised.teacher_training.encoder_lr == 6e-5
     assert cfg.data.unlabelled is None  # trials read the pool from the teachers' cache
+
+
+def test_a_setting_added_since_a_resumed_search_started_keeps_the_run_value() -> None:
+    spec = TuneSpec.model_validate({"run": {"semi_supervised": {"teacher_backbone": "/models/mpnet"}}})
+    params = {n: k.default[0] for n, k in SEARCHABLE.items() if n != "teacher_backbone"}
+    cfg = trial_config(spec, params | {"candidate": "minilm"}, "/ckpt")
+    assert cfg.semi_supervised.teacher_backbone == "/models/mpnet"
+
+
+def test_teachers_of_an_encoder_the_search_never_prepared_are_a_clear_error() -> None:
+    from transferdesk.config import RunConfig
+    from transferdesk.errors import TransferDeskError
+    from tuning.teachers import load_teachers
+
+    cfg = RunConfig.model_validate({"semi_supervised": {"teacher_backbone": "/models/mpnet"}})
+    with pytest.raises(TransferDeskError, match=r"no teachers on /models/mpnet .* new --name"):
+        load_teachers(cfg, {"minilm": {"": ["key"]}}, "minilm")
+    assert load_teachers(cfg, {}, "minilm") is None  # a search without a pool

@@ -258,3 +258,20 @@ def test_a_missing_teacher_backbone_stops_the_search_before_any_trial(
     path = write_spec(tmp_path, tiny_backbone, space={"teacher_backbone": [None, "./no-such-teacher"]})
     with pytest.raises(TransferDeskError, match="no-such-teacher is neither a model directory"):
         prepare_spec(load_spec(path))
+
+
+def test_the_run_teacher_is_made_absolute_like_the_space_choices(
+    tiny_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Else a relative run value never matches its own choice, and baselines take the first."""
+    monkeypatch.chdir(tmp_path)
+    make_tiny_backbone(tmp_path / "wide-bert", width=48, layers=3)
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        semi_supervised={"teacher_backbone": "wide-bert"},
+        space={"teacher_backbone": [None, "wide-bert"]},
+    )
+    spec = prepare_spec(load_spec(path))
+    assert spec.run.semi_supervised.teacher_backbone == str(tmp_path / "wide-bert")
+    assert spec.space.teacher_backbone == [None, str(tmp_path / "wide-bert")]
