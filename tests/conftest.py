@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer
@@ -214,3 +215,57 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'capture.db'}"
     return request.getfixturevalue("postgres").new_database()
+
+
+# A task where only the pool links the words the test uses to the intents. Labelled rows use
+# each intent's "seen" words; validation and test rows use its "pool-only" words, which a
+# model trained on the labels alone has never met; pool messages mix both. A teacher labels
+# the pool by its seen words, and a student trained on those labels learns the new words.
+SEEN = {"track": ["parcel", "package"], "password": ["password", "login"], "refund": ["refund", "money"]}
+NEW = {"track": ["courier", "delivery"], "password": ["locked", "account"], "refund": ["repay", "reimburse"]}
+FILLER = ["my", "the", "please", "now", "help", "again"]
+
+
+def _rows(
+    first: dict[str, list[str]], second: dict[str, list[str]], n: int, rng: np.random.Generator
+) -> list[tuple[str, str]]:
+    """n rows per intent: a word of `first`, a word of `second`, two fillers, shuffled."""
+    rows = []
+    for intent in first:
+        for _ in range(n):
+            words = [rng.choice(first[intent]), rng.choice(second[intent]), *rng.choice(FILLER, 2)]
+            rows.append((" ".join(rng.permutation(words).tolist()), intent))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bridge_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
+    return make_tiny_backbone(tmp_path_factory.mktemp("bridge-bert"), words)
+
+
+@pytest.fixture
+def bridge_config(bridge_backbone: Path, tmp_path: Path) -> RunConfig:
+    rng = np.random.default_rng(0)
+    pool = tmp_path / "pool.txt"
+    pool.write_text("\n".join(sorted({t for t, _ in _rows(SEEN, NEW, 60, rng)})) + "\n")
+    files = {
+        "train": write_csv(tmp_path / "train.csv", sorted(set(_rows(SEEN, SEEN, 6, rng)))),
+        "valid": write_csv(tmp_path / "valid.csv", sorted(set(_rows(NEW, NEW, 20, rng)))),
+        "unlabelled": pool,
+    }
+    return tiny_run(
+        bridge_backbone,
+        files,
+        tmp_path / "registry",
+        **{"semi_supervised.student_epochs": 15, "semi_supervised.threshold": 0.4},
+    )
+
+
+def with_settings(cfg: RunConfig, **overrides: object) -> RunConfig:
+    """`cfg` with some `section.field` settings changed, validated again."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        section, name = dotted.split(".")
+        data[section][name] = value
+    return RunConfig.model_validate(data)

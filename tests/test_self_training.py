@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_backbone, tiny_run, write_csv
+from tests.conftest import FILLER, NEW, SEEN, make_tiny_backbone, with_settings, write_csv
 from transferdesk.config import RunConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
@@ -15,58 +15,6 @@ from transferdesk.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
 from transferdesk.self_training import _student_data, select_pseudo_labels
 from transferdesk.train import run_training, train_and_register
-
-# A task where only the pool links the words the test uses to the intents. Labelled rows use
-# each intent's "seen" words; validation and test rows use its "pool-only" words, which a
-# model trained on the labels alone has never met; pool messages mix both. A teacher labels
-# the pool by its seen words, and a student trained on those labels learns the new words.
-SEEN = {"track": ["parcel", "package"], "password": ["password", "login"], "refund": ["refund", "money"]}
-NEW = {"track": ["courier", "delivery"], "password": ["locked", "account"], "refund": ["repay", "reimburse"]}
-FILLER = ["my", "the", "please", "now", "help", "again"]
-
-
-def _rows(
-    first: dict[str, list[str]], second: dict[str, list[str]], n: int, rng: np.random.Generator
-) -> list[tuple[str, str]]:
-    """n rows per intent: a word of `first`, a word of `second`, two fillers, shuffled."""
-    rows = []
-    for intent in first:
-        for _ in range(n):
-            words = [rng.choice(first[intent]), rng.choice(second[intent]), *rng.choice(FILLER, 2)]
-            rows.append((" ".join(rng.permutation(words).tolist()), intent))
-    return rows
-
-
-@pytest.fixture(scope="module")
-def bridge_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
-    return make_tiny_backbone(tmp_path_factory.mktemp("bridge-bert"), words)
-
-
-@pytest.fixture
-def bridge_config(bridge_backbone: Path, tmp_path: Path) -> RunConfig:
-    rng = np.random.default_rng(0)
-    pool = tmp_path / "pool.txt"
-    pool.write_text("\n".join(sorted({t for t, _ in _rows(SEEN, NEW, 60, rng)})) + "\n")
-    files = {
-        "train": write_csv(tmp_path / "train.csv", sorted(set(_rows(SEEN, SEEN, 6, rng)))),
-        "valid": write_csv(tmp_path / "valid.csv", sorted(set(_rows(NEW, NEW, 20, rng)))),
-        "unlabelled": pool,
-    }
-    return tiny_run(
-        bridge_backbone,
-        files,
-        tmp_path / "registry",
-        **{"semi_supervised.student_epochs": 15, "semi_supervised.threshold": 0.4},
-    )
-
-
-def _with(cfg: RunConfig, **overrides: object) -> RunConfig:
-    data = cfg.model_dump()
-    for dotted, value in overrides.items():
-        section, name = dotted.split(".")
-        data[section][name] = value
-    return RunConfig.model_validate(data)
 
 
 def test_pseudo_labels_respect_threshold_and_per_intent_cap() -> None:
@@ -109,7 +57,7 @@ def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> 
     # on average). Matching such soft rows, where the labelled rows made each seen word a sure
     # sign, the tiny student learns to pull each new word away from its own intent: validation
     # accuracy peaks at the second epoch, then falls to nothing.
-    result = run_training(_with(bridge_config, **{"semi_supervised.targets": "hard"}))
+    result = run_training(with_settings(bridge_config, **{"semi_supervised.targets": "hard"}))
     record = result.semi_supervised
     assert record is not None
     teacher, student = record["teachers"][0]["best_valid"], record["rounds"][-1]["best_valid"]
@@ -117,13 +65,13 @@ def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> 
     assert student >= teacher + 0.25 and student >= 0.75, (teacher, student)
     kept = record["rounds"][0]
     assert 0 < kept["pseudo_labels"] <= kept["pool"] and kept["agreement_with_teacher"] > 0.8
-    off = run_training(_with(bridge_config, **{"semi_supervised.enabled": False}))
+    off = run_training(with_settings(bridge_config, **{"semi_supervised.enabled": False}))
     assert off.semi_supervised is None and off.fit.best_metric == pytest.approx(teacher)
 
 
 def test_self_training_is_seeded_and_teachers_are_cached(bridge_config: RunConfig, caplog) -> None:
     caplog.set_level(logging.INFO, logger="transferdesk")
-    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 2, "semi_supervised.teachers": 2})
+    cfg = with_settings(bridge_config, **{"semi_supervised.student_epochs": 2, "semi_supervised.teachers": 2})
     first = run_training(cfg)
     teachers = sorted((Path(cfg.output) / "teachers").iterdir())
     assert len(teachers) == 2
@@ -132,13 +80,13 @@ def test_self_training_is_seeded_and_teachers_are_cached(bridge_config: RunConfi
     assert caplog.text.count("reusing teacher labels") == 2
     assert torch.equal(first.model.network.head.weight, again.model.network.head.weight)
     assert sorted((Path(cfg.output) / "teachers").iterdir()) == teachers
-    one = run_training(_with(cfg, **{"semi_supervised.teachers": 1}))  # the first teacher again
+    one = run_training(with_settings(cfg, **{"semi_supervised.teachers": 1}))  # the first teacher again
     assert one.semi_supervised["teachers"][0]["labels"] in {f"teachers/{t.name}" for t in teachers}
     assert len(list((Path(cfg.output) / "teachers").iterdir())) == 2
 
 
 def test_damaged_teacher_labels_are_set_aside(bridge_config: RunConfig) -> None:
-    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 1})
+    cfg = with_settings(bridge_config, **{"semi_supervised.student_epochs": 1})
     run_training(cfg)
     (entry,) = (Path(cfg.output) / "teachers").iterdir()
     (entry / "pool.json").write_text('["tampered"]')
@@ -152,7 +100,7 @@ def test_a_larger_teacher_teaches_a_student_of_the_served_shape(
 ) -> None:
     words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
     wide = make_tiny_backbone(tmp_path / "wide-bert", words, width=48, layers=3)
-    cfg = _with(
+    cfg = with_settings(
         bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.teacher_backbone": str(wide)}
     )
     version = open_version(train_and_register(cfg).path)
@@ -164,21 +112,21 @@ def test_a_larger_teacher_teaches_a_student_of_the_served_shape(
     # The student, the model that is served, keeps model.backbone's shape.
     assert IntentModel.load(version.path).network.encoder.config.hidden_size == 32
     # The student's own encoder teaches otherwise: a teacher of its own, cached apart.
-    run_training(_with(cfg, **{"semi_supervised.teacher_backbone": None}))
+    run_training(with_settings(cfg, **{"semi_supervised.teacher_backbone": None}))
     registry = Registry(cfg.output)
     cached = [registry.teacher_labels(d.name) for d in (registry.root / "teachers").iterdir()]
     assert sorted(t.info["backbone"] for t in cached) == sorted(["wide-bert", Path(cfg.model.backbone).name])
 
 
 def test_a_missing_teacher_backbone_is_refused_before_training(bridge_config: RunConfig) -> None:
-    cfg = _with(bridge_config, **{"semi_supervised.teacher_backbone": "./no-such-model"})
+    cfg = with_settings(bridge_config, **{"semi_supervised.teacher_backbone": "./no-such-model"})
     with pytest.raises(TransferDeskError, match="no-such-model is neither a model directory nor a hub id"):
         train_and_register(cfg)
     assert not (Path(cfg.output) / "teachers").exists() and not list(Path(cfg.output).glob("*/v*"))
 
 
 def test_version_records_the_pool_and_rounds(bridge_config: RunConfig) -> None:
-    cfg = _with(bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.rounds": 2})
+    cfg = with_settings(bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.rounds": 2})
     version = open_version(train_and_register(cfg).path)
     record = version.metrics["semi_supervised"]
     assert record["pool"]["file"] == "pool.txt" and record["pool"]["rows_used"] > 0
@@ -192,7 +140,7 @@ def test_version_records_the_pool_and_rounds(bridge_config: RunConfig) -> None:
 
 def test_unreachable_threshold_is_refused(bridge_config: RunConfig) -> None:
     with pytest.raises(TransferDeskError, match=r"no pool message reaches the pseudo-label threshold 0\.99"):
-        run_training(_with(bridge_config, **{"semi_supervised.threshold": 0.99}))
+        run_training(with_settings(bridge_config, **{"semi_supervised.threshold": 0.99}))
 
 
 def test_bad_pools_stop_the_cli_before_training(tmp_path: Path, capsys) -> None:
@@ -219,7 +167,7 @@ def test_cached_pool_keeps_line_breaks_inside_messages(bridge_config: RunConfig,
     pool = tmp_path / "pool.jsonl"
     messages = ["parcel courier\r\nplease", "login\nlocked account", "refund repay"]
     pool.write_text("\n".join(json.dumps({"text": m}) for m in messages) + "\n")
-    cfg = _with(bridge_config, **{"data.unlabelled": str(pool)})
+    cfg = with_settings(bridge_config, **{"data.unlabelled": str(pool)})
     splits = load_splits(cfg.data, cfg.runtime.seed)
     registry = Registry(cfg.output)
     registry.save_teacher_labels("k", splits.pool.texts, np.eye(3, dtype=np.float32), {"labels": ["a"]})

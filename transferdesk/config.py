@@ -201,9 +201,10 @@ class SourceStageConfig(StageConfig):
 
 
 class SemiSupervisedConfig(Section):
-    """Self-training from data.unlabelled: teachers trained on the labelled rows label the pool,
-    and a student of the same size is trained on the labelled rows plus the confident part of
-    the pool. The student is what gets served."""
+    """Learning from data.unlabelled: optionally contrastive pre-training on the pool first;
+    then teachers trained on the labelled rows label the pool, and a student of the same size
+    is trained on the labelled rows plus the confident part of the pool. The student is what
+    gets served."""
 
     enabled: bool = Field(True, description="Learn from data.unlabelled when it is set (false: ignore it).")
     targets: Literal["soft", "hard"] = Field(
@@ -246,6 +247,36 @@ class SemiSupervisedConfig(Section):
         description="The teachers' own settings; unset: those of `training`. A search sets it so "
         "that every trial shares the same teachers.",
     )
+    pseudo_labels: bool = Field(
+        True,
+        description="Teachers label the pool and a student learns from it (false: the pool serves "
+        "only the contrastive pre-training, then the labelled recipe trains the model).",
+    )
+    contrastive_epochs: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Contrastive pre-training on the pool first (CPFT's first stage, without "
+        "labels): passes over it in which each message must recognise itself under two dropout "
+        "masks among the batch's (SimCSE); the teachers and the student start from that "
+        "encoder. 0: none.",
+    )
+    contrastive_batch_size: int = Field(
+        64, ge=2, description="Pool messages per contrastive step (the others are each one's negatives)."
+    )
+    contrastive_lr: float = Field(3e-5, gt=0, description="Peak AdamW learning rate of contrastive training.")
+    contrastive_temperature: float = Field(
+        0.05, gt=0, le=1, description="Softmax temperature of the contrastive loss (SimCSE's 0.05)."
+    )
+
+    @model_validator(mode="after")
+    def _pool_has_a_use(self) -> SemiSupervisedConfig:
+        if not self.pseudo_labels and not self.contrastive_epochs:
+            raise ValueError(
+                "semi_supervised.pseudo_labels false and contrastive_epochs 0 leave the pool unused: "
+                "set contrastive_epochs to 1 or more, or enabled false"
+            )
+        return self
 
 
 class CalibrationConfig(Section):

@@ -273,9 +273,11 @@ class Pool:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def summary(self) -> dict:
+    def summary(self, name: str | None = None) -> dict:
+        """What a record says of the pool; `name`: how it names the file (a registry's portable
+        name, never a machine path), else as given."""
         return {
-            "file": self.path,
+            "file": name or self.path,
             "sha256": self.sha256,
             "rows_read": self.rows_read,
             "rows_used": len(self),

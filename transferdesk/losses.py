@@ -1,6 +1,6 @@
 """Training objectives: cross-entropy on the intent head, optionally plus supervised contrastive;
 outlier exposure on out-of-scope rows; cross-entropy on each other task's head over the rows
-labelled for it."""
+labelled for it; and, before any labels, self-supervised contrastive on unlabelled messages."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def supervised_contrastive(
         return z.sum() * 0.0
     pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)
     return -(pos_log_prob[has] / counts[has]).mean()
+
+
+def self_contrastive(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCSE's unsupervised loss (Gao et al., 2021): each row of `first` has to pick its own
+    row of `second` (the same message under another dropout mask) out of the batch's."""
+    a = nn.functional.normalize(first.float(), dim=-1)
+    b = nn.functional.normalize(second.float(), dim=-1)
+    return nn.functional.cross_entropy(a @ b.T / temperature, torch.arange(len(a), device=a.device))
 
 
 def intent_loss(

@@ -26,7 +26,8 @@ Beside the versions of a model, `<registry>/<name>/`:
 A spec `<registry>/<name>@<stage>` names the version a stage holds, refused if the
 version's manifest changed since it was promoted.
 Source-stage checkpoints, `<registry>/sources/<key>/`, hold an encoder + tokenizer (a
-backbone in its own right), `source.json` and their own manifest, checked before reuse.
+backbone in its own right), `source.json` and their own manifest, checked before reuse;
+so do encoders contrastively pre-trained on an unlabelled pool (contrastive.py).
 Teacher labels, `<registry>/teachers/<key>/`, hold one teacher's view of an unlabelled pool
 (self-training): `pool.json` (the checked pool's messages), `probs.safetensors`
 (its probabilities, rows × intents), `teacher.json` (intents, seed, scores) and a manifest.
@@ -561,13 +562,23 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
     ]
     if semi := metrics.get("semi_supervised"):
         pool, settings = semi["pool"], semi["settings"]
-        teachers = f"{len(semi['teachers'])} teacher(s)"
-        if settings.get("teacher_backbone"):  # absent from versions made before it existed
-            teachers += f" fine-tuned from `{settings['teacher_backbone']}`"
+        uses = []
+        if semi.get("contrastive_encoder"):  # absent from versions made before it existed
+            uses.append(
+                f"contrastive pre-training on it first ({settings['contrastive_epochs']} epoch(s), "
+                f"encoder `{semi['contrastive_encoder']}`)"
+            )
+        if semi["teachers"]:
+            teachers = f"{len(semi['teachers'])} teacher(s)"
+            if settings.get("teacher_backbone"):
+                teachers += f" fine-tuned from `{settings['teacher_backbone']}`"
+            uses.append(
+                f"{teachers}, {settings['rounds']} round(s), {settings['targets']} targets, "
+                f"threshold {settings['threshold']}"
+            )
         lines.append(
             f"- Unlabelled pool: `{pool['file']}` ({pool['rows_used']} of {pool['rows_read']} messages used, "
-            f"sha256 {pool['sha256'][:12]}); {teachers}, {settings['rounds']} "
-            f"round(s), {settings['targets']} targets, threshold {settings['threshold']}"
+            f"sha256 {pool['sha256'][:12]}); {'; '.join(uses)}"
         )
         if semi["rounds"]:
             kept = ", ".join(

@@ -126,7 +126,7 @@ def teacher_labels(
             "labels": teacher.labels,
             "backbone": registry.portable(backbone),
             "seed": seed,
-            "pool": pool.summary(),
+            "pool": pool.summary(registry.portable(pool.path)),
             "best_valid": result.best_metric,
             "best_epoch": result.best_epoch,
             "seconds": time.perf_counter() - t0,
@@ -262,11 +262,19 @@ def self_train(
 
 
 def semi_supervised_record(
-    cfg: RunConfig, pool: Pool, teachers: list[TeacherRecord], rounds: list[dict], registry: Registry
+    cfg: RunConfig,
+    pool: Pool,
+    teachers: list[TeacherRecord],
+    rounds: list[dict],
+    registry: Registry,
+    contrastive_encoder: str | None = None,
 ) -> dict:
-    """What metrics.json and the model card say the model learnt from."""
+    """What metrics.json and the model card say the model learnt from (teachers and rounds:
+    none where the pool served only the contrastive pre-training, whose encoder is
+    `contrastive_encoder`)."""
     return {
-        "pool": {**pool.summary(), "file": registry.portable(pool.path)},
+        "pool": pool.summary(registry.portable(pool.path)),
+        "contrastive_encoder": registry.portable(contrastive_encoder),
         "settings": cfg.semi_supervised.model_dump(exclude={"teacher_training"})
         | {"teacher_backbone": registry.portable(cfg.semi_supervised.teacher_backbone)},
         "teachers": [

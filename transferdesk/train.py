@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from transferdesk.config import SOURCE_TASK, RunConfig
+from transferdesk.contrastive import contrastive_stage
 from transferdesk.data import (
     Dataset,
     Splits,
@@ -135,12 +136,17 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         checkpoint = source_stage(cfg, splits.source, device)
         backbone = str(checkpoint)
         timings["source_seconds"] = time.perf_counter() - t0
-    semi = None
-    if learns_from_pool:
+    semi, settings = None, cfg.semi_supervised
+    teachers, rounds = [], []
+    if learns_from_pool and settings.contrastive_epochs:
+        t0 = time.perf_counter()
+        backbone = contrastive_stage(cfg, backbone, splits.pool, device)
+        timings["contrastive_seconds"] = time.perf_counter() - t0
+    if learns_from_pool and settings.pseudo_labels:
         t0 = time.perf_counter()
         teachers = teacher_labels(
             cfg,
-            cfg.semi_supervised.teacher_backbone or backbone,
+            settings.teacher_backbone or backbone,
             splits.train,
             splits.valid,
             splits.pool,
@@ -159,10 +165,9 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
             tasks=tasks,
             outliers=splits.outliers,
         )
-        model, result = outcome.model, outcome.fit
+        model, result, rounds = outcome.model, outcome.fit, outcome.rounds
         timings["student_seconds"] = outcome.seconds
         timings["train_seconds"] = timings["teacher_seconds"] + outcome.seconds
-        semi = semi_supervised_record(cfg, splits.pool, teachers, outcome.rounds, Registry(cfg.output))
     else:
         model, result = train_stage(
             backbone,
@@ -177,6 +182,10 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
             outliers=splits.outliers,
         )
         timings["train_seconds"] = result.seconds
+    if learns_from_pool:
+        timings["train_seconds"] += timings.get("contrastive_seconds", 0.0)
+        adapted = backbone if settings.contrastive_epochs else None
+        semi = semi_supervised_record(cfg, splits.pool, teachers, rounds, Registry(cfg.output), adapted)
     if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
         model.drop_task(SOURCE_TASK)
     calibration = calibrate(model, splits.valid, cfg)

@@ -242,6 +242,29 @@ def _endless_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield from (order[i : i + batch_size] for i in range(0, n, batch_size))
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    max_grad_norm: float,
+) -> None:
+    """Backward (scaled where fp16 needs it), gradient clipping, one AdamW and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast; a no-op otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype(device, precision) == torch.float16)
+
+
 def fit(
     model: IntentModel,
     train: Dataset,
@@ -282,9 +305,7 @@ def fit(
     steps_per_epoch = len(epoch_batches(stage, target_ids, lengths, torch.Generator()))
     optimizer = build_optimizer(net, stage)
     scheduler = warmup_linear_decay(optimizer, steps_per_epoch * stage.epochs, stage.warmup_ratio)
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=autocast_dtype(device, runtime.precision) == torch.float16
-    )
+    scaler = grad_scaler(device, runtime.precision)
     best, best_key, best_state, history = -1.0, (-1.0, -1.0), None, []
 
     def rank(scores: dict) -> tuple[float, float]:
@@ -318,13 +339,7 @@ def fit(
                     offset += len(rows)
                 if doubted:
                     loss = loss + stage.outlier_weight * outlier_loss(net, ours, embeddings[offset:])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(net.parameters(), stage.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimizer_step(loss, net, optimizer, scheduler, scaler, stage.max_grad_norm)
             step += 1
             epoch_loss += loss.item() * len(idx)
             for callback in callbacks:

@@ -204,6 +204,19 @@ class TuneSpec(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _no_contrastive_stage(self) -> TuneSpec:
+        # Trials fine-tune the candidates' encoders as prepared before the search; a stage
+        # between them and the pool's teachers would need preparing per candidate as well.
+        semi = self.run.semi_supervised
+        if semi.contrastive_epochs or not semi.pseudo_labels:
+            raise ValueError(
+                "run.semi_supervised: a search does not run the contrastive pre-training stage; "
+                "set contrastive_epochs 0 and pseudo_labels true, or point a candidate's backbone "
+                "at an encoder already pre-trained on the pool"
+            )
+        return self
+
     def base_run(self) -> RunConfig:
         """The run settings every trial and source stage starts from: no progress bars (Tune
         shows its own) and one torch thread per CPU reserved for it."""

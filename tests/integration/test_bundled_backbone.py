@@ -87,9 +87,11 @@ def test_source_stage_then_target_stage(registry: Path, capsys) -> None:
 
 
 def test_self_training_on_the_bundled_pool(registry: Path, capsys) -> None:
-    """The sample's unlabelled retail pool end to end: teacher, pseudo-labels, student."""
+    """The sample's unlabelled retail pool end to end: contrastive pre-training on it, teacher,
+    pseudo-labels, student."""
     args = ["train", "--data.unlabelled", "sample:retail/unlabelled.txt", "--output", str(registry)]
     args += ["--name", "with-pool", "--semi_supervised.student_epochs", "2", *FAST]
+    args += ["--set", "semi_supervised.contrastive_epochs=1"]
     assert main(args) == 0
     version = open_version(capsys.readouterr().out.strip().splitlines()[-1])
     record = version.metrics["semi_supervised"]
@@ -97,4 +99,6 @@ def test_self_training_on_the_bundled_pool(registry: Path, capsys) -> None:
     assert record["rounds"][0]["pseudo_labels"] > 100  # most of the pool is confidently in scope
     assert version.metrics["accuracy"] > 0.6
     assert "Unlabelled pool: `sample:retail/unlabelled.txt`" in version.card
+    assert record["contrastive_encoder"].startswith("sources/") and "contrastive pre-training" in version.card
+    assert record["teachers"][0]["backbone"] == record["contrastive_encoder"]
     assert len(IntentModel.from_pretrained(version).labels) == 20  # the student: the same shape

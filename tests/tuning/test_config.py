@@ -84,6 +84,10 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"encoder_lr": [0, 1e-4]}}, r"space\.encoder_lr\.0: Input should be greater than 0"),
         ({"space": {"epochs": [0, 3]}}, r"space\.epochs\.0: Input should be greater than or equal to 1"),
         ({"space": {"pooling": ["max"]}}, r"space\.pooling\.0: Input should be 'mean' or 'cls'"),
+        (
+            {"run": {"semi_supervised": {"contrastive_epochs": 1}}},
+            "a search does not run the contrastive pre-training stage",
+        ),
     ],
 )
 def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, message: str) -> None:

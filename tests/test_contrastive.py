@@ -1,0 +1,110 @@
+"""Contrastive pre-training on the unlabelled pool, with the tiny in-test BERT."""
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.conftest import with_settings
+from transferdesk.config import ModelConfig, RunConfig, SemiSupervisedConfig
+from transferdesk.contrastive import contrastive_key, contrastive_stage
+from transferdesk.data import load_splits
+from transferdesk.losses import self_contrastive
+from transferdesk.modeling import IntentModel
+from transferdesk.registry import Registry, open_version
+from transferdesk.train import run_training, train_and_register
+from transferdesk.trainer import configure_runtime
+
+
+def _mean_similarity(backbone: str, texts: list[str]) -> float:
+    """Mean cosine similarity between the sentence vectors of different messages."""
+    model = IntentModel.from_backbone(backbone, ["x"], ModelConfig(max_length=16))
+    batch = model.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(
+            model.network.embed(batch["input_ids"], batch["attention_mask"]), dim=-1
+        )
+    sim = (z @ z.T).numpy()
+    return float(sim[~np.eye(len(texts), dtype=bool)].mean())
+
+
+def test_self_contrastive_rewards_finding_ones_own_view() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    own = self_contrastive(a, a + 0.01 * torch.randn(8, 16), 0.05)
+    others = self_contrastive(a, a[torch.randperm(8)], 0.05)
+    assert own < 0.01 < others
+
+
+def test_pre_training_spreads_the_pool_apart_and_is_cached(bridge_config: RunConfig, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="transferdesk")
+    cfg = with_settings(
+        bridge_config, **{"semi_supervised.contrastive_epochs": 3, "semi_supervised.contrastive_lr": 1e-3}
+    )
+    device = configure_runtime(cfg.runtime)
+    pool = load_splits(cfg.data, cfg.runtime.seed).pool
+    adapted = contrastive_stage(cfg, cfg.model.backbone, pool, device)
+    assert Path(adapted).parent.name == "sources"
+    # A random encoder puts every message in nearly the same direction; the stage, made to
+    # tell each message from the rest of its batch, spreads them apart.
+    texts = pool.texts[:64]
+    before, after = _mean_similarity(cfg.model.backbone, texts), _mean_similarity(adapted, texts)
+    assert after < before - 0.2, (before, after)
+    caplog.clear()
+    assert contrastive_stage(cfg, cfg.model.backbone, pool, device) == adapted
+    assert "reusing the pool-adapted encoder" in caplog.text
+    # Another pool, setting or seed is another encoder.
+    keys = {
+        contrastive_key(cfg, cfg.model.backbone, pool),
+        contrastive_key(
+            with_settings(cfg, **{"semi_supervised.contrastive_temperature": 0.1}), cfg.model.backbone, pool
+        ),
+        contrastive_key(with_settings(cfg, **{"runtime.seed": 14}), cfg.model.backbone, pool),
+        contrastive_key(cfg, cfg.model.backbone, replace(pool, texts=pool.texts[1:])),
+    }
+    assert len(keys) == 4
+
+
+def test_pool_used_only_for_pre_training(bridge_config: RunConfig) -> None:
+    cfg = with_settings(
+        bridge_config,
+        **{"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
+    )
+    version = open_version(train_and_register(cfg).path)
+    record = version.metrics["semi_supervised"]
+    assert record["contrastive_encoder"].startswith("sources/")
+    assert record["teachers"] == [] and record["rounds"] == []
+    assert not (Path(cfg.output) / "teachers").exists()
+    assert (
+        "contrastive pre-training on it first (1 epoch(s)" in version.card and "teacher" not in version.card
+    )
+    assert {"contrastive_seconds", "train_seconds"} <= set(version.metrics)
+    assert "teacher_seconds" not in version.metrics
+
+
+def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunConfig) -> None:
+    cfg = with_settings(
+        bridge_config, **{"semi_supervised.contrastive_epochs": 1, "semi_supervised.student_epochs": 1}
+    )
+    result = run_training(cfg)
+    record = result.semi_supervised
+    adapted = record["contrastive_encoder"]
+    teacher = Registry(cfg.output).teacher_labels(Path(record["teachers"][0]["labels"]).name)
+    assert teacher.info["backbone"] == adapted
+    assert teacher.info["pool"]["file"] == "pool.txt"  # the file's name, not this machine's path
+    # The student starts from the adapted encoder too: its weights are not the backbone's.
+    original = IntentModel.from_backbone(cfg.model.backbone, ["x"], cfg.model).network.encoder
+    pretrained = IntentModel.from_backbone(str(Path(cfg.output) / adapted), ["x"], cfg.model).network.encoder
+    assert not torch.equal(
+        original.embeddings.word_embeddings.weight, pretrained.embeddings.word_embeddings.weight
+    )
+
+
+def test_a_pool_left_without_a_use_is_refused() -> None:
+    with pytest.raises(ValidationError, match="leave the pool unused"):
+        SemiSupervisedConfig(pseudo_labels=False)
+    assert SemiSupervisedConfig(pseudo_labels=False, contrastive_epochs=1).contrastive_epochs == 1
