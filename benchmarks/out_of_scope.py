@@ -143,6 +143,9 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
             overrides[key] = str(data / overrides[key])
     if files := overrides.get("data.unlabelled"):
         overrides["data.unlabelled"] = str(texts_only(data, files, work / f"{name}-pool.txt"))
+        # Named so that the pool's check drops test messages too; run_training does not score
+        # it (this script does, below).
+        overrides["data.test"] = str(work / f"{name}-test.csv")
     start = time.perf_counter()
     result = run_training(load_config(None, overrides))
     seconds = time.perf_counter() - start

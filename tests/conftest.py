@@ -224,6 +224,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 SEEN = {"track": ["parcel", "package"], "password": ["password", "login"], "refund": ["refund", "money"]}
 NEW = {"track": ["courier", "delivery"], "password": ["locked", "account"], "refund": ["repay", "reimburse"]}
 FILLER = ["my", "the", "please", "now", "help", "again"]
+BRIDGE_WORDS = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
 
 
 def _rows(
@@ -240,8 +241,7 @@ def _rows(
 
 @pytest.fixture(scope="module")
 def bridge_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
-    return make_tiny_backbone(tmp_path_factory.mktemp("bridge-bert"), words)
+    return make_tiny_backbone(tmp_path_factory.mktemp("bridge-bert"), BRIDGE_WORDS)
 
 
 @pytest.fixture

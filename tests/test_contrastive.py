@@ -9,13 +9,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.conftest import with_settings
+from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings
+from transferdesk import train
 from transferdesk.config import ModelConfig, RunConfig, SemiSupervisedConfig
 from transferdesk.contrastive import contrastive_key, contrastive_stage
 from transferdesk.data import load_splits
 from transferdesk.losses import self_contrastive
 from transferdesk.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
+from transferdesk.self_training import self_train
 from transferdesk.train import run_training, train_and_register
 from transferdesk.trainer import configure_runtime
 
@@ -65,8 +67,12 @@ def test_pre_training_spreads_the_pool_apart_and_is_cached(bridge_config: RunCon
         ),
         contrastive_key(with_settings(cfg, **{"runtime.seed": 14}), cfg.model.backbone, pool),
         contrastive_key(cfg, cfg.model.backbone, replace(pool, texts=pool.texts[1:])),
+        # training's own settings that the stage uses too
+        contrastive_key(with_settings(cfg, **{"training.warmup_ratio": 0.2}), cfg.model.backbone, pool),
     }
-    assert len(keys) == 4
+    assert len(keys) == 5
+    # A pool of one message has nothing to be told apart from: no stage, no encoder.
+    assert contrastive_stage(cfg, cfg.model.backbone, replace(pool, texts=pool.texts[:1]), device) is None
 
 
 def test_pool_used_only_for_pre_training(bridge_config: RunConfig) -> None:
@@ -84,19 +90,31 @@ def test_pool_used_only_for_pre_training(bridge_config: RunConfig) -> None:
     )
     assert {"contrastive_seconds", "train_seconds"} <= set(version.metrics)
     assert "teacher_seconds" not in version.metrics
+    # Rerun: the stage now comes from the cache, and the model is the same to the last bit.
+    again = run_training(cfg)
+    first = IntentModel.load(version.path).network.head.weight
+    assert torch.equal(first, again.model.network.head.weight.detach().cpu())
 
 
-def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunConfig) -> None:
+def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunConfig, monkeypatch) -> None:
     cfg = with_settings(
         bridge_config, **{"semi_supervised.contrastive_epochs": 1, "semi_supervised.student_epochs": 1}
     )
+    students: list[str] = []
+
+    def student(cfg: RunConfig, backbone: str, *args, **kwargs):
+        students.append(backbone)
+        return self_train(cfg, backbone, *args, **kwargs)
+
+    monkeypatch.setattr(train, "self_train", student)
     result = run_training(cfg)
     record = result.semi_supervised
     adapted = record["contrastive_encoder"]
     teacher = Registry(cfg.output).teacher_labels(Path(record["teachers"][0]["labels"]).name)
     assert teacher.info["backbone"] == adapted
     assert teacher.info["pool"]["file"] == "pool.txt"  # the file's name, not this machine's path
-    # The student starts from the adapted encoder too: its weights are not the backbone's.
+    assert students == [str(Path(cfg.output) / adapted)]
+    # That encoder is not the backbone's: the stage trained it.
     original = IntentModel.from_backbone(cfg.model.backbone, ["x"], cfg.model).network.encoder
     pretrained = IntentModel.from_backbone(str(Path(cfg.output) / adapted), ["x"], cfg.model).network.encoder
     assert not torch.equal(
@@ -104,7 +122,23 @@ def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunCo
     )
 
 
+def test_a_larger_teacher_is_fine_tuned_as_it_is(bridge_config: RunConfig, tmp_path: Path) -> None:
+    wide = make_tiny_backbone(tmp_path / "wide-bert", BRIDGE_WORDS, width=48, layers=3)
+    cfg = with_settings(
+        bridge_config,
+        **{
+            "semi_supervised.contrastive_epochs": 1,
+            "semi_supervised.student_epochs": 1,
+            "semi_supervised.teacher_backbone": str(wide),
+        },
+    )
+    record = run_training(cfg).semi_supervised
+    assert record["contrastive_encoder"].startswith("sources/")
+    assert [t["backbone"] for t in record["teachers"]] == ["wide-bert"]
+
+
 def test_a_pool_left_without_a_use_is_refused() -> None:
     with pytest.raises(ValidationError, match="leave the pool unused"):
         SemiSupervisedConfig(pseudo_labels=False)
     assert SemiSupervisedConfig(pseudo_labels=False, contrastive_epochs=1).contrastive_epochs == 1
+    assert not SemiSupervisedConfig(enabled=False, pseudo_labels=False).enabled  # the pool is ignored anyway

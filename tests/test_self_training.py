@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import FILLER, NEW, SEEN, make_tiny_backbone, with_settings, write_csv
+from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings, write_csv
 from transferdesk.config import RunConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
@@ -98,8 +98,7 @@ def test_damaged_teacher_labels_are_set_aside(bridge_config: RunConfig) -> None:
 def test_a_larger_teacher_teaches_a_student_of_the_served_shape(
     bridge_config: RunConfig, tmp_path: Path
 ) -> None:
-    words = {w for vocab in (*SEEN.values(), *NEW.values()) for w in vocab} | set(FILLER)
-    wide = make_tiny_backbone(tmp_path / "wide-bert", words, width=48, layers=3)
+    wide = make_tiny_backbone(tmp_path / "wide-bert", BRIDGE_WORDS, width=48, layers=3)
     cfg = with_settings(
         bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.teacher_backbone": str(wide)}
     )

@@ -201,10 +201,10 @@ class SourceStageConfig(StageConfig):
 
 
 class SemiSupervisedConfig(Section):
-    """Learning from data.unlabelled: optionally contrastive pre-training on the pool first;
-    then teachers trained on the labelled rows label the pool, and a student of the same size
-    is trained on the labelled rows plus the confident part of the pool. The student is what
-    gets served."""
+    """Learning from data.unlabelled: optionally contrastive pre-training on the pool first
+    (whose encoder the student and the student-sized teachers fine-tune); then teachers trained
+    on the labelled rows label the pool, and a student of the same size is trained on the
+    labelled rows plus the confident part of the pool. The student is what gets served."""
 
     enabled: bool = Field(True, description="Learn from data.unlabelled when it is set (false: ignore it).")
     targets: Literal["soft", "hard"] = Field(
@@ -258,8 +258,8 @@ class SemiSupervisedConfig(Section):
         le=20,
         description="Contrastive pre-training on the pool first (CPFT's first stage, without "
         "labels): passes over it in which each message must recognise itself under two dropout "
-        "masks among the batch's (SimCSE); the teachers and the student start from that "
-        "encoder. 0: none.",
+        "masks among the batch's (SimCSE); the student, and the teachers unless teacher_backbone "
+        "is set, start from that encoder. 0: none.",
     )
     contrastive_batch_size: int = Field(
         64, ge=2, description="Pool messages per contrastive step (the others are each one's negatives)."
@@ -271,7 +271,7 @@ class SemiSupervisedConfig(Section):
 
     @model_validator(mode="after")
     def _pool_has_a_use(self) -> SemiSupervisedConfig:
-        if not self.pseudo_labels and not self.contrastive_epochs:
+        if self.enabled and not self.pseudo_labels and not self.contrastive_epochs:
             raise ValueError(
                 "semi_supervised.pseudo_labels false and contrastive_epochs 0 leave the pool unused: "
                 "set contrastive_epochs to 1 or more, or enabled false"

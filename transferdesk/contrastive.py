@@ -2,7 +2,8 @@
 first stage (Zhang et al., 2021): before any labels, each pool message is encoded twice under
 two dropout masks, and the encoder learns to pick its own second view out of the batch
 (SimCSE's objective, Gao et al., 2021), so messages of the customer's own domain spread apart
-on the sphere. The teachers and the student then fine-tune the encoder it leaves. CPFT adds a
+on the sphere. The student, and the teachers unless they have a backbone of their own
+(teacher_backbone), then fine-tune the encoder it leaves. CPFT adds a
 masked-language-model term; sentence-transformers checkpoints such as the bundled MiniLM ship
 no MLM head to train, so it is left out.
 
@@ -20,7 +21,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from transferdesk.config import RunConfig, SemiSupervisedConfig, StageConfig
+from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import Pool
 from transferdesk.losses import self_contrastive
 from transferdesk.modeling import IntentModel
@@ -28,49 +29,64 @@ from transferdesk.network import autocast, resolve_backbone, tokenize
 from transferdesk.optim import build_optimizer, warmup_linear_decay
 from transferdesk.registry import Registry
 from transferdesk.sampling import shuffled_batches
-from transferdesk.trainer import grad_scaler, optimizer_step, seed_everything
+from transferdesk.trainer import grad_scaler, optimizer_step
 
 log = logging.getLogger(__name__)
 
 
+def contrastive_settings(cfg: RunConfig) -> StageConfig:
+    """The stage's optimiser settings: semi_supervised's contrastive ones, training's others."""
+    semi, training = cfg.semi_supervised, cfg.training
+    return StageConfig(
+        epochs=semi.contrastive_epochs,
+        batch_size=semi.contrastive_batch_size,
+        encoder_lr=semi.contrastive_lr,
+        warmup_ratio=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+    )
+
+
 def contrastive_key(cfg: RunConfig, backbone: str, pool: Pool) -> str:
     """Same backbone, pool, settings and seed → same encoder."""
-    semi = cfg.semi_supervised
-    settings = {name for name in SemiSupervisedConfig.model_fields if name.startswith("contrastive")}
     parts = {
         "stage": "contrastive",
         "backbone": resolve_backbone(backbone),
         "pool": hashlib.sha256("\n".join(pool.texts).encode()).hexdigest(),
-        "settings": semi.model_dump(include=settings),
+        "settings": contrastive_settings(cfg).model_dump(),
+        "temperature": cfg.semi_supervised.contrastive_temperature,
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "seed": cfg.runtime.seed,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def contrastive_stage(cfg: RunConfig, backbone: str, pool: Pool, device: torch.device) -> str:
+def contrastive_stage(cfg: RunConfig, backbone: str, pool: Pool, device: torch.device) -> str | None:
     """The backbone after contrastive pre-training on the pool: a model directory, from the
-    registry's cache or trained now."""
+    registry's cache or trained now; None where the pool is too small to train on."""
+    if len(pool) < 2:
+        log.warning("contrastive pre-training skipped: a one-message pool has nothing to tell it from")
+        return None
     registry, key = Registry(cfg.output), contrastive_key(cfg, backbone, pool)
     if (cached := registry.source_checkpoint(key)) is not None:
         log.info("reusing the pool-adapted encoder %s", cached)
         return str(cached)
-    semi = cfg.semi_supervised
-    if len(pool) < 2:
-        log.warning("contrastive pre-training skipped: a one-message pool has nothing to tell it from")
-        return backbone
-    seed_everything(cfg.runtime.seed)
+    # Its own random stream: what follows draws the same numbers whether this stage trained
+    # now or came from the cache, so a rerun gives the same model.
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.runtime.seed)
+        model, info = _pretrain(cfg, backbone, pool, device, registry)
+    return str(registry.save_source(model, key, info))
+
+
+def _pretrain(
+    cfg: RunConfig, backbone: str, pool: Pool, device: torch.device, registry: Registry
+) -> tuple[IntentModel, dict]:
+    """Train the stage; returns the model (its encoder is what is kept) and the cache's record."""
+    semi, stage = cfg.semi_supervised, contrastive_settings(cfg)
     # A classifier for its encoder and pooling; its head is never trained and not kept.
     model = IntentModel.from_backbone(backbone, ["pool"], cfg.model, device)
     net = model.network
-    stage = StageConfig(
-        epochs=semi.contrastive_epochs,
-        batch_size=semi.contrastive_batch_size,
-        encoder_lr=semi.contrastive_lr,
-        warmup_ratio=cfg.training.warmup_ratio,
-        weight_decay=cfg.training.weight_decay,
-        max_grad_norm=cfg.training.max_grad_norm,
-    )
     lengths = [len(t) for t in pool.texts]
     generator = torch.Generator().manual_seed(cfg.runtime.seed)
     steps_per_epoch = len(shuffled_batches(lengths, stage.batch_size, torch.Generator()))
@@ -117,4 +133,4 @@ def contrastive_stage(cfg: RunConfig, backbone: str, pool: Pool, device: torch.d
         "epoch_losses": losses,
         "seconds": seconds,
     }
-    return str(registry.save_source(model, key, info))
+    return model, info

@@ -273,11 +273,11 @@ class Pool:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def summary(self, name: str | None = None) -> dict:
+    def summary(self, name: str) -> dict:
         """What a record says of the pool; `name`: how it names the file (a registry's portable
-        name, never a machine path), else as given."""
+        name, never a machine path)."""
         return {
-            "file": name or self.path,
+            "file": name,
             "sha256": self.sha256,
             "rows_read": self.rows_read,
             "rows_used": len(self),

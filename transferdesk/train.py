@@ -126,7 +126,7 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         device,
     )
     learns_from_pool = splits.pool is not None and cfg.semi_supervised.enabled
-    if learns_from_pool and cfg.semi_supervised.teacher_backbone:
+    if learns_from_pool and cfg.semi_supervised.pseudo_labels and cfg.semi_supervised.teacher_backbone:
         resolve_backbone(cfg.semi_supervised.teacher_backbone)  # a wrong path fails before the source stage
     timings: dict[str, float] = {}
     backbone, checkpoint = cfg.model.backbone, None
@@ -137,11 +137,12 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         backbone = str(checkpoint)
         timings["source_seconds"] = time.perf_counter() - t0
     semi, settings = None, cfg.semi_supervised
-    teachers, rounds = [], []
+    teachers, rounds, adapted = [], [], None
     if learns_from_pool and settings.contrastive_epochs:
         t0 = time.perf_counter()
-        backbone = contrastive_stage(cfg, backbone, splits.pool, device)
-        timings["contrastive_seconds"] = time.perf_counter() - t0
+        if adapted := contrastive_stage(cfg, backbone, splits.pool, device):
+            backbone = adapted
+            timings["contrastive_seconds"] = time.perf_counter() - t0
     if learns_from_pool and settings.pseudo_labels:
         t0 = time.perf_counter()
         teachers = teacher_labels(
@@ -183,8 +184,8 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         )
         timings["train_seconds"] = result.seconds
     if learns_from_pool:
+        # The stage trained for this run's pool (a source stage serves any target: apart).
         timings["train_seconds"] += timings.get("contrastive_seconds", 0.0)
-        adapted = backbone if settings.contrastive_epochs else None
         semi = semi_supervised_record(cfg, splits.pool, teachers, rounds, Registry(cfg.output), adapted)
     if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
         model.drop_task(SOURCE_TASK)

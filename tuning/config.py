@@ -208,8 +208,7 @@ class TuneSpec(Section):
     def _no_contrastive_stage(self) -> TuneSpec:
         # Trials fine-tune the candidates' encoders as prepared before the search; a stage
         # between them and the pool's teachers would need preparing per candidate as well.
-        semi = self.run.semi_supervised
-        if semi.contrastive_epochs or not semi.pseudo_labels:
+        if self.run.data.unlabelled and self.run.semi_supervised.contrastive_epochs:
             raise ValueError(
                 "run.semi_supervised: a search does not run the contrastive pre-training stage; "
                 "set contrastive_epochs 0 and pseudo_labels true, or point a candidate's backbone "

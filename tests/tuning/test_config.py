@@ -85,7 +85,7 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"epochs": [0, 3]}}, r"space\.epochs\.0: Input should be greater than or equal to 1"),
         ({"space": {"pooling": ["max"]}}, r"space\.pooling\.0: Input should be 'mean' or 'cls'"),
         (
-            {"run": {"semi_supervised": {"contrastive_epochs": 1}}},
+            {"run": {"data": {"unlabelled": "pool.txt"}, "semi_supervised": {"contrastive_epochs": 1}}},
             "a search does not run the contrastive pre-training stage",
         ),
     ],
