@@ -109,6 +109,8 @@ def test_source_stage_trains_once_and_is_reused(
     assert second.source_checkpoint == checkpoint
     assert (checkpoint / "manifest.json").stat().st_mtime_ns == stamp
     assert "source_seconds" in second.timings
+    # The cached stage leaves the target stage the same random numbers: the same model.
+    assert torch.equal(first.model.network.head.weight, second.model.network.head.weight)
     # A source checkpoint is a backbone in its own right.
     reused = run_training(_with(tiny_config, **{"model.backbone": str(checkpoint)}))
     assert reused.fit.best_metric > 0

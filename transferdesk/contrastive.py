@@ -29,7 +29,7 @@ from transferdesk.network import autocast, resolve_backbone, tokenize
 from transferdesk.optim import build_optimizer, warmup_linear_decay
 from transferdesk.registry import Registry
 from transferdesk.sampling import shuffled_batches
-from transferdesk.trainer import grad_scaler, optimizer_step
+from transferdesk.trainer import grad_scaler, optimizer_step, own_random_stream
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,7 @@ def contrastive_stage(cfg: RunConfig, backbone: str, pool: Pool, device: torch.d
     if (cached := registry.source_checkpoint(key)) is not None:
         log.info("reusing the pool-adapted encoder %s", cached)
         return str(cached)
-    # Its own random stream: what follows draws the same numbers whether this stage trained
-    # now or came from the cache, so a rerun gives the same model.
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.runtime.seed)
+    with own_random_stream(cfg.runtime.seed):
         model, info = _pretrain(cfg, backbone, pool, device, registry)
     return str(registry.save_source(model, key, info))
 

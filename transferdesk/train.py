@@ -35,7 +35,7 @@ from transferdesk.modeling import IntentModel
 from transferdesk.network import resolve_backbone
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path, sha256
 from transferdesk.self_training import self_train, semi_supervised_record, teacher_labels
-from transferdesk.trainer import FitResult, TaskData, configure_runtime, train_stage
+from transferdesk.trainer import FitResult, TaskData, configure_runtime, own_random_stream, train_stage
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,10 @@ def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
         log.info("reusing source checkpoint %s", cached)
         return cached
     train, valid = stratified_split(source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
-    model, result = train_stage(
-        cfg.model.backbone, train, valid, cfg, cfg.source_training, device, "source stage"
-    )
+    with own_random_stream(cfg.runtime.seed):
+        model, result = train_stage(
+            cfg.model.backbone, train, valid, cfg, cfg.source_training, device, "source stage"
+        )
     info = {
         "backbone": registry.portable(cfg.model.backbone),
         "source": registry.portable(cfg.data.source),

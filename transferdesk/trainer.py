@@ -11,6 +11,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -375,6 +376,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def own_random_stream(seed: int) -> Iterator[None]:
+    """Torch's random numbers drawn inside come from a stream of their own, seeded, and what
+    follows draws the same numbers whether the work inside ran or came from a cache: a cached
+    stage's rerun gives the same model as its first run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
 
 
 def configure_runtime(runtime: RuntimeConfig) -> torch.device:
