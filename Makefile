@@ -127,6 +127,7 @@ benchmark-multitask: install
 benchmark-out-of-scope: install
 	$(PY) benchmarks/out_of_scope.py --sets banking77_oos --recipes accuracy auto clinc_source
 	$(PY) benchmarks/out_of_scope.py --sets clinc150 --recipes auto
+	$(PY) benchmarks/oos_shift.py
 
 # Self-training from an unlabelled pool against labels alone and SetFit, 10- and 5-shot, 3 seeds.
 benchmark-unlabelled: install .tools/setfit/.installed

@@ -1,0 +1,166 @@
+"""Do a set's out-of-scope validation rows look like its out-of-scope test rows? A threshold
+chosen on validation for a target out-of-scope recall can only hold on test if they do.
+
+    python benchmarks/oos_shift.py            # BANKING77-OOS and CLINC150, about 2 minutes on 2 cores
+
+The question is asked of the data, before any fine-tuning, so no model choice or checkpoint
+selection can bias it: each message's score is its cosine similarity to the nearest intent
+centroid of the 10-shot training rows, embedded by the pretrained default backbone. Per set
+and out-of-scope group it reports the score distributions of the training (where the set has
+out-of-scope training rows), validation and test rows, a two-sample Kolmogorov-Smirnov test of
+validation against test, the test recall of the threshold that catches 80% of the validation
+rows, and, for comparison, the same recall when the threshold comes from random test samples
+as large as the validation set (what sampling noise alone would give). Reads ../shared/data
+(--data-dir); writes results/oos_shift.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from out_of_scope import OOS_RECALL_TARGET, SETS
+from scipy.stats import ks_2samp
+
+from transferdesk.config import DataConfig, ModelConfig
+from transferdesk.data import Dataset, few_shot
+from transferdesk.modeling import IntentModel
+from transferdesk.network import length_sorted_batches, tokenize
+
+HERE = Path(__file__).resolve().parent
+SAMPLES = 1000  # random test samples, each as large as the validation set
+SEED = 1
+
+
+def texts(data: Path, name: str) -> tuple[list[str], list[str]]:
+    with (data / name).open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [r["text"] for r in rows], [r["label"] for r in rows]
+
+
+@torch.no_grad()
+def embed(model: IntentModel, batch: list[str]) -> np.ndarray:
+    out = np.zeros((len(batch), model.network.head.in_features), dtype=np.float32)
+    for idx in length_sorted_batches(batch, 64):
+        ids = tokenize(model.tokenizer, [batch[i] for i in idx], model.max_length)
+        emb = model.network.embed(ids["input_ids"], ids["attention_mask"])
+        out[idx] = torch.nn.functional.normalize(emb, dim=-1).numpy()
+    return out
+
+
+def shift(name: str, data: Path) -> list[dict]:
+    """One row per out-of-scope group of the set."""
+    spec = SETS[name]
+    train_texts, train_labels = texts(data, spec["train"])
+    train = Dataset(train_texts, train_labels)
+    if spec["few_shot_k"]:
+        train = few_shot(train, spec["few_shot_k"], SEED)
+    intents = sorted(set(train.labels) - {DataConfig().oos_label})
+    model = IntentModel.from_backbone(ModelConfig().backbone, intents, ModelConfig())
+    model.network.eval()
+    emb, labels = embed(model, train.texts), np.array(train.labels)
+    centroids = np.stack([emb[labels == k].mean(0) for k in intents])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+
+    def score(rows: list[str]) -> np.ndarray:
+        return (embed(model, rows) @ centroids.T).max(axis=1)
+
+    groups = {g for g in spec["valid"].values() if g}
+    rng, rows = np.random.default_rng(SEED), []
+    for group in sorted(groups):
+        scores = {}
+        for split in ("valid", "test"):
+            files = [f for f, g in spec[split].items() if g == group]
+            scores[split] = score([t for f in files for t in texts(data, f)[0]])
+        oos_train = Path(spec["train"]).with_name("oos_train.csv")
+        if (data / oos_train).is_file():
+            scores["train"] = score(texts(data, str(oos_train))[0])
+        valid, test = scores["valid"], scores["test"]
+        # Out-of-scope: below the threshold. Catch OOS_RECALL_TARGET of the validation rows.
+        threshold = np.quantile(valid, OOS_RECALL_TARGET)
+        sampled = [
+            (test < np.quantile(rng.choice(test, len(valid), replace=False), OOS_RECALL_TARGET)).mean()
+            for _ in range(SAMPLES)
+        ]
+        ks = ks_2samp(valid, test)
+        transfer = float((test < threshold).mean())
+        rows.append(
+            {
+                "set": name,
+                "group": group,
+                "scores": {
+                    split: {
+                        "rows": len(v),
+                        "mean": float(v.mean()),
+                        "quartiles": [float(q) for q in np.quantile(v, [0.25, 0.5, 0.75])],
+                    }
+                    for split, v in scores.items()
+                },
+                "in_scope_test_mean": float(score(texts(data, first_file(spec["test"]))[0]).mean()),
+                "ks_statistic": float(ks.statistic),
+                "ks_pvalue": float(ks.pvalue),
+                "threshold": float(threshold),
+                "test_recall_valid_threshold": transfer,
+                "test_recall_sampled_thresholds": [float(np.mean(sampled)), float(np.std(sampled))],
+                "share_of_samples_as_bad": float(np.mean(np.array(sampled) <= transfer)),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def first_file(files: dict[str, str | None]) -> str:
+    return next(f for f, g in files.items() if g is None)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        f"Measured on {platform.machine()}, CPU. Score: cosine similarity to the nearest intent "
+        "centroid of the 10-shot training rows, pretrained default backbone, no fine-tuning "
+        f"(higher: more in-scope). Threshold: catches {OOS_RECALL_TARGET:.0%} of the validation "
+        f"out-of-scope rows. Sampled: {SAMPLES} random test samples as large as the validation set.",
+        "",
+        "| set | out-of-scope group | mean score: train / valid / test (in-scope test) "
+        "| KS valid vs test (p) | test recall at the validation threshold "
+        "| test recall at sampled thresholds, mean ± sd | samples as bad |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        s = r["scores"]
+        train = f"{s['train']['mean']:.3f}" if "train" in s else "–"
+        mean, sd = r["test_recall_sampled_thresholds"]
+        lines.append(
+            f"| {r['set']} | {r['group']} | {train} / {s['valid']['mean']:.3f} ({s['valid']['rows']}) / "
+            f"{s['test']['mean']:.3f} ({s['test']['rows']}) ({r['in_scope_test_mean']:.3f}) "
+            f"| {r['ks_statistic']:.3f} ({r['ks_pvalue']:.1e}) | **{r['test_recall_valid_threshold']:.1%}** "
+            f"| {mean:.1%} ± {sd:.1%} | {r['share_of_samples_as_bad']:.1%} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--results", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    torch.manual_seed(SEED)
+    rows = [row for name in args.sets for row in shift(name, args.data_dir)]
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "oos_shift.json").write_text(
+        json.dumps({"machine": platform.machine(), "rows": rows}, indent=2)
+    )
+    table = markdown(rows)
+    (args.results / "oos_shift.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
