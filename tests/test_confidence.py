@@ -62,6 +62,35 @@ def test_target_chosen_on_validation_holds_on_held_out_data(target: str, value: 
     assert held_out == pytest.approx(value, abs=0.03)
 
 
+@pytest.mark.parametrize("target,value", [("handoff_rate", 0.10), ("precision", 0.95), ("oos_recall", 0.8)])
+def test_interval_says_where_traffic_like_validation_can_be(target: str, value: float) -> None:
+    # The value the threshold really has: measured on 200,000 rows like validation's.
+    population = synthetic_scores(200_000, 99)
+    covered, widths = [], []
+    for seed in range(100):
+        valid = synthetic_scores(500, seed)  # about 100 out-of-scope rows
+        point = choose_threshold(*valid, target, value)
+        low, high = point.target_interval
+        truth = operating_point(*population, point.threshold).value(target)
+        covered.append(low <= truth <= high)
+        widths.append(high - low)
+    assert 0.88 <= np.mean(covered) <= 1.0  # a 95% interval
+    if target == "oos_recall":
+        assert point.target_rows == valid[2].sum() and 0.12 < np.mean(widths) < 0.2
+    # Twenty times the rows: a far narrower interval.
+    wide = choose_threshold(*synthetic_scores(10_000, 0), target, value).target_interval
+    assert wide[1] - wide[0] < np.mean(widths) / 3
+
+
+def test_balance_has_no_interval_and_curve_points_no_target() -> None:
+    score, correct, is_oos = synthetic_scores(1000, 4)
+    point = choose_threshold(score, correct, is_oos, "balance", None)
+    assert point.target_interval is None and "target_rows" not in point.to_dict()
+    # Without out-of-scope rows balance is a hand-off rate, with its interval.
+    assert choose_threshold(score, correct, np.zeros(1000, bool), "balance", None).target_rows == 1000
+    assert all("target_interval" not in row for row in handoff_curve(score, correct, is_oos))
+
+
 def test_balance_without_out_of_scope_rows_hands_off_one_in_twenty() -> None:
     score, correct, _ = synthetic_scores(1000, 2)
     point = choose_threshold(score, correct, np.zeros(1000, bool), "balance", None)

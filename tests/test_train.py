@@ -259,3 +259,20 @@ def test_outlier_exposure_ranks_unseen_out_of_scope_messages_lower(
     assert "6 out-of-scope ones taught as outliers" in version.card
     off = train_and_register(tiny_run(tiny_backbone, files, tmp_path / "registry"))  # the default: 0
     assert off.meta.outlier_examples == 0
+
+
+def test_a_target_measured_on_few_rows_is_flagged(tiny_config: RunConfig, caplog) -> None:
+    from transferdesk.train import train_and_register
+
+    cfg = _with(tiny_config, **{"calibration.target": "oos_recall", "calibration.value": 0.8})
+    with caplog.at_level("WARNING", logger="transferdesk.train"):
+        version = train_and_register(cfg)
+    chosen = version.metrics["calibration"]["valid"]
+    # One out-of-scope validation row, handed off: recall 1, and all that says is 0.21–1.
+    assert chosen["oos_recall"] == 1.0 and chosen["target_rows"] == 1
+    low, high = chosen["target_interval"]
+    assert low == pytest.approx(0.207, abs=0.001) and high == pytest.approx(1.0)
+    assert "the oos_recall target was measured on 1 validation rows" in caplog.text
+    assert "measured on 1 validation rows: on traffic like them its value could be anywhere from 20.7%" in (
+        version.card
+    )

@@ -7,12 +7,13 @@ holds the temperature, the score's name and the threshold, and applies them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
+from scipy.stats import binomtest
 
 from transferdesk.errors import TransferDeskError
 
@@ -30,6 +31,9 @@ DEFAULT_HANDOFF = 0.05
 ECE_BINS = 15
 # Temperatures searched (bounded: a degenerate validation set must not give 0 or infinity).
 TEMPERATURE_RANGE = (0.05, 20.0)
+# A chosen threshold's target is measured on a sample of validation rows; its interval, at this
+# confidence, says what traffic like them could show (Wilson's interval for a proportion).
+INTERVAL_CONFIDENCE = 0.95
 
 
 def scaled_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -87,13 +91,16 @@ class OperatingPoint:
     """What a threshold does to a labelled set: the share of in-scope messages handed off, the
     share of all messages handed off, the accuracy of those routed automatically (an
     out-of-scope message routed counts as wrong), and the share of out-of-scope ones handed off
-    (None without any)."""
+    (None without any). A point chosen for a target also says how many rows measured it
+    (`target_rows`) and the INTERVAL_CONFIDENCE interval of its value for traffic like them."""
 
     threshold: float
     handoff_rate: float
     handoff_all: float
     precision: float
     oos_recall: float | None
+    target_rows: int | None = None
+    target_interval: tuple[float, float] | None = None
 
     def value(self, target: str) -> float | None:
         return {
@@ -103,7 +110,10 @@ class OperatingPoint:
         }.get(target)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        point = asdict(self)
+        if self.target_rows is None:  # not chosen for a target: a curve's point, a test's
+            del point["target_rows"], point["target_interval"]
+        return point
 
 
 def operating_point(
@@ -133,11 +143,31 @@ def choose_threshold(
     - precision: at least `value` of routed messages right;
     - oos_recall: at least `value` of out-of-scope messages handed off.
 
-    An unreachable target raises, saying what is reachable."""
-    # Each distinct score changes a decision; the lowest hands nothing off.
-    candidates = np.unique(score)
+    An unreachable target raises, saying what is reachable. The point also says how many
+    rows measured its target, and the interval of the value for traffic like them (not for
+    balance: a mean of two shares)."""
     if target == "balance" and not is_oos.any():
         target, value = "handoff_rate", DEFAULT_HANDOFF
+    point = _choose_threshold(score, correct, is_oos, target, value)
+    # The rows each target is a share of, and those of them it counts.
+    handed = score < point.threshold
+    rows, hits = {
+        "handoff_rate": (~is_oos, handed & ~is_oos),
+        "precision": (~handed, correct & ~handed),
+        "oos_recall": (is_oos, handed & is_oos),
+    }.get(target, (None, None))
+    if rows is None or not rows.any():
+        return point
+    found = binomtest(int(hits.sum()), int(rows.sum())).proportion_ci(INTERVAL_CONFIDENCE, method="wilson")
+    return replace(point, target_rows=int(rows.sum()), target_interval=(float(found.low), float(found.high)))
+
+
+def _choose_threshold(
+    score: np.ndarray, correct: np.ndarray, is_oos: np.ndarray, target: str, value: float | None
+) -> OperatingPoint:
+    """The point that meets `target` best, before its interval."""
+    # Each distinct score changes a decision; the lowest hands nothing off.
+    candidates = np.unique(score)
     if target == "balance":
 
         def balance(t: float) -> float:

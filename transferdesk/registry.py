@@ -65,6 +65,7 @@ import yaml
 from pydantic import Field
 from safetensors.numpy import load_file, save_file
 
+from transferdesk.confidence import INTERVAL_CONFIDENCE
 from transferdesk.config import RunConfig, Section, build_config
 from transferdesk.data import SAMPLE_PREFIX
 from transferdesk.errors import TransferDeskError
@@ -611,6 +612,12 @@ def _confidence_lines(cfg: RunConfig, model: SavesPretrained, metrics: dict) -> 
         lines.append(
             f"- Calibration: temperature {chosen['fitted_temperature']:.2f} (validation expected calibration "
             f"error {chosen['valid_ece_before']:.3f} → {chosen['valid_ece_after']:.3f})"
+        )
+    if interval := chosen.get("valid", {}).get("target_interval"):
+        lines.append(
+            f"- The target was measured on {chosen['valid']['target_rows']} validation rows: on traffic like "
+            f"them its value could be anywhere from {interval[0]:.1%} to {interval[1]:.1%} "
+            f"({INTERVAL_CONFIDENCE:.0%} interval)"
         )
     if point := metrics.get("test", {}).get("operating_point"):
         recall = "" if point["oos_recall"] is None else f", out-of-scope recall {point['oos_recall']:.1%}"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from transferdesk.confidence import INTERVAL_CONFIDENCE
 from transferdesk.config import SOURCE_TASK, RunConfig
 from transferdesk.contrastive import contrastive_stage
 from transferdesk.data import (
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 
 # Share of the source data held out to early-stop the source stage.
 SOURCE_VALID_FRACTION = 0.1
+# A target measured on validation rows so few that its interval is wider than ± this is
+# worth a warning: the threshold may well miss it on new traffic (100 out-of-scope rows: ±8).
+LOOSE_TARGET = 0.05
 
 
 def source_key(cfg: RunConfig) -> str:
@@ -217,6 +221,17 @@ def calibrate(model: IntentModel, valid: Dataset, cfg: RunConfig) -> dict:
         100 * point.precision,
         "" if point.oos_recall is None else f", out-of-scope recall {100 * point.oos_recall:.1f}%",
     )
+    if point.target_interval and point.target_interval[1] - point.target_interval[0] > 2 * LOOSE_TARGET:
+        low, high = point.target_interval
+        log.warning(
+            "the %s target was measured on %d validation rows: on traffic like them it could be "
+            "anywhere from %.1f%% to %.1f%% (%.0f%% interval); more such rows pin it down",
+            cfg.calibration.target,
+            point.target_rows,
+            100 * low,
+            100 * high,
+            100 * INTERVAL_CONFIDENCE,
+        )
     return {
         **cfg.calibration.model_dump(mode="json"),
         "fitted_temperature": model.temperature,
