@@ -184,6 +184,32 @@ def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
     assert len({targets[i] for i in batches[0]}) < 16
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_own_random_stream_leaves_the_device_stream_as_it_was(device: str) -> None:
+    from transferdesk.trainer import own_random_stream
+
+    torch.manual_seed(0)
+    expected = torch.rand(4, device=device)
+    torch.manual_seed(0)
+    with own_random_stream(3, torch.device(device)):
+        inside = torch.rand(4, device=device)
+    assert torch.equal(torch.rand(4, device=device), expected)
+    with own_random_stream(3, torch.device(device)):
+        assert torch.equal(torch.rand(4, device=device), inside)  # seeded: the same each time
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
@@ -272,7 +298,6 @@ def test_a_target_measured_on_few_rows_is_flagged(tiny_config: RunConfig, caplog
     assert chosen["oos_recall"] == 1.0 and chosen["target_rows"] == 1
     low, high = chosen["target_interval"]
     assert low == pytest.approx(0.207, abs=0.001) and high == pytest.approx(1.0)
-    assert "the oos_recall target was measured on 1 validation rows" in caplog.text
-    assert "measured on 1 validation rows: on traffic like them its value could be anywhere from 20.7%" in (
-        version.card
-    )
+    assert "the threshold's oos_recall was measured on 1 validation row(s)" in caplog.text
+    card = "measured on 1 validation row(s): on traffic like them it is likely (95%) between 20.7%"
+    assert card in version.card

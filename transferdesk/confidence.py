@@ -13,7 +13,6 @@ from typing import Literal, get_args
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp, softmax
-from scipy.stats import binomtest
 
 from transferdesk.errors import TransferDeskError
 
@@ -91,14 +90,16 @@ class OperatingPoint:
     """What a threshold does to a labelled set: the share of in-scope messages handed off, the
     share of all messages handed off, the accuracy of those routed automatically (an
     out-of-scope message routed counts as wrong), and the share of out-of-scope ones handed off
-    (None without any). A point chosen for a target also says how many rows measured it
-    (`target_rows`) and the INTERVAL_CONFIDENCE interval of its value for traffic like them."""
+    (None without any). A point chosen for a target also names the measure it was chosen on
+    (`target`: balance without out-of-scope rows is a hand-off rate), how many rows measured
+    it (`target_rows`) and the INTERVAL_CONFIDENCE interval of its value for traffic like them."""
 
     threshold: float
     handoff_rate: float
     handoff_all: float
     precision: float
     oos_recall: float | None
+    target: str | None = None
     target_rows: int | None = None
     target_interval: tuple[float, float] | None = None
 
@@ -112,7 +113,7 @@ class OperatingPoint:
     def to_dict(self) -> dict:
         point = asdict(self)
         if self.target_rows is None:  # not chosen for a target: a curve's point, a test's
-            del point["target_rows"], point["target_interval"]
+            del point["target"], point["target_rows"], point["target_interval"]
         return point
 
 
@@ -158,8 +159,12 @@ def choose_threshold(
     }.get(target, (None, None))
     if rows is None or not rows.any():
         return point
+    # Imported here: training needs scipy.stats, the serving processes that import this module do not.
+    from scipy.stats import binomtest
+
     found = binomtest(int(hits.sum()), int(rows.sum())).proportion_ci(INTERVAL_CONFIDENCE, method="wilson")
-    return replace(point, target_rows=int(rows.sum()), target_interval=(float(found.low), float(found.high)))
+    interval = (float(found.low), float(found.high))
+    return replace(point, target=target, target_rows=int(rows.sum()), target_interval=interval)
 
 
 def _choose_threshold(

@@ -71,7 +71,7 @@ def contrastive_stage(cfg: RunConfig, backbone: str, pool: Pool, device: torch.d
     if (cached := registry.source_checkpoint(key)) is not None:
         log.info("reusing the pool-adapted encoder %s", cached)
         return str(cached)
-    with own_random_stream(cfg.runtime.seed):
+    with own_random_stream(cfg.runtime.seed, device):
         model, info = _pretrain(cfg, backbone, pool, device, registry)
     return str(registry.save_source(model, key, info))
 

@@ -615,9 +615,9 @@ def _confidence_lines(cfg: RunConfig, model: SavesPretrained, metrics: dict) -> 
         )
     if interval := chosen.get("valid", {}).get("target_interval"):
         lines.append(
-            f"- The target was measured on {chosen['valid']['target_rows']} validation rows: on traffic like "
-            f"them its value could be anywhere from {interval[0]:.1%} to {interval[1]:.1%} "
-            f"({INTERVAL_CONFIDENCE:.0%} interval)"
+            f"- The threshold's {chosen['valid']['target']} was measured on {chosen['valid']['target_rows']} "
+            f"validation row(s): on traffic like them it is likely ({INTERVAL_CONFIDENCE:.0%}) between "
+            f"{interval[0]:.1%} and {interval[1]:.1%}"
         )
     if point := metrics.get("test", {}).get("operating_point"):
         recall = "" if point["oos_recall"] is None else f", out-of-scope recall {point['oos_recall']:.1%}"

@@ -69,7 +69,7 @@ def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
         log.info("reusing source checkpoint %s", cached)
         return cached
     train, valid = stratified_split(source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
-    with own_random_stream(cfg.runtime.seed):
+    with own_random_stream(cfg.runtime.seed, device):
         model, result = train_stage(
             cfg.model.backbone, train, valid, cfg, cfg.source_training, device, "source stage"
         )
@@ -224,13 +224,13 @@ def calibrate(model: IntentModel, valid: Dataset, cfg: RunConfig) -> dict:
     if point.target_interval and point.target_interval[1] - point.target_interval[0] > 2 * LOOSE_TARGET:
         low, high = point.target_interval
         log.warning(
-            "the %s target was measured on %d validation rows: on traffic like them it could be "
-            "anywhere from %.1f%% to %.1f%% (%.0f%% interval); more such rows pin it down",
-            cfg.calibration.target,
+            "the threshold's %s was measured on %d validation row(s): on traffic like them it is "
+            "likely (%.0f%%) between %.1f%% and %.1f%%; more such rows pin it down",
+            point.target,
             point.target_rows,
+            100 * INTERVAL_CONFIDENCE,
             100 * low,
             100 * high,
-            100 * INTERVAL_CONFIDENCE,
         )
     return {
         **cfg.calibration.model_dump(mode="json"),

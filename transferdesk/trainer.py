@@ -379,11 +379,17 @@ def seed_everything(seed: int) -> None:
 
 
 @contextmanager
-def own_random_stream(seed: int) -> Iterator[None]:
+def own_random_stream(seed: int, device: torch.device) -> Iterator[None]:
     """Torch's random numbers drawn inside come from a stream of their own, seeded, and what
     follows draws the same numbers whether the work inside ran or came from a cache: a cached
     stage's rerun gives the same model as its first run."""
-    with torch.random.fork_rng():
+    # Only the device the work runs on: forking every GPU would start CUDA on all of them
+    # (and warn) for a run on the CPU or on one of several GPUs.
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    else:
+        devices = []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 
