@@ -3,6 +3,7 @@
     python benchmarks/banking77_unlabelled.py                       # every method, 10-shot, 3 seeds
     python benchmarks/banking77_unlabelled.py --shots 5 10 --methods labelled soft
     python benchmarks/banking77_unlabelled.py --peer .tools/setfit/bin/python   # and SetFit
+    python benchmarks/banking77_unlabelled.py --methods --peer .tools/setfit/bin/python   # SetFit alone
     python benchmarks/banking77_unlabelled.py --set runtime.device=cuda --tag gpu   # any setting
 
 Target: banking77/train_{10,5}.csv. Pool: the texts of banking77/train.csv *without their
@@ -51,6 +52,7 @@ METHODS: dict[str, dict] = {
     # Not run unless named: they need the optional download.
     "soft+mpnet": {"semi_supervised.teacher_backbone": str(MPNET)},
     "soft+3mpnet": {"semi_supervised.teacher_backbone": str(MPNET), "semi_supervised.teachers": 3},
+    "soft+5mpnet": {"semi_supervised.teacher_backbone": str(MPNET), "semi_supervised.teachers": 5},
     # CPFT's first stage on the pool, then the labelled recipe; and then self-training too.
     "contrastive": {"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
     "contrastive+soft": {"semi_supervised.contrastive_epochs": 1},
@@ -199,7 +201,11 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--shots", nargs="+", type=int, default=[10], choices=[5, 10])
     parser.add_argument(
-        "--methods", nargs="+", default=[m for m in METHODS if "mpnet" not in m], choices=list(METHODS)
+        "--methods",
+        nargs="*",
+        default=[m for m in METHODS if "mpnet" not in m],
+        choices=list(METHODS),
+        help="none, with --peer: the peer alone",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     parser.add_argument("--peer", help="a Python with setfit installed: run SetFit on the same splits too")
