@@ -223,6 +223,8 @@ def main() -> None:
         return
     if not (args.data_dir / "banking77" / "train_10.csv").is_file():
         sys.exit(f"error: BANKING77 not found under {args.data_dir}; pass --data-dir")
+    if not args.methods and not args.peer:
+        sys.exit("error: nothing to run: name --methods, or --peer to run the peer alone")
     if any("mpnet" in m for m in args.methods) and not MPNET.is_dir():
         sys.exit(f"error: the mpnet methods need {MPNET}: run `make teacher-mpnet` first, or leave them out")
     settings = json.dumps(config_overrides(args))
