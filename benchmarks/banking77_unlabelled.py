@@ -53,6 +53,12 @@ METHODS: dict[str, dict] = {
     "soft+mpnet": {"semi_supervised.teacher_backbone": str(MPNET)},
     "soft+3mpnet": {"semi_supervised.teacher_backbone": str(MPNET), "semi_supervised.teachers": 3},
     "soft+5mpnet": {"semi_supervised.teacher_backbone": str(MPNET), "semi_supervised.teachers": 5},
+    # The three teachers' probabilities mixed with those of each message's 10 nearest messages.
+    "soft+3mpnet+knn": {
+        "semi_supervised.teacher_backbone": str(MPNET),
+        "semi_supervised.teachers": 3,
+        "semi_supervised.neighbours": 10,
+    },
     # CPFT's first stage on the pool, then the labelled recipe; and then self-training too.
     "contrastive": {"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
     "contrastive+soft": {"semi_supervised.contrastive_epochs": 1},
@@ -90,11 +96,12 @@ def true_labels(data: Path) -> dict[str, str]:
 
 def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings: dict) -> dict:
     import numpy as np
+    import torch
 
     from transferdesk.config import load_config
     from transferdesk.data import normalise
     from transferdesk.registry import Registry
-    from transferdesk.self_training import select_pseudo_labels
+    from transferdesk.self_training import pool_neighbours, select_pseudo_labels, smooth
     from transferdesk.train import train_and_register
 
     overrides = {
@@ -110,8 +117,8 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
     }
     if method != "labelled":
         overrides["data.unlabelled"] = str(pool_file(data, work))
-    start = time.perf_counter()
-    version = train_and_register(load_config(None, overrides))
+    start, cfg = time.perf_counter(), load_config(None, overrides)
+    version = train_and_register(cfg)
     metrics = version.metrics
     out = {
         "method": method,
@@ -137,11 +144,15 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
         everything = np.arange(len(texts))
         probs = np.mean([r.probs for r in records], axis=0)
         settings = semi["settings"]
+        if settings.get("neighbours"):  # the first round's smoothing, redone: a minute of embedding
+            near = pool_neighbours(cfg, cfg.model.backbone, texts, torch.device("cpu"))
+            probs = smooth(probs, near, settings["neighbour_weight"])
         kept = select_pseudo_labels(probs, settings["threshold"], settings["max_per_intent"])
         out |= {
             "pool_rows": semi["pool"]["rows_used"],
             "teacher_pseudo_label_accuracy": [right(r.probs, everything) for r in records],
             "kept_pseudo_label_accuracy": right(probs, kept),
+            "pseudo_label_accuracy": right(probs, everything),  # teachers averaged (and smoothed)
             "rounds": semi["rounds"],
         }
     return out

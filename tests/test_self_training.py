@@ -13,7 +13,7 @@ from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.self_training import _student_data, select_pseudo_labels
+from transferdesk.self_training import _student_data, pool_neighbours, select_pseudo_labels, smooth
 from transferdesk.train import run_training, train_and_register
 
 
@@ -50,6 +50,27 @@ def test_student_targets_soft_and_hard() -> None:
     np.testing.assert_allclose(soft.numpy(), [[1, 0], [0, 1], [0.2, 0.8], [0.4, 0.6]], rtol=1e-6)
     _, hard = _student_data(train, ["x", "y"], ["p", "q", "r"], probs, np.array([0, 2]), soft=False)
     assert hard.tolist() == [[1, 0], [0, 1], [0, 1], [0, 1]]
+
+
+def test_neighbours_outvote_a_teachers_odd_mistake() -> None:
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.1, 0.9]])
+    near = np.array([[1, 2], [0, 2], [0, 1], [2, 1]])  # rows 0-2 read alike, row 3 apart
+    smoothed = smooth(probs, near, 0.5)
+    assert smoothed.argmax(axis=1).tolist() == [0, 0, 0, 1]  # row 2 outvoted, row 3 kept
+    np.testing.assert_allclose(smoothed[2], [0.5 * 0.4 + 0.5 * 0.85, 0.5 * 0.6 + 0.5 * 0.15])
+    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0)
+    assert smooth(probs, None, 0.5) is probs
+    assert smooth(probs, np.zeros((4, 0), dtype=int), 0.5) is probs  # a pool of one
+
+
+def test_pool_neighbours_are_the_nearest_other_messages(bridge_config: RunConfig) -> None:
+    cfg = with_settings(bridge_config, **{"semi_supervised.neighbours": 10})
+    texts = ["a b c", "d e f", "g h", "a b c", "d e f", "x y z w"]
+    near = pool_neighbours(cfg, cfg.model.backbone, texts, torch.device("cpu"))
+    assert near.shape == (6, 5)  # 10 asked, 5 other messages
+    assert (near != np.arange(6)[:, None]).all()  # never itself
+    assert near[0, 0] == 3 and near[3, 0] == 0 and near[1, 0] == 4  # a same text is nearest
+    assert pool_neighbours(cfg, cfg.model.backbone, ["alone"], torch.device("cpu")).shape == (1, 0)
 
 
 def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> None:
@@ -125,15 +146,22 @@ def test_a_missing_teacher_backbone_is_refused_before_training(bridge_config: Ru
 
 
 def test_version_records_the_pool_and_rounds(bridge_config: RunConfig) -> None:
-    cfg = with_settings(bridge_config, **{"semi_supervised.student_epochs": 1, "semi_supervised.rounds": 2})
+    settings = {
+        "semi_supervised.student_epochs": 1,
+        "semi_supervised.rounds": 2,
+        "semi_supervised.neighbours": 5,
+    }
+    cfg = with_settings(bridge_config, **settings)
     version = open_version(train_and_register(cfg).path)
     record = version.metrics["semi_supervised"]
     assert record["pool"]["file"] == "pool.txt" and record["pool"]["rows_used"] > 0
     assert [r["round"] for r in record["rounds"]] == [1, 2]
+    assert record["settings"]["neighbours"] == 5 and all(0 <= r["smoothed"] < 0.5 for r in record["rounds"])
     assert version.config.data.unlabelled == "pool.txt"
     assert (
         "Unlabelled pool: `pool.txt`" in version.card and "Pseudo-labels kept per round (and" in version.card
     )
+    assert "each message's probabilities mixed with its 5 nearest" in version.card
     assert {"teacher_seconds", "student_seconds"} <= set(version.metrics)
 
 

@@ -234,6 +234,18 @@ class SemiSupervisedConfig(Section):
         "teacher-mpnet`, then .tools/all-mpnet-base-v2). The student keeps model.backbone, so "
         "serving costs the same.",
     )
+    neighbours: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Before the threshold, average each pool message's teacher probabilities with "
+        "those of its this many nearest pool messages (cosine similarity of the student's starting "
+        "encoder's embeddings), so that messages that read alike get alike labels and a teacher's "
+        "odd mistake is outvoted. 0: off.",
+    )
+    neighbour_weight: float = Field(
+        0.5, gt=0, le=1, description="Share of the neighbours' average in a smoothed probability row."
+    )
     rounds: int = Field(
         1, ge=1, le=5, description="Rounds; each after the first uses the previous student as its teacher."
     )

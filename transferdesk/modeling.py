@@ -43,6 +43,7 @@ from transferdesk.network import (
     length_sorted_batches,
     load_encoder,
     select_device,
+    tokenize,
 )
 from transferdesk.prediction import Prediction
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
@@ -298,6 +299,27 @@ class IntentModel:
             self.tokenizer, padding=True, truncation=True, max_length=self.max_length, return_tensors="np"
         )
         return self._passes(texts, batch_size, encode, progress, desc)
+
+    @torch.inference_mode()
+    def embed(
+        self, texts: list[str], batch_size: int = 64, progress: bool = False, desc: str = "embed"
+    ) -> np.ndarray:
+        """The encoder's pooled sentence embeddings (what the heads see), rows × hidden size."""
+        net = self.torch_network
+        net.eval()
+        out = np.zeros((len(texts), net.head.in_features), dtype=np.float32)
+        for idx in tqdm(
+            length_sorted_batches(texts, batch_size),
+            desc=desc,
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            batch = tokenize(self.tokenizer, [texts[i] for i in idx], self.max_length)
+            with autocast(self.device, self.precision):
+                emb = net.embed(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            out[idx] = emb.float().cpu().numpy()
+        return out
 
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""

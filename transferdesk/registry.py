@@ -576,6 +576,12 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
             uses.append(
                 f"{teachers}, {settings['rounds']} round(s), {settings['targets']} targets, "
                 f"threshold {settings['threshold']}"
+                # absent from versions made before neighbours existed
+                + (
+                    f", each message's probabilities mixed with its {n} nearest"
+                    if (n := settings.get("neighbours"))
+                    else ""
+                )
             )
         lines.append(
             f"- Unlabelled pool: `{pool['file']}` ({pool['rows_used']} of {pool['rows_read']} messages used, "

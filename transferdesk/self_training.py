@@ -1,7 +1,8 @@
 """Self-training from unlabelled messages (`data.unlabelled`, `semi_supervised`).
 
 Teachers, the labelled-data recipe trained with seeds seed, seed+1, …, label the pool; their
-averaged probabilities are the pseudo-labels. The confident ones (threshold, then at most
+averaged probabilities, optionally mixed with those of each message's nearest pool messages
+(`neighbours`), are the pseudo-labels. The confident ones (threshold, then at most
 `max_per_intent` per intent, the most confident first) are added to the labelled rows, and a
 student of the same shape as the teachers is trained on both, against the teachers' whole
 probability rows (distillation, `targets: soft`) or their top intent (`hard`). Each further
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import Dataset, Pool
@@ -157,6 +159,27 @@ class SelfTrainingResult:
     seconds: float = 0.0
 
 
+def pool_neighbours(
+    cfg: RunConfig, backbone: str, texts: list[str], device: torch.device, pretrained: bool = True
+) -> np.ndarray:
+    """Each pool message's `semi_supervised.neighbours` nearest other pool messages (rows ×
+    k indices, nearest first) by cosine similarity of `backbone`'s embeddings, untrained: a
+    sentence encoder's own geometry, the same whatever the teachers got wrong."""
+    k = min(cfg.semi_supervised.neighbours, len(texts) - 1)
+    if k < 1:
+        return np.zeros((len(texts), 0), dtype=np.int64)
+    encoder = IntentModel.from_backbone(backbone, ["_"], cfg.model, device, pretrained=pretrained)
+    embeddings = encoder.embed(texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, "embedding pool")
+    return NearestNeighbors(n_neighbors=k, metric="cosine").fit(embeddings).kneighbors(return_distance=False)
+
+
+def smooth(probs: np.ndarray, neighbours: np.ndarray | None, weight: float) -> np.ndarray:
+    """Each row's probabilities mixed with the mean of its neighbours' (None: as they are)."""
+    if neighbours is None or not neighbours.shape[1]:
+        return probs
+    return (1 - weight) * probs + weight * probs[neighbours].mean(axis=1)
+
+
 def _student_data(
     train: Dataset, labels: list[str], pool_texts: list[str], probs: np.ndarray, rows: np.ndarray, soft: bool
 ) -> tuple[Dataset, torch.Tensor]:
@@ -202,8 +225,10 @@ def self_train(
     probs = np.mean([r.probs for r in teachers], axis=0)
     teacher_top = probs.argmax(axis=1)
     t0, rounds = time.perf_counter(), []
+    neighbours = pool_neighbours(cfg, backbone, pool_texts, device, pretrained) if semi.neighbours else None
     best: tuple[IntentModel, FitResult] | None = None
     for number in range(1, semi.rounds + 1):
+        raw_top, probs = probs.argmax(axis=1), smooth(probs, neighbours, semi.neighbour_weight)
         rows = select_pseudo_labels(probs, semi.threshold, semi.max_per_intent)
         if not len(rows):
             raise TransferDeskError(
@@ -239,6 +264,8 @@ def self_train(
                 "pseudo_labels": len(rows),
                 "pool": len(pool_texts),
                 "per_intent": {"min": int(per_intent.min()), "max": int(per_intent.max())},
+                # Pool rows whose top intent the neighbours changed.
+                "smoothed": float(np.mean(probs.argmax(axis=1) != raw_top)),
                 # Of the kept rows, how often the student ends up agreeing with its teacher,
                 # and (all rows) with the first teachers: how far the rounds drifted.
                 "agreement_with_teacher": float(np.mean(student_top[rows] == probs[rows].argmax(axis=1))),

@@ -51,6 +51,7 @@ SEARCHABLE: dict[str, Searchable] = {
     "teachers": Searchable("semi_supervised.teachers", "int", (1, 1)),
     # null: the candidate's own encoder; a larger one (a model directory or hub id) teaches better.
     "teacher_backbone": Searchable("semi_supervised.teacher_backbone", "choice", [None]),
+    "neighbours": Searchable("semi_supervised.neighbours", "choice", [0]),
     "rounds": Searchable("semi_supervised.rounds", "int", (1, 1)),
     "student_epochs": Searchable("semi_supervised.student_epochs", "int", (3, 3)),
 }
