@@ -168,6 +168,7 @@ def pool_neighbours(
     k = min(cfg.semi_supervised.neighbours, len(texts) - 1)
     if k < 1:
         return np.zeros((len(texts), 0), dtype=np.int64)
+    # The encoder alone is used: its one-intent head never runs.
     encoder = IntentModel.from_backbone(backbone, ["_"], cfg.model, device, pretrained=pretrained)
     embeddings = encoder.embed(texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, "embedding pool")
     return NearestNeighbors(n_neighbors=k, metric="cosine").fit(embeddings).kneighbors(return_distance=False)
