@@ -145,9 +145,17 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
         probs = np.mean([r.probs for r in records], axis=0)
         settings = semi["settings"]
         if settings.get("neighbours"):  # the first round's smoothing, redone: a minute of embedding
-            near = pool_neighbours(cfg, cfg.model.backbone, texts, torch.device("cpu"))
+            encoder = semi.get("contrastive_encoder")
+            student_start = str(registry.root / encoder) if encoder else cfg.model.backbone
+            near = pool_neighbours(cfg, student_start, texts, torch.device("cpu"))
             probs = smooth(probs, near, settings["neighbour_weight"])
         kept = select_pseudo_labels(probs, settings["threshold"], settings["max_per_intent"])
+        if len(kept) != semi["rounds"][0]["pseudo_labels"]:  # e.g. neighbours found on a GPU in bf16
+            print(
+                f"warning: {len(kept)} pseudo-labels redone, the run kept "
+                f"{semi['rounds'][0]['pseudo_labels']}: the accuracy figures are for the redone ones",
+                file=sys.stderr,
+            )
         out |= {
             "pool_rows": semi["pool"]["rows_used"],
             "teacher_pseudo_label_accuracy": [right(r.probs, everything) for r in records],

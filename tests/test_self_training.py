@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings, write_csv
+from transferdesk import self_training
 from transferdesk.config import RunConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
@@ -71,6 +72,23 @@ def test_pool_neighbours_are_the_nearest_other_messages(bridge_config: RunConfig
     assert (near != np.arange(6)[:, None]).all()  # never itself
     assert near[0, 0] == 3 and near[3, 0] == 0 and near[1, 0] == 4  # a same text is nearest
     assert pool_neighbours(cfg, cfg.model.backbone, ["alone"], torch.device("cpu")).shape == (1, 0)
+
+
+def test_pseudo_labels_are_chosen_after_smoothing(bridge_config: RunConfig, monkeypatch) -> None:
+    # Every message's one neighbour is the first pool message, at full weight: all take its labels.
+    def first_message(cfg: RunConfig, backbone: str, texts: list[str], device: torch.device) -> np.ndarray:
+        return np.zeros((len(texts), 1), dtype=np.int64)
+
+    monkeypatch.setattr(self_training, "pool_neighbours", first_message)
+    settings = {
+        "semi_supervised.student_epochs": 1,
+        "semi_supervised.threshold": 0.0,
+        "semi_supervised.neighbours": 1,
+        "semi_supervised.neighbour_weight": 1.0,
+    }
+    (first,) = run_training(with_settings(bridge_config, **settings)).semi_supervised["rounds"]
+    assert first["smoothed"] > 0.2  # the pool spans several intents
+    assert first["per_intent"]["max"] == first["pseudo_labels"]  # every kept row has the first's
 
 
 def test_student_learns_what_only_the_pool_teaches(bridge_config: RunConfig) -> None:

@@ -239,9 +239,9 @@ class SemiSupervisedConfig(Section):
         ge=0,
         le=100,
         description="Before the threshold, average each pool message's teacher probabilities with "
-        "those of its this many nearest pool messages (cosine similarity of the student's starting "
-        "encoder's embeddings), so that messages that read alike get alike labels and a teacher's "
-        "odd mistake is outvoted. 0: off.",
+        "those of its this many nearest pool messages (cosine similarity of the embeddings of the "
+        "encoder the student starts from, before fine-tuning), each round, so that messages that "
+        "read alike get alike labels and a teacher's odd mistake is outvoted. 0: off.",
     )
     neighbour_weight: float = Field(
         0.5, gt=0, le=1, description="Share of the neighbours' average in a smoothed probability row."

@@ -159,17 +159,16 @@ class SelfTrainingResult:
     seconds: float = 0.0
 
 
-def pool_neighbours(
-    cfg: RunConfig, backbone: str, texts: list[str], device: torch.device, pretrained: bool = True
-) -> np.ndarray:
+def pool_neighbours(cfg: RunConfig, backbone: str, texts: list[str], device: torch.device) -> np.ndarray:
     """Each pool message's `semi_supervised.neighbours` nearest other pool messages (rows ×
-    k indices, nearest first) by cosine similarity of `backbone`'s embeddings, untrained: a
-    sentence encoder's own geometry, the same whatever the teachers got wrong."""
+    k indices, nearest first) by cosine similarity of `backbone`'s embeddings: the encoder the
+    student starts from (after the source or contrastive stage, if any), before fine-tuning,
+    so its geometry owes nothing to what the teachers got wrong."""
     k = min(cfg.semi_supervised.neighbours, len(texts) - 1)
     if k < 1:
         return np.zeros((len(texts), 0), dtype=np.int64)
     # The encoder alone is used: its one-intent head never runs.
-    encoder = IntentModel.from_backbone(backbone, ["_"], cfg.model, device, pretrained=pretrained)
+    encoder = IntentModel.from_backbone(backbone, ["_"], cfg.model, device)
     embeddings = encoder.embed(texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, "embedding pool")
     return NearestNeighbors(n_neighbors=k, metric="cosine").fit(embeddings).kneighbors(return_distance=False)
 
@@ -226,7 +225,13 @@ def self_train(
     probs = np.mean([r.probs for r in teachers], axis=0)
     teacher_top = probs.argmax(axis=1)
     t0, rounds = time.perf_counter(), []
-    neighbours = pool_neighbours(cfg, backbone, pool_texts, device, pretrained) if semi.neighbours else None
+    neighbours = None
+    if semi.neighbours and not pretrained:
+        log.warning(
+            "semi_supervised.neighbours ignored: a randomly initialised encoder's neighbours mean nothing"
+        )
+    elif semi.neighbours:
+        neighbours = pool_neighbours(cfg, backbone, pool_texts, device)
     best: tuple[IntentModel, FitResult] | None = None
     for number in range(1, semi.rounds + 1):
         raw_top, probs = probs.argmax(axis=1), smooth(probs, neighbours, semi.neighbour_weight)
