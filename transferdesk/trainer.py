@@ -30,7 +30,6 @@ from transferdesk.network import (
     autocast,
     autocast_dtype,
     freeze_lower_layers,
-    length_sorted_batches,
     select_device,
     tokenize,
 )
@@ -145,22 +144,17 @@ def init_head_from_prototypes(model: IntentModel, ds: Dataset, task: str | None 
     """Point each class's head row (the intent head's, or `task`'s) at the mean embedding of
     its examples (PROTOTYPE_ROWS of them at most)."""
     net = model.network
-    net.eval()
     labels = model.labels if task is None else model.tasks[task]
     head = net.head if task is None else net.heads[task]
     ds = ds.subset(_class_sample(ds.labels, PROTOTYPE_ROWS))
     index = {lab: i for i, lab in enumerate(labels)}
+    emb = torch.from_numpy(model.embed(ds.texts)).to(model.device)
+    targets = torch.tensor([index[lab] for lab in ds.labels], device=model.device)
     sums = torch.zeros(len(labels), head.in_features, device=model.device)
-    norms = []
-    for idx in length_sorted_batches(ds.texts, 64):
-        batch = tokenize(model.tokenizer, [ds.texts[i] for i in idx], model.max_length)
-        emb = net.embed(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)).float()
-        norms.append(emb.norm(dim=-1))
-        targets = torch.tensor([index[ds.labels[i]] for i in idx], device=model.device)
-        sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
+    sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
     prototypes = nn.functional.normalize(sums, dim=-1)
     # The head sees unnormalised embeddings: divide by their typical norm to get cosines.
-    scale = PROTOTYPE_LOGIT_SCALE / torch.cat(norms).mean()
+    scale = PROTOTYPE_LOGIT_SCALE / emb.norm(dim=-1).mean()
     head.weight.copy_(prototypes * scale)
     head.bias.zero_()
 
