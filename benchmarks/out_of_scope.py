@@ -9,7 +9,7 @@ hand-off rate on test when validation chose the threshold for 10% in-scope hand-
     python benchmarks/out_of_scope.py --sets banking77_oos --recipes epochs20 supcon clinc_source
     python benchmarks/out_of_scope.py --sets clinc150 --recipes banking_source
     python benchmarks/out_of_scope.py --sets clinc150 --recipes outliers
-    python benchmarks/out_of_scope.py --sets clinc150 --recipes pool     # self-training, unlabelled pool
+    python benchmarks/out_of_scope.py --recipes pool     # self-training from each set's unlabelled pool
 
 BANKING77-OOS: train.csv with data.few_shot_k 10 (50 intents); validation valid.csv +
 id_oos_valid.csv + ood_oos_valid.csv; test test.csv + id_oos_test.csv + ood_oos_test.csv.
@@ -35,7 +35,12 @@ from figures import child_result, mean_sd
 
 HERE = Path(__file__).resolve().parent
 # Per set: training file (and its few-shot k), then validation and test files, each with the
-# group its out-of-scope rows belong to (in-scope files: None).
+# group its out-of-scope rows belong to (in-scope files: None), then the files whose texts,
+# labels left out, are the set's unlabelled pool: the whole training data of the family the set
+# was cut from, in-scope and out-of-scope messages mixed as a contact center's log would mix
+# them (the pool check drops the labelled rows and any validation or test text among them).
+# BANKING77-OOS's pool holds its 27 held-out intents' training messages: in-domain
+# out-of-scope messages of the kind its id_oos files test.
 SETS = {
     "banking77_oos": {
         "train": "banking77_oos/train.csv",
@@ -50,12 +55,14 @@ SETS = {
             "banking77_oos/id_oos_test.csv": "id",
             "banking77_oos/ood_oos_test.csv": "ood",
         },
+        "pool": ["banking77/train.csv"],
     },
     "clinc150": {
         "train": "clinc150/train_10.csv",
         "few_shot_k": None,
         "valid": {"clinc150/valid.csv": None, "clinc150/oos_valid.csv": "oos"},
         "test": {"clinc150/test.csv": None, "clinc150/oos_test.csv": "oos"},
+        "pool": ["clinc150/train.csv", "clinc150/oos_train.csv"],
     },
 }
 # Training recipes compared: the validation metric that chooses the epoch (training.monitor),
@@ -78,10 +85,8 @@ RECIPES = {
         "source_training.epochs": 1,
     },
     "outliers": {"data.extra_train": "clinc150/oos_train.csv", "training.outlier_weight": 0.5},
-    # Self-training (the defaults) from an unlabelled pool: the texts of the set's whole training
-    # file and its out-of-scope training file, labels left out, as a contact center's log would
-    # mix them (the labelled rows among them are dropped by the pool check).
-    "pool": {"data.unlabelled": ["clinc150/train.csv", "clinc150/oos_train.csv"]},
+    # Self-training (the defaults) from the set's unlabelled pool (SETS).
+    "pool": {},
 }
 # Recipes for one set alone. A source stage only where it shares no data with the set:
 # BANKING77-OOS is cut from BANKING77, whose training file holds its in-domain out-of-scope
@@ -91,7 +96,6 @@ ONE_SET = {
     "clinc_source": "banking77_oos",
     "banking_source": "clinc150",
     "outliers": "clinc150",
-    "pool": "clinc150",
 }
 HANDOFF_TARGET = 0.10
 OOS_RECALL_TARGET = 0.80
@@ -141,8 +145,8 @@ def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
     for key in ("data.source", "data.extra_train"):  # files of --data-dir
         if key in overrides:
             overrides[key] = str(data / overrides[key])
-    if files := overrides.get("data.unlabelled"):
-        overrides["data.unlabelled"] = str(texts_only(data, files, work / f"{name}-pool.txt"))
+    if recipe == "pool":
+        overrides["data.unlabelled"] = str(texts_only(data, spec["pool"], work / f"{name}-pool.txt"))
         # Named so that the pool's check drops test messages too; run_training does not score
         # it (this script does, below).
         overrides["data.test"] = str(work / f"{name}-test.csv")
