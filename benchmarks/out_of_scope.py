@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from figures import child_result, mean_sd
 
+from transferdesk.confidence import SCORES
+
 HERE = Path(__file__).resolve().parent
 # Per set: training file (and its few-shot k), then validation and test files, each with the
 # group its out-of-scope rows belong to (in-scope files: None), then the files whose texts,
@@ -227,21 +229,17 @@ def sentence_vectors(model, texts: list[str]) -> np.ndarray:
 
 
 def geometry(model, train, test_texts: list[str], correct, is_oos, groups: list) -> dict:
-    """Scores from the encoder's geometry, measured here only: a test message's cosine
-    similarity to its nearest training message (knn) and to the nearest intent's mean
-    sentence vector (centroid)."""
+    """A score from the encoder's geometry measured here only (the model's own centroid score is
+    one of SCORES): a test message's cosine similarity to its nearest training message (knn).
+    Runs from before the centroid score was the model's have it here too."""
     bank = sentence_vectors(model, train.texts)
-    ids = np.array([model.labels.index(label) for label in train.labels])
-    centroids = np.stack([bank[ids == c].mean(0) for c in range(len(model.labels))])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    vectors = sentence_vectors(model, test_texts)
-    found = {"knn": (vectors @ bank.T).max(1), "centroid": (vectors @ centroids.T).max(1)}
-    return {name: separation(score, correct, is_oos, groups) for name, score in found.items()}
+    knn = (sentence_vectors(model, test_texts) @ bank.T).max(1)
+    return {"knn": separation(knn, correct, is_oos, groups)}
 
 
 def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_groups) -> dict:
     """Every figure of one model, for each out-of-scope score, from its logits."""
-    from transferdesk.confidence import SCORES, choose_threshold, operating_point, reliability
+    from transferdesk.confidence import choose_threshold, operating_point, reliability
     from transferdesk.config import CalibrationConfig
 
     known_v, targets_v = model.intent_targets(valid_labels)
@@ -303,22 +301,25 @@ def summary(runs: list[dict]) -> list[dict]:
             mine = [r for r in runs if (r["set"], r["recipe"]) == (name, recipe)]
             if not mine:
                 continue
-            for score in ("softmax", "energy"):
+            for score in SCORES:
+                # A score's runs: those measured since it was one (centroid: not the early ones).
+                if not (scored := [r for r in mine if score in r]):
+                    continue
                 row = {
                     "set": name,
                     "recipe": recipe,
                     "score": score,
-                    "seeds": sorted(r["seed"] for r in mine),
+                    "seeds": sorted(r["seed"] for r in scored),
                 }
                 for key, get in FIGURES.items():
-                    got = [get(r[score]) for r in mine]
+                    got = [get(r[score]) for r in scored]
                     known = [v for v in got if not np.isnan(v)]  # a set without that group: NaN
                     row[key] = statistics.mean(known) if known else float("nan")
                     row[f"{key}_sd"] = statistics.pstdev(known) if known else float("nan")
                     row[f"{key}_all"] = got
-                row["plain_in_scope_accuracy"] = statistics.mean(r["plain_in_scope_accuracy"] for r in mine)
-                row["best_epochs"] = [r["best_epoch"] for r in mine]
-                row["train_seconds"] = statistics.mean(r["train_seconds"] for r in mine)
+                row["plain_in_scope_accuracy"] = statistics.mean(r["plain_in_scope_accuracy"] for r in scored)
+                row["best_epochs"] = [r["best_epoch"] for r in scored]
+                row["train_seconds"] = statistics.mean(r["train_seconds"] for r in scored)
                 rows.append(row)
     return rows
 
@@ -369,8 +370,9 @@ def geometry_table(runs: list[dict]) -> list[str]:
         "",
         "Every score at its best (runs since the geometry scores were added): in-scope accuracy at "
         "80% out-of-scope recall with the threshold set on the test data itself, which no threshold "
-        "chosen on validation can beat. knn: cosine similarity to the nearest training message; "
-        "centroid: to the nearest intent's mean sentence vector.",
+        "chosen on validation can beat. knn: cosine similarity to the nearest training message "
+        "(measured here only); centroid: to the nearest intent's mean sentence vector (the model's "
+        "own score since it was added; before, measured here the same way).",
         "",
         "| set | recipe | seeds | score | AUROC | best in-scope acc. at 80% OOS recall |",
         "| --- | --- | --- | --- | --- | --- |",

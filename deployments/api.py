@@ -191,7 +191,7 @@ class Calibration(BaseModel):
 
     temperature: bool
     fitted_temperature: float
-    score: str = Field(description="softmax (the calibrated top confidence) or energy.")
+    score: str = Field(description="softmax (the calibrated top confidence), energy or centroid.")
     target: str = Field(description="balance, handoff_rate, precision or oos_recall.")
     value: float | None
 

@@ -62,6 +62,11 @@ def test_export_then_load_answers_as_torch_does(fresh: Path, version: Path) -> N
         assert onnx_model.runtime == runtime and onnx_model.network is None
         probs = onnx_model.predict_proba(texts)
         assert np.array_equal(probs.argmax(1), reference.argmax(1)), runtime
+        # The intents' centroids are in the graph: the same similarities as torch's.
+        assert onnx_model.has_centroids and torch_model.has_centroids
+        similarity = slice(len(torch_model.labels), None)
+        logits, torch_logits = onnx_model.predict_logits(texts), torch_model.predict_logits(texts)
+        assert np.abs(logits[:, similarity] - torch_logits[:, similarity]).max() < tolerance, runtime
         assert np.abs(probs - reference).max() < tolerance, runtime
         # Token ids from elsewhere (Serve's tokenizer), padded by the model object: the same
         # answers. (int8 quantizes activations over each pass, so it is compared pass for pass.)

@@ -146,3 +146,35 @@ def test_a_model_saved_on_gpu_loads_anywhere_and_serves_in_half_precision(
     on_gpu.for_serving("bf16")
     assert on_gpu.network.head.weight.dtype == torch.bfloat16
     assert np.allclose(on_gpu.predict_proba(TEXTS), fp32, atol=0.02)
+
+
+def test_centroid_score_is_the_similarity_to_the_nearest_intent(model: IntentModel, tmp_path: Path) -> None:
+    texts = ["where is my parcel", "parcel not here", "forgot my password", "reset password", "refund status"]
+    labels = ["track_order", "track_order", "reset_password", "reset_password", "refund"]
+    assert not model.has_centroids
+    width = model.predict_logits(TEXTS).shape[1]
+    model.fit_centroids([*texts, "weather today"], [*labels, "oos"], batch_size=2)  # oos row left out
+    assert model.has_centroids
+    logits = model.predict_logits(texts)
+    assert logits.shape[1] == width + len(model.labels)  # one similarity per intent, after the heads
+    vectors = model.embed(texts)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    refund = unit[4]  # an intent with one row: its centroid is that row's direction
+    assert logits[4, 3 + 2] == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(logits[:, 3 + 2], unit @ refund, atol=1e-5)
+    order = unit[0] + unit[1]
+    assert np.allclose(logits[:, 3], unit @ (order / np.linalg.norm(order)), atol=1e-5)
+    model.calibration = CalibrationConfig(score="centroid")
+    assert np.allclose(model.split_heads(logits).score, logits[:, 3:].max(axis=1))
+    # Saved with the head and loaded back: the same similarities, and so the same answers.
+    model.threshold = float(np.median(model.split_heads(logits).score))
+    model.save_pretrained(tmp_path / "m")
+    again = IntentModel.load(tmp_path / "m", device="cpu")
+    assert again.has_centroids and np.allclose(again.predict_logits(texts), logits, atol=1e-6)
+    assert again.predict(texts) == model.predict(texts)
+
+
+def test_centroid_score_without_centroids_is_refused(model: IntentModel) -> None:
+    model.calibration = CalibrationConfig(score="centroid")
+    with pytest.raises(TransferDeskError, match="centroids"):
+        model.predict(TEXTS)

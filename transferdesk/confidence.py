@@ -16,10 +16,12 @@ from scipy.special import log_softmax, logsumexp, softmax
 
 from transferdesk.errors import TransferDeskError
 
-# How in-scope a message looks, higher = more: the calibrated top probability, or the energy
+# How in-scope a message looks, higher = more: the calibrated top probability; the energy
 # (temperature-free log-sum-exp of the logits, Liu et al. 2020), which keeps the logits' scale
-# that softmax normalises away.
-Score = Literal["softmax", "energy"]
+# that softmax normalises away; or the cosine similarity of the message's sentence vector to
+# the nearest intent centroid (the encoder's geometry: a message unlike every intent's training
+# rows is far from all of them, however the head ranks it).
+Score = Literal["softmax", "energy", "centroid"]
 SCORES: tuple[str, ...] = get_args(Score)
 Target = Literal["balance", "handoff_rate", "precision", "oos_recall"]
 TARGETS: tuple[str, ...] = get_args(Target)
@@ -40,8 +42,18 @@ def scaled_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return softmax(logits.astype(np.float64) / temperature, axis=1)
 
 
-def oos_score(logits: np.ndarray, temperature: float, score: str) -> np.ndarray:
-    """Per row, how in-scope it looks under `score` (higher: more)."""
+def oos_score(
+    logits: np.ndarray, temperature: float, score: str, similarity: np.ndarray | None = None
+) -> np.ndarray:
+    """Per row, how in-scope it looks under `score` (higher: more); `similarity`: rows ×
+    intents cosine similarities to the centroids, for the centroid score."""
+    if score == "centroid":
+        if similarity is None:
+            raise TransferDeskError(
+                "calibration.score centroid needs the intents' centroids, which this model does not "
+                "have (trained before they were stored); retrain it, or use softmax or energy"
+            )
+        return similarity.astype(np.float64).max(axis=1)
     if score == "energy":
         return logsumexp(logits.astype(np.float64), axis=1)
     return scaled_softmax(logits, temperature).max(axis=1)

@@ -305,7 +305,9 @@ class CalibrationConfig(Section):
     score: Score = Field(
         "energy",
         description="Out-of-scope score: energy (log-sum-exp of the intent's logits: how much the "
-        "message looks like any intent at all) or softmax (the calibrated top confidence).",
+        "message looks like any intent at all), softmax (the calibrated top confidence) or "
+        "centroid (cosine similarity of the message's sentence vector to the nearest intent's "
+        "mean training vector).",
     )
     target: Target = Field(
         "balance",

@@ -54,6 +54,8 @@ HEAD_FILE = "head.safetensors"
 SETTINGS_FILE = "classifier.json"
 # Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none).
 TASK_PREFIX = "tasks."
+# HEAD_FILE's key of the intents' centroids (versions saved before them have none).
+CENTROIDS_KEY = "centroids"
 
 
 # Versions saved before calibration: their thresholds are on the plain softmax.
@@ -74,9 +76,11 @@ def _rounded(value: float, digits: int | None) -> float:
 
 
 class IntentModel:
-    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold, and a head
-    per other task (`tasks`: task → its labels, in head order). Loaded with an ONNX runtime it
-    holds an ONNX Runtime session instead of the torch network, and only predicts."""
+    """Encoder + linear head with its tokenizer, labels and out-of-scope threshold, a head per
+    other task (`tasks`: task → its labels, in head order), and once trained the intents'
+    centroids (`fit_centroids`). Loaded with an ONNX runtime it holds an ONNX Runtime session
+    instead of the torch network (`centroids`: whether its output has their similarities), and
+    only predicts."""
 
     def __init__(
         self,
@@ -93,6 +97,7 @@ class IntentModel:
         tasks: dict[str, list[str]] | None = None,
         calibration: CalibrationConfig | None = None,
         temperature: float = 1.0,
+        centroids: bool = False,
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
@@ -101,7 +106,15 @@ class IntentModel:
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
         self.session, self.runtime = session, runtime
+        self._session_centroids = centroids
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+
+    @property
+    def has_centroids(self) -> bool:
+        """Whether a forward pass gives the similarity to each intent's centroid too."""
+        if self.network is not None:
+            return self.network.centroids is not None
+        return self._session_centroids
 
     # -- building, loading, saving ------------------------------------------------------------
 
@@ -162,6 +175,7 @@ class IntentModel:
             "tasks": settings.get("tasks"),
             "calibration": CalibrationConfig.model_validate(settings.get("calibration", LEGACY_CALIBRATION)),
             "temperature": settings.get("temperature", 1.0),
+            "centroids": settings.get("centroids", False),
         }
 
     @staticmethod
@@ -184,7 +198,9 @@ class IntentModel:
             encoder, len(settings["labels"]), settings["pooling"], settings["dropout"], heads
         )
         weights = load_file(root / HEAD_FILE)
-        net.head.load_state_dict({k: v for k, v in weights.items() if "." not in k})
+        net.head.load_state_dict({k: weights[k] for k in ("weight", "bias")})
+        if CENTROIDS_KEY in weights:
+            net.set_centroids(weights[CENTROIDS_KEY])
         for task, head in net.heads.items():
             head.load_state_dict({k: weights[f"{TASK_PREFIX}{task}.{k}"] for k in ("weight", "bias")})
         torch_device = select_device(device)
@@ -220,6 +236,7 @@ class IntentModel:
             tasks=self.tasks,
             calibration=self.calibration,
             temperature=self.temperature,
+            centroids=self.has_centroids,
         )
 
     @property
@@ -250,6 +267,8 @@ class IntentModel:
             head |= {
                 f"{TASK_PREFIX}{task}.{k}": v.detach().cpu().float() for k, v in module.state_dict().items()
             }
+        if net.centroids is not None:
+            head[CENTROIDS_KEY] = net.centroids.detach().cpu().float().contiguous()
         save_file(head, directory / HEAD_FILE)
         settings = {
             "labels": self.labels,
@@ -261,6 +280,7 @@ class IntentModel:
             "calibration": self.calibration.model_dump(mode="json"),
             "temperature": self.temperature,
             **({"tasks": self.tasks} if self.tasks else {}),
+            **({"centroids": True} if net.centroids is not None else {}),
         }
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
@@ -277,18 +297,19 @@ class IntentModel:
         return self.split_heads(self.predict_logits(texts, batch_size, progress))
 
     def split_heads(self, logits: np.ndarray) -> Heads:
-        """A forward pass's logits (every head's, side by side) as calibrated intent
-        probabilities, each task's probabilities and the out-of-scope score."""
+        """A forward pass's logits (every head's, side by side, then the centroid similarities)
+        as calibrated intent probabilities, each task's probabilities and the out-of-scope score."""
         intent, start, tasks = logits[:, : len(self.labels)], len(self.labels), {}
         for task, names in self.tasks.items():
             tasks[task] = softmax(logits[:, start : start + len(names)], axis=1)
             start += len(names)
+        similarity = logits[:, start : start + len(self.labels)] if self.has_centroids else None
         # Probabilities as float32, as the network gives them (pseudo-labels are stored so); the
         # score in float64, which keeps confidences near 1 apart for the threshold.
         return Heads(
             scaled_softmax(intent, self.temperature).astype(np.float32),
             tasks,
-            oos_score(intent, self.temperature, self.calibration.score),
+            oos_score(intent, self.temperature, self.calibration.score, similarity),
         )
 
     def predict_logits(
@@ -320,6 +341,17 @@ class IntentModel:
                 emb = net.embed(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             out[idx] = emb.float().cpu().numpy()
         return out
+
+    def fit_centroids(self, texts: list[str], labels: list[str], batch_size: int = 64) -> None:
+        """Each intent's centroid, the direction of the mean unit sentence vector of its rows
+        in `texts` (rows without one of the intents, out-of-scope ones, left out), for the
+        centroid score; forward passes give the similarity to each from now on."""
+        known, targets = self.intent_targets(labels)
+        vectors = self.embed([t for t, k in zip(texts, known, strict=True) if k], batch_size)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        sums = np.zeros((len(self.labels), vectors.shape[1]), dtype=np.float64)
+        np.add.at(sums, targets[known], vectors)
+        self.torch_network.set_centroids(torch.from_numpy(sums))
 
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
@@ -356,7 +388,7 @@ class IntentModel:
         ids, in input order."""
         if self.network is not None:
             self.network.eval()
-        width = len(self.labels) + sum(map(len, self.tasks.values()))
+        width = len(self.labels) * (1 + self.has_centroids) + sum(map(len, self.tasks.values()))
         logits = np.zeros((len(items), width), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):

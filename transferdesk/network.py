@@ -107,7 +107,8 @@ def freeze_lower_layers(encoder: nn.Module, n: int) -> None:
 
 class IntentClassifier(nn.Module):
     """BERT-style encoder, pooled sentence vector, dropout, a linear head for the intent and
-    one more for each other task (`heads`: task → its number of classes)."""
+    one more for each other task (`heads`: task → its number of classes); once trained, the
+    intents' centroids too (`set_centroids`)."""
 
     def __init__(
         self,
@@ -125,6 +126,14 @@ class IntentClassifier(nn.Module):
         self.heads = nn.ModuleDict(
             {task: nn.Linear(encoder.config.hidden_size, n) for task, n in (heads or {}).items()}
         )
+        # Not in the state dict: the model object saves it with the head (modeling.py).
+        self.register_buffer("centroids", None, persistent=False)
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        """The intents' centroids (intents × hidden; made unit length here): a buffer, moved and
+        exported with the network, never trained."""
+        device = self.head.weight.device
+        self.centroids = nn.functional.normalize(centroids.float(), dim=-1).to(device)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -134,12 +143,15 @@ class IntentClassifier(nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The intent logits, then each task's, side by side: one encoder pass, one output
-        (and so one output of the ONNX graph) whatever the heads."""
-        pooled = self.dropout(self.embed(input_ids, attention_mask))
-        if not self.heads:
-            return self.head(pooled)
-        return torch.cat([self.head(pooled), *(head(pooled) for head in self.heads.values())], dim=-1)
+        """The intent logits, then each task's, then (with centroids) the cosine similarity to
+        each intent's centroid, side by side: one encoder pass, one output (and so one output of
+        the ONNX graph) whatever the heads. Training uses `embed` and the heads, not this."""
+        embedded = self.embed(input_ids, attention_mask)
+        pooled = self.dropout(embedded)
+        out = [self.head(pooled), *(head(pooled) for head in self.heads.values())]
+        if self.centroids is not None:
+            out.append(nn.functional.normalize(embedded, dim=-1) @ self.centroids.to(embedded.dtype).T)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
 def tokenize(tokenizer: object, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -194,13 +194,16 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
         semi = semi_supervised_record(cfg, splits.pool, teachers, rounds, Registry(cfg.output), adapted)
     if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
         model.drop_task(SOURCE_TASK)
-    calibration = calibrate(model, splits.valid, cfg)
+    calibration = calibrate(model, splits, cfg)
     return RunResult(model, splits, result, checkpoint, timings, semi, calibration)
 
 
-def calibrate(model: IntentModel, valid: Dataset, cfg: RunConfig) -> dict:
-    """Fit the temperature and choose the hand-off threshold on validation data for the run's
-    calibration settings; returns what it did there (metrics.json's `calibration`)."""
+def calibrate(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
+    """Store the intents' centroids of the labelled training rows, then fit the temperature and
+    choose the hand-off threshold on validation data for the run's calibration settings;
+    returns what it did there (metrics.json's `calibration`)."""
+    valid = splits.valid
+    model.fit_centroids(splits.train.texts, splits.train.labels, cfg.runtime.eval_batch_size)
     model.calibration = cfg.calibration
     logits = model.predict_logits(valid.texts, cfg.runtime.eval_batch_size)
     before = model.calibration_error(logits, valid.labels, temperature=1.0)

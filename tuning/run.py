@@ -292,7 +292,7 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
         if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
             model.drop_task(SOURCE_TASK)
         splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
-        calibration = calibrate(model, splits.valid, cfg)
+        calibration = calibrate(model, splits, cfg)
         search_dir = draft.search_dir
         write_table(rows, search_dir)
         plot_curves(results, metric, search_dir / "curves.png")
