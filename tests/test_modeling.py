@@ -71,6 +71,7 @@ def test_calibrate_from_texts_sets_temperature_and_threshold(model: IntentModel)
     rows = toy_rows(0, 2)
     texts, labels = [t for t, _ in rows] + ["weather today"], [lab for _, lab in rows] + ["oos"]
     model.labels = ["track_order", "reset_password", "refund_status"]
+    model.fit_centroids(texts, labels)  # as training does before calibrating: the default score's
     heads = model.calibrate(texts, labels)
     assert heads.intent.shape == (len(texts), 3) and np.isfinite(model.threshold)
     assert model.temperature != 1.0

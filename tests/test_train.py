@@ -64,7 +64,8 @@ def test_training_learns_the_toy_task(tiny_config: RunConfig) -> None:
     # Validation has an out-of-scope row: the epoch is chosen on accuracy and AUROC together.
     assert result.fit.best_metric == best["accuracy_auroc"] == (best["accuracy"] + best["oos_auroc"]) / 2
     assert [h["epoch"] for h in result.fit.history] == list(range(1, result.fit.epochs_run + 1))
-    assert math.isfinite(result.model.threshold) and result.model.calibration.score == "energy"
+    assert math.isfinite(result.model.threshold) and result.model.calibration.score == "centroid"
+    assert result.model.has_centroids  # stored after training: the score has what it needs
 
 
 def test_seeded_runs_repeat_exactly(tiny_config: RunConfig) -> None:
@@ -272,7 +273,8 @@ def test_outlier_exposure_ranks_unseen_out_of_scope_messages_lower(
 
     def gap(weight: float) -> float:
         """How far the unseen out-of-scope messages' energy lies below the in-scope ones'."""
-        cfg = tiny_run(tiny_backbone, files, tmp_path / "registry", **{"training.outlier_weight": weight})
+        overrides = {"training.outlier_weight": weight, "calibration.score": "energy"}
+        cfg = tiny_run(tiny_backbone, files, tmp_path / "registry", **overrides)
         model = run_training(cfg).model
         scores = model.predict_heads(unseen + [t for t, _ in scoped]).score
         return float(scores[len(unseen) :].mean() - scores[: len(unseen)].mean())

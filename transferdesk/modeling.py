@@ -62,6 +62,16 @@ CENTROIDS_KEY = "centroids"
 LEGACY_CALIBRATION = {"temperature": False, "score": "softmax"}
 
 
+def training_calibration(calibration: CalibrationConfig) -> CalibrationConfig:
+    """What a model in training scores out-of-scope messages by (validation's AUROC chooses
+    its epoch with it): the run's score, or energy in place of the centroid score, whose
+    centroids training stores last (train.calibrate). Measured so: the centroid figures of
+    benchmarks/out_of_scope.py are of models whose epochs energy chose."""
+    if calibration.score != "centroid":
+        return calibration
+    return calibration.model_copy(update={"score": "energy"})
+
+
 class Heads(NamedTuple):
     """What one forward pass says of each row: the intent's calibrated probabilities, each other
     task's, and how in-scope the row looks (the model's out-of-scope score; higher: more)."""
@@ -102,7 +112,8 @@ class IntentModel:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
         self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
-        self.calibration, self.temperature = calibration or CalibrationConfig(), temperature
+        self.calibration = calibration or training_calibration(CalibrationConfig())
+        self.temperature = temperature
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
         self.session, self.runtime = session, runtime

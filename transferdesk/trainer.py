@@ -25,7 +25,7 @@ from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.evaluate import auroc, classification_metrics
 from transferdesk.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
-from transferdesk.modeling import IntentModel
+from transferdesk.modeling import IntentModel, training_calibration
 from transferdesk.network import (
     autocast,
     autocast_dtype,
@@ -427,7 +427,7 @@ def train_stage(
     model = IntentModel.from_backbone(
         backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained, tasks and tasks.labels
     )
-    model.calibration = cfg.calibration  # its score is what validation's out-of-scope AUROC uses
+    model.calibration = training_calibration(cfg.calibration)
     freeze_lower_layers(model.network.encoder, stage.freeze_layers)
     if cfg.model.head_init == "prototypes":
         init_head_from_prototypes(model, train)
