@@ -216,16 +216,8 @@ def separation(score: np.ndarray, correct: np.ndarray, is_oos: np.ndarray, group
 
 def sentence_vectors(model, texts: list[str]) -> np.ndarray:
     """The encoder's pooled sentence vectors, unit length."""
-    import torch
-
-    from transferdesk.network import length_sorted_batches, tokenize
-
-    net, out = model.network.eval(), np.zeros((len(texts), model.network.head.in_features), np.float32)
-    with torch.no_grad():
-        for idx in length_sorted_batches(texts, 128):
-            batch = tokenize(model.tokenizer, [texts[i] for i in idx], model.max_length)
-            out[idx] = net.embed(batch["input_ids"], batch["attention_mask"]).float().numpy()
-    return out / np.linalg.norm(out, axis=1, keepdims=True)
+    vectors = model.embed(texts, 128)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def geometry(model, train, test_texts: list[str], correct, is_oos, groups: list) -> dict:

@@ -353,16 +353,26 @@ class IntentModel:
             out[idx] = emb.float().cpu().numpy()
         return out
 
+    @torch.no_grad()
+    def class_centroids(
+        self, texts: list[str], labels: list[str], classes: list[str] | None = None, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each class's centroid (`classes`, default the intents), the direction of the mean
+        unit sentence vector of its rows (rows of other labels left out), classes × hidden on
+        the model's device; and the mean length of those rows' sentence vectors."""
+        classes = self.labels if classes is None else classes
+        index = {name: i for i, name in enumerate(classes)}
+        rows = [i for i, label in enumerate(labels) if label in index]
+        emb = torch.from_numpy(self.embed([texts[i] for i in rows], batch_size)).to(self.device)
+        targets = torch.tensor([index[labels[i]] for i in rows], device=self.device)
+        sums = torch.zeros(len(classes), emb.shape[1], device=self.device)
+        sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
+        return nn.functional.normalize(sums, dim=-1), emb.norm(dim=-1).mean()
+
     def fit_centroids(self, texts: list[str], labels: list[str], batch_size: int = 64) -> None:
-        """Each intent's centroid, the direction of the mean unit sentence vector of its rows
-        in `texts` (rows without one of the intents, out-of-scope ones, left out), for the
-        centroid score; forward passes give the similarity to each from now on."""
-        known, targets = self.intent_targets(labels)
-        vectors = self.embed([t for t, k in zip(texts, known, strict=True) if k], batch_size)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-        sums = np.zeros((len(self.labels), vectors.shape[1]), dtype=np.float64)
-        np.add.at(sums, targets[known], vectors)
-        self.torch_network.set_centroids(torch.from_numpy(sums))
+        """Store the intents' centroids of these rows (out-of-scope ones left out), for the
+        centroid score: forward passes give the similarity to each from now on."""
+        self.torch_network.set_centroids(self.class_centroids(texts, labels, batch_size=batch_size)[0])
 
     def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""

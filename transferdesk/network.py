@@ -130,10 +130,9 @@ class IntentClassifier(nn.Module):
         self.register_buffer("centroids", None, persistent=False)
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
-        """The intents' centroids (intents × hidden; made unit length here): a buffer, moved and
-        exported with the network, never trained."""
-        device = self.head.weight.device
-        self.centroids = nn.functional.normalize(centroids.float(), dim=-1).to(device)
+        """The intents' unit-length centroids (intents × hidden): a buffer, moved and exported
+        with the network, never trained."""
+        self.centroids = centroids.float().to(self.head.weight.device)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -8,7 +8,8 @@ Layout of one version, `<registry>/<name>/v<N>/`:
     config.yaml         the full RunConfig of the run, paths made portable
     metrics.json        test metrics (when a test file was given), validation history, search
     model_card.md       a short human summary, titled with the version number
-    test/               report.md, metrics.json, confusion.png of the test file (when given)
+    test/               evaluate.py's report of the test file (when given): report.md,
+                        metrics.json, confusion, reliability and hand-off plots
     search/             trial table, curves and search config (versions exported by `tune`)
     logs/               TensorBoard events of the run
     manifest.json       format, name, version, created, and SHA-256 of every file above;

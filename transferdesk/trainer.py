@@ -147,15 +147,9 @@ def init_head_from_prototypes(model: IntentModel, ds: Dataset, task: str | None 
     labels = model.labels if task is None else model.tasks[task]
     head = net.head if task is None else net.heads[task]
     ds = ds.subset(_class_sample(ds.labels, PROTOTYPE_ROWS))
-    index = {lab: i for i, lab in enumerate(labels)}
-    emb = torch.from_numpy(model.embed(ds.texts)).to(model.device)
-    targets = torch.tensor([index[lab] for lab in ds.labels], device=model.device)
-    sums = torch.zeros(len(labels), head.in_features, device=model.device)
-    sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
-    prototypes = nn.functional.normalize(sums, dim=-1)
+    prototypes, norm = model.class_centroids(ds.texts, ds.labels, labels)
     # The head sees unnormalised embeddings: divide by their typical norm to get cosines.
-    scale = PROTOTYPE_LOGIT_SCALE / emb.norm(dim=-1).mean()
-    head.weight.copy_(prototypes * scale)
+    head.weight.copy_(prototypes * (PROTOTYPE_LOGIT_SCALE / norm))
     head.bias.zero_()
 
 
