@@ -55,7 +55,7 @@ def run_key(name: str, seed: int) -> str:
 
 def run_one(name: str, seed: int, data: Path, work: Path) -> dict:
     from transferdesk.config import load_config
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     overrides = {
         **runs(data)[name],

@@ -101,8 +101,8 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
     from transferdesk.config import load_config
     from transferdesk.data import normalise
     from transferdesk.registry import Registry
-    from transferdesk.self_training import pool_neighbours, select_pseudo_labels, smooth
-    from transferdesk.train import train_and_register
+    from transferdesk.training.self_training import pool_neighbours, select_pseudo_labels, smooth
+    from transferdesk.training.train import train_and_register
 
     overrides = {
         "data.train": str(data / f"banking77/train_{shots}.csv"),
@@ -211,7 +211,7 @@ def markdown(results: list[dict], machine: str) -> str:
 
 
 def main() -> None:
-    from transferdesk.cli import add_config_flags, config_overrides
+    from transferdesk.cli.flags import add_config_flags, config_overrides
     from transferdesk.config import RunConfig
 
     parser = argparse.ArgumentParser(

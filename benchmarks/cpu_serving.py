@@ -64,7 +64,7 @@ def routing_policy(labels: list[str], path: Path) -> Path:
 def in_process(model_dir: str, runtime: str, texts: list[str], labels: list[str], seconds: float) -> dict:
     import torch
 
-    from transferdesk.modeling import IntentModel
+    from transferdesk.model.modeling import IntentModel
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

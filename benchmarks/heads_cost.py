@@ -48,7 +48,7 @@ from capture_cost import run_arm, summarise
 from cpu_serving import routing_policy
 from serve_load import messages, write_results
 
-from transferdesk.cli import add_config_flags, config_overrides
+from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import INTENT_TASK, RUNTIMES, RunConfig
 from transferdesk.errors import TransferDeskError
 
@@ -69,7 +69,7 @@ def heads_arm(tasks: dict) -> str:
 
 def train_variant(config: Path, overrides: dict, seed: int, heads: bool, work: Path) -> ModelVersion:
     from transferdesk.config import load_config
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     name = load_config(config, overrides).name
     settings = {
@@ -149,7 +149,7 @@ def intent_deltas(runs: list[dict]) -> list[dict]:
 def choose_runtime(versions: dict[str, ModelVersion], wanted: str) -> str:
     """One runtime for both arms: with auto, a version with an export and one without would
     otherwise compare int8 against torch."""
-    from transferdesk.runtime import resolve_runtime
+    from transferdesk.model.runtime import resolve_runtime
 
     chosen = {arm: resolve_runtime(version, wanted, "cpu")[0] for arm, version in versions.items()}
     if len(set(chosen.values())) > 1:
@@ -167,7 +167,7 @@ def in_process(
     alternating round by round, so that this CPU's drift hits both alike."""
     import torch
 
-    from transferdesk.modeling import IntentModel
+    from transferdesk.model.modeling import IntentModel
 
     threads = os.cpu_count() or 1
     # ONNX Runtime fixes its threads when a session is made: a model each for batches and singles.

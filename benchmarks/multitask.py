@@ -34,7 +34,7 @@ MODES = {
 
 def run_one(mode: str, seed: int, data: Path, work: Path) -> dict:
     from transferdesk.config import load_config
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     overrides = {
         "data.train": str(data / "banking77/train_10.csv"),

@@ -29,8 +29,8 @@ from scipy.stats import ks_2samp
 
 from transferdesk.config import DataConfig, ModelConfig
 from transferdesk.data import Dataset, few_shot
-from transferdesk.modeling import IntentModel
-from transferdesk.network import length_sorted_batches, tokenize
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import length_sorted_batches, tokenize
 
 HERE = Path(__file__).resolve().parent
 SAMPLES = 1000  # random test samples, each as large as the validation set

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from figures import child_result, mean_sd
 
-from transferdesk.confidence import SCORES
+from transferdesk.model.confidence import SCORES
 
 HERE = Path(__file__).resolve().parent
 # Per set: training file (and its few-shot k), then validation and test files, each with the
@@ -129,7 +129,7 @@ def texts_only(data: Path, files: list[str], out: Path) -> Path:
 def run_one(name: str, recipe: str, seed: int, data: Path, work: Path) -> dict:
     from transferdesk.config import load_config
     from transferdesk.data import read_dataset
-    from transferdesk.train import run_training
+    from transferdesk.training.train import run_training
 
     spec = SETS[name]
     work.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def separation(score: np.ndarray, correct: np.ndarray, is_oos: np.ndarray, group
     """AUROC of `score` (higher: more in-scope) over all out-of-scope rows and each group's,
     and the in-scope accuracy at the threshold that catches OOS_RECALL_TARGET of the
     out-of-scope test rows, set on test itself: the best any threshold of this score can do."""
-    from transferdesk.evaluate import auroc
+    from transferdesk.evaluation.metrics import auroc
 
     out = {"auroc": auroc(-score, is_oos)}
     for group in sorted({g for g in groups if g}):
@@ -231,8 +231,8 @@ def geometry(model, train, test_texts: list[str], correct, is_oos, groups: list)
 
 def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_groups) -> dict:
     """Every figure of one model, for each out-of-scope score, from its logits."""
-    from transferdesk.confidence import choose_threshold, operating_point, reliability
     from transferdesk.config import CalibrationConfig
+    from transferdesk.model.confidence import choose_threshold, operating_point, reliability
 
     known_v, targets_v = model.intent_targets(valid_labels)
     known_t, targets_t = model.intent_targets(test_labels)

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 from deployments.routing import decide, load_policy
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 
 MODEL = IntentModel.from_pretrained(os.environ["PEER_MODEL"], "cpu", os.environ.get("PEER_RUNTIME", "torch"))
 POLICY = load_policy(os.environ["PEER_POLICY"], MODEL.labels, MODEL.tasks)

@@ -116,7 +116,7 @@ def base_overrides(args: argparse.Namespace, seed: int, registry: Path) -> dict[
 
 def train(overrides: dict[str, Any]) -> tuple[Any, float]:
     from transferdesk.config import load_config
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     start = time.perf_counter()
     version = train_and_register(load_config(RECIPE, overrides))
@@ -165,7 +165,7 @@ def capture(store: Any, model_path: Path, texts: list[str], tag: str, threads: i
     """Predict every unreviewed live text and store it as serving's capture would."""
     import torch
 
-    from transferdesk.modeling import IntentModel
+    from transferdesk.model.modeling import IntentModel
     from transferdesk.review.store import Capture
 
     torch.set_num_threads(threads)

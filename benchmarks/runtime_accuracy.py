@@ -30,9 +30,9 @@ DEFAULT_ALLOWANCE = 0.5  # ExportConfig.max_accuracy_drop's default, in points (
 def measure(spec: str, args: argparse.Namespace) -> dict:
     from transferdesk.config import ExportConfig
     from transferdesk.data import read_dataset
-    from transferdesk.evaluate import evaluate
-    from transferdesk.export import export_version
-    from transferdesk.modeling import IntentModel
+    from transferdesk.evaluation.metrics import evaluate
+    from transferdesk.model.export import export_version
+    from transferdesk.model.modeling import IntentModel
     from transferdesk.registry import open_version
 
     version = open_version(spec)

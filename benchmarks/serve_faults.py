@@ -38,9 +38,9 @@ from serve_load import KEY, ROOT, messages, serve_pids, start_serve
 
 from deployments.cli import installed_command
 from transferdesk.config import load_config
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.train import train_and_register
+from transferdesk.training.train import train_and_register
 
 HERE = Path(__file__).resolve().parent
 WINDOW_S = 10.0  # of steady load before and after each event

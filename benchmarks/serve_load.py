@@ -39,7 +39,7 @@ import yaml
 
 from deployments.cli import installed_command, sigint_default
 from deployments.config import FAST_PATH_ENV, ServeArgs, serve_env
-from transferdesk.cli import add_config_flags, config_overrides
+from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import set_dotted
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +60,7 @@ def messages() -> list[str]:
 def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float, precision: str) -> dict:
     import torch
 
-    from transferdesk.modeling import IntentModel
+    from transferdesk.model.modeling import IntentModel
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = IntentModel.from_pretrained(model_dir, "cpu")

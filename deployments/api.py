@@ -29,7 +29,7 @@ from deployments.config import CALL_TEXTS, MAX_TOP_K, Coalescing, KeyRing, Limit
 from deployments.gate import BatchGate
 from deployments.routing import Priority
 from transferdesk import __version__
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")

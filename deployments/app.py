@@ -23,10 +23,10 @@ from deployments.config import MAX_TOP_K, ClassifierConfig, Rollout, ServeArgs
 from deployments.gate import BatchGate
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
-from transferdesk.prediction import Prediction
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.prediction import Prediction
+from transferdesk.model.runtime import choose_runtime
 from transferdesk.registry import ModelVersion, open_version
-from transferdesk.runtime import choose_runtime
 
 log = logging.getLogger("ray.serve")
 POLICY_CHECK_S = 2.0  # how often the router looks for an edited policy file

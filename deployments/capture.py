@@ -21,7 +21,7 @@ from typing import Literal
 
 from deployments.config import CaptureSettings
 from transferdesk.errors import TransferDeskError
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 from transferdesk.review.redaction import Redactor
 from transferdesk.review.store import Capture, Store, describe
 

@@ -23,11 +23,11 @@ from deployments.config import (
     is_exact_version,
     serve_env,
 )
-from transferdesk.cli import add_config_flags, config_overrides
+from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
+from transferdesk.model.runtime import choose_runtime
 from transferdesk.registry import open_version, resolve_version_dir, split_stage
-from transferdesk.runtime import choose_runtime
 
 SERVE_YAML = Path(__file__).with_name("serve.yaml")
 

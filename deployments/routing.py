@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from transferdesk.config import Section
 from transferdesk.errors import TransferDeskError
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 
 Priority = Literal["low", "normal", "high", "urgent"]
 PRIORITIES: tuple[str, ...] = get_args(Priority)

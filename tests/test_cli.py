@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from transferdesk.cli import build_parser, main
+from transferdesk.cli.main import build_parser, main
 
 
 def _tiny_train_args(tiny_config, toy_files: dict) -> list[str]:
@@ -101,7 +101,10 @@ def test_user_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
     ]
     for argv in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "transferdesk.cli", *argv], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "transferdesk", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode == 2, (argv, proc.stderr)
         assert proc.stderr.splitlines()[-1].startswith("error:") or "error:" in proc.stderr
@@ -141,7 +144,7 @@ def test_help_lists_every_setting() -> None:
 
 
 def test_one_override_syntax_with_values_read_as_typed(tmp_path: Path) -> None:
-    from transferdesk.cli import config_overrides
+    from transferdesk.cli.flags import config_overrides
     from transferdesk.errors import TransferDeskError
 
     train = build_parser().parse_args(

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from transferdesk.confidence import (
+from transferdesk.config import CalibrationConfig, build_config
+from transferdesk.errors import TransferDeskError
+from transferdesk.model.confidence import (
     choose_threshold,
     fit_temperature,
     handoff_curve,
@@ -10,8 +12,6 @@ from transferdesk.confidence import (
     operating_point,
     reliability,
 )
-from transferdesk.config import CalibrationConfig, build_config
-from transferdesk.errors import TransferDeskError
 
 
 def overconfident(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

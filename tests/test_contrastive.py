@@ -10,16 +10,16 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings
-from transferdesk import train
 from transferdesk.config import ModelConfig, RunConfig, SemiSupervisedConfig
-from transferdesk.contrastive import contrastive_key, contrastive_stage
 from transferdesk.data import load_splits
-from transferdesk.losses import self_contrastive
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.self_training import self_train
-from transferdesk.train import run_training, train_and_register
-from transferdesk.trainer import configure_runtime
+from transferdesk.training import train
+from transferdesk.training.contrastive import contrastive_key, contrastive_stage
+from transferdesk.training.losses import self_contrastive
+from transferdesk.training.self_training import self_train
+from transferdesk.training.train import run_training, train_and_register
+from transferdesk.training.trainer import configure_runtime
 
 
 def _mean_similarity(backbone: str, texts: list[str]) -> float:

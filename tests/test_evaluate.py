@@ -3,16 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferdesk.confidence import handoff_curve, operating_point, reliability
 from transferdesk.config import CalibrationConfig
 from transferdesk.data import Dataset
-from transferdesk.evaluate import (
-    auroc,
-    classification_metrics,
-    most_confused,
-    oos_metrics,
-    write_evaluation,
-)
+from transferdesk.evaluation.metrics import auroc, classification_metrics, oos_metrics
+from transferdesk.evaluation.report import most_confused, write_evaluation
+from transferdesk.model.confidence import handoff_curve, operating_point, reliability
 
 
 def test_classification_metrics_by_hand() -> None:

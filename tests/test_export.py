@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-import transferdesk.export as export_module
+import transferdesk.model.export as export_module
 from tests.conftest import toy_rows, write_csv
-from transferdesk.cli import main
+from transferdesk.cli.main import main
 from transferdesk.config import ExportConfig
 from transferdesk.data import read_dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.export import export_onnx, export_version
-from transferdesk.modeling import IntentModel
+from transferdesk.model.export import export_onnx, export_version
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import open_version, write_manifest
-from transferdesk.train import train_and_register
+from transferdesk.training.train import train_and_register
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from tests.conftest import toy_rows
 from transferdesk.config import CalibrationConfig, ModelConfig
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
-from transferdesk.network import IntentClassifier, load_encoder
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import IntentClassifier, load_encoder
 
 TEXTS = ["where is my parcel", "forgot my password", "refund status please", "weather today"]
 

@@ -15,9 +15,9 @@ from tests.conftest import make_tiny_backbone, tiny_run, write_csv
 from transferdesk.config import RunConfig, load_config
 from transferdesk.data import load_splits, read_dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
-from transferdesk.train import run_training, source_key, train_and_register
-from transferdesk.trainer import init_head_from_prototypes
+from transferdesk.model.modeling import IntentModel
+from transferdesk.training.train import run_training, source_key, train_and_register
+from transferdesk.training.trainer import init_head_from_prototypes
 
 # Two factors in every message: its topic (the intent) and its mood (a second task). Each
 # head must read other words of the message, through the one encoder both share.
@@ -199,7 +199,7 @@ def test_config_takes_tasks_as_names_or_settings(tmp_path: Path) -> None:
 
 def test_onnx_export_answers_every_head_as_torch(mood_backbone: Path, tmp_path: Path) -> None:
     from transferdesk.config import ExportConfig
-    from transferdesk.export import export_version
+    from transferdesk.model.export import export_version
 
     files = _files(tmp_path)
     version = train_and_register(_run(mood_backbone, files, tmp_path))
@@ -223,7 +223,7 @@ def test_onnx_export_answers_every_head_as_torch(mood_backbone: Path, tmp_path: 
 def test_command_line_shows_every_head(
     mood_backbone: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from transferdesk.cli import main
+    from transferdesk.cli.main import main
 
     files = _files(tmp_path)
     version = train_and_register(_run(mood_backbone, files, tmp_path))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from transferdesk.errors import TransferDeskError
-from transferdesk.network import (
+from transferdesk.model.network import (
     IntentClassifier,
     autocast_dtype,
     bundled_backbone_dir,
@@ -92,7 +92,7 @@ def test_device_selection() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_forward_under_autocast_on_gpu(tiny_backbone: Path) -> None:
-    from transferdesk.network import autocast
+    from transferdesk.model.network import autocast
 
     encoder, tokenizer = load_encoder(str(tiny_backbone))
     net = IntentClassifier(encoder, 3, "mean", 0.0).cuda()

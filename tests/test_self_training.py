@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings, write_csv
-from transferdesk import self_training
 from transferdesk.config import RunConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.self_training import _student_data, pool_neighbours, select_pseudo_labels, smooth
-from transferdesk.train import run_training, train_and_register
+from transferdesk.training import self_training
+from transferdesk.training.self_training import _student_data, pool_neighbours, select_pseudo_labels, smooth
+from transferdesk.training.train import run_training, train_and_register
 
 
 def test_pseudo_labels_respect_threshold_and_per_intent_cap() -> None:
@@ -189,7 +189,7 @@ def test_unreachable_threshold_is_refused(bridge_config: RunConfig) -> None:
 
 
 def test_bad_pools_stop_the_cli_before_training(tmp_path: Path, capsys) -> None:
-    from transferdesk.cli import main
+    from transferdesk.cli.main import main
 
     registry = tmp_path / "registry"
     wrong_column = write_csv(tmp_path / "pool.csv", [("where is it", "x")], header=("message", "id"))
@@ -223,7 +223,7 @@ def test_cached_pool_keeps_line_breaks_inside_messages(bridge_config: RunConfig,
 
 def test_teacher_key_tells_a_random_control_from_the_pretrained_backbone(bridge_config: RunConfig) -> None:
     from transferdesk.data import Pool
-    from transferdesk.self_training import teacher_key
+    from transferdesk.training.self_training import teacher_key
 
     train = Dataset(["a b"], ["x"])
     pool = Pool(["c"], "pool.txt", "0" * 64, 1)
@@ -238,7 +238,7 @@ def test_teacher_key_counts_out_of_scope_rows_only_where_teachers_learn_from_the
     bridge_config: RunConfig,
 ) -> None:
     from transferdesk.data import Pool
-    from transferdesk.self_training import teacher_key
+    from transferdesk.training.self_training import teacher_key
 
     train, pool = Dataset(["a b"], ["x"]), Pool(["c"], "pool.txt", "0" * 64, 1)
 

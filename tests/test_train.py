@@ -7,10 +7,10 @@ import torch
 
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import read_dataset
-from transferdesk.modeling import IntentModel
-from transferdesk.optim import build_optimizer, warmup_linear_decay
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import verify
-from transferdesk.train import run_training, source_key
+from transferdesk.training.optim import build_optimizer, warmup_linear_decay
+from transferdesk.training.train import run_training, source_key
 
 
 def _with(cfg: RunConfig, **overrides: object) -> RunConfig:
@@ -127,7 +127,7 @@ def test_few_shot_k_limits_training_rows(tiny_config: RunConfig) -> None:
 
 
 def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
-    from transferdesk.losses import supervised_contrastive
+    from transferdesk.training.losses import supervised_contrastive
 
     targets = torch.tensor([0, 0, 1, 1])
     clustered = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
@@ -138,7 +138,7 @@ def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
 
 def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     from transferdesk.data import load_splits
-    from transferdesk.trainer import Callback, train_stage
+    from transferdesk.training.trainer import Callback, train_stage
 
     class Seen(Callback):
         def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
@@ -162,7 +162,7 @@ def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
 
 
 def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
-    from transferdesk.sampling import shuffled_batches
+    from transferdesk.training.sampling import shuffled_batches
 
     lengths = [(i * 37) % 100 for i in range(200)]
     batches = shuffled_batches(lengths, 10, torch.Generator().manual_seed(0))
@@ -174,7 +174,7 @@ def test_shuffled_batches_cover_everything_once_with_similar_lengths() -> None:
 
 
 def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
-    from transferdesk.sampling import intent_grouped_batches
+    from transferdesk.training.sampling import intent_grouped_batches
 
     targets = [i % 40 for i in range(400)]  # 40 intents, 10 rows each
     batches = intent_grouped_batches(targets, 16, torch.Generator().manual_seed(0), per_intent=4)
@@ -199,7 +199,7 @@ def test_intent_grouped_batches_give_supcon_anchors_partners() -> None:
     ],
 )
 def test_own_random_stream_leaves_the_device_stream_as_it_was(device: str) -> None:
-    from transferdesk.trainer import own_random_stream
+    from transferdesk.training.trainer import own_random_stream
 
     torch.manual_seed(0)
     expected = torch.rand(4, device=device)
@@ -217,7 +217,7 @@ def test_own_random_stream_leaves_the_device_stream_as_it_was(device: str) -> No
 def test_training_on_gpu_publishes_a_model_that_answers_alike_on_cpu(
     tiny_config: RunConfig, precision: str
 ) -> None:
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     cfg = _with(tiny_config, **{"runtime.device": "cuda", "runtime.precision": precision})
     result = run_training(cfg)
@@ -239,7 +239,7 @@ def test_training_on_gpu_publishes_a_model_that_answers_alike_on_cpu(
 
 def test_cpu_runs_leave_torch_free_to_pick_its_kernels() -> None:
     from transferdesk.config import RuntimeConfig
-    from transferdesk.trainer import configure_runtime
+    from transferdesk.training.trainer import configure_runtime
 
     assert configure_runtime(RuntimeConfig(device="cpu", num_threads=1)).type == "cpu"
     assert not torch.are_deterministic_algorithms_enabled()  # process-wide: CPU needs none
@@ -249,7 +249,7 @@ def test_cpu_runs_leave_torch_free_to_pick_its_kernels() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_runs_switch_deterministic_kernels_on_and_off() -> None:
     from transferdesk.config import RuntimeConfig
-    from transferdesk.trainer import configure_runtime
+    from transferdesk.training.trainer import configure_runtime
 
     try:
         configure_runtime(RuntimeConfig(device="cuda", num_threads=1))
@@ -264,7 +264,7 @@ def test_outlier_exposure_ranks_unseen_out_of_scope_messages_lower(
     tiny_backbone: Path, toy_files: dict, tmp_path: Path
 ) -> None:
     from tests.conftest import tiny_run, toy_rows, write_csv
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     doubted = ["weather", "today", "weather weather", "today oos", "oos", "oos oos today"]
     train = write_csv(tmp_path / "t.csv", toy_rows(0, 4) + [(t, "oos") for t in doubted])
@@ -290,10 +290,10 @@ def test_outlier_exposure_ranks_unseen_out_of_scope_messages_lower(
 
 
 def test_a_target_measured_on_few_rows_is_flagged(tiny_config: RunConfig, caplog) -> None:
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     cfg = _with(tiny_config, **{"calibration.target": "oos_recall", "calibration.value": 0.8})
-    with caplog.at_level("WARNING", logger="transferdesk.train"):
+    with caplog.at_level("WARNING", logger="transferdesk.training.train"):
         version = train_and_register(cfg)
     chosen = version.metrics["calibration"]["valid"]
     # One out-of-scope validation row, handed off: recall 1, and all that says is 0.21–1.

@@ -13,8 +13,8 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from transferdesk.confidence import Score, Target
 from transferdesk.errors import TransferDeskError
+from transferdesk.model.confidence import Score, Target
 
 
 class Section(BaseModel):

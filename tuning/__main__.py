@@ -2,7 +2,7 @@
 
 import sys
 
-from transferdesk.cli import main
+from transferdesk.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["tune", *sys.argv[1:]]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from transferdesk.cli import ALIASES, add_config_flags, config_overrides
+from transferdesk.cli.flags import ALIASES, add_config_flags, config_overrides
 
 
 def add_tune_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

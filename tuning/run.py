@@ -18,12 +18,12 @@ from ray import tune
 from transferdesk.config import SOURCE_TASK
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
-from transferdesk.network import resolve_backbone
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
-from transferdesk.self_training import semi_supervised_record
-from transferdesk.train import calibrate, score_and_publish
-from transferdesk.trainer import resolve_monitor
+from transferdesk.training.self_training import semi_supervised_record
+from transferdesk.training.train import calibrate, score_and_publish
+from transferdesk.training.trainer import resolve_monitor
 from tuning.config import TuneSpec
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA

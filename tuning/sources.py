@@ -2,7 +2,7 @@
 candidate with joint transfer has none: its trials train the source task themselves).
 
 Candidates that share backbone, source data and source settings share one checkpoint
-(the cache key of transferdesk.train.source_key), and a checkpoint already in the
+(the cache key of transferdesk.training.train.source_key), and a checkpoint already in the
 registry's sources/ directory is reused across searches once its manifest checks out.
 """
 
@@ -14,8 +14,8 @@ import ray
 
 from transferdesk.config import RunConfig
 from transferdesk.data import check_training_data, raise_on_errors, read_dataset
-from transferdesk.train import source_key, source_stage
-from transferdesk.trainer import configure_runtime
+from transferdesk.training.train import source_key, source_stage
+from transferdesk.training.trainer import configure_runtime
 from tuning.config import Candidate, TuneSpec
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from ray import tune
 from ray.tune.search.sample import Domain
 
 from transferdesk.config import RunConfig
-from transferdesk.self_training import teacher_stage
+from transferdesk.training.self_training import teacher_stage
 from tuning.config import COMPARED, SEARCHABLE, Searchable, TuneSpec
 
 

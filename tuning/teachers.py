@@ -15,8 +15,8 @@ from transferdesk.config import RunConfig
 from transferdesk.data import load_splits
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry import Registry, TeacherRecord
-from transferdesk.self_training import teacher_labels
-from transferdesk.trainer import configure_runtime
+from transferdesk.training.self_training import teacher_labels
+from transferdesk.training.trainer import configure_runtime
 from tuning.config import TuneSpec
 
 log = logging.getLogger(__name__)

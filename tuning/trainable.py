@@ -8,10 +8,10 @@ import tempfile
 from ray import tune
 
 from transferdesk.data import load_splits
-from transferdesk.modeling import IntentModel
-from transferdesk.self_training import self_train
-from transferdesk.train import task_data
-from transferdesk.trainer import Callback, configure_runtime, selection_key, train_stage
+from transferdesk.model.modeling import IntentModel
+from transferdesk.training.self_training import self_train
+from transferdesk.training.train import task_data
+from transferdesk.training.trainer import Callback, configure_runtime, selection_key, train_stage
 from tuning.config import TuneSpec
 from tuning.space import trial_config
 from tuning.teachers import Teachers, load_teachers

@@ -26,7 +26,7 @@ import yaml
 from deployments.cli import SERVE_YAML, installed_command, sigint_default
 from deployments.config import serve_env
 from tests.conftest import TOY_INTENTS, Postgres, tiny_run, toy_rows, write_csv
-from transferdesk.train import train_and_register
+from transferdesk.training.train import train_and_register
 
 KEYS = ("test-key-number-one", "test-key-number-two")  # 16 characters at least
 START_TIMEOUT_S = 300

@@ -11,7 +11,7 @@ from deployments.capture import CaptureWriter
 from deployments.config import CaptureSettings
 from tests.conftest import Postgres
 from tests.deployments.conftest import UNREACHABLE_STORE, Service, ray_metrics, write_policy
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 from transferdesk.review.store import Store
 
 CARD = "4111 1111 1111 1111"  # passes the Luhn check

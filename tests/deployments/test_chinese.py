@@ -15,10 +15,10 @@ import yaml
 
 from tests.conftest import make_tiny_backbone, tiny_run
 from tests.deployments.conftest import app_config, free_port, serve_running
-from transferdesk.cli import main
+from transferdesk.cli.main import main
 from transferdesk.data import read_dataset, sample_path
-from transferdesk.evaluate import label_font, plot_confusion
-from transferdesk.train import train_and_register
+from transferdesk.evaluation.report import label_font, plot_confusion
+from transferdesk.training.train import train_and_register
 
 TRAIN, TEST = "sample:zh_customer_service/train.csv", "sample:zh_customer_service/test.csv"
 ASKED = ["我的快递到哪了？", "退款什么时候到账", "帮我开个发票，抬头是公司"]

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.cli import serve_config
 from tests.deployments.conftest import train_versions
-from transferdesk.cli import build_parser
+from transferdesk.cli.main import build_parser
 from transferdesk.errors import TransferDeskError
 
 

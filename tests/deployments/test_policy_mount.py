@@ -14,7 +14,7 @@ import pytest
 from deployments import app
 from deployments.config import ServeArgs
 from tests.deployments.conftest import write_policy
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 
 
 def configmap_mount(root: Path, version: str, stamp: str) -> Path:

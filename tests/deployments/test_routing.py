@@ -8,7 +8,7 @@ import yaml
 from deployments.config import CALL_TEXTS, ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
 from transferdesk.errors import TransferDeskError
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
 
 LABELS = ["track_order", "reset_password"]
 POLICY = {

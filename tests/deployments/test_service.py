@@ -32,8 +32,8 @@ from schemathesis.specs.openapi.checks import (
 from tests.conftest import TOY_INTENTS
 from tests.deployments.conftest import KEYS, Service, ray_metrics, write_policy
 from transferdesk.config import ExportConfig
-from transferdesk.export import export_version
-from transferdesk.modeling import IntentModel
+from transferdesk.model.export import export_version
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
 
 pytestmark = pytest.mark.integration

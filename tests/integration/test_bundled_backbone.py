@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from transferdesk.cli import main
+from transferdesk.cli.main import main
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version, verify
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def sample_model(registry: Path) -> Path:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "transferdesk.cli", "train", "--output", str(registry), *FAST],
+        [sys.executable, "-m", "transferdesk", "train", "--output", str(registry), *FAST],
         capture_output=True,
         text=True,
         timeout=900,

@@ -75,7 +75,16 @@ def review_page(store_url: str, tmp_path: Path) -> Iterator[ReviewPage]:
     port = free_port()
     env = {**os.environ, "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items())}
     log = tmp_path / "review.log"
-    command = [sys.executable, "-m", "transferdesk.cli", "review", "--store", store_url, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "transferdesk",
+        "review",
+        "--store",
+        store_url,
+        "--port",
+        str(port),
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -165,7 +174,7 @@ def _export(page: ReviewPage, tmp_path: Path) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-m",
-            "transferdesk.cli",
+            "transferdesk",
             "review",
             "export",
             "--store",

@@ -6,7 +6,7 @@ import pytest
 from tests.conftest import make_tiny_backbone
 from tests.tuning.conftest import write_spec
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
+from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import ModelVersion, open_version, verify
 from tuning.config import TuneSpec, load_spec
 from tuning.run import export, prepare_spec, search, tune_and_export

@@ -26,7 +26,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from transferdesk.confidence import (
+from transferdesk.config import CalibrationConfig, ModelConfig
+from transferdesk.errors import TransferDeskError
+from transferdesk.model.confidence import (
     OperatingPoint,
     choose_threshold,
     fit_temperature,
@@ -34,9 +36,7 @@ from transferdesk.confidence import (
     reliability,
     scaled_softmax,
 )
-from transferdesk.config import CalibrationConfig, ModelConfig
-from transferdesk.errors import TransferDeskError
-from transferdesk.network import (
+from transferdesk.model.network import (
     IntentClassifier,
     autocast,
     autocast_dtype,
@@ -45,9 +45,9 @@ from transferdesk.network import (
     select_device,
     tokenize,
 )
-from transferdesk.prediction import Prediction
+from transferdesk.model.prediction import Prediction
+from transferdesk.model.runtime import OnnxSession, resolve_runtime
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
-from transferdesk.runtime import OnnxSession, resolve_runtime
 
 # The model object's own files inside a saved directory (a registry version holds more).
 HEAD_FILE = "head.safetensors"
@@ -162,8 +162,8 @@ class IntentModel:
         version = spec if isinstance(spec, ModelVersion) else open_version(spec)
         runtime, export = resolve_runtime(version, runtime, device)
         if export is None:
-            return cls._load(version.path, device, version.legacy_classifier)
-        settings = version.legacy_classifier or cls._settings(version.path)
+            return cls._load(version.path, device)
+        settings = cls._settings(version.path)
         session = OnnxSession(export.file(runtime), threads)
         threshold = export.threshold(runtime)
         return cls(
@@ -200,9 +200,8 @@ class IntentModel:
         return cls._load(Path(directory), device)
 
     @classmethod
-    def _load(cls, root: Path, device: str, settings: dict | None = None) -> IntentModel:
-        if settings is None:
-            settings = cls._settings(root)
+    def _load(cls, root: Path, device: str) -> IntentModel:
+        settings = cls._settings(root)
         encoder, tokenizer = load_encoder(str(root / ENCODER_DIR))
         heads = {task: len(names) for task, names in settings.get("tasks", {}).items()}
         net = IntentClassifier(

@@ -27,7 +27,8 @@ import torch
 from transferdesk.config import ExportConfig
 from transferdesk.data import Dataset, check_eval_data, load_splits, raise_on_errors, read_dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import Heads, IntentModel
+from transferdesk.model.modeling import Heads, IntentModel
+from transferdesk.model.runtime import OnnxSession
 from transferdesk.registry import (
     ONNX_FILES,
     Export,
@@ -37,7 +38,6 @@ from transferdesk.registry import (
     open_version,
     save_export,
 )
-from transferdesk.runtime import OnnxSession
 
 log = logging.getLogger(__name__)
 

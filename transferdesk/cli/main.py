@@ -7,130 +7,24 @@ import getpass
 import json
 import logging
 import os
-import re
 import sys
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
-import yaml
-from pydantic import BaseModel
-
+from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import (
     RUNTIME_HELP,
     RUNTIMES,
     ExportConfig,
     RunConfig,
     build_config,
-    iter_fields,
     load_config,
 )
 from transferdesk.errors import TransferDeskError
 
 log = logging.getLogger("transferdesk")
-
-# Short flags (and their metavars) for the settings people change most; every setting also
-# has a --section.field flag.
-ALIASES = {
-    "data.train": ("--train", "FILE"),
-    "data.valid": ("--valid", "FILE"),
-    "data.test": ("--test", "FILE"),
-    "data.source": ("--source", "FILE"),
-    "model.backbone": ("--backbone", "NAME_OR_DIR"),
-    "output": ("--output", "DIR"),
-    "name": ("--name", "NAME"),
-}
-NULL_WORDS = {"none", "null", ""}
-INTEGER = re.compile(r"[-+]?\d+")
-FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-# Where add_config_flags leaves, on the parsed arguments, which settings it made flags for.
-FIELDS_DEST = "config_fields"
-
-
-def _metavar(annotation: Any) -> str:
-    """INT, FLOAT, {mean,cls}, INT|NONE … from a field's type annotation."""
-    if get_origin(annotation) is Literal:
-        return "{" + ",".join(map(str, get_args(annotation))) + "}"
-    parts = get_args(annotation) or (annotation,)
-    return "|".join(getattr(p, "__name__", str(p)).upper().replace("NONETYPE", "NONE") for p in parts)
-
-
-def _is_text(annotation: Any) -> bool:
-    return annotation is str or (
-        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
-    )
-
-
-def add_config_flags(
-    parser: argparse.ArgumentParser,
-    schema: type[BaseModel],
-    prefix: str = "",
-    aliases: dict[str, tuple[str, str]] | None = None,
-) -> None:
-    """One `--section.field VALUE` flag per setting of `schema` (fields of nested models under
-    `prefix`), generated so --help can never drift from the config, plus `--set KEY=VALUE`
-    as another spelling of the same. Read them back with `config_overrides(args)`."""
-    aliases = ALIASES if aliases is None else aliases
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    fields: dict[str, bool] = {}
-    for local, info in iter_fields(schema):
-        dotted = f"{prefix}{local}"
-        fields[dotted] = _is_text(info.annotation)
-        section = dotted.rsplit(".", 1)[0] if "." in dotted else "general"
-        if section not in groups:
-            groups[section] = parser.add_argument_group(f"{section} settings")
-        short, metavar = aliases.get(local, (None, _metavar(info.annotation)))
-        flags = dict.fromkeys(f for f in (short, f"--{dotted}") if f)
-        default = info.get_default(call_default_factory=True)
-        groups[section].add_argument(
-            *flags,
-            dest=dotted,
-            default=argparse.SUPPRESS,
-            metavar=metavar,
-            help=f"{info.description} [default: {default}]".replace("%", "%%"),  # argparse formats help
-        )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="set_pairs",
-        metavar="KEY=VALUE",
-        help="another spelling of --KEY VALUE (repeatable), e.g. --set training.epochs=5",
-    )
-    parser.set_defaults(**{FIELDS_DEST: fields})
-
-
-def parse_value(raw: str | None, text: bool) -> Any:
-    """A flag's value: null/none/empty is None; text settings as written; others as YAML, so
-    4, 1e-4, true and [8, 16] work."""
-    if raw is None or raw.strip().lower() in NULL_WORDS:
-        return None
-    if text:
-        return raw
-    # Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.
-    if INTEGER.fullmatch(raw.strip()):
-        return int(raw)
-    if FLOAT.fullmatch(raw.strip()):
-        return float(raw)
-    return yaml.safe_load(raw)
-
-
-def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The dotted settings given on the command line, as flags or as --set pairs."""
-    fields: dict[str, bool] = getattr(args, FIELDS_DEST)
-    given = {key: parse_value(value, fields[key]) for key, value in vars(args).items() if key in fields}
-    for pair in args.set_pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.epochs=5")
-        if key not in fields:
-            nested = [f for f in fields if f.endswith(f".{key}")]
-            hint = f"did you mean {nested[0]}?" if nested else "see --help for the settings"
-            raise TransferDeskError(f"--set {key}: no such setting; {hint}")
-        given[key] = parse_value(value, fields[key])
-    return given
 
 
 def _print_json(data: Any) -> None:
@@ -138,7 +32,7 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from transferdesk.train import train_and_register
+    from transferdesk.training.train import train_and_register
 
     cfg = load_config(args.config, config_overrides(args))
     if args.print_config:
@@ -149,8 +43,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from transferdesk.data import check_eval_data, raise_on_errors, read_dataset
-    from transferdesk.evaluate import evaluate, scored_labels, write_evaluation
-    from transferdesk.modeling import IntentModel
+    from transferdesk.evaluation.metrics import evaluate, scored_labels
+    from transferdesk.evaluation.report import write_evaluation
+    from transferdesk.model.modeling import IntentModel
     from transferdesk.registry import open_version
 
     version = open_version(args.model)
@@ -180,7 +75,7 @@ def _read_lines(path: str) -> list[str]:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from transferdesk.modeling import IntentModel
+    from transferdesk.model.modeling import IntentModel
 
     texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
     if not texts:
@@ -212,7 +107,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from transferdesk.export import export_version, summary
+    from transferdesk.model.export import export_version, summary
 
     cfg = build_config(config_overrides(args), "the command line", ExportConfig)
     export = export_version(args.model, cfg)
@@ -241,7 +136,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.backbone.lower() != "none":
         from transformers import AutoTokenizer
 
-        from transferdesk.network import resolve_backbone
+        from transferdesk.model.network import resolve_backbone
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.backbone))
     summary = summarize(ds, args.oos_label, tokenizer)
@@ -524,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("model_dir", help="the model directory, registry/<name>")
     stages.add_argument("--json", action="store_true", help="machine-readable output")
     stages.set_defaults(func=cmd_models_stages)
-    from transferdesk.review.cli import add_review_parser
+    from transferdesk.cli.review import add_review_parser
 
     add_review_parser(sub)
     # Commands of the packages built on the core (tuning: `tune`), found through their
@@ -559,7 +454,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was registered", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

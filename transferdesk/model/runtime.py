@@ -1,5 +1,5 @@
 """Where a model's forward pass runs: torch (CPU or GPU, training and predictions) or ONNX
-Runtime on CPU over a version's export (predictions only; see transferdesk.export).
+Runtime on CPU over a version's export (predictions only; see transferdesk.model.export).
 
 The model object picks one with `choose_runtime` and, for ONNX, runs an `OnnxSession`; the
 rest (tokenizer, labels, the out-of-scope rule) is the same whichever runs.

@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-from transferdesk.confidence import INTERVAL_CONFIDENCE
 from transferdesk.config import SOURCE_TASK, RunConfig
-from transferdesk.contrastive import contrastive_stage
 from transferdesk.data import (
     Dataset,
     Splits,
@@ -31,12 +29,21 @@ from transferdesk.data import (
     stratified_split,
     with_sample_defaults,
 )
-from transferdesk.evaluate import evaluate, scored_labels, scores_alone, write_evaluation
-from transferdesk.modeling import IntentModel
-from transferdesk.network import resolve_backbone
+from transferdesk.evaluation.metrics import evaluate, scored_labels, scores_alone
+from transferdesk.evaluation.report import write_evaluation
+from transferdesk.model.confidence import INTERVAL_CONFIDENCE
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path, sha256
-from transferdesk.self_training import self_train, semi_supervised_record, teacher_labels
-from transferdesk.trainer import FitResult, TaskData, configure_runtime, own_random_stream, train_stage
+from transferdesk.training.contrastive import contrastive_stage
+from transferdesk.training.self_training import self_train, semi_supervised_record, teacher_labels
+from transferdesk.training.trainer import (
+    FitResult,
+    TaskData,
+    configure_runtime,
+    own_random_stream,
+    train_stage,
+)
 
 log = logging.getLogger(__name__)
 

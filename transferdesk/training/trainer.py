@@ -23,18 +23,18 @@ from tqdm.auto import tqdm
 from transferdesk.config import SOURCE_TASK, RunConfig, RuntimeConfig, StageConfig
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
-from transferdesk.evaluate import auroc, classification_metrics
-from transferdesk.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
-from transferdesk.modeling import IntentModel, training_calibration
-from transferdesk.network import (
+from transferdesk.evaluation.metrics import auroc, classification_metrics
+from transferdesk.model.modeling import IntentModel, training_calibration
+from transferdesk.model.network import (
     autocast,
     autocast_dtype,
     freeze_lower_layers,
     select_device,
     tokenize,
 )
-from transferdesk.optim import build_optimizer, warmup_linear_decay
-from transferdesk.sampling import epoch_batches
+from transferdesk.training.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
+from transferdesk.training.optim import build_optimizer, warmup_linear_decay
+from transferdesk.training.sampling import epoch_batches
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transferdesk.cli import add_config_flags, config_overrides
+from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import ReviewConfig, load_config
 from transferdesk.errors import TransferDeskError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from transferdesk.config import StageConfig
-from transferdesk.network import IntentClassifier
+from transferdesk.model.network import IntentClassifier
 
 
 def build_optimizer(model: IntentClassifier, stage: StageConfig) -> torch.optim.AdamW:

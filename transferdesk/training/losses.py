@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferdesk.network import IntentClassifier
+from transferdesk.model.network import IntentClassifier
 
 # A row's target for a task it has no label for.
 UNLABELLED = -100

@@ -30,10 +30,10 @@ from sklearn.neighbors import NearestNeighbors
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import Dataset, Pool
 from transferdesk.errors import TransferDeskError
-from transferdesk.modeling import IntentModel
-from transferdesk.network import resolve_backbone
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import Registry, TeacherRecord
-from transferdesk.trainer import Callback, FitResult, TaskData, seed_everything, train_stage
+from transferdesk.training.trainer import Callback, FitResult, TaskData, seed_everything, train_stage
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import Pool
-from transferdesk.losses import self_contrastive
-from transferdesk.modeling import IntentModel
-from transferdesk.network import autocast, resolve_backbone, tokenize
-from transferdesk.optim import build_optimizer, warmup_linear_decay
+from transferdesk.model.modeling import IntentModel
+from transferdesk.model.network import autocast, resolve_backbone, tokenize
 from transferdesk.registry import Registry
-from transferdesk.sampling import shuffled_batches
-from transferdesk.trainer import grad_scaler, optimizer_step, own_random_stream
+from transferdesk.training.losses import self_contrastive
+from transferdesk.training.optim import build_optimizer, warmup_linear_decay
+from transferdesk.training.sampling import shuffled_batches
+from transferdesk.training.trainer import grad_scaler, optimizer_step, own_random_stream
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,128 @@
+"""Command-line flags from the pydantic configuration: one `--section.field VALUE` flag per
+setting, generated so that --help never drifts from the configuration, and `--set KEY=VALUE`
+as another spelling of the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel
+
+from transferdesk.config import (
+    iter_fields,
+)
+from transferdesk.errors import TransferDeskError
+
+# Short flags (and their metavars) for the settings people change most; every setting also
+# has a --section.field flag.
+ALIASES = {
+    "data.train": ("--train", "FILE"),
+    "data.valid": ("--valid", "FILE"),
+    "data.test": ("--test", "FILE"),
+    "data.source": ("--source", "FILE"),
+    "model.backbone": ("--backbone", "NAME_OR_DIR"),
+    "output": ("--output", "DIR"),
+    "name": ("--name", "NAME"),
+}
+
+
+NULL_WORDS = {"none", "null", ""}
+
+
+INTEGER = re.compile(r"[-+]?\d+")
+
+
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+# Where add_config_flags leaves, on the parsed arguments, which settings it made flags for.
+FIELDS_DEST = "config_fields"
+
+
+def _metavar(annotation: Any) -> str:
+    """INT, FLOAT, {mean,cls}, INT|NONE … from a field's type annotation."""
+    if get_origin(annotation) is Literal:
+        return "{" + ",".join(map(str, get_args(annotation))) + "}"
+    parts = get_args(annotation) or (annotation,)
+    return "|".join(getattr(p, "__name__", str(p)).upper().replace("NONETYPE", "NONE") for p in parts)
+
+
+def _is_text(annotation: Any) -> bool:
+    return annotation is str or (
+        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
+    )
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser,
+    schema: type[BaseModel],
+    prefix: str = "",
+    aliases: dict[str, tuple[str, str]] | None = None,
+) -> None:
+    """One `--section.field VALUE` flag per setting of `schema` (fields of nested models under
+    `prefix`), generated so --help can never drift from the config, plus `--set KEY=VALUE`
+    as another spelling of the same. Read them back with `config_overrides(args)`."""
+    aliases = ALIASES if aliases is None else aliases
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    fields: dict[str, bool] = {}
+    for local, info in iter_fields(schema):
+        dotted = f"{prefix}{local}"
+        fields[dotted] = _is_text(info.annotation)
+        section = dotted.rsplit(".", 1)[0] if "." in dotted else "general"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} settings")
+        short, metavar = aliases.get(local, (None, _metavar(info.annotation)))
+        flags = dict.fromkeys(f for f in (short, f"--{dotted}") if f)
+        default = info.get_default(call_default_factory=True)
+        groups[section].add_argument(
+            *flags,
+            dest=dotted,
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=f"{info.description} [default: {default}]".replace("%", "%%"),  # argparse formats help
+        )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="set_pairs",
+        metavar="KEY=VALUE",
+        help="another spelling of --KEY VALUE (repeatable), e.g. --set training.epochs=5",
+    )
+    parser.set_defaults(**{FIELDS_DEST: fields})
+
+
+def parse_value(raw: str | None, text: bool) -> Any:
+    """A flag's value: null/none/empty is None; text settings as written; others as YAML, so
+    4, 1e-4, true and [8, 16] work."""
+    if raw is None or raw.strip().lower() in NULL_WORDS:
+        return None
+    if text:
+        return raw
+    # Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.
+    if INTEGER.fullmatch(raw.strip()):
+        return int(raw)
+    if FLOAT.fullmatch(raw.strip()):
+        return float(raw)
+    return yaml.safe_load(raw)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted settings given on the command line, as flags or as --set pairs."""
+    fields: dict[str, bool] = getattr(args, FIELDS_DEST)
+    given = {key: parse_value(value, fields[key]) for key, value in vars(args).items() if key in fields}
+    for pair in args.set_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TransferDeskError(f"--set {pair!r}: expected KEY=VALUE, e.g. training.epochs=5")
+        if key not in fields:
+            nested = [f for f in fields if f.endswith(f".{key}")]
+            hint = f"did you mean {nested[0]}?" if nested else "see --help for the settings"
+            raise TransferDeskError(f"--set {key}: no such setting; {hint}")
+        given[key] = parse_value(value, fields[key])
+    return given

@@ -1,0 +1,1 @@
+"""Scoring a model on labelled data: metrics, reports and plots."""
