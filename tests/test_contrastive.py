@@ -14,10 +14,10 @@ from transferdesk.config import ModelConfig, RunConfig, SemiSupervisedConfig
 from transferdesk.data import load_splits
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.training import train
-from transferdesk.training.contrastive import contrastive_key, contrastive_stage
 from transferdesk.training.losses import self_contrastive
-from transferdesk.training.self_training import self_train
+from transferdesk.training.recipes import self_training
+from transferdesk.training.recipes.contrastive import contrastive_key, contrastive_stage
+from transferdesk.training.recipes.self_training import self_train
 from transferdesk.training.train import run_training, train_and_register
 from transferdesk.training.trainer import configure_runtime
 
@@ -106,7 +106,7 @@ def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunCo
         students.append(backbone)
         return self_train(cfg, backbone, *args, **kwargs)
 
-    monkeypatch.setattr(train, "self_train", student)
+    monkeypatch.setattr(self_training, "self_train", student)
     result = run_training(cfg)
     record = result.semi_supervised
     adapted = record["contrastive_encoder"]

@@ -16,7 +16,8 @@ from transferdesk.config import RunConfig, load_config
 from transferdesk.data import load_splits, read_dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
-from transferdesk.training.train import run_training, source_key, train_and_register
+from transferdesk.training.recipes.source import source_key
+from transferdesk.training.train import run_training, train_and_register
 from transferdesk.training.trainer import init_head_from_prototypes
 
 # Two factors in every message: its topic (the intent) and its mood (a second task). Each

@@ -13,8 +13,13 @@ from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
-from transferdesk.training import self_training
-from transferdesk.training.self_training import _student_data, pool_neighbours, select_pseudo_labels, smooth
+from transferdesk.training.recipes import self_training
+from transferdesk.training.recipes.self_training import (
+    _student_data,
+    pool_neighbours,
+    select_pseudo_labels,
+    smooth,
+)
 from transferdesk.training.train import run_training, train_and_register
 
 
@@ -223,7 +228,7 @@ def test_cached_pool_keeps_line_breaks_inside_messages(bridge_config: RunConfig,
 
 def test_teacher_key_tells_a_random_control_from_the_pretrained_backbone(bridge_config: RunConfig) -> None:
     from transferdesk.data import Pool
-    from transferdesk.training.self_training import teacher_key
+    from transferdesk.training.recipes.self_training import teacher_key
 
     train = Dataset(["a b"], ["x"])
     pool = Pool(["c"], "pool.txt", "0" * 64, 1)
@@ -238,7 +243,7 @@ def test_teacher_key_counts_out_of_scope_rows_only_where_teachers_learn_from_the
     bridge_config: RunConfig,
 ) -> None:
     from transferdesk.data import Pool
-    from transferdesk.training.self_training import teacher_key
+    from transferdesk.training.recipes.self_training import teacher_key
 
     train, pool = Dataset(["a b"], ["x"]), Pool(["c"], "pool.txt", "0" * 64, 1)
 

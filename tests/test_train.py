@@ -10,7 +10,8 @@ from transferdesk.data import read_dataset
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import verify
 from transferdesk.training.optim import build_optimizer, warmup_linear_decay
-from transferdesk.training.train import run_training, source_key
+from transferdesk.training.recipes.source import source_key
+from transferdesk.training.train import run_training
 
 
 def _with(cfg: RunConfig, **overrides: object) -> RunConfig:

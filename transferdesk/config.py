@@ -415,6 +415,13 @@ class RunConfig(Section):
         description="Model name in the registry.",
     )
     output: str = Field("registry", description="Registry directory new versions are written to.")
+    recipe: list[str] = Field(
+        default_factory=list,
+        description="The training methods, in order (transferdesk/training/recipes/: source, joint, "
+        "contrastive, self_training, finetune; or module:Class for one of your own); the last that "
+        "fits a model fits it. Empty: the chain the data implies (a source task, then a pool's "
+        "contrastive stage, then self-training with a pool, else fine-tuning).",
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     training: StageConfig = StageConfig()

@@ -205,18 +205,6 @@ class TuneSpec(Section):
             )
         return self
 
-    @model_validator(mode="after")
-    def _no_contrastive_stage(self) -> TuneSpec:
-        # Trials fine-tune the candidates' encoders as prepared before the search; a stage
-        # between them and the pool's teachers would need preparing per candidate as well.
-        if self.run.data.unlabelled and self.run.semi_supervised.contrastive_epochs:
-            raise ValueError(
-                "run.semi_supervised: a search does not run the contrastive pre-training stage; "
-                "set contrastive_epochs 0 and pseudo_labels true, or point a candidate's backbone "
-                "at an encoder already pre-trained on the pool"
-            )
-        return self
-
     def base_run(self) -> RunConfig:
         """The run settings every trial and source stage starts from: no progress bars (Tune
         shows its own) and one torch thread per CPU reserved for it."""

@@ -15,21 +15,19 @@ from typing import Literal
 import ray
 from ray import tune
 
-from transferdesk.config import SOURCE_TASK
 from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sample_defaults
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
-from transferdesk.training.self_training import semi_supervised_record
-from transferdesk.training.train import calibrate, score_and_publish
+from transferdesk.training.recipe import load_run
+from transferdesk.training.train import finish, pool_record, score_and_publish
 from transferdesk.training.trainer import resolve_monitor
 from tuning.config import TuneSpec
+from tuning.prepare import Preparations, preparation, prepare_candidates
 from tuning.report import plot_curves, trial_rows, write_table
 from tuning.schedule import BaselineExemptASHA
-from tuning.sources import prepare_backbones, source_config
 from tuning.space import baseline_points, param_space, trial_config
-from tuning.teachers import Teachers, load_teachers, prepare_teachers
 from tuning.trainable import run_trial
 
 log = logging.getLogger(__name__)
@@ -138,11 +136,9 @@ def experiment_path(spec: TuneSpec) -> str:
 Resume = bool | Literal["auto"]  # "auto": resume when the search exists, else start it
 
 
-def build_tuner(spec: TuneSpec, backbones: dict[str, str], teachers: Teachers, resume: Resume) -> tune.Tuner:
+def build_tuner(spec: TuneSpec, preparations: Preparations, resume: Resume) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial, spec_json=spec.model_dump_json(), backbones=backbones, teachers=teachers
-        ),
+        tune.with_parameters(run_trial, spec_json=spec.model_dump_json(), preparations=preparations),
         {"cpu": spec.search.cpus_per_trial, "gpu": spec.search.gpus_per_trial},
     )
     path = experiment_path(spec)
@@ -208,10 +204,9 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
     """Everything before export. Trials read training and validation data only (with a pool,
     the teachers' tasks read the test file too, to keep its texts out of the pool)."""
     connect(address, spec)
-    backbones = prepare_backbones(spec)
-    teachers = prepare_teachers(spec, backbones)
+    preparations = prepare_candidates(spec)
     started = time.monotonic()
-    results = build_tuner(spec, backbones, teachers, resume).fit()
+    results = build_tuner(spec, preparations, resume).fit()
     finished = results.num_terminated + results.num_errors
     budget = spec.search.time_budget_s
     out_of_time = budget is not None and time.monotonic() - started >= budget
@@ -223,14 +218,13 @@ def search(spec: TuneSpec, address: str | None = None, resume: Resume = False) -
     if not any(r.checkpoint for r in results):
         errors = "; ".join(str(e).splitlines()[-1] for e in results.errors[:3])
         raise TransferDeskError(f"no trial finished an epoch, nothing to export ({errors})")
-    return SearchResult(results, backbones, teachers)
+    return SearchResult(results, preparations)
 
 
 @dataclass
 class SearchResult:
     results: tune.ResultGrid
-    backbones: dict[str, str]  # candidate → the backbone its trials started from
-    teachers: Teachers  # candidate → teacher backbone → cache keys of its teachers' pool labels
+    preparations: Preparations  # what each candidate's trials fitted from (tuning.prepare)
 
 
 def experiment_id(spec: TuneSpec) -> str:
@@ -272,27 +266,16 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
     rows = trial_rows(results, metric, baseline_points(spec) if spec.search.baseline else [])
     candidate = spec.candidate(best.config["candidate"])
     # The recipe as configured (the candidate's backbone and source, the test file), not the
-    # trial's cached source checkpoint; the threshold is chosen on validation data as in train.
-    trial = trial_config(spec, best.config, candidate.backbone)
-    cfg = trial.model_copy(
-        update={
-            "data": trial.data.model_copy(
-                update={
-                    "test": spec.run.data.test,
-                    "source": candidate.source,
-                    "unlabelled": spec.run.data.unlabelled,
-                }
-            ),
-            "source_training": source_config(spec, candidate).source_training,
-        }
-    )
+    # trial's prepared encoder; the threshold is chosen on validation data as in train.
+    trial = trial_config(spec, best.config)
+    cfg = trial.model_copy(update={"data": trial.data.model_copy(update={"test": spec.run.data.test})})
+    prepared = preparation(found.preparations, cfg, candidate.name)
     registry = Registry(spec.run.output)
     with registry.draft(spec.run.name) as draft, best.checkpoint.as_directory() as checkpoint:
         model = load_checkpoint(Path(checkpoint))
-        if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
-            model.drop_task(SOURCE_TASK)
-        splits = load_splits(cfg.data.model_copy(update={"source": None}), cfg.runtime.seed)
-        calibration = calibrate(model, splits, cfg)
+        run = load_run(cfg, candidate.pretrained, data=cfg.data.model_copy(update={"source": None}))
+        run.prepared = prepared
+        calibration = finish(model, run.splits, cfg)
         search_dir = draft.search_dir
         write_table(rows, search_dir)
         plot_curves(results, metric, search_dir / "curves.png")
@@ -307,23 +290,21 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
             },
             "calibration": calibration,
         }
-        if records := load_teachers(cfg, found.teachers, candidate.name):
-            metrics["semi_supervised"] = semi_supervised_record(cfg, splits.pool, records, [], registry)
+        if prepared.teachers:
+            metrics["semi_supervised"] = pool_record(run, [])
         meta = VersionMeta(
             labels=model.labels,
             backbone=registry.portable(candidate.backbone),
             source=registry.portable(candidate.source),
-            source_checkpoint=registry.portable(found.backbones[candidate.name])
-            if candidate.source_stage
-            else None,
+            source_checkpoint=registry.portable(prepared.source_checkpoint),
             candidate=candidate.name,
             pretrained=candidate.pretrained,
-            train_examples=len(splits.train),
+            train_examples=len(run.splits.train),
             tasks=model.tasks,
             timings={"train_seconds": float(best.metrics_dataframe["time_total_s"].iloc[-1])},
             device="cuda" if spec.search.gpus_per_trial else "cpu",  # where the trials trained
         )
-        return score_and_publish(draft, model, cfg, splits.test, metrics, meta)
+        return score_and_publish(draft, model, cfg, run.splits.test, metrics, meta)
 
 
 def exported_version(spec: TuneSpec) -> ModelVersion | None:

@@ -9,8 +9,8 @@ from ray import tune
 from ray.tune.search.sample import Domain
 
 from transferdesk.config import RunConfig
-from transferdesk.training.self_training import teacher_stage
-from tuning.config import COMPARED, SEARCHABLE, Searchable, TuneSpec
+from transferdesk.training.recipes.self_training import teacher_stage
+from tuning.config import COMPARED, SEARCHABLE, Candidate, Searchable, TuneSpec
 
 
 def _domain(knob: Searchable, value: Any) -> Any:
@@ -63,20 +63,39 @@ def baseline_points(spec: TuneSpec) -> list[dict[str, Any]]:
     return points
 
 
-def trial_config(spec: TuneSpec, params: dict[str, Any], backbone: str) -> RunConfig:
-    """The RunConfig of one trial: the base run with the sampled values, never the test file."""
-    data = spec.base_run().model_dump()
+def candidate_config(spec: TuneSpec, candidate: Candidate) -> RunConfig:
+    """The run settings of a candidate's preparation: the run's own, with its backbone and
+    source stage; no test file (trials never read it) unless a pool must be kept apart from it."""
+    base = spec.base_run()
+    stage = base.source_training.model_copy(
+        update={
+            "objective": candidate.objective,
+            "epochs": candidate.source_epochs or base.source_training.epochs,
+            "mode": candidate.transfer,
+        }
+    )
+    data = base.data.model_copy(update={"source": candidate.source})
+    return base.model_copy(
+        update={
+            "model": base.model.model_copy(update={"backbone": candidate.backbone}),
+            "data": data,
+            "source_training": stage,
+        }
+    )
+
+
+def trial_config(spec: TuneSpec, params: dict[str, Any]) -> RunConfig:
+    """The RunConfig of one trial: its candidate's run (`candidate_config`) with the sampled
+    values, never the test file. Its teachers keep the run's own training settings, whatever
+    the trial samples, so that all trials share them (tuning.prepare)."""
+    candidate = spec.candidate(params["candidate"])
+    base = candidate_config(spec, candidate)
+    data = base.model_dump()
     for name, knob in SEARCHABLE.items():
         section, field = knob.target.split(".")
         # A setting added since a resumed search started keeps the run's own value.
         data[section][field] = params.get(name, data[section][field])
-    data["model"]["backbone"] = backbone
-    # Source stages and teachers are prepared before the search (tuning.sources, .teachers),
-    # the teachers with the run's own training settings, whatever the trial samples; a joint
-    # source trains in the trial.
-    candidate = spec.candidate(params["candidate"])
-    data["data"].update(test=None, source=candidate.joint_source, unlabelled=None)
-    data["source_training"]["mode"] = candidate.transfer
+    data["data"]["test"] = None
     if spec.uses_pool():
         data["semi_supervised"]["teacher_training"] = teacher_stage(spec.base_run()).model_dump()
     return RunConfig.model_validate(data)

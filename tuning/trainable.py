@@ -1,5 +1,6 @@
-"""One Ray Tune trial: fine-tune on the target task with sampled settings, reporting the
-validation metric every epoch and a checkpoint whenever it improves."""
+"""One Ray Tune trial: the run's recipe fitted with the sampled settings from its candidate's
+preparation, reporting the validation metrics every epoch and a checkpoint whenever the
+trial's best improves."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ import tempfile
 
 from ray import tune
 
-from transferdesk.data import load_splits
 from transferdesk.model.modeling import IntentModel
-from transferdesk.training.self_training import self_train
-from transferdesk.training.train import task_data
-from transferdesk.training.trainer import Callback, configure_runtime, selection_key, train_stage
+from transferdesk.training.recipe import fit, load_run
+from transferdesk.training.trainer import Callback, selection_key
 from tuning.config import TuneSpec
+from tuning.prepare import Preparations, preparation
 from tuning.space import trial_config
-from tuning.teachers import Teachers, load_teachers
 
 # And, where validation has out-of-scope rows, oos_auroc and accuracy_auroc (trainer.validation_score).
 REPORTED = ("epoch", "loss", "accuracy", "macro_f1", "oos_auroc", "accuracy_auroc")
@@ -41,37 +40,14 @@ class TuneReport(Callback):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run_trial(params: dict, spec_json: str, backbones: dict[str, str], teachers: Teachers) -> None:
+def run_trial(params: dict, spec_json: str, preparations: Preparations) -> None:
     spec = TuneSpec.model_validate_json(spec_json)
     candidate = spec.candidate(params["candidate"])
-    cfg = trial_config(spec, params, backbones[candidate.name])
-    device = configure_runtime(cfg.runtime)
-    splits = load_splits(cfg.data, cfg.runtime.seed)  # train and valid only: cfg.data.test is None
-    tasks = task_data(cfg, splits)
-    if records := load_teachers(cfg, teachers, candidate.name):
-        self_train(
-            cfg,
-            cfg.model.backbone,
-            splits.train,
-            splits.valid,
-            records,
-            device,
-            pretrained=candidate.pretrained,
-            callbacks=[TuneReport(spec.search.metric)],
-            tasks=tasks,
-            outliers=splits.outliers,
-        )
-        return
-    train_stage(
-        cfg.model.backbone,
-        splits.train,
-        splits.valid,
-        cfg,
-        cfg.training,
-        device,
-        f"trial {candidate.name}",
-        pretrained=candidate.pretrained,
-        callbacks=[TuneReport(spec.search.metric)],
-        tasks=tasks,
-        outliers=splits.outliers,
-    )
+    cfg = trial_config(spec, params)
+    prepared = preparation(preparations, cfg, candidate.name)
+    # Training and validation data only (and a joint source task's): the pool is in the
+    # teachers' labels, a sequential source in the prepared encoder.
+    data = cfg.data.model_copy(update={"source": candidate.joint_source, "unlabelled": None})
+    run = load_run(cfg, candidate.pretrained, data=data, prepared=prepared)
+    run.callbacks.append(TuneReport(spec.search.metric))
+    fit(run)

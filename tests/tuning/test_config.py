@@ -62,12 +62,15 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         "teacher_backbone": "/models/mpnet",
         "candidate": "minilm",
     }
-    cfg = trial_config(spec, params, "/ckpt")
+    cfg = trial_config(spec, params)
     assert (cfg.semi_supervised.targets, cfg.semi_supervised.threshold) == ("hard", 0.7)
-    assert cfg.semi_supervised.teacher_backbone == "/models/mpnet"  # the student keeps /ckpt
+    assert cfg.semi_supervised.teacher_backbone == "/models/mpnet"  # the student keeps the candidate's
     assert cfg.semi_supervised.teacher_training is None  # no pool: no teachers to pin
     assert (cfg.training.encoder_lr, cfg.training.epochs, cfg.model.pooling) == (3e-5, 4, "cls")
-    assert cfg.model.backbone == "/ckpt" and cfg.data.test is None and cfg.data.source is None
+    # The candidate's recipe, as configured: its backbone and source (the run's own source is not
+    # a candidate's), never the test file.
+    assert cfg.model.backbone == "all-MiniLM-L6-v2" and cfg.data.source is None and cfg.data.test is None
+    assert cfg.recipe == [] and cfg.source_training.mode == "sequential"
     assert cfg.runtime.num_threads == 1 and not cfg.runtime.progress
 
 
@@ -84,10 +87,6 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
         ({"space": {"encoder_lr": [0, 1e-4]}}, r"space\.encoder_lr\.0: Input should be greater than 0"),
         ({"space": {"epochs": [0, 3]}}, r"space\.epochs\.0: Input should be greater than or equal to 1"),
         ({"space": {"pooling": ["max"]}}, r"space\.pooling\.0: Input should be 'mean' or 'cls'"),
-        (
-            {"run": {"data": {"unlabelled": "pool.txt"}, "semi_supervised": {"contrastive_epochs": 1}}},
-            "a search does not run the contrastive pre-training stage",
-        ),
     ],
 )
 def test_empty_or_contradictory_spaces_are_refused(tmp_path: Path, data: dict, message: str) -> None:
@@ -131,25 +130,32 @@ def test_pool_searches_pin_the_teachers_and_compare_with_and_without_it() -> Non
     ]
     params = {**points[0], "encoder_lr": 9e-5}
     params |= {n: k.default[0] for n, k in SEARCHABLE.items() if n not in params}
-    cfg = trial_config(spec, params, "/ckpt")
+    cfg = trial_config(spec, params)
     # The student takes the sampled rate; the teachers keep the run's own, so all trials share them.
     assert cfg.training.encoder_lr == 9e-5 and cfg.semi_supervised.teacher_training.encoder_lr == 6e-5
-    assert cfg.data.unlabelled is None  # trials read the pool from the teachers' cache
 
 
 def test_a_setting_added_since_a_resumed_search_started_keeps_the_run_value() -> None:
     spec = TuneSpec.model_validate({"run": {"semi_supervised": {"teacher_backbone": "/models/mpnet"}}})
     params = {n: k.default[0] for n, k in SEARCHABLE.items() if n != "teacher_backbone"}
-    cfg = trial_config(spec, params | {"candidate": "minilm"}, "/ckpt")
+    cfg = trial_config(spec, params | {"candidate": "minilm"})
     assert cfg.semi_supervised.teacher_backbone == "/models/mpnet"
 
 
-def test_teachers_of_an_encoder_the_search_never_prepared_are_a_clear_error() -> None:
+def test_a_preparation_the_search_never_made_is_a_clear_error() -> None:
     from transferdesk.config import RunConfig
-    from transferdesk.errors import TransferDeskError
-    from tuning.teachers import load_teachers
+    from transferdesk.training.recipe import Prepared
+    from tuning.prepare import preparation
 
-    cfg = RunConfig.model_validate({"semi_supervised": {"teacher_backbone": "/models/mpnet"}})
-    with pytest.raises(TransferDeskError, match=r"no teachers on /models/mpnet .* new --name"):
-        load_teachers(cfg, {"minilm": {"": ["key"]}}, "minilm")
-    assert load_teachers(cfg, {}, "minilm") is None  # a search without a pool
+    cfg = RunConfig.model_validate(
+        {"data": {"unlabelled": "pool.txt"}, "semi_supervised": {"teacher_backbone": "/models/mpnet"}}
+    )
+    prepared = {("minilm", "", True): Prepared("minilm"), ("minilm", "", False): Prepared("minilm")}
+    with pytest.raises(
+        TransferDeskError, match=r"candidate minilm with teacher backbone /models/mpnet .* new --name"
+    ):
+        preparation(prepared, cfg, "minilm")
+    without_pool = cfg.model_copy(
+        update={"semi_supervised": cfg.semi_supervised.model_copy(update={"enabled": False})}
+    )
+    assert preparation(prepared, without_pool, "minilm") is prepared[("minilm", "", False)]

@@ -205,8 +205,8 @@ def test_pool_search_shares_teachers_and_reports_what_the_pool_bought(
     assert not found.results.errors
     teachers = sorted(d.name for d in (tmp_path / "registry" / "teachers").iterdir())
     # Two seeds on each encoder ("": the candidate's own), each trained once.
-    own, larger = found.teachers["tiny"][""], found.teachers["tiny"][str(wide)]
-    assert len(teachers) == 4 and sorted(own + larger) == teachers
+    own, larger = found.preparations["tiny", "", True], found.preparations["tiny", str(wide), True]
+    assert len(teachers) == 4 and sorted(own.teachers + larger.teachers) == teachers
     version = export(spec, found)
     rows = _rows(version)
     baselines = [r for r in rows if r["baseline"] == "True"]

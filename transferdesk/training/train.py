@@ -1,110 +1,29 @@
-"""The recipe: an optional source stage, the few-shot target stage (or, with an unlabelled
-pool, teachers and a self-trained student: self_training.py), out-of-scope calibration on
-validation data, and a new registry version. The target stage trains the other tasks' heads
-(data.tasks) beside the intent's, and, with source_training.mode joint, the source task's
-instead of a source stage before it.
-
-The stages are the classic BERT fine-tuning (encoder + linear head, AdamW, linear warm-up and
-decay, gradient clipping; see trainer.py) plus early stopping on validation data and a head
-started from class-mean embeddings, which matters when each intent has only a handful of rows.
-"""
+"""`transferdesk train`: a run's recipe (recipe.py) prepared and fitted, then the ending every
+run shares, a Tune search's export too: the joint source head dropped, out-of-scope calibration
+on validation data, the test file scored once, and a new registry version published."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from transferdesk.config import SOURCE_TASK, RunConfig
-from transferdesk.data import (
-    Dataset,
-    Splits,
-    load_splits,
-    resolve_path,
-    stratified_split,
-    with_sample_defaults,
-)
+from transferdesk.data import Dataset, Splits, with_sample_defaults
 from transferdesk.evaluation.metrics import evaluate, scored_labels, scores_alone
 from transferdesk.evaluation.report import write_evaluation
 from transferdesk.model.confidence import INTERVAL_CONFIDENCE
 from transferdesk.model.modeling import IntentModel
-from transferdesk.model.network import resolve_backbone
-from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path, sha256
-from transferdesk.training.contrastive import contrastive_stage
-from transferdesk.training.self_training import self_train, semi_supervised_record, teacher_labels
-from transferdesk.training.trainer import (
-    FitResult,
-    TaskData,
-    configure_runtime,
-    own_random_stream,
-    train_stage,
-)
+from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path
+from transferdesk.training.recipe import Run, fit, load_run, prepare
+from transferdesk.training.recipes.self_training import cached_teachers, semi_supervised_record
+from transferdesk.training.trainer import FitResult
 
 log = logging.getLogger(__name__)
 
-# Share of the source data held out to early-stop the source stage.
-SOURCE_VALID_FRACTION = 0.1
 # A target measured on validation rows so few that its interval is wider than ± this is
 # worth a warning: the threshold may well miss it on new traffic (100 out-of-scope rows: ±8).
 LOOSE_TARGET = 0.05
-
-
-def source_key(cfg: RunConfig) -> str:
-    """Identifies a source checkpoint: same backbone, data and settings → same checkpoint."""
-    parts = {
-        "backbone": resolve_backbone(cfg.model.backbone),
-        "source_sha256": sha256(resolve_path(cfg.data.source)),
-        # The joint mode's settings have no source stage: a sequential one is the same without them.
-        "stage": cfg.source_training.model_dump(exclude={"mode", "weight", "keep_head"}),
-        "model": cfg.model.model_dump(exclude={"backbone"}),
-        "columns": [cfg.data.text_column, cfg.data.label_column, cfg.data.oos_label],
-        "seed": cfg.runtime.seed,
-    }
-    blob = json.dumps(parts, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def source_stage(cfg: RunConfig, source: Dataset, device: torch.device) -> Path:
-    """Fine-tune the backbone on the source task once; later runs reuse the (verified) checkpoint."""
-    registry, key = Registry(cfg.output), source_key(cfg)
-    if (cached := registry.source_checkpoint(key)) is not None:
-        log.info("reusing source checkpoint %s", cached)
-        return cached
-    train, valid = stratified_split(source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
-    with own_random_stream(cfg.runtime.seed, device):
-        model, result = train_stage(
-            cfg.model.backbone, train, valid, cfg, cfg.source_training, device, "source stage"
-        )
-    info = {
-        "backbone": registry.portable(cfg.model.backbone),
-        "source": registry.portable(cfg.data.source),
-        "source_sha256": sha256(resolve_path(cfg.data.source)),
-        "intents": len(source.intents),
-        "examples": len(source),
-        "best_valid": result.best_metric,
-        "epochs_run": result.epochs_run,
-        "seconds": result.seconds,
-        "settings": cfg.source_training.model_dump(),
-    }
-    return registry.save_source(model, key, info)
-
-
-def task_data(cfg: RunConfig, splits: Splits) -> TaskData | None:
-    """The heads the target stage trains besides the intent's: data.tasks, and the source task
-    when it trains jointly. None: the intent's alone."""
-    labels = splits.task_labels()
-    weights = {task: settings.weight for task, settings in cfg.data.tasks.items()}
-    own = dict(splits.own)
-    if splits.source is not None and cfg.source_training.mode == "joint":
-        own[SOURCE_TASK] = stratified_split(splits.source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
-        labels[SOURCE_TASK] = splits.source.intents
-        weights[SOURCE_TASK] = cfg.source_training.weight
-    return TaskData(labels, weights, own) if labels else None
 
 
 def taught_outliers(cfg: RunConfig, splits: Splits) -> int:
@@ -123,86 +42,52 @@ class RunResult:
     calibration: dict | None = None  # what calibration did on validation data
 
 
+def learns_from_pool(run: Run) -> bool:
+    return run.splits.pool is not None and run.cfg.semi_supervised.enabled
+
+
+def pool_record(run: Run, rounds: list[dict]) -> dict:
+    """What metrics.json and the model card say the model learnt from its pool."""
+    teachers = cached_teachers(run.registry, run.prepared.teachers[: run.cfg.semi_supervised.teachers])
+    return semi_supervised_record(
+        run.cfg, run.splits.pool, teachers, rounds, run.registry, run.prepared.adapted
+    )
+
+
+def finish(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
+    """The ending of every run's training: a joint source head dropped unless kept, then
+    calibration (see `calibrate`); returns what calibration did."""
+    if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
+        model.drop_task(SOURCE_TASK)
+    return calibrate(model, splits, cfg)
+
+
 def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
-    """Both stages, ending with the out-of-scope threshold chosen on validation data."""
-    cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
-    device = configure_runtime(cfg.runtime)
-    splits = load_splits(cfg.data, cfg.runtime.seed)
+    """The run's recipe, prepared and fitted, ending with the out-of-scope threshold chosen on
+    validation data."""
+    run = load_run(cfg, log_dir=log_dir)
+    splits = run.splits
     log.info(
         "training on %d examples of %d intents (%s) and %d out-of-scope ones, validating on %d, device %s",
         len(splits.train),
         len(splits.intents),
-        cfg.data.train,
-        taught_outliers(cfg, splits),
+        run.cfg.data.train,
+        taught_outliers(run.cfg, splits),
         len(splits.valid),
-        device,
+        run.device,
     )
-    learns_from_pool = splits.pool is not None and cfg.semi_supervised.enabled
-    if learns_from_pool and cfg.semi_supervised.pseudo_labels and cfg.semi_supervised.teacher_backbone:
-        resolve_backbone(cfg.semi_supervised.teacher_backbone)  # a wrong path fails before the source stage
-    timings: dict[str, float] = {}
-    backbone, checkpoint = cfg.model.backbone, None
-    tasks = task_data(cfg, splits)
-    if splits.source is not None and cfg.source_training.mode == "sequential":
-        t0 = time.perf_counter()
-        checkpoint = source_stage(cfg, splits.source, device)
-        backbone = str(checkpoint)
-        timings["source_seconds"] = time.perf_counter() - t0
-    semi, settings = None, cfg.semi_supervised
-    teachers, rounds, adapted = [], [], None
-    if learns_from_pool and settings.contrastive_epochs:
-        t0 = time.perf_counter()
-        if adapted := contrastive_stage(cfg, backbone, splits.pool, device):
-            backbone = adapted
-            timings["contrastive_seconds"] = time.perf_counter() - t0
-    if learns_from_pool and settings.pseudo_labels:
-        t0 = time.perf_counter()
-        teachers = teacher_labels(
-            cfg,
-            settings.teacher_backbone or backbone,
-            splits.train,
-            splits.valid,
-            splits.pool,
-            device,
-            outliers=splits.outliers,
-        )
-        timings["teacher_seconds"] = time.perf_counter() - t0
-        outcome = self_train(
-            cfg,
-            backbone,
-            splits.train,
-            splits.valid,
-            teachers,
-            device,
-            log_dir=log_dir,
-            tasks=tasks,
-            outliers=splits.outliers,
-        )
-        model, result, rounds = outcome.model, outcome.fit, outcome.rounds
-        timings["student_seconds"] = outcome.seconds
-        timings["train_seconds"] = timings["teacher_seconds"] + outcome.seconds
-    else:
-        model, result = train_stage(
-            backbone,
-            splits.train,
-            splits.valid,
-            cfg,
-            cfg.training,
-            device,
-            "target stage",
-            log_dir,
-            tasks=tasks,
-            outliers=splits.outliers,
-        )
-        timings["train_seconds"] = result.seconds
-    if learns_from_pool:
+    fitted = fit(run, prepare(run))
+    timings = {**run.prepared.timings, **fitted.timings}
+    semi = None
+    if learns_from_pool(run):
         # The stage trained for this run's pool (a source stage serves any target: apart).
         timings["train_seconds"] += timings.get("contrastive_seconds", 0.0)
-        semi = semi_supervised_record(cfg, splits.pool, teachers, rounds, Registry(cfg.output), adapted)
-    if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
-        model.drop_task(SOURCE_TASK)
-    calibration = calibrate(model, splits, cfg)
-    return RunResult(model, splits, result, checkpoint, timings, semi, calibration)
+        semi = pool_record(run, fitted.record.get("rounds", []))
+    calibration = finish(fitted.model, splits, run.cfg)
+    checkpoint = run.prepared.source_checkpoint
+    return RunResult(
+        fitted.model, splits, fitted.fit, checkpoint and Path(checkpoint), timings, semi, calibration
+    )
 
 
 def calibrate(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:

@@ -33,6 +33,7 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import Registry, TeacherRecord
+from transferdesk.training.recipe import Fitted, Recipe, Run, register, timed
 from transferdesk.training.trainer import Callback, FitResult, TaskData, seed_everything, train_stage
 
 log = logging.getLogger(__name__)
@@ -321,3 +322,60 @@ def semi_supervised_record(
         ],
         "rounds": rounds,
     }
+
+
+def cached_teachers(registry: Registry, keys: list[str]) -> list[TeacherRecord]:
+    """The teachers' pool labels a preparation left in the registry's cache."""
+    records = [registry.teacher_labels(key) for key in keys]
+    if any(r is None for r in records):
+        raise TransferDeskError(f"teacher labels {keys} vanished from {registry.root / 'teachers'}")
+    return records
+
+
+@register
+class SelfTraining(Recipe):
+    """Prepares the teachers' labels of the pool (`semi_supervised.teachers` of them, each
+    cached); fits the student(s) on the labelled rows plus the confident pseudo-labels."""
+
+    name = "self_training"
+
+    def check(self, run: Run) -> None:
+        if run.splits.pool is None:
+            raise TransferDeskError("recipe self_training needs an unlabelled pool: set data.unlabelled")
+        if teacher := run.cfg.semi_supervised.teacher_backbone:
+            resolve_backbone(teacher)  # a wrong path fails before any stage trains
+
+    def prepare(self, run: Run) -> None:
+        start, splits = time.perf_counter(), run.splits
+        teacher = run.cfg.semi_supervised.teacher_backbone or run.prepared.backbone
+        records = teacher_labels(
+            run.cfg,
+            teacher,
+            splits.train,
+            splits.valid,
+            splits.pool,
+            run.device,
+            run.pretrained,
+            outliers=splits.outliers,
+        )
+        run.prepared.teachers = [record.path.name for record in records]
+        timed(run.prepared.timings, "teacher_seconds", start)
+
+    def fit(self, run: Run) -> Fitted:
+        teachers = cached_teachers(run.registry, run.prepared.teachers[: run.cfg.semi_supervised.teachers])
+        outcome = self_train(
+            run.cfg,
+            run.prepared.backbone,
+            run.splits.train,
+            run.splits.valid,
+            teachers,
+            run.device,
+            pretrained=run.pretrained,
+            callbacks=run.callbacks,
+            log_dir=run.log_dir,
+            tasks=run.tasks(),
+            outliers=run.splits.outliers,
+        )
+        taught = run.prepared.timings.get("teacher_seconds", 0.0)
+        timings = {"student_seconds": outcome.seconds, "train_seconds": taught + outcome.seconds}
+        return Fitted(outcome.model, outcome.fit, timings, {"rounds": outcome.rounds})

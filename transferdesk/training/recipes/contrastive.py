@@ -7,6 +7,7 @@ on the sphere. The student, and the teachers unless they have a backbone of thei
 masked-language-model term; sentence-transformers checkpoints such as the bundled MiniLM ship
 no MLM head to train, so it is left out.
 
+Prepares only: the method after it (self-training, or fine-tuning) fits the model.
 The encoder is cached in the registry beside source-stage checkpoints (sources/<key>/), keyed by
 everything it depends on, so the methods of a benchmark seed and reruns share it.
 """
@@ -23,11 +24,13 @@ from tqdm.auto import tqdm
 
 from transferdesk.config import RunConfig, StageConfig
 from transferdesk.data import Pool
+from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import autocast, resolve_backbone, tokenize
 from transferdesk.registry import Registry
 from transferdesk.training.losses import self_contrastive
 from transferdesk.training.optim import build_optimizer, warmup_linear_decay
+from transferdesk.training.recipe import Recipe, Run, register, timed
 from transferdesk.training.sampling import shuffled_batches
 from transferdesk.training.trainer import grad_scaler, optimizer_step, own_random_stream
 
@@ -131,3 +134,21 @@ def _pretrain(
         "seconds": seconds,
     }
     return model, info
+
+
+@register
+class ContrastivePretraining(Recipe):
+    name = "contrastive"
+
+    def check(self, run: Run) -> None:
+        if run.splits.pool is None or not run.cfg.semi_supervised.contrastive_epochs:
+            raise TransferDeskError(
+                "recipe contrastive needs an unlabelled pool (data.unlabelled) and "
+                "semi_supervised.contrastive_epochs of 1 or more"
+            )
+
+    def prepare(self, run: Run) -> None:
+        start = time.perf_counter()
+        if adapted := contrastive_stage(run.cfg, run.prepared.backbone, run.splits.pool, run.device):
+            run.prepared.backbone = run.prepared.adapted = adapted
+            timed(run.prepared.timings, "contrastive_seconds", start)

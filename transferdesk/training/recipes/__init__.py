@@ -1,0 +1,6 @@
+"""The training methods, one module each, registered by name (see `..recipe`). A new method is
+a module here with a `@register`ed `Recipe`, and its import below."""
+
+from transferdesk.training.recipes import contrastive, finetune, joint, self_training, source
+
+__all__ = ["contrastive", "finetune", "joint", "self_training", "source"]
