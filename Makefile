@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from the local wheel cache instead of downloading a multi-GB CUDA build.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install system-packages teacher-mpnet demo test lint format benchmark benchmark-unlabelled benchmark-review-loop benchmark-multitask benchmark-out-of-scope clean
+.PHONY: install system-packages teacher-mpnet demo test lint format docs render-k8s benchmark benchmark-unlabelled benchmark-review-loop benchmark-multitask benchmark-out-of-scope clean
 
 install: $(VENV)/.installed
 
@@ -81,12 +81,25 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) k8s/render.py --check
+	$(PY) benchmarks/harness.py readme --check
+
+# k8s/'s serveConfigV2 patches, rendered from deployments/serve.yaml and k8s/serve-targets.yaml
+# (edit those two, never the rendered copies; lint fails while a copy is stale).
+render-k8s: install
+	$(PY) k8s/render.py
 
 format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint system-packages .tools/checkov/.installed
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor, a
+# reference to a module or setting that no longer exists fails the build. Offline: no fonts or
+# other files are fetched. NO_MKDOCS_2_WARNING silences Material's notice about its successor.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: lint docs system-packages .tools/checkov/.installed
 	$(if $(CRDS),TRANSFERDESK_KUBERAY_CRDS=$(CRDS) )$(PY) -m pytest -q --durations=10
 
 # The default recipe, the tuning search (about 80 minutes) and the Serve load test, on 2 cores.
@@ -136,4 +149,4 @@ benchmark-unlabelled: install .tools/setfit/.installed teacher-mpnet
 	$(PY) benchmarks/banking77_unlabelled.py --shots 10 5 --methods soft+mpnet
 
 clean:
-	rm -rf $(VENV) .tools registry tune_results benchmarks/work .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools registry tune_results benchmarks/work .pytest_cache .ruff_cache site

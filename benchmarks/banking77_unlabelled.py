@@ -20,20 +20,17 @@ only here, to report how often the pseudo-labels were right.
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from figures import child_result, mean_sd
+import harness
 
-HERE = Path(__file__).resolve().parent
 SEEDS = [1, 2, 3]
 # The 110M teacher of soft+mpnet, an optional download: `make teacher-mpnet`.
-MPNET = HERE.parent / ".tools" / "all-mpnet-base-v2"
+MPNET = harness.ROOT / ".tools" / "all-mpnet-base-v2"
 # The semi_supervised settings of each method (labelled: no pool).
 METHODS: dict[str, dict] = {
     "labelled": {},
@@ -63,16 +60,6 @@ METHODS: dict[str, dict] = {
     "contrastive": {"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
     "contrastive+soft": {"semi_supervised.contrastive_epochs": 1},
 }
-# Where a run's training time went (seconds; a stage cached by an earlier method costs nothing).
-STAGES = [
-    ("contrastive", "contrastive_seconds"),
-    ("teachers", "teacher_seconds"),
-    ("student", "student_seconds"),
-]
-PUBLISHED = {
-    10: "CPFT 87.20% (RoBERTa-base, no in-domain pool); ICDA 89.79% (OPT-66B synthetic data)",
-    5: "CPFT 80.86%; ICDA 84.01%",
-}
 
 
 def pool_file(data: Path, work: Path) -> Path:
@@ -101,7 +88,7 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
     from transferdesk.config import load_config
     from transferdesk.data import normalise
     from transferdesk.registry import Registry
-    from transferdesk.training.self_training import pool_neighbours, select_pseudo_labels, smooth
+    from transferdesk.training.recipes.self_training import pool_neighbours, select_pseudo_labels, smooth
     from transferdesk.training.train import train_and_register
 
     overrides = {
@@ -166,58 +153,21 @@ def run_one(method: str, shots: int, seed: int, data: Path, work: Path, settings
     return out
 
 
+def child_run(method: str, shots: str, settings: str, seed: int, data: Path, work: Path) -> dict:
+    """A child's run: --one METHOD SHOTS SETTINGS, the settings as JSON."""
+    return run_one(method, int(shots), seed, data, work, json.loads(settings))
+
+
 def run_peer(python: str, shots: int, seed: int, data: Path) -> dict:
-    peer = [python, str(HERE / "setfit_peer.py"), "--shots", str(shots), "--seed", str(seed)]
-    return child_result([*peer, "--data-dir", str(data)])
-
-
-def markdown(results: list[dict], machine: str) -> str:
-    lines = [
-        f"Measured on {machine}. Test accuracy, mean ± sd over the seeds listed; training time "
-        "per run and per stage, teachers and contrastive pre-training included (the first method "
-        "of a seed trains them, the others reuse them from the cache).",
-        "",
-        "| shots | method | seeds | test accuracy | macro-F1 | training time | pseudo-labels kept "
-        "(right: kept / whole pool) | published |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    groups: dict[tuple[int, str], list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["shots"], r["method"]), []).append(r)
-    for (shots, method), rows in sorted(groups.items()):
-        seeds = ", ".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
-        # Runs that shared the machine carry no time (see the README).
-        times = [r["train_seconds"] for r in rows if "train_seconds" in r]
-        stages = ", ".join(
-            f"{name} {statistics.mean(r[key] for r in rows if key in r):.0f}"
-            for name, key in STAGES
-            if any(key in r for r in rows)
-        )
-        pseudo = "–"
-        if rows[0].get("rounds"):
-            kept = statistics.mean(r["rounds"][0]["pseudo_labels"] for r in rows)
-            pool = statistics.mean(statistics.mean(r["teacher_pseudo_label_accuracy"]) for r in rows)
-            on_kept = [r["kept_pseudo_label_accuracy"] for r in rows if "kept_pseudo_label_accuracy" in r]
-            right = f"{statistics.mean(on_kept):.1%} / {pool:.1%}" if on_kept else f"– / {pool:.1%}"
-            pseudo = f"{kept:.0f} of {rows[0]['pool_rows']} ({right})"
-        lines.append(
-            f"| {shots} | {method} | {seeds} | {mean_sd([r['test_accuracy'] for r in rows])} | "
-            f"{mean_sd([r['test_macro_f1'] for r in rows])} | "
-            f"{f'{statistics.mean(times):.0f} s' if times else '–'}{f' ({stages})' if stages else ''} | "
-            f"{pseudo} | "
-            f"{PUBLISHED.get(shots, '')} |"
-        )
-    return "\n".join(lines) + "\n"
+    peer = [python, harness.HERE / "setfit_peer.py", "--shots", shots, "--seed", seed, "--data-dir", data]
+    return harness.run_child(peer).json()
 
 
 def main() -> None:
     from transferdesk.cli.flags import add_config_flags, config_overrides
     from transferdesk.config import RunConfig
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser = harness.parser(__doc__, data=True, seeds=SEEDS, work="unlabelled", one=True)
     parser.add_argument("--shots", nargs="+", type=int, default=[10], choices=[5, 10])
     parser.add_argument(
         "--methods",
@@ -226,64 +176,36 @@ def main() -> None:
         choices=list(METHODS),
         help="none, with --peer: the peer alone",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     parser.add_argument("--peer", help="a Python with setfit installed: run SetFit on the same splits too")
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "unlabelled")
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default="", help="results file suffix, to keep several runs")
-    parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # child: method shots seed settings
     # Settings for every run, as `transferdesk train` takes them: --set runtime.device=cuda.
     add_config_flags(parser, RunConfig)
     args = parser.parse_args()
-    if args.one:
-        method, shots, seed, settings = args.one
-        result = run_one(method, int(shots), int(seed), args.data_dir, args.work, json.loads(settings))
-        print(json.dumps(result))
+    if harness.answer(args, child_run):
         return
-    if not (args.data_dir / "banking77" / "train_10.csv").is_file():
-        sys.exit(f"error: BANKING77 not found under {args.data_dir}; pass --data-dir")
+    harness.require(args.data_dir, "banking77/train_10.csv", what="BANKING77")
     if not args.methods and not args.peer:
         sys.exit("error: nothing to run: name --methods, or --peer to run the peer alone")
     if any("mpnet" in m for m in args.methods) and not MPNET.is_dir():
         sys.exit(f"error: the mpnet methods need {MPNET}: run `make teacher-mpnet` first, or leave them out")
     settings = json.dumps(config_overrides(args))
-    name = f"banking77_unlabelled-{args.tag}" if args.tag else "banking77_unlabelled"
-    out = args.results / f"{name}.json"
-    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous = harness.load("banking77_unlabelled", args.results, args.tag)
     merged = {r["key"]: r for r in previous.get("runs", [])}
     started = time.perf_counter()
-    for shots in args.shots:
-        for seed in args.seeds:
-            for method in args.methods:
-                print(f"== {shots}-shot {method} seed {seed}", flush=True)
-                child = [sys.executable, __file__, "--one", method, str(shots), str(seed), settings]
-                child += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
-                result = child_result(child)
-                merged[f"{shots}/{method}/{seed}"] = {"key": f"{shots}/{method}/{seed}", **result}
-                print(json.dumps(result), flush=True)
-            if args.peer:
-                result = run_peer(args.peer, shots, seed, args.data_dir)
-                merged[f"{shots}/setfit/{seed}"] = {"key": f"{shots}/setfit/{seed}", **result}
-                print(json.dumps(result), flush=True)
-            save(merged, args.results / name, machine())
+    for shots, seed in itertools.product(args.shots, args.seeds):
+        for method in args.methods:
+            print(f"== {shots}-shot {method} seed {seed}", flush=True)
+            result = harness.rerun(__file__, args, method, shots, settings, seed=seed).json()
+            merged[f"{shots}/{method}/{seed}"] = {"key": f"{shots}/{method}/{seed}", **result}
+            print(json.dumps(result), flush=True)
+        if args.peer:
+            result = run_peer(args.peer, shots, seed, args.data_dir)
+            merged[f"{shots}/setfit/{seed}"] = {"key": f"{shots}/setfit/{seed}", **result}
+            print(json.dumps(result), flush=True)
+        runs = sorted(merged.values(), key=lambda r: r["key"])
+        result = {"machine": harness.machine(), "runs": runs}
+        text = harness.save("banking77_unlabelled", result, args.results, args.tag, echo=False)
     print(f"benchmark wall time {time.perf_counter() - started:.0f} s")
-    print((args.results / f"{name}.md").read_text())
-
-
-def machine() -> str:
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
-    threads = torch.get_num_threads()
-    return f"{platform.machine()}, {threads} torch threads, torch {torch.__version__}, {device}"
-
-
-def save(merged: dict, stem: Path, machine: str) -> None:
-    """stem.json (every run) and stem.md (the table)."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    runs = sorted(merged.values(), key=lambda r: r["key"])
-    (stem.parent / f"{stem.name}.json").write_text(json.dumps({"machine": machine, "runs": runs}, indent=2))
-    (stem.parent / f"{stem.name}.md").write_text(markdown(runs, machine))
+    print(text)
 
 
 if __name__ == "__main__":

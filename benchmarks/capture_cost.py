@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import httpx
 from cpu_serving import routing_policy, run_levels
-from serve_load import serve_pids, start_serve, write_results
-
-HERE = Path(__file__).resolve().parent
-TARGET_P50_MS = 1.0
+from serve_load import serve_pids, start_serve
 
 
 def arms(store: str) -> dict[str, dict]:
@@ -69,11 +63,7 @@ def run_arm(
         levels = run_levels(url, texts, plan, args.seconds, serve_pids())
         return levels, capture_totals(url)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        harness.stop(proc, log=log)
 
 
 def summarise(runs: dict[str, list[list[dict]]]) -> list[dict]:
@@ -96,55 +86,14 @@ def summarise(runs: dict[str, list[list[dict]]]) -> list[dict]:
     return rows
 
 
-def markdown(r: dict) -> str:
-    off = {row["concurrency"]: row for row in r["rows"] if row["arm"] == "off"}
-    lines = [
-        "# Capture for review: its cost to serving",
-        "",
-        f"Measured on {r['machine']}: model `{r['model']}` on its default runtime, POST /v1/route, one "
-        f"message a request, {r['seconds']:g} s per level, median of {r['repeats']} runs per arm "
-        f"(arms alternating). Captured messages written: {r['captured']}.",
-        "",
-        "| capture | concurrency | p50 ms | Δ p50 vs off | p99 ms | messages/s | vs off | errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in r["rows"]:
-        base = off[row["concurrency"]]
-        lines.append(
-            f"| {row['arm']} | {row['concurrency']} | {row['p50_ms']:.2f} | "
-            f"{row['p50_ms'] - base['p50_ms']:+.2f} | {row['p99_ms']:.1f} | {row['messages_per_s']:.0f} | "
-            f"{row['messages_per_s'] / base['messages_per_s'] - 1:+.1%} | {row['errors']} |"
-        )
-    worst = max(
-        row["p50_ms"] - off[row["concurrency"]]["p50_ms"] for row in r["rows"] if row["concurrency"] == 1
-    )
-    verdict = "met" if worst <= TARGET_P50_MS else "not met"
-    for arm, totals in r["capture"].items():
-        runs = "; ".join(
-            f"{t['written']} written, {t['lost']} lost, {t['pending']} pending ({t['replicas_seen']} Ingress "
-            "replicas seen)"
-            for t in totals
-        )
-        lines.append(f"\nCapture {arm}, per run (from /readyz after the load): {runs}.")
-    lines += [
-        "",
-        f"Target: p50 within {TARGET_P50_MS:g} ms of capture off at concurrency 1: **{verdict}** "
-        f"(worst arm {worst:+.2f} ms).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--model", required=True, help="registry version (an ONNX export makes it int8)")
     parser.add_argument("--data", required=True, help="file of messages to send (a text column)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--seconds", type=float, default=15, help="per level")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm")
     parser.add_argument("--port", type=int, default=8125)
-    parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
 
     from transferdesk.data import read_dataset
@@ -169,7 +118,7 @@ def main() -> None:
                 print(json.dumps({"arm": arm, **totals}), flush=True)
                 captured.setdefault(arm, []).append(totals)
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "machine": harness.machine(),
         "model": version.spec,
         "seconds": args.seconds,
         "repeats": args.repeats,
@@ -178,7 +127,7 @@ def main() -> None:
         "capture": captured,
         "runs": runs,
     }
-    write_results(args.results, "capture_cost", "", result, markdown(result))
+    harness.save("capture_cost", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,8 @@ results/cpu_serving.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import httpx
 import numpy as np
 import uvloop
@@ -42,10 +41,8 @@ from serve_load import (
     run_config,
     serve_pids,
     start_serve,
-    write_results,
 )
 
-HERE = Path(__file__).resolve().parent
 PEER = "peer (uvicorn)"
 FLOORS = {
     "single": "Serve, no work: one deployment",
@@ -137,14 +134,6 @@ def floor_config(app: str) -> dict:
     return config
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def run_levels(
     url: str, texts: list[str], plan: list[tuple[int, int]], seconds: float, pids: dict[int, str]
 ) -> list[dict]:
@@ -164,49 +153,8 @@ def run_levels(
     return results
 
 
-def markdown(r: dict) -> str:
-    lines = [
-        f"Measured on {r['machine']}; model {r['model']}; messages and accuracy from {r['data']} "
-        f"({r['messages']} messages). One run, one load generator (aiohttp on uvloop, sharing the 2 cores).",
-        "",
-    ]
-    if r["in_process"]:
-        lines += [
-            "## In process",
-            "",
-            "| runtime | test accuracy | messages/s, batches of 16, "
-            f"{r['in_process'][0]['threads']} threads | one message p50 / p95 ms, 1 thread |",
-            "| --- | --- | --- | --- |",
-        ]
-    for x in r["in_process"]:
-        lines.append(
-            f"| {x['runtime']} | {x['accuracy']:.2%} | {x['batch16_per_s']:.0f} | "
-            f"{x['single_p50_ms']:.2f} / {x['single_p95_ms']:.2f} |"
-        )
-    lines += [
-        "",
-        "## End to end, POST /v1/route",
-        "",
-        "| server | runtime | concurrency | messages a request | requests/s | messages/s | p50 ms | p95 ms "
-        "| p99 ms | errors | CPU ms a request, by process |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for x in r["end_to_end"]:
-        cpu = ", ".join(
-            f"{k} {v:.2f}" for k, v in sorted(x["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]) if v
-        )
-        lines.append(
-            f"| {x['server']} | {x['runtime']} | {x['concurrency']} | {x['texts_per_request']} | "
-            f"{x['per_s']:.1f} | {x['messages_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
-            f"{x['p99_ms']:.1f} | {x['errors']} | {cpu} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--model", required=True, help="registry version with an ONNX export")
     parser.add_argument("--data", required=True, help="labelled file: load messages and test accuracy")
     parser.add_argument("--runtimes", nargs="*", default=["torch", "onnx", "onnx-int8"])
@@ -223,8 +171,6 @@ def main() -> None:
     parser.add_argument("--texts-per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=15, help="per level")
     parser.add_argument("--port", type=int, default=8124)
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default="", help="results file suffix, to keep several runs")
     args = parser.parse_args()
 
     from transferdesk.data import read_dataset
@@ -255,7 +201,7 @@ def main() -> None:
         try:
             levels = run_levels(url, texts, plan, args.seconds, serve_pids())
         finally:
-            stop(proc)
+            harness.stop(proc)
         end_to_end += [{"server": "TransferDesk Serve", "runtime": runtime, **x} for x in levels]
     for app in args.floor:
         print(f"== Serve doing no work: {app}", flush=True)
@@ -263,7 +209,7 @@ def main() -> None:
         try:
             levels = run_levels(url, texts, plan, args.seconds, serve_pids())
         finally:
-            stop(proc)
+            harness.stop(proc)
         end_to_end += [{"server": FLOORS[app], "runtime": "none", **x} for x in levels]
     for runtime in args.peer_runtimes:
         print(f"== peer: {runtime}", flush=True)
@@ -271,12 +217,11 @@ def main() -> None:
         try:
             levels = run_levels(url, texts, plan, args.seconds, {proc.pid: PEER})
         finally:
-            proc.terminate()
-            proc.wait(30)
+            harness.stop(proc, grace=30, sig=signal.SIGTERM)
         end_to_end += [{"server": "FastAPI + uvicorn peer", "runtime": runtime, **x} for x in levels]
 
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "machine": harness.machine(),
         "model": version.spec,
         "data": args.data,
         "messages": len(texts),
@@ -284,7 +229,7 @@ def main() -> None:
         "in_process": results,
         "end_to_end": end_to_end,
     }
-    write_results(args.results, "cpu_serving", args.tag, result, markdown(result))
+    harness.save("cpu_serving", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

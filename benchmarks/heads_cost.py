@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -43,10 +42,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import harness
 import numpy as np
 from capture_cost import run_arm, summarise
 from cpu_serving import routing_policy
-from serve_load import messages, write_results
+from reports import INTENT_ONLY
+from serve_load import messages
 
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import INTENT_TASK, RUNTIMES, RunConfig
@@ -55,9 +56,7 @@ from transferdesk.errors import TransferDeskError
 if TYPE_CHECKING:
     from transferdesk.registry import ModelVersion
 
-HERE = Path(__file__).resolve().parent
 TARGET = 0.05  # relative, on p50 and on throughput
-INTENT_ONLY = "intent only"
 # Set by the benchmark itself; a run setting for them would be silently overwritten.
 RESERVED = {"runtime.seed": "--seeds", "output": "--work"}
 SINGLE_MESSAGES, SINGLE_WARMUP = 300, 20  # as cpu_serving.in_process
@@ -116,16 +115,17 @@ def accuracy_summary(runs: list[dict]) -> list[dict]:
             mine = [r["heads"][head] for r in runs if r["arm"] == arm and head in r["heads"]]
             if not mine:
                 continue
-            acc, f1 = [m["accuracy"] for m in mine], [m["macro_f1"] for m in mine]
+            acc = harness.spread(m["accuracy"] for m in mine)
+            f1 = harness.spread(m["macro_f1"] for m in mine)
             rows.append(
                 {
                     "head": head,
                     "arm": arm,
                     "seeds": len(mine),
-                    "accuracy_mean": statistics.mean(acc),
-                    "accuracy_sd": statistics.pstdev(acc),
-                    "macro_f1_mean": statistics.mean(f1),
-                    "macro_f1_sd": statistics.pstdev(f1),
+                    "accuracy_mean": acc.mean,
+                    "accuracy_sd": acc.sd,
+                    "macro_f1_mean": f1.mean,
+                    "macro_f1_sd": f1.sd,
                 }
             )
     return rows
@@ -252,112 +252,9 @@ def compare(serving: dict) -> dict:
     return {"target": TARGET, "levels": levels, "met": all(x["met"] for x in levels)}
 
 
-def pct(value: float) -> str:
-    return f"{value:.2%}"
-
-
-def markdown(r: dict) -> str:
-    arms = list(dict.fromkeys(row["arm"] for row in r["accuracy"]))
-    seeds = ", ".join(str(s) for s in r["seeds"])
-    lines = [
-        "# Extra heads: accuracy and serving cost",
-        "",
-        f"Measured on {r['machine']}. Models: {r['config']}"
-        + (f" with {r['overrides']}" if r["overrides"] else "")
-        + f"; heads {', '.join(r['tasks'])}; test file {r['test']}.",
-        "",
-        f"## Test accuracy per head, mean ± sd over seeds {seeds}",
-        "",
-        "| head | " + " | ".join(f"{arm}: accuracy | {arm}: macro-F1" for arm in arms) + " |",
-        "|---|" + "---|---|" * len(arms),
-    ]
-    for head in dict.fromkeys(row["head"] for row in r["accuracy"]):
-        cells = []
-        for arm in arms:
-            row = next((x for x in r["accuracy"] if x["head"] == head and x["arm"] == arm), None)
-            cells += (
-                [
-                    f"{pct(row['accuracy_mean'])} ± {pct(row['accuracy_sd'])}",
-                    f"{pct(row['macro_f1_mean'])} ± {pct(row['macro_f1_sd'])}",
-                ]
-                if row
-                else ["—", "—"]
-            )
-        lines.append(f"| {head} | " + " | ".join(cells) + " |")
-    if deltas := r["intent_deltas"]:
-        mean = statistics.mean(d["delta"] for d in deltas)
-        per_seed = ", ".join(f"seed {d['seed']} {100 * d['delta']:+.2f}" for d in deltas)
-        lines += [
-            "",
-            f"Intent accuracy with the heads minus without: {100 * mean:+.2f} points on average "
-            f"({per_seed}).",
-        ]
-    lines += ["", "## Serving cost", ""]
-    if r["serving"] is None:
-        return "\n".join([*lines, "Not measured (training results only).", ""])
-    s = r["serving"]
-    base = next(row for row in s["in_process"]["rows"] if row["arm"] == INTENT_ONLY)
-    lines += [
-        f"Models {', '.join(f'`{m}`' for m in s['models'].values())} on runtime {s['runtime']}, CPU.",
-        "",
-        f"In process, IntentModel.predict without Serve, median of {s['repeats']} alternating rounds:",
-        "",
-        f"| model | messages/s, batches of 16, {s['in_process']['threads']} threads | vs intent only "
-        "| one message p50 / p95 ms, 1 thread | p50 vs intent only |",
-        "|---|---|---|---|---|",
-    ]
-    for row in s["in_process"]["rows"]:
-        throughput, p50 = (
-            ("—", "—")
-            if row is base
-            else (
-                f"{row['messages_per_s'] / base['messages_per_s'] - 1:+.1%}",
-                f"{row['single_p50_ms'] / base['single_p50_ms'] - 1:+.1%}",
-            )
-        )
-        lines.append(
-            f"| {row['arm']} | {row['messages_per_s']:.0f} | {throughput} | "
-            f"{row['single_p50_ms']:.2f} / {row['single_p95_ms']:.2f} | {p50} |"
-        )
-    changes = {x["concurrency"]: x for x in s["verdict"]["levels"]}
-    lines += [
-        "",
-        f"End to end, POST /v1/route, one message a request, {s['seconds']:g} s per level, median of "
-        f"{s['repeats']} runs per arm (arms alternating, each a fresh `serve run`):",
-        "",
-        "| model | concurrency | p50 ms | p50 vs intent only | p99 ms | messages/s | vs intent only "
-        "| errors |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in s["end_to_end"]["rows"]:
-        change = changes.get(row["concurrency"]) if row["arm"] != INTENT_ONLY else None
-        p50, throughput = (
-            (f"{change['p50_change']:+.1%}", f"{change['throughput_change']:+.1%}") if change else ("—", "—")
-        )
-        lines.append(
-            f"| {row['arm']} | {row['concurrency']} | {row['p50_ms']:.2f} | {p50} | {row['p99_ms']:.1f} | "
-            f"{row['messages_per_s']:.0f} | {throughput} | {row['errors']} |"
-        )
-    verdict = s["verdict"]
-    worst_p50 = max(verdict["levels"], key=lambda x: x["p50_change"])
-    worst_tp = min(verdict["levels"], key=lambda x: x["throughput_change"])
-    lines += [
-        "",
-        f"Target: p50 and throughput with the heads within {TARGET:.0%} of intent only at every "
-        f"concurrency: **{'met' if verdict['met'] else 'not met'}** (worst p50 "
-        f"{worst_p50['p50_change']:+.1%} at concurrency {worst_p50['concurrency']}, worst throughput "
-        f"{worst_tp['throughput_change']:+.1%} at concurrency {worst_tp['concurrency']}).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def parse_args() -> tuple[argparse.Namespace, dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, default=HERE.parent / "configs" / "sample.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "heads", help="registry for the runs")
+    parser = harness.parser(__doc__, seeds=[1, 2, 3], work="heads")
+    parser.add_argument("--config", type=Path, default=harness.ROOT / "configs" / "sample.yaml")
     parser.add_argument(
         "--model-intent", help="existing intent-only version (with --model-heads: no training)"
     )
@@ -374,7 +271,6 @@ def parse_args() -> tuple[argparse.Namespace, dict]:
         help="runs of each arm (fresh serve runs differ by more than 5%%; 2 did not resolve it)",
     )
     parser.add_argument("--port", type=int, default=8126)
-    parser.add_argument("--results", type=Path, default=HERE / "results")
     # The run config's settings as `transferdesk train` takes them: --training.epochs 5, --set ...
     add_config_flags(parser, RunConfig, aliases={})
     args = parser.parse_args()
@@ -425,7 +321,7 @@ def main() -> None:
         sys.exit(f"error: {intent.spec} and {heads.spec} classify different intents")
 
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "machine": harness.machine(),
         "config": str(args.config),
         "overrides": overrides,
         "tasks": list(heads.tasks),
@@ -436,7 +332,7 @@ def main() -> None:
         "runs": runs,
         "serving": None,
     }
-    write_results(args.results, "heads_cost", "", result, markdown(result))
+    harness.save("heads_cost", result, args.results, args.tag)
 
     versions = {INTENT_ONLY: intent, heads_arm(heads.tasks): heads}
     runtime = choose_runtime(versions, args.serve_runtime)
@@ -451,7 +347,7 @@ def main() -> None:
     }
     serving["verdict"] = compare(serving["end_to_end"])
     result["serving"] = serving
-    write_results(args.results, "heads_cost", "", result, markdown(result))
+    harness.save("heads_cost", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

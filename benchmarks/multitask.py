@@ -13,17 +13,13 @@ interrupted benchmark keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
-from figures import child_result, mean_sd
+import harness
 
-HERE = Path(__file__).resolve().parent
 MODES = {
     "none": {},
     # One pass over the source: more passes specialise the encoder to CLINC150's intents.
@@ -72,86 +68,41 @@ def summary(runs: list[dict]) -> list[dict]:
         if not mine:
             continue
         acc = [r["test_accuracy"] for r in mine]
-        seconds = [r["source_seconds"] + r["train_seconds"] for r in mine]
+        spread = harness.spread(acc)
         rows.append(
             {
                 "mode": mode,
                 "seeds": sorted(r["seed"] for r in mine),
                 "accuracies": acc,
-                "accuracy_mean": statistics.mean(acc),
-                "accuracy_sd": statistics.pstdev(acc),
-                "accuracy_min": min(acc),
-                "accuracy_max": max(acc),
-                "macro_f1_mean": statistics.mean(r["test_macro_f1"] for r in mine),
-                "seconds_mean": statistics.mean(seconds),
+                "accuracy_mean": spread.mean,
+                "accuracy_sd": spread.sd,
+                "accuracy_min": spread.low,
+                "accuracy_max": spread.high,
+                "macro_f1_mean": harness.spread(r["test_macro_f1"] for r in mine).mean,
+                "seconds_mean": harness.spread(r["source_seconds"] + r["train_seconds"] for r in mine).mean,
             }
         )
     return rows
 
 
-def markdown(runs: list[dict], machine: str) -> str:
-    lines = [
-        f"Measured on {machine}. Target: banking77/train_10.csv (770 rows, 77 intents); source: "
-        "clinc150/train.csv (15,000 rows, 150 intents); test: banking77/test.csv (3,080 rows).",
-        "",
-        "| transfer | seeds | test accuracy, mean ± sd | min – max | macro-F1 | training time "
-        "(source + target) |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in summary(runs):
-        lines.append(
-            f"| {row['mode']} | {', '.join(map(str, row['seeds']))} | {mean_sd(row['accuracies'])} | "
-            f"{row['accuracy_min']:.2%} – {row['accuracy_max']:.2%} | "
-            f"{row['macro_f1_mean']:.2%} | {row['seconds_mean']:.0f} s |"
-        )
-    lines += [
-        "",
-        "| run | seed | test accuracy | source | target | best epoch / run |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r['mode']} | {r['seed']} | {r['test_accuracy']:.2%} | {r['source_seconds']:.0f} s | "
-            f"{r['train_seconds']:.0f} s | {r['best_epoch']} / {r['epochs_run']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser = harness.parser(__doc__, data=True, seeds=[1, 2, 3], work="multitask", one=True)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument(
-        "--work", type=Path, default=HERE / "work" / "multitask", help="registry for the runs"
-    )
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: one run, JSON out
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.seeds[0], args.data_dir, args.work)))
+    if harness.answer(args, run_one):
         return
-    if not (args.data_dir / "clinc150" / "train.csv").is_file():
-        sys.exit(f"error: BANKING77 and CLINC150 not found under {args.data_dir}; pass --data-dir")
-    import torch
-
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
-    out = args.results / "multitask.json"
-    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
-    for seed in args.seeds:  # seed by seed: an interrupted benchmark has every mode of the seeds it did
-        for mode in args.modes:
-            print(f"== {mode}, seed {seed}", flush=True)
-            command = [sys.executable, __file__, "--one", mode, "--seeds", str(seed)]
-            command += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
-            result = child_result(command)
-            runs = [r for r in runs if (r["mode"], r["seed"]) != (mode, seed)] + [result]
-            print(json.dumps(result, indent=2), flush=True)
-            args.results.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"machine": machine, "runs": runs, "summary": summary(runs)}, indent=2))
-            (args.results / "multitask.md").write_text(markdown(runs, machine))
-    print((args.results / "multitask.md").read_text())
+    harness.require(args.data_dir, "clinc150/train.csv", what="BANKING77 and CLINC150")
+    machine = harness.machine()
+    runs = harness.load("multitask", args.results, args.tag).get("runs", [])
+    # Seed by seed: an interrupted benchmark has every mode of the seeds it did.
+    for seed, mode in itertools.product(args.seeds, args.modes):
+        print(f"== {mode}, seed {seed}", flush=True)
+        result = harness.rerun(__file__, args, mode, seed=seed).json()
+        runs = harness.keep_latest(runs, result, key=lambda r: (r["mode"], r["seed"]))
+        print(json.dumps(result, indent=2), flush=True)
+        result = {"machine": machine, "runs": runs, "summary": summary(runs)}
+        text = harness.save("multitask", result, args.results, args.tag, echo=False)
+    print(text)
 
 
 if __name__ == "__main__":

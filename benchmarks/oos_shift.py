@@ -16,15 +16,15 @@ give). Reads ../shared/data (--data-dir); writes results/oos_shift.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import platform
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
-from out_of_scope import OOS_RECALL_TARGET, SETS
+from out_of_scope import SETS
+from reports import OOS_RECALL_TARGET, SAMPLES
 from scipy.stats import ks_2samp
 
 from transferdesk.config import DataConfig, ModelConfig
@@ -32,8 +32,6 @@ from transferdesk.data import Dataset, few_shot
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import length_sorted_batches, tokenize
 
-HERE = Path(__file__).resolve().parent
-SAMPLES = 1000  # random test samples, each as large as the validation set
 SEED = 1
 
 
@@ -124,49 +122,13 @@ def first_file(files: dict[str, str | None]) -> str:
     return next(f for f, g in files.items() if g is None)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = [
-        f"Measured on {platform.machine()}, CPU. Score: cosine similarity to the nearest intent "
-        "centroid of the 10-shot training rows, pretrained default backbone, no fine-tuning "
-        f"(higher: more in-scope). Threshold: catches {OOS_RECALL_TARGET:.0%} of the validation "
-        f"out-of-scope rows. Sampled: {SAMPLES} random test samples as large as the validation set, "
-        "each threshold scored on the other test rows.",
-        "",
-        "| set | out-of-scope group | mean score: train / valid / test (in-scope test) "
-        "| KS valid vs test (p) | test recall at the validation threshold "
-        "| test recall at sampled thresholds, mean ± sd | samples as bad |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        s = r["scores"]
-        train = f"{s['train']['mean']:.3f}" if "train" in s else "–"
-        mean, sd = r["test_recall_sampled_thresholds"]
-        lines.append(
-            f"| {r['set']} | {r['group']} | {train} / {s['valid']['mean']:.3f} ({s['valid']['rows']}) / "
-            f"{s['test']['mean']:.3f} ({s['test']['rows']}) ({r['in_scope_test_mean']:.3f}) "
-            f"| {r['ks_statistic']:.3f} ({r['ks_pvalue']:.1e}) | **{r['test_recall_valid_threshold']:.1%}** "
-            f"| {mean:.1%} ± {sd:.1%} | {r['share_of_samples_as_bad']:.1%} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser = harness.parser(__doc__, data=True)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     torch.manual_seed(SEED)
     rows = [row for name in args.sets for row in shift(name, args.data_dir)]
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "oos_shift.json").write_text(
-        json.dumps({"machine": platform.machine(), "rows": rows}, indent=2)
-    )
-    table = markdown(rows)
-    (args.results / "oos_shift.md").write_text(table)
-    print(table)
+    harness.save("oos_shift", {"machine": harness.machine(), "rows": rows}, args.results, args.tag)
 
 
 if __name__ == "__main__":

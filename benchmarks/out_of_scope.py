@@ -21,21 +21,18 @@ results/out_of_scope.{json,md,png} are rewritten after every run.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import itertools
 import json
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
-from figures import child_result, mean_sd
+from reports import OOS_RECALL_TARGET
 
 from transferdesk.model.confidence import SCORES
 
-HERE = Path(__file__).resolve().parent
 # Per set: training file (and its few-shot k), then validation and test files, each with the
 # group its out-of-scope rows belong to (in-scope files: None), then the files whose texts,
 # labels left out, are the set's unlabelled pool: the whole training data of the family the set
@@ -100,7 +97,6 @@ ONE_SET = {
     "outliers": "clinc150",
 }
 HANDOFF_TARGET = 0.10
-OOS_RECALL_TARGET = 0.80
 
 
 def combined(data: Path, files: dict[str, str | None], out: Path) -> list[str | None]:
@@ -306,81 +302,17 @@ def summary(runs: list[dict]) -> list[dict]:
                 for key, get in FIGURES.items():
                     got = [get(r[score]) for r in scored]
                     known = [v for v in got if not np.isnan(v)]  # a set without that group: NaN
-                    row[key] = statistics.mean(known) if known else float("nan")
-                    row[f"{key}_sd"] = statistics.pstdev(known) if known else float("nan")
+                    figure = harness.spread(known) if known else None
+                    row[key] = figure.mean if figure else float("nan")
+                    row[f"{key}_sd"] = figure.sd if figure else float("nan")
                     row[f"{key}_all"] = got
-                row["plain_in_scope_accuracy"] = statistics.mean(r["plain_in_scope_accuracy"] for r in scored)
+                row["plain_in_scope_accuracy"] = harness.spread(
+                    r["plain_in_scope_accuracy"] for r in scored
+                ).mean
                 row["best_epochs"] = [r["best_epoch"] for r in scored]
-                row["train_seconds"] = statistics.mean(r["train_seconds"] for r in scored)
+                row["train_seconds"] = harness.spread(r["train_seconds"] for r in scored).mean
                 rows.append(row)
     return rows
-
-
-def _pm(row: dict, key: str, digits: int = 3) -> str:
-    return f"{row[key]:.{digits}f} ± {row[key + '_sd']:.{digits}f}"
-
-
-def markdown(runs: list[dict], machine: str) -> str:
-    lines = [
-        f"Measured on {machine}; mean ± sd over seeds. Thresholds chosen on validation data, "
-        "figures on test. In-scope accuracy: in-scope messages routed to their right intent (a "
-        "hand-off counts as not routed). ECE: in-scope test rows, 15 bins.",
-        "",
-        "| set | recipe | seeds | score | ECE before → after | AUROC in-domain OOS "
-        "| AUROC out-of-domain OOS | balance: in-scope acc. / OOS recall | test hand-off at a 10% target "
-        "| at OOS recall ≥ 80% on validation: in-scope acc. / OOS recall | best epochs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in summary(runs):
-        auroc_id = "—" if np.isnan(row["auroc_id"]) else _pm(row, "auroc_id")
-        lines.append(
-            f"| {row['set']} | {row['recipe']} | {', '.join(map(str, row['seeds']))} | {row['score']} | "
-            f"{_pm(row, 'ece_before')} → "
-            f"{_pm(row, 'ece_after')} | {auroc_id} | {_pm(row, 'auroc_ood')} | "
-            f"{mean_sd(row['in_scope_accuracy_all'])} / {mean_sd(row['oos_recall_all'])} | "
-            f"{mean_sd(row['handoff_test_all'])} | {mean_sd(row['at_recall80_in_scope_all'])} / "
-            f"{mean_sd(row['at_recall80_recall_all'])} | {', '.join(map(str, row['best_epochs']))} |"
-        )
-    lines += geometry_table(runs)
-    lines += [
-        "",
-        "| set | recipe | seed | training | best epoch / run | in-scope accuracy, no threshold |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r['set']} | {r['recipe']} | {r['seed']} | {r['train_seconds']:.0f} s | "
-            f"{r['best_epoch']} / {r['epochs_run']} | {r['plain_in_scope_accuracy']:.2%} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def geometry_table(runs: list[dict]) -> list[str]:
-    """Each score, the encoder-geometry ones too, at its best: AUROC, and in-scope accuracy at
-    80% out-of-scope recall with the threshold set on test itself (runs measured with them)."""
-    lines = [
-        "",
-        "Every score at its best (runs since the geometry scores were added): in-scope accuracy at "
-        "80% out-of-scope recall with the threshold set on the test data itself, which no threshold "
-        "chosen on validation can beat. knn: cosine similarity to the nearest training message "
-        "(measured here only); centroid: to the nearest intent's mean sentence vector (the model's "
-        "own score since it was added; before, measured here the same way).",
-        "",
-        "| set | recipe | seeds | score | AUROC | best in-scope acc. at 80% OOS recall |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    measured = [r for r in runs if "geometry" in r]
-    for name, recipe in dict.fromkeys((r["set"], r["recipe"]) for r in measured):
-        mine = [r for r in measured if (r["set"], r["recipe"]) == (name, recipe)]
-        seeds = ", ".join(str(r["seed"]) for r in mine)
-        for score in ("softmax", "energy", "knn", "centroid"):
-            got = [r[score] if score in r else r["geometry"][score] for r in mine]
-            aurocs, best = [g["auroc"] for g in got], [g["best_at_recall80_in_scope"] for g in got]
-            lines.append(
-                f"| {name} | {recipe} | {seeds} | {score} | {statistics.mean(aurocs):.3f} ± "
-                f"{statistics.pstdev(aurocs):.3f} | {mean_sd(best)} |"
-            )
-    return lines
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -415,47 +347,33 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser = harness.parser(__doc__, data=True, seeds=[1, 2, 3], work="out_of_scope", one=True)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--recipes", nargs="+", default=["auto"], choices=list(RECIPES))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "out_of_scope")
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child: SET RECIPE, JSON out
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(*args.one, args.seeds[0], args.data_dir, args.work)))
+    if harness.answer(args, run_one):  # --one SET RECIPE
         return
-    if not (args.data_dir / "banking77_oos" / "train.csv").is_file():
-        sys.exit(f"error: BANKING77-OOS and CLINC150 not found under {args.data_dir}; pass --data-dir")
-    import torch
-
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
-    out = args.results / "out_of_scope.json"
-    runs = json.loads(out.read_text())["runs"] if out.is_file() else []
-    for seed in args.seeds:
-        for name in args.sets:
-            for recipe in args.recipes:
-                if ONE_SET.get(recipe, name) != name:
-                    print(f"== {name}, {recipe}: skipped (a recipe for {ONE_SET[recipe]} alone)", flush=True)
-                    continue
-                print(f"== {name}, {recipe}, seed {seed}", flush=True)
-                command = [sys.executable, __file__, "--one", name, recipe, "--seeds", str(seed)]
-                command += ["--data-dir", str(args.data_dir), "--work", str(args.work)]
-                result = child_result(command)
-                print(json.dumps(result), flush=True)  # kept in the log whatever happens next
-                key = (name, recipe, seed)
-                runs = [r for r in runs if (r["set"], r["recipe"], r["seed"]) != key] + [result]
-                args.results.mkdir(parents=True, exist_ok=True)
-                out.write_text(
-                    json.dumps({"machine": machine, "runs": runs, "summary": summary(runs)}, indent=2)
-                )
-                (args.results / "out_of_scope.md").write_text(markdown(runs, machine))
-                plot(runs, args.results / "out_of_scope.png")
-    print((args.results / "out_of_scope.md").read_text())
+    harness.require(args.data_dir, "banking77_oos/train.csv", what="BANKING77-OOS and CLINC150")
+    machine = harness.machine()
+    runs = harness.load("out_of_scope", args.results, args.tag).get("runs", [])
+    for seed, name, recipe in itertools.product(args.seeds, args.sets, args.recipes):
+        if ONE_SET.get(recipe, name) != name:
+            print(f"== {name}, {recipe}: skipped (a recipe for {ONE_SET[recipe]} alone)", flush=True)
+            continue
+        print(f"== {name}, {recipe}, seed {seed}", flush=True)
+        result = harness.rerun(__file__, args, name, recipe, seed=seed).json()
+        print(json.dumps(result), flush=True)  # kept in the log whatever happens next
+        runs = harness.keep_latest(runs, result, key=lambda r: (r["set"], r["recipe"], r["seed"]))
+        result = {"machine": machine, "runs": runs, "summary": summary(runs)}
+        harness.save(
+            "out_of_scope",
+            result,
+            args.results,
+            args.tag,
+            echo=False,
+            also=lambda path, runs=runs: plot(runs, path.with_suffix(".png")),
+        )
+    print((args.results / f"{harness.stem('out_of_scope', args.tag)}.md").read_text())
 
 
 if __name__ == "__main__":

