@@ -139,7 +139,7 @@ def test_supervised_contrastive_prefers_clustered_embeddings() -> None:
 
 def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     from transferdesk.data import load_splits
-    from transferdesk.training.trainer import Callback, train_stage
+    from transferdesk.training.trainer import Callback, Trainer
 
     class Seen(Callback):
         def on_epoch(self, entry: dict, improved: bool, model: IntentModel) -> None:
@@ -148,15 +148,9 @@ def test_supcon_objective_and_epoch_hook(tiny_config: RunConfig) -> None:
     cfg = _with(tiny_config, **{"training.objective": "supcon", "training.epochs": 4})
     splits = load_splits(cfg.data, cfg.runtime.seed)
     seen: list[tuple[int, bool]] = []
-    _, result = train_stage(
-        cfg.model.backbone,
-        splits.train,
-        splits.valid,
-        cfg,
-        cfg.training,
-        torch.device("cpu"),
-        "test",
-        callbacks=[Seen()],
+    trainer = Trainer.of(cfg, torch.device("cpu"))
+    _, result = trainer.train(
+        cfg.model.backbone, splits.train, splits.valid, cfg.training, "test", callbacks=[Seen()]
     )
     assert [e for e, _ in seen] == [1, 2, 3, 4] and seen[0][1] is True
     assert result.history[-1]["loss"] < result.history[0]["loss"]

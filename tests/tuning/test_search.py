@@ -275,3 +275,13 @@ def test_the_run_teacher_is_made_absolute_like_the_space_choices(
     spec = prepare_spec(load_spec(path))
     assert spec.run.semi_supervised.teacher_backbone == str(tmp_path / "wide-bert")
     assert spec.space.teacher_backbone == [None, str(tmp_path / "wide-bert")]
+
+
+def test_a_recipe_of_ones_own_runs_in_a_search(local_ray, tiny_backbone: Path, tmp_path: Path) -> None:
+    """tests/toy_recipe.py, a linear probe: every trial fits with it, as `train` does."""
+    from tests.test_recipe import TOY, encoder_unchanged
+
+    path = write_spec(tmp_path, tiny_backbone, recipe=[TOY], search={"num_samples": 2})
+    version = tune_and_export(load_spec(path))
+    assert version.metrics["search"]["trials"] == 2 and version.config.recipe == [TOY]
+    assert encoder_unchanged(version.path, tiny_backbone)

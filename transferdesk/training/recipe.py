@@ -30,7 +30,7 @@ from transferdesk.data import Splits, load_splits, stratified_split, with_sample
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry
-from transferdesk.training.trainer import Callback, FitResult, TaskData, configure_runtime
+from transferdesk.training.trainer import Callback, FitResult, TaskData, Trainer, configure_runtime
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class Run:
     @property
     def registry(self) -> Registry:
         return Registry(self.cfg.output)
+
+    @property
+    def trainer(self) -> Trainer:
+        return Trainer.of(self.cfg, self.device)
 
     def tasks(self) -> TaskData | None:
         """The heads the fit trains besides the intent's: data.tasks, and the source task when

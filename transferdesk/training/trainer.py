@@ -1,4 +1,4 @@
-"""One fine-tuning stage: a new classifier on a backbone (`train_stage`), trained by a loop of
+"""One fine-tuning stage: a new classifier on a backbone (`Trainer.train`), trained by a loop of
 AdamW steps under autocast, validation after each epoch, early stopping on the monitored
 metric, and callbacks for everything else (progress bar, TensorBoard, Ray Tune's report).
 The recipe (train.py), self-training and Tune trials are all made of such stages."""
@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from transferdesk.config import SOURCE_TASK, RunConfig, RuntimeConfig, StageConfig
+from transferdesk.config import (
+    SOURCE_TASK,
+    CalibrationConfig,
+    ModelConfig,
+    RunConfig,
+    RuntimeConfig,
+    StageConfig,
+)
 from transferdesk.data import Dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.evaluation.metrics import auroc, classification_metrics
@@ -400,46 +407,67 @@ def configure_runtime(runtime: RuntimeConfig) -> torch.device:
     return device
 
 
-def train_stage(
-    backbone: str,
-    train: Dataset,
-    valid: Dataset,
-    cfg: RunConfig,
-    stage: StageConfig,
-    device: torch.device,
-    desc: str,
-    log_dir: Path | None = None,
-    pretrained: bool = True,
-    callbacks: list[Callback] | None = None,
-    soft_targets: torch.Tensor | None = None,
-    tasks: TaskData | None = None,
-    outliers: Sequence[str] = (),
-) -> tuple[IntentModel, FitResult]:
-    """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings
-    (against `soft_targets` where given, with the heads of `tasks` and the out-of-scope
-    `outliers`: see trainer.fit)."""
-    model = IntentModel.from_backbone(
-        backbone, train.intents, cfg.model, device, cfg.data.oos_label, pretrained, tasks and tasks.labels
-    )
-    model.calibration = training_calibration(cfg.calibration)
-    freeze_lower_layers(model.network.encoder, stage.freeze_layers)
-    if cfg.model.head_init == "prototypes":
-        init_head_from_prototypes(model, train)
-        for task, rows in (tasks.heads(train) if tasks else {}).items():
-            init_head_from_prototypes(model, rows, task)
-    callbacks = list(callbacks or [])
-    if cfg.runtime.progress:
-        callbacks.append(ProgressBar(desc, stage.monitor))
-    if log_dir is not None:
-        callbacks.append(TensorBoard(log_dir, desc))
-    result = fit(model, train, valid, stage, cfg.runtime, callbacks, soft_targets, tasks, outliers)
-    log.info(
-        "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
-        desc,
-        monitored(stage.monitor, result.history[0]),
-        result.best_metric,
-        result.best_epoch,
-        result.epochs_run,
-        result.seconds,
-    )
-    return model, result
+@dataclass(frozen=True)
+class Trainer:
+    """Trains the stages of a run, each a new classifier on a backbone (`train`): the settings
+    every stage of the run shares; each stage brings its own optimisation settings."""
+
+    model: ModelConfig
+    runtime: RuntimeConfig
+    calibration: CalibrationConfig
+    oos_label: str
+    device: torch.device
+
+    @classmethod
+    def of(cls, cfg: RunConfig, device: torch.device) -> Trainer:
+        return cls(cfg.model, cfg.runtime, cfg.calibration, cfg.data.oos_label, device)
+
+    def train(
+        self,
+        backbone: str,
+        train: Dataset,
+        valid: Dataset,
+        stage: StageConfig,
+        desc: str,
+        *,
+        log_dir: Path | None = None,
+        pretrained: bool = True,
+        callbacks: Sequence[Callback] = (),
+        soft_targets: torch.Tensor | None = None,
+        tasks: TaskData | None = None,
+        outliers: Sequence[str] = (),
+    ) -> tuple[IntentModel, FitResult]:
+        """A new classifier on `backbone`, fine-tuned on `train` with `stage`'s settings
+        (against `soft_targets` where given, with the heads of `tasks` and the out-of-scope
+        `outliers`: see fit)."""
+        model = IntentModel.from_backbone(
+            backbone,
+            train.intents,
+            self.model,
+            self.device,
+            self.oos_label,
+            pretrained,
+            tasks and tasks.labels,
+        )
+        model.calibration = training_calibration(self.calibration)
+        freeze_lower_layers(model.network.encoder, stage.freeze_layers)
+        if self.model.head_init == "prototypes":
+            init_head_from_prototypes(model, train)
+            for task, rows in (tasks.heads(train) if tasks else {}).items():
+                init_head_from_prototypes(model, rows, task)
+        callbacks = list(callbacks)
+        if self.runtime.progress:
+            callbacks.append(ProgressBar(desc, stage.monitor))
+        if log_dir is not None:
+            callbacks.append(TensorBoard(log_dir, desc))
+        result = fit(model, train, valid, stage, self.runtime, callbacks, soft_targets, tasks, outliers)
+        log.info(
+            "%s: best valid %s %.4f at epoch %d of %d (%.0f s)",
+            desc,
+            monitored(stage.monitor, result.history[0]),
+            result.best_metric,
+            result.best_epoch,
+            result.epochs_run,
+            result.seconds,
+        )
+        return model, result

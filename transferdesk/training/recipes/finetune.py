@@ -6,7 +6,6 @@ and a joint source task's, train beside the intent's."""
 from __future__ import annotations
 
 from transferdesk.training.recipe import Fitted, Recipe, Run, register
-from transferdesk.training.trainer import train_stage
 
 
 @register
@@ -14,15 +13,13 @@ class FineTune(Recipe):
     name = "finetune"
 
     def fit(self, run: Run) -> Fitted:
-        model, result = train_stage(
+        model, result = run.trainer.train(
             run.prepared.backbone,
             run.splits.train,
             run.splits.valid,
-            run.cfg,
             run.cfg.training,
-            run.device,
             "target stage",
-            run.log_dir,
+            log_dir=run.log_dir,
             pretrained=run.pretrained,
             callbacks=run.callbacks,
             tasks=run.tasks(),

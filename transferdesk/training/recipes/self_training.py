@@ -34,7 +34,7 @@ from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import Registry, TeacherRecord
 from transferdesk.training.recipe import Fitted, Recipe, Run, register, timed
-from transferdesk.training.trainer import Callback, FitResult, TaskData, seed_everything, train_stage
+from transferdesk.training.trainer import Callback, FitResult, TaskData, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -111,16 +111,9 @@ def teacher_labels(
         seed_everything(seed)
         run = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"seed": seed})})
         t0, desc = time.perf_counter(), f"teacher (seed {seed})"
-        teacher, result = train_stage(
-            backbone,
-            train,
-            valid,
-            run,
-            teacher_stage(cfg),
-            device,
-            desc,
-            pretrained=pretrained,
-            outliers=outliers,
+        trainer = Trainer.of(run, device)
+        teacher, result = trainer.train(
+            backbone, train, valid, teacher_stage(cfg), desc, pretrained=pretrained, outliers=outliers
         )
         probs = teacher.predict_proba(
             pool.texts, cfg.runtime.eval_batch_size, cfg.runtime.progress, f"{desc}: labelling pool"
@@ -245,17 +238,15 @@ def self_train(
             )
         data, targets = _student_data(train, labels, pool_texts, probs, rows, semi.targets == "soft")
         seed_everything(cfg.runtime.seed)
-        model, result = train_stage(
+        model, result = Trainer.of(cfg, device).train(
             backbone,
             data,
             valid,
-            cfg,
             student_stage(cfg),
-            device,
             f"student {number}",
-            log_dir,
-            pretrained,
-            callbacks,
+            log_dir=log_dir,
+            pretrained=pretrained,
+            callbacks=callbacks or (),
             soft_targets=targets,
             tasks=tasks,
             outliers=outliers,

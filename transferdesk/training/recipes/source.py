@@ -17,7 +17,7 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import sha256
 from transferdesk.training.recipe import SOURCE_VALID_FRACTION, Recipe, Run, register, timed
-from transferdesk.training.trainer import own_random_stream, train_stage
+from transferdesk.training.trainer import Trainer, own_random_stream
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,8 @@ def source_stage(run: Run, source: Dataset) -> Path:
         return cached
     train, valid = stratified_split(source, SOURCE_VALID_FRACTION, cfg.runtime.seed)
     with own_random_stream(cfg.runtime.seed, run.device):
-        model, result = train_stage(
-            cfg.model.backbone, train, valid, cfg, cfg.source_training, run.device, "source stage"
-        )
+        trainer = Trainer.of(cfg, run.device)
+        model, result = trainer.train(cfg.model.backbone, train, valid, cfg.source_training, "source stage")
     info = {
         "backbone": registry.portable(cfg.model.backbone),
         "source": registry.portable(cfg.data.source),
