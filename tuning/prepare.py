@@ -17,7 +17,7 @@ import ray
 
 from transferdesk.config import RunConfig
 from transferdesk.errors import TransferDeskError
-from transferdesk.training.recipe import Prepared, load_run, prepare
+from transferdesk.training.recipe import Prepared, load_run, prepare, prepares
 from tuning.config import Candidate, TuneSpec
 from tuning.space import candidate_config
 
@@ -62,7 +62,9 @@ def prepare_candidates(spec: TuneSpec) -> Preparations:
             for teacher in spec.space.teacher_backbone if pool else [None]:
                 cfg = _preparation_config(spec, c, teacher, pool)
                 blob = cfg.model_dump_json()  # candidates alike but for their name share one
-                if blob not in done and blob not in pending:
+                if not prepares(cfg):  # nothing to prepare: no worker to start for it
+                    done[blob] = Prepared(cfg.model.backbone)
+                elif blob not in done and blob not in pending:
                     pending[blob] = task.remote(blob, c.pretrained)
                 keys[(c.name, teacher or "", pool)] = blob
         done |= dict(zip(pending, ray.get(list(pending.values())), strict=True))

@@ -182,6 +182,11 @@ def prepare(run: Run) -> list[Recipe]:
     return methods
 
 
+def prepares(cfg: RunConfig) -> bool:
+    """Whether any method of the run's chain has work to prepare."""
+    return any(type(method).prepare is not Recipe.prepare for method in chain(cfg))
+
+
 def fit(run: Run, methods: list[Recipe] | None = None) -> Fitted:
     """The model of the last method of the chain that fits one."""
     for method in reversed(methods or chain(run.cfg)):
