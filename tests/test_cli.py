@@ -156,6 +156,29 @@ def test_one_override_syntax_with_values_read_as_typed(tmp_path: Path) -> None:
     old = build_parser().parse_args(["tune", "x.yaml", "--set", "training.epochs=5"])
     with pytest.raises(TransferDeskError, match=r"did you mean run\.training\.epochs"):
         config_overrides(old)
+    # Structured values as YAML, as docs/guides/tasks.md writes them (JSON-only CLI libraries
+    # refuse these); none/null/empty is None.
+    tasks = build_parser().parse_args(
+        ["train", "--data.tasks", "{urgency: {weight: 0.5}}", "--set", "calibration.value=none"]
+    )
+    assert config_overrides(tasks) == {"data.tasks": {"urgency": {"weight": 0.5}}, "calibration.value": None}
+    names = build_parser().parse_args(
+        ["train", "--data.tasks", "[urgency, sentiment]", "--runtime.num_threads", ""]
+    )
+    assert config_overrides(names) == {"data.tasks": ["urgency", "sentiment"], "runtime.num_threads": None}
+
+
+def test_metavars_name_the_types() -> None:
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    tune_help = subcommands["tune"].format_help()
+    for shown in (
+        "--space.encoder_lr TUPLE[FLOAT,FLOAT]",
+        "--space.pooling LIST[{mean,cls}]",
+        "--train FILE",
+    ):
+        assert shown in tune_help
+    assert "ANNOTATED" not in tune_help and "LITERAL" not in subcommands["export"].format_help()
+    assert "--data.tasks DICT[STR,TASKCONFIG]" in subcommands["train"].format_help()
 
 
 def test_promote_rollback_and_stages(trained: Path, tiny_config, toy_files: dict, capsys) -> None:

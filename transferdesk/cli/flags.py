@@ -1,21 +1,24 @@
 """Command-line flags from the pydantic configuration: one `--section.field VALUE` flag per
 setting, generated so that --help never drifts from the configuration, and `--set KEY=VALUE`
 as another spelling of the same.
+
+Not pydantic-settings' CliSettingsSource nor jsonargparse: both read structured values as JSON
+only (`--data.tasks '[urgency, sentiment]'`, YAML, is refused), have no `--set`, and change the
+help (aliases without their own metavar, `(default factory: list)`); jsonargparse also lets a
+--config given after a flag override it.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
 
-from transferdesk.config import (
-    iter_fields,
-)
+from transferdesk.config import iter_fields
 from transferdesk.errors import TransferDeskError
 
 # Short flags (and their metavars) for the settings people change most; every setting also
@@ -29,58 +32,53 @@ ALIASES = {
     "output": ("--output", "DIR"),
     "name": ("--name", "NAME"),
 }
-
-
 NULL_WORDS = {"none", "null", ""}
-
-
+# Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.
 INTEGER = re.compile(r"[-+]?\d+")
-
-
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 # Where add_config_flags leaves, on the parsed arguments, which settings it made flags for.
 FIELDS_DEST = "config_fields"
 
 
 def _metavar(annotation: Any) -> str:
-    """INT, FLOAT, {mean,cls}, INT|NONE … from a field's type annotation."""
-    if get_origin(annotation) is Literal:
-        return "{" + ",".join(map(str, get_args(annotation))) + "}"
-    parts = get_args(annotation) or (annotation,)
-    return "|".join(getattr(p, "__name__", str(p)).upper().replace("NONETYPE", "NONE") for p in parts)
+    """INT, INT|NONE, {mean,cls}, LIST[STR], TUPLE[FLOAT,FLOAT] … from a type annotation."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _metavar(args[0])
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin in (Union, UnionType):
+        return "|".join(map(_metavar, args))
+    if annotation is NoneType:
+        return "NONE"
+    name = getattr(origin or annotation, "__name__", str(annotation)).upper()
+    return f"{name}[{','.join(map(_metavar, args))}]" if args else name
 
 
 def _is_text(annotation: Any) -> bool:
-    return annotation is str or (
-        get_origin(annotation) in (Union, UnionType) and set(get_args(annotation)) == {str, type(None)}
-    )
+    return annotation in (str, str | None)
 
 
 def add_config_flags(
     parser: argparse.ArgumentParser,
     schema: type[BaseModel],
-    prefix: str = "",
     aliases: dict[str, tuple[str, str]] | None = None,
 ) -> None:
-    """One `--section.field VALUE` flag per setting of `schema` (fields of nested models under
-    `prefix`), generated so --help can never drift from the config, plus `--set KEY=VALUE`
-    as another spelling of the same. Read them back with `config_overrides(args)`."""
+    """One `--section.field VALUE` flag per setting of `schema`, grouped by section, plus
+    `--set KEY=VALUE` as another spelling of the same. Read them back with
+    `config_overrides(args)`."""
     aliases = ALIASES if aliases is None else aliases
     groups: dict[str, argparse._ArgumentGroup] = {}
     fields: dict[str, bool] = {}
-    for local, info in iter_fields(schema):
-        dotted = f"{prefix}{local}"
+    for dotted, info in iter_fields(schema):
         fields[dotted] = _is_text(info.annotation)
-        section = dotted.rsplit(".", 1)[0] if "." in dotted else "general"
+        section = dotted.rpartition(".")[0] or "general"
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} settings")
-        short, metavar = aliases.get(local, (None, _metavar(info.annotation)))
-        flags = dict.fromkeys(f for f in (short, f"--{dotted}") if f)
+        short, metavar = aliases.get(dotted, (None, _metavar(info.annotation)))
         default = info.get_default(call_default_factory=True)
         groups[section].add_argument(
-            *flags,
+            *dict.fromkeys(f for f in (short, f"--{dotted}") if f),
             dest=dotted,
             default=argparse.SUPPRESS,
             metavar=metavar,
@@ -99,12 +97,11 @@ def add_config_flags(
 
 def parse_value(raw: str | None, text: bool) -> Any:
     """A flag's value: null/none/empty is None; text settings as written; others as YAML, so
-    4, 1e-4, true and [8, 16] work."""
+    4, 1e-4, true, [8, 16] and {urgency: {weight: 0.5}} work."""
     if raw is None or raw.strip().lower() in NULL_WORDS:
         return None
     if text:
         return raw
-    # Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.
     if INTEGER.fullmatch(raw.strip()):
         return int(raw)
     if FLOAT.fullmatch(raw.strip()):
