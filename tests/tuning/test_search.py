@@ -285,3 +285,27 @@ def test_a_recipe_of_ones_own_runs_in_a_search(local_ray, tiny_backbone: Path, t
     version = tune_and_export(load_spec(path))
     assert version.metrics["search"]["trials"] == 2 and version.config.recipe == [TOY]
     assert encoder_unchanged(version.path, tiny_backbone)
+
+
+def test_a_search_runs_the_contrastive_stage_once_for_every_trial(
+    local_ray, tiny_backbone: Path, tmp_path: Path
+) -> None:
+    pool = tmp_path / "pool.txt"
+    pool.write_text("where is the parcel now\nreset the password now\nrefund money please\nparcel please\n")
+    path = write_spec(
+        tmp_path,
+        tiny_backbone,
+        data={"unlabelled": str(pool)},
+        semi_supervised={"contrastive_epochs": 1, "contrastive_batch_size": 4, "student_epochs": 1},
+        space={"epochs": 2, "semi_supervised": [True]},
+        search={"num_samples": 2, "algorithm": "random"},
+    )
+    found = search(prepare_spec(load_spec(path)))
+    assert not found.results.errors
+    prepared = found.preparations["tiny", "", True]
+    assert prepared.adapted and prepared.backbone == prepared.adapted and prepared.teachers
+    # One encoder adapted to the pool (sources/), whichever trial ran: the teachers learnt from it.
+    adapted = [d for d in (tmp_path / "registry" / "sources").iterdir() if not d.name.startswith(".")]
+    assert [str(d) for d in adapted] == [prepared.adapted]
+    version = export(prepare_spec(load_spec(path)), found)
+    assert version.metrics["semi_supervised"]["contrastive_encoder"] == f"sources/{adapted[0].name}"
