@@ -31,7 +31,7 @@ import harness
 import numpy as np
 from reports import OOS_RECALL_TARGET
 
-from transferdesk.model.confidence import SCORES
+from transferdesk.model.scores import SCORES
 
 # Per set: training file (and its few-shot k), then validation and test files, each with the
 # group its out-of-scope rows belong to (in-scope files: None), then the files whose texts,
@@ -235,7 +235,9 @@ def scores(model, valid_logits, valid_labels, test_logits, test_labels, test_gro
     oos_v = np.array([label == model.oos_label for label in valid_labels])
     oos_t = np.array([label == model.oos_label for label in test_labels])
     out: dict = {
-        "plain_in_scope_accuracy": float(np.mean(test_logits[known_t].argmax(1) == targets_t[known_t]))
+        "plain_in_scope_accuracy": float(
+            np.mean(model.layout.intent(test_logits)[known_t].argmax(1) == targets_t[known_t])
+        )
     }
     for score in SCORES:
         model.calibration = CalibrationConfig(score=score)

@@ -8,10 +8,10 @@ from transferdesk.model.confidence import (
     choose_threshold,
     fit_temperature,
     handoff_curve,
-    oos_score,
     operating_point,
     reliability,
 )
+from transferdesk.model.scores import SCORES
 
 
 def overconfident(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +132,9 @@ def test_target_and_value_go_together() -> None:
 
 def test_energy_keeps_the_scale_softmax_normalises_away() -> None:
     logits = np.array([[4.0, 0.0], [1.0, -3.0]])  # the same margin, very different evidence
-    assert np.allclose(oos_score(logits, 1.0, "softmax")[0], oos_score(logits, 1.0, "softmax")[1])
-    energy = oos_score(logits, 1.0, "energy")
+    softmax_score = SCORES["softmax"](logits, 1.0)
+    assert np.allclose(softmax_score[0], softmax_score[1])
+    energy = SCORES["energy"](logits, 1.0)
     assert energy[0] > energy[1] + 2.5
 
 

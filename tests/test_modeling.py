@@ -71,10 +71,9 @@ def test_calibrate_from_texts_sets_temperature_and_threshold(model: IntentModel)
     rows = toy_rows(0, 2)
     texts, labels = [t for t, _ in rows] + ["weather today"], [lab for _, lab in rows] + ["oos"]
     model.labels = ["track_order", "reset_password", "refund_status"]
-    model.fit_centroids(texts, labels)  # as training does before calibrating: the default score's
-    heads = model.calibrate(texts, labels)
-    assert heads.intent.shape == (len(texts), 3) and np.isfinite(model.threshold)
-    assert model.temperature != 1.0
+    model.fit_scores(texts, labels)  # as training does before calibrating: the default score's
+    model.calibrate_from_logits(model.predict_logits(texts), labels)
+    assert np.isfinite(model.threshold) and model.temperature != 1.0
 
 
 def test_saved_model_keeps_its_calibration(model: IntentModel, tmp_path: Path) -> None:
@@ -94,6 +93,11 @@ def test_forward_check_refuses_non_finite_weights(model: IntentModel) -> None:
         model.check_forward()
 
 
+def proba_from_ids(model: IntentModel, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
+    """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
+    return model.split_heads(model.logits_from_ids(ids, batch_size)).intent
+
+
 def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path) -> None:
     # Serve tokenizes in one deployment and classifies in another: same answer as in-process.
     encoder, tokenizer = load_encoder(str(tiny_backbone))
@@ -101,7 +105,7 @@ def test_probabilities_from_token_ids_match_those_from_texts(tiny_backbone: Path
     texts = ["where is my parcel", "refund", "my password is not working please reset it now"]
     ids = tokenizer(texts)["input_ids"]  # unpadded, not cut: the last one is longer than 6
     assert len(ids[2]) > 6
-    by_ids, by_text = model.proba_from_ids(ids), model.predict_proba(texts)
+    by_ids, by_text = proba_from_ids(model, ids), model.predict_proba(texts)
     assert by_ids.shape == (3, 3)
     assert torch.allclose(torch.from_numpy(by_ids), torch.from_numpy(by_text), atol=1e-5)
 
@@ -111,9 +115,9 @@ def test_length_sorted_passes_keep_input_order(tiny_backbone: Path) -> None:
     model = IntentModel(IntentClassifier(encoder, 3, "mean", 0.1), tokenizer, ["a", "b", "c"], max_length=16)
     texts = ["a much longer message about a parcel", "hi", "refund please", "x", "where is my order now"]
     ids = tokenizer(texts)["input_ids"]
-    whole = model.proba_from_ids(ids, batch_size=64)
+    whole = proba_from_ids(model, ids, batch_size=64)
     for per_pass in (1, 2):  # sorted by length into passes, answered in the order asked
-        assert np.allclose(model.proba_from_ids(ids, batch_size=per_pass), whole, atol=1e-5)
+        assert np.allclose(proba_from_ids(model, ids, batch_size=per_pass), whole, atol=1e-5)
     assert not np.allclose(whole[0], whole[1])
 
 
@@ -152,10 +156,10 @@ def test_a_model_saved_on_gpu_loads_anywhere_and_serves_in_half_precision(
 def test_centroid_score_is_the_similarity_to_the_nearest_intent(model: IntentModel, tmp_path: Path) -> None:
     texts = ["where is my parcel", "parcel not here", "forgot my password", "reset password", "refund status"]
     labels = ["track_order", "track_order", "reset_password", "reset_password", "refund"]
-    assert not model.has_centroids
+    assert model.layout.output_names == ()
     width = model.predict_logits(TEXTS).shape[1]
-    model.fit_centroids([*texts, "weather today"], [*labels, "oos"], batch_size=2)  # oos row left out
-    assert model.has_centroids
+    model.fit_scores([*texts, "weather today"], [*labels, "oos"], batch_size=2)  # oos row left out
+    assert model.layout.output_names == ("centroids",)
     logits = model.predict_logits(texts)
     assert logits.shape[1] == width + len(model.labels)  # one similarity per intent, after the heads
     vectors = model.embed(texts)
@@ -171,7 +175,7 @@ def test_centroid_score_is_the_similarity_to_the_nearest_intent(model: IntentMod
     model.threshold = float(np.median(model.split_heads(logits).score))
     model.save_pretrained(tmp_path / "m")
     again = IntentModel.load(tmp_path / "m", device="cpu")
-    assert again.has_centroids and np.allclose(again.predict_logits(texts), logits, atol=1e-6)
+    assert again.layout == model.layout and np.allclose(again.predict_logits(texts), logits, atol=1e-6)
     assert again.predict(texts) == model.predict(texts)
 
 

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from transferdesk.errors import TransferDeskError
-from transferdesk.model.confidence import Score, Target
+from transferdesk.model.confidence import Target
+from transferdesk.model.scores import Score
 
 
 class Section(BaseModel):
@@ -308,7 +309,7 @@ class CalibrationConfig(Section):
         description="Out-of-scope score: centroid (cosine similarity of the message's sentence "
         "vector to the nearest intent's mean training vector), energy (log-sum-exp of the intent's "
         "logits: how much the message looks like any intent at all) or softmax (the calibrated top "
-        "confidence).",
+        "confidence); or another registered one (transferdesk.model.scores).",
     )
     target: Target = Field(
         "balance",

@@ -1,5 +1,6 @@
-"""Confidence a contact center can act on: temperature scaling, out-of-scope scores, and the
-hand-off threshold chosen on validation data for an operator's stated target.
+"""Confidence a contact center can act on: temperature scaling, and the hand-off threshold
+chosen on validation data for an operator's stated target, over an out-of-scope score
+(scores.py: each score a named component).
 
 Plain numpy over a forward pass's logits and probabilities; the model object (modeling.py)
 holds the temperature, the score's name and the threshold, and applies them.
@@ -12,17 +13,10 @@ from typing import Literal, get_args
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, logsumexp, softmax
+from scipy.special import log_softmax, softmax
 
 from transferdesk.errors import TransferDeskError
 
-# How in-scope a message looks, higher = more: the calibrated top probability; the energy
-# (temperature-free log-sum-exp of the logits, Liu et al. 2020), which keeps the logits' scale
-# that softmax normalises away; or the cosine similarity of the message's sentence vector to
-# the nearest intent centroid (the encoder's geometry: a message unlike every intent's training
-# rows is far from all of them, however the head ranks it).
-Score = Literal["softmax", "energy", "centroid"]
-SCORES: tuple[str, ...] = get_args(Score)
 Target = Literal["balance", "handoff_rate", "precision", "oos_recall"]
 TARGETS: tuple[str, ...] = get_args(Target)
 # Without out-of-scope rows, `balance` hands off this share of in-scope validation messages:
@@ -40,23 +34,6 @@ INTERVAL_CONFIDENCE = 0.95
 def scaled_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     # float64: float32 rounds confidences near 1 to exactly 1, and thresholds need them apart.
     return softmax(logits.astype(np.float64) / temperature, axis=1)
-
-
-def oos_score(
-    logits: np.ndarray, temperature: float, score: str, similarity: np.ndarray | None = None
-) -> np.ndarray:
-    """Per row, how in-scope it looks under `score` (higher: more); `similarity`: rows ×
-    intents cosine similarities to the centroids, for the centroid score."""
-    if score == "centroid":
-        if similarity is None:
-            raise TransferDeskError(
-                "calibration.score centroid needs the intents' centroids, which this model does not "
-                "have (trained before they were stored); retrain it, or use softmax or energy"
-            )
-        return similarity.astype(np.float64).max(axis=1)
-    if score == "energy":
-        return logsumexp(logits.astype(np.float64), axis=1)
-    return scaled_softmax(logits, temperature).max(axis=1)
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -66,7 +66,8 @@ def validation_data(version_spec: str | Path, data: str | None) -> tuple[Dataset
 
 def export_onnx(model: IntentModel, path: Path, opset: int) -> None:
     """The whole classifier as one ONNX graph: input_ids and attention_mask (int64, any batch
-    size and length) in, logits out."""
+    size and length) in, logits out (the network's output: every head's logits, then the
+    out-of-scope scores' network outputs, as `model.layout` says)."""
     network = model.torch_network.float().cpu().eval()
     sample = model.tokenizer(
         ["a message to trace the graph with", "and another"], padding=True, return_tensors="pt"

@@ -16,7 +16,6 @@ import json
 from collections.abc import Callable, Sequence, Sized
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +31,6 @@ from transferdesk.model.confidence import (
     OperatingPoint,
     choose_threshold,
     fit_temperature,
-    oos_score,
     reliability,
     scaled_softmax,
 )
@@ -40,57 +38,45 @@ from transferdesk.model.network import (
     IntentClassifier,
     autocast,
     autocast_dtype,
+    cut_ids,
     length_sorted_batches,
     load_encoder,
+    pad_ids,
     select_device,
     tokenize,
 )
-from transferdesk.model.prediction import Prediction
+from transferdesk.model.prediction import Heads, Prediction, rounded
 from transferdesk.model.runtime import OnnxSession, resolve_runtime
+from transferdesk.model.scores import OUTPUTS, OutputLayout, get_score, needed_outputs, network_outputs
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
 
 # The model object's own files inside a saved directory (a registry version holds more).
 HEAD_FILE = "head.safetensors"
 SETTINGS_FILE = "classifier.json"
-# Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none).
+# Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none); each
+# network output's fitted tensor is under the output's name (scores.py).
 TASK_PREFIX = "tasks."
-# HEAD_FILE's key of the intents' centroids (versions saved before them have none).
-CENTROIDS_KEY = "centroids"
-
-
-# Versions saved before calibration: their thresholds are on the plain softmax.
-LEGACY_CALIBRATION = {"temperature": False, "score": "softmax"}
+# What a model in training scores out-of-scope messages by in place of a score that reads a
+# network output, which training fits last (train.calibrate).
+TRAINING_SCORE = "energy"
 
 
 def training_calibration(calibration: CalibrationConfig) -> CalibrationConfig:
     """What a model in training scores out-of-scope messages by (validation's AUROC chooses
-    its epoch with it): the run's score, or energy in place of the centroid score, whose
-    centroids training stores last (train.calibrate). Measured so: the centroid figures of
-    benchmarks/out_of_scope.py are of models whose epochs energy chose."""
-    if calibration.score != "centroid":
+    its epoch with it): the run's score, or TRAINING_SCORE in place of one that reads a network
+    output (the centroid score). Measured so: the centroid figures of benchmarks/out_of_scope.py
+    are of models whose epochs energy chose."""
+    if not get_score(calibration.score).outputs:
         return calibration
-    return calibration.model_copy(update={"score": "energy"})
-
-
-class Heads(NamedTuple):
-    """What one forward pass says of each row: the intent's calibrated probabilities, each other
-    task's, and how in-scope the row looks (the model's out-of-scope score; higher: more)."""
-
-    intent: np.ndarray
-    tasks: dict[str, np.ndarray]
-    score: np.ndarray
-
-
-def _rounded(value: float, digits: int | None) -> float:
-    return value if digits is None else round(value, digits)
+    return calibration.model_copy(update={"score": TRAINING_SCORE})
 
 
 class IntentModel:
     """Encoder + linear head with its tokenizer, labels and out-of-scope threshold, a head per
-    other task (`tasks`: task → its labels, in head order), and once trained the intents'
-    centroids (`fit_centroids`). Loaded with an ONNX runtime it holds an ONNX Runtime session
-    instead of the torch network (`centroids`: whether its output has their similarities), and
-    only predicts."""
+    other task (`tasks`: task → its labels, in head order), and once trained the network
+    outputs the out-of-scope scores read (`fit_scores`). Loaded with an ONNX runtime it holds
+    an ONNX Runtime session instead of the torch network (`outputs`: the network outputs its
+    graph gives; `layout`), and only predicts."""
 
     def __init__(
         self,
@@ -107,7 +93,7 @@ class IntentModel:
         tasks: dict[str, list[str]] | None = None,
         calibration: CalibrationConfig | None = None,
         temperature: float = 1.0,
-        centroids: bool = False,
+        outputs: tuple[str, ...] = (),
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
@@ -117,15 +103,17 @@ class IntentModel:
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
         self.session, self.runtime = session, runtime
-        self._session_centroids = centroids
+        self._session_outputs = network_outputs(outputs)
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0
 
     @property
-    def has_centroids(self) -> bool:
-        """Whether a forward pass gives the similarity to each intent's centroid too."""
+    def layout(self) -> OutputLayout:
+        """Which columns of a forward pass's output are whose: the network's own, or for an ONNX
+        session, as the settings it was saved with say."""
         if self.network is not None:
-            return self.network.centroids is not None
-        return self._session_centroids
+            return self.network.layout
+        tasks = {task: len(names) for task, names in self.tasks.items()}
+        return OutputLayout.of(len(self.labels), tasks, self._session_outputs)
 
     # -- building, loading, saving ------------------------------------------------------------
 
@@ -180,13 +168,13 @@ class IntentModel:
 
     @staticmethod
     def _confidence(settings: dict) -> dict:
-        """The other heads and confidence settings of a settings file (older files: none, and
-        the uncalibrated softmax their thresholds were chosen on)."""
+        """The other heads, confidence settings and network outputs of a settings file (each
+        output flagged `"<name>": true`)."""
         return {
             "tasks": settings.get("tasks"),
-            "calibration": CalibrationConfig.model_validate(settings.get("calibration", LEGACY_CALIBRATION)),
-            "temperature": settings.get("temperature", 1.0),
-            "centroids": settings.get("centroids", False),
+            "calibration": CalibrationConfig.model_validate(settings["calibration"]),
+            "temperature": settings["temperature"],
+            "outputs": network_outputs(name for name, value in settings.items() if value is True),
         }
 
     @staticmethod
@@ -209,8 +197,9 @@ class IntentModel:
         )
         weights = load_file(root / HEAD_FILE)
         net.head.load_state_dict({k: weights[k] for k in ("weight", "bias")})
-        if CENTROIDS_KEY in weights:
-            net.set_centroids(weights[CENTROIDS_KEY])
+        confidence = cls._confidence(settings)
+        for name in confidence.pop("outputs"):
+            net.set_output(name, weights[name])
         for task, head in net.heads.items():
             head.load_state_dict({k: weights[f"{TASK_PREFIX}{task}.{k}"] for k in ("weight", "bias")})
         torch_device = select_device(device)
@@ -223,7 +212,7 @@ class IntentModel:
             settings["threshold"],
             settings["oos_label"],
             torch_device,
-            **cls._confidence(settings),
+            **confidence,
         )
 
     @staticmethod
@@ -246,7 +235,7 @@ class IntentModel:
             tasks=self.tasks,
             calibration=self.calibration,
             temperature=self.temperature,
-            centroids=self.has_centroids,
+            outputs=self.layout.output_names,
         )
 
     @property
@@ -277,8 +266,8 @@ class IntentModel:
             head |= {
                 f"{TASK_PREFIX}{task}.{k}": v.detach().cpu().float() for k, v in module.state_dict().items()
             }
-        if net.centroids is not None:
-            head[CENTROIDS_KEY] = net.centroids.detach().cpu().float().contiguous()
+        outputs = dict(net.outputs.named_buffers())
+        head |= {name: state.detach().cpu().float().contiguous() for name, state in outputs.items()}
         save_file(head, directory / HEAD_FILE)
         settings = {
             "labels": self.labels,
@@ -290,8 +279,10 @@ class IntentModel:
             "calibration": self.calibration.model_dump(mode="json"),
             "temperature": self.temperature,
             **({"tasks": self.tasks} if self.tasks else {}),
-            **({"centroids": True} if net.centroids is not None else {}),
         }
+        if clash := settings.keys() & outputs.keys():
+            raise TransferDeskError(f"network output(s) {clash} named like a setting: rename them")
+        settings |= dict.fromkeys(network_outputs(outputs), True)
         (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
 
     # -- probabilities ------------------------------------------------------------------------
@@ -307,19 +298,15 @@ class IntentModel:
         return self.split_heads(self.predict_logits(texts, batch_size, progress))
 
     def split_heads(self, logits: np.ndarray) -> Heads:
-        """A forward pass's logits (every head's, side by side, then the centroid similarities)
-        as calibrated intent probabilities, each task's probabilities and the out-of-scope score."""
-        intent, start, tasks = logits[:, : len(self.labels)], len(self.labels), {}
-        for task, names in self.tasks.items():
-            tasks[task] = softmax(logits[:, start : start + len(names)], axis=1)
-            start += len(names)
-        similarity = logits[:, start : start + len(self.labels)] if self.has_centroids else None
+        """A forward pass's output (every head's logits, then the network outputs: `layout`) as
+        calibrated intent probabilities, each task's probabilities and the out-of-scope score."""
+        intent, tasks, outputs = self.layout.split(logits)
         # Probabilities as float32, as the network gives them (pseudo-labels are stored so); the
         # score in float64, which keeps confidences near 1 apart for the threshold.
         return Heads(
             scaled_softmax(intent, self.temperature).astype(np.float32),
-            tasks,
-            oos_score(intent, self.temperature, self.calibration.score, similarity),
+            {task: softmax(columns, axis=1) for task, columns in tasks.items()},
+            get_score(self.calibration.score)(intent, self.temperature, outputs),
         )
 
     def predict_logits(
@@ -368,32 +355,18 @@ class IntentModel:
         sums.index_add_(0, targets, nn.functional.normalize(emb, dim=-1))
         return nn.functional.normalize(sums, dim=-1), emb.norm(dim=-1).mean()
 
-    def fit_centroids(self, texts: list[str], labels: list[str], batch_size: int = 64) -> None:
-        """Store the intents' centroids of these rows (out-of-scope ones left out), for the
-        centroid score: forward passes give the similarity to each from now on."""
-        self.torch_network.set_centroids(self.class_centroids(texts, labels, batch_size=batch_size)[0])
-
-    def proba_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
-        """Intent probabilities for texts tokenized elsewhere (Serve's tokenizer)."""
-        return self.split_heads(self.logits_from_ids(ids, batch_size)).intent
+    def fit_scores(
+        self, texts: list[str], labels: list[str], batch_size: int = 64, scores: list[str] | None = None
+    ) -> None:
+        """Fit on these labelled training rows the network outputs the out-of-scope scores read
+        (every registered score's, so that any can score this model; or `scores`'): the
+        intents' centroids. Forward passes give their columns from now on."""
+        for name in needed_outputs(scores):
+            self.torch_network.set_output(name, OUTPUTS[name].fit(self, texts, labels, batch_size))
 
     def logits_from_ids(self, ids: list[list[int]], batch_size: int = 64) -> np.ndarray:
         """Every head's logits, side by side (see split_heads), for token ids."""
-        return self._passes(self._cut(ids), batch_size, self._pad)
-
-    def _cut(self, ids: list[list[int]]) -> list[list[int]]:
-        """Longer inputs cut to this model's max_length, keeping the closing special token."""
-        return [x if len(x) <= self.max_length else [*x[: self.max_length - 1], x[-1]] for x in ids]
-
-    def _pad(self, ids: list[list[int]]) -> dict[str, np.ndarray]:
-        """Right-padded ids and mask, built directly: the tokenizer's own `pad` costs more
-        than a one-message ONNX pass."""
-        input_ids = np.full((len(ids), max(map(len, ids))), self.pad_id, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = x
-            mask[row, : len(x)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return self._passes(cut_ids(ids, self.max_length), batch_size, partial(pad_ids, pad_id=self.pad_id))
 
     @torch.inference_mode()
     def _passes(
@@ -408,8 +381,7 @@ class IntentModel:
         ids, in input order."""
         if self.network is not None:
             self.network.eval()
-        width = len(self.labels) * (1 + self.has_centroids) + sum(map(len, self.tasks.values()))
-        logits = np.zeros((len(items), width), dtype=np.float32)
+        logits = np.zeros((len(items), self.layout.width), dtype=np.float32)
         batches = length_sorted_batches(items, batch_size)
         for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             logits[idx] = self._logits(encode([items[i] for i in idx]))
@@ -448,11 +420,11 @@ class IntentModel:
         best = {task: (p.argmax(axis=1), p.max(axis=1)) for task, p in tasks.items()}
         out = []
         for i, (p, row, flag) in enumerate(zip(probs, order, flags, strict=True)):
-            ranked = tuple((self.labels[j], _rounded(float(p[j]), digits)) for j in row)
+            ranked = tuple((self.labels[j], rounded(float(p[j]), digits)) for j in row)
             intent, confidence = ranked[0]
             label = self.oos_label if flag else intent
             heads_i = {
-                task: (self.tasks[task][index[i]], _rounded(float(top[i]), digits))
+                task: (self.tasks[task][index[i]], rounded(float(top[i]), digits))
                 for task, (index, top) in best.items()
             }
             out.append(Prediction(intent, confidence, bool(flag), label, ranked, heads_i))
@@ -466,27 +438,21 @@ class IntentModel:
     ) -> list[Prediction]:
         return self.predictions(self.logits_from_ids(ids, batch_size), k, digits)
 
-    def calibrate(self, texts: list[str], labels: list[str], batch_size: int = 64) -> Heads:
-        """Fit the temperature and choose the threshold on labelled validation data, for the
-        model's calibration settings; returns the data's heads, as now calibrated."""
-        logits = self.predict_logits(texts, batch_size)
-        self.calibrate_from_logits(logits, labels)
-        return self.split_heads(logits)
-
     def calibration_error(
         self, logits: np.ndarray, labels: list[str], temperature: float | None = None
     ) -> float:
         """Expected calibration error of the top intent's confidence on the in-scope rows, at
         this model's temperature (or `temperature`: 1 for the uncalibrated model)."""
         known, targets = self.intent_targets(labels)
-        probs = scaled_softmax(logits[known, : len(self.labels)], temperature or self.temperature)
+        probs = scaled_softmax(self.layout.intent(logits)[known], temperature or self.temperature)
         return reliability(probs, targets[known])["ece"]
 
     def calibrate_from_logits(self, logits: np.ndarray, labels: list[str]) -> OperatingPoint:
-        """As `calibrate`, from the data's logits; returns the threshold's operating point on it.
-        The temperature is fitted on in-scope rows (out-of-scope ones have no right intent)."""
+        """Fit the temperature and choose the threshold, for the model's calibration settings, on
+        labelled validation data's logits; returns the threshold's operating point on it. The
+        temperature is fitted on in-scope rows (out-of-scope ones have no right intent)."""
         known, targets = self.intent_targets(labels)
-        intent = logits[known, : len(self.labels)]
+        intent = self.layout.intent(logits)[known]
         self.temperature = fit_temperature(intent, targets[known]) if self.calibration.temperature else 1.0
         return self.choose_threshold(self.split_heads(logits), labels)
 

@@ -1,4 +1,5 @@
-"""The network: a pretrained encoder + linear head, backbone resolution, devices and precision."""
+"""The network: a pretrained encoder + linear heads (and the out-of-scope scores' network
+outputs, scores.py), backbone resolution, devices and precision."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from collections.abc import Sequence, Sized
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 from transferdesk.errors import TransferDeskError
+from transferdesk.model.scores import OUTPUTS, OutputLayout
 from transferdesk.registry import encoder_dir
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,8 @@ def freeze_lower_layers(encoder: nn.Module, n: int) -> None:
 
 class IntentClassifier(nn.Module):
     """BERT-style encoder, pooled sentence vector, dropout, a linear head for the intent and
-    one more for each other task (`heads`: task → its number of classes); once trained, the
-    intents' centroids too (`set_centroids`)."""
+    one more for each other task (`heads`: task → its number of classes); once fitted, the
+    network outputs the out-of-scope scores read (`set_output`; scores.py)."""
 
     def __init__(
         self,
@@ -126,13 +129,20 @@ class IntentClassifier(nn.Module):
         self.heads = nn.ModuleDict(
             {task: nn.Linear(encoder.config.hidden_size, n) for task, n in (heads or {}).items()}
         )
-        # Not in the state dict: the model object saves it with the head (modeling.py).
-        self.register_buffer("centroids", None, persistent=False)
+        # The fitted tensors of the network outputs, by name: buffers outside the state dict
+        # (the model object saves them with the head, modeling.py).
+        self.outputs = nn.Module()
 
-    def set_centroids(self, centroids: torch.Tensor) -> None:
-        """The intents' unit-length centroids (intents × hidden): a buffer, moved and exported
-        with the network, never trained."""
-        self.centroids = centroids.float().to(self.head.weight.device)
+    def set_output(self, name: str, state: torch.Tensor) -> None:
+        """A network output's fitted tensor (scores.OUTPUTS[name]): a buffer, moved and exported
+        with the network, never trained; forward passes give its columns from now on."""
+        self.outputs.register_buffer(name, state.float().to(self.head.weight.device), persistent=False)
+
+    @property
+    def layout(self) -> OutputLayout:
+        """Which columns of `forward`'s output are whose."""
+        tasks = {task: head.out_features for task, head in self.heads.items()}
+        return OutputLayout.of(self.head.out_features, tasks, dict(self.outputs.named_buffers()))
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -142,19 +152,38 @@ class IntentClassifier(nn.Module):
         return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The intent logits, then each task's, then (with centroids) the cosine similarity to
-        each intent's centroid, side by side: one encoder pass, one output (and so one output of
-        the ONNX graph) whatever the heads. Training uses `embed` and the heads, not this."""
+        """The intent logits, each task's, then each network output's columns, side by side as
+        `layout` says: one encoder pass, one output (and so one output of the ONNX graph)
+        whatever the heads. Training uses `embed` and the heads, not this."""
         embedded = self.embed(input_ids, attention_mask)
         pooled = self.dropout(embedded)
-        out = [self.head(pooled), *(head(pooled) for head in self.heads.values())]
-        if self.centroids is not None:
-            out.append(nn.functional.normalize(embedded, dim=-1) @ self.centroids.to(embedded.dtype).T)
+        intent = self.head(pooled)
+        tasks = {task: head(pooled) for task, head in self.heads.items()}
+        outputs = {
+            name: OUTPUTS[name].forward(state, embedded) for name, state in self.outputs.named_buffers()
+        }
+        out = self.layout.join(intent, tasks, outputs)
         return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
 
 def tokenize(tokenizer: object, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def cut_ids(ids: list[list[int]], max_length: int) -> list[list[int]]:
+    """Token ids longer than max_length cut to it, keeping the closing special token."""
+    return [x if len(x) <= max_length else [*x[: max_length - 1], x[-1]] for x in ids]
+
+
+def pad_ids(ids: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded ids and mask, built directly: the tokenizer's own `pad` costs more than a
+    one-message ONNX pass."""
+    input_ids = np.full((len(ids), max(map(len, ids))), pad_id, dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def length_sorted_batches(texts: Sequence[Sized], batch_size: int) -> list[list[int]]:

@@ -1,9 +1,22 @@
-"""What a classifier answers for one message. Kept free of torch: the Serve Ingress and
-Router receive predictions and need not load a model runtime to read them."""
+"""What a classifier answers: for one message (`Prediction`), and from one forward pass over
+rows (`Heads`). Kept free of torch: the Serve Ingress and Router receive predictions and need
+not load a model runtime to read them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Heads(NamedTuple):
+    """What one forward pass says of each row: the intent's calibrated probabilities, each other
+    task's, and how in-scope the row looks (the model's out-of-scope score; higher: more)."""
+
+    intent: np.ndarray
+    tasks: dict[str, np.ndarray]
+    score: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -22,3 +35,7 @@ class Prediction:
     @property
     def alternatives(self) -> tuple[tuple[str, float], ...]:
         return self.ranked[1:]
+
+
+def rounded(value: float, digits: int | None) -> float:
+    return value if digits is None else round(value, digits)

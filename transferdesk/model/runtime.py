@@ -61,7 +61,7 @@ def _cuda_available() -> bool:
 
 class OnnxSession:
     """One ONNX Runtime session on CPU: token ids and attention mask in, logits out (every
-    head's, side by side: see network.IntentClassifier.forward)."""
+    head's and network output's, side by side: see scores.OutputLayout)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort

@@ -95,7 +95,7 @@ def calibrate(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
     choose the hand-off threshold on validation data for the run's calibration settings;
     returns what it did there (metrics.json's `calibration`)."""
     valid = splits.valid
-    model.fit_centroids(splits.train.texts, splits.train.labels, cfg.runtime.eval_batch_size)
+    model.fit_scores(splits.train.texts, splits.train.labels, cfg.runtime.eval_batch_size)
     model.calibration = cfg.calibration
     logits = model.predict_logits(valid.texts, cfg.runtime.eval_batch_size)
     before = model.calibration_error(logits, valid.labels, temperature=1.0)
