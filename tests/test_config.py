@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from transferdesk.config import RunConfig, iter_fields, load_config
+from transferdesk.cli.flags import iter_fields
+from transferdesk.config import RunConfig, load_config
 from transferdesk.errors import TransferDeskError
 
 

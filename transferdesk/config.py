@@ -488,16 +488,3 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise TransferDeskError(f"cannot set {dotted}: {key} is not a section")
     node[leaf] = value
-
-
-def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every leaf setting as (dotted name, FieldInfo), for generating CLI flags."""
-    out: list[tuple[str, Any]] = []
-    for name, info in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out.extend(iter_fields(ann, f"{dotted}."))
-        else:
-            out.append((dotted, info))
-    return out

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel
 
-from transferdesk.config import iter_fields
+from transferdesk.config import RunConfig
 from transferdesk.errors import TransferDeskError
 
 # Short flags (and their metavars) for the settings people change most; every setting also
@@ -57,6 +57,19 @@ def _metavar(annotation: Any) -> str:
 
 def _is_text(annotation: Any) -> bool:
     return annotation in (str, str | None)
+
+
+def iter_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf setting as (dotted name, FieldInfo), for generating CLI flags."""
+    out: list[tuple[str, Any]] = []
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.extend(iter_fields(ann, f"{dotted}."))
+        else:
+            out.append((dotted, info))
+    return out
 
 
 def add_config_flags(
