@@ -13,7 +13,8 @@ from transferdesk.config import RunConfig
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import open_version
-from transferdesk.training.recipe import RECIPES, default_chain, resolve
+from transferdesk.training.chain import default_chain, resolve
+from transferdesk.training.recipe import RECIPES
 
 TOY = "tests.toy_recipe:LinearProbe"
 

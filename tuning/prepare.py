@@ -17,7 +17,8 @@ import ray
 
 from transferdesk.config import RunConfig
 from transferdesk.errors import TransferDeskError
-from transferdesk.training.recipe import Prepared, load_run, prepare, prepares
+from transferdesk.training.chain import load_run, prepare, prepares
+from transferdesk.training.recipe import Prepared
 from tuning.config import Candidate, TuneSpec
 from tuning.space import candidate_config
 

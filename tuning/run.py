@@ -20,7 +20,7 @@ from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
-from transferdesk.training.recipe import load_run
+from transferdesk.training.chain import load_run
 from transferdesk.training.train import finish, pool_record, score_and_publish
 from transferdesk.training.trainer import resolve_monitor
 from tuning.config import TuneSpec

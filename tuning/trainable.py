@@ -9,7 +9,7 @@ import tempfile
 from ray import tune
 
 from transferdesk.model.modeling import IntentModel
-from transferdesk.training.recipe import fit, load_run
+from transferdesk.training.chain import fit, load_run
 from transferdesk.training.trainer import Callback, selection_key
 from tuning.config import TuneSpec
 from tuning.prepare import Preparations, preparation

@@ -15,7 +15,8 @@ from transferdesk.evaluation.report import write_evaluation
 from transferdesk.model.confidence import INTERVAL_CONFIDENCE
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path
-from transferdesk.training.recipe import Run, fit, load_run, prepare
+from transferdesk.training.chain import fit, load_run, prepare
+from transferdesk.training.recipe import Run
 from transferdesk.training.recipes.self_training import cached_teachers, semi_supervised_record
 from transferdesk.training.trainer import FitResult
 

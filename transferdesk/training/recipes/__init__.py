@@ -3,4 +3,5 @@ a module here with a `@register`ed `Recipe`, and its import below."""
 
 from transferdesk.training.recipes import contrastive, finetune, joint, self_training, source
 
-__all__ = ["contrastive", "finetune", "joint", "self_training", "source"]
+# Imported for their registration: each module registers its method.
+BUILT_IN = (contrastive, finetune, joint, self_training, source)
