@@ -19,9 +19,9 @@ from transferdesk.data import SAMPLE_PREFIX, load_splits, resolve_path, with_sam
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import resolve_backbone
-from transferdesk.registry import ModelVersion, Registry, VersionMeta, portable_config
+from transferdesk.registry import ModelVersion, Registry, portable_config
 from transferdesk.training.chain import load_run
-from transferdesk.training.train import finish, pool_record, score_and_publish
+from transferdesk.training.train import finish, pool_record, publish
 from transferdesk.training.trainer import resolve_monitor
 from tuning.config import TuneSpec
 from tuning.prepare import Preparations, preparation, prepare_candidates
@@ -292,19 +292,18 @@ def export(spec: TuneSpec, found: SearchResult) -> ModelVersion:
         }
         if prepared.teachers:
             metrics["semi_supervised"] = pool_record(run, [])
-        meta = VersionMeta(
-            labels=model.labels,
-            backbone=registry.portable(candidate.backbone),
-            source=registry.portable(candidate.source),
-            source_checkpoint=registry.portable(prepared.source_checkpoint),
-            candidate=candidate.name,
-            pretrained=candidate.pretrained,
-            train_examples=len(run.splits.train),
-            tasks=model.tasks,
+        return publish(
+            draft,
+            model,
+            cfg,
+            run.splits,
+            metrics,
             timings={"train_seconds": float(best.metrics_dataframe["time_total_s"].iloc[-1])},
             device="cuda" if spec.search.gpus_per_trial else "cpu",  # where the trials trained
+            source_checkpoint=prepared.source_checkpoint,
+            candidate=candidate.name,
+            pretrained=candidate.pretrained,
         )
-        return score_and_publish(draft, model, cfg, run.splits.test, metrics, meta)
 
 
 def exported_version(spec: TuneSpec) -> ModelVersion | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferdesk.config import SOURCE_TASK, RunConfig
-from transferdesk.data import Dataset, Splits, with_sample_defaults
+from transferdesk.data import Splits, with_sample_defaults
 from transferdesk.evaluation.metrics import evaluate, scored_labels, scores_alone
 from transferdesk.evaluation.report import write_evaluation
 from transferdesk.model.confidence import INTERVAL_CONFIDENCE
@@ -137,11 +137,36 @@ def calibrate(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
     }
 
 
-def score_and_publish(
-    draft: Draft, model: IntentModel, cfg: RunConfig, test: Dataset | None, metrics: dict, meta: VersionMeta
+def publish(
+    draft: Draft,
+    model: IntentModel,
+    cfg: RunConfig,
+    splits: Splits,
+    metrics: dict,
+    *,
+    timings: dict[str, float],
+    device: str,
+    source_checkpoint: str | Path | None = None,
+    candidate: str | None = None,
+    pretrained: bool = True,
 ) -> ModelVersion:
-    """Score the test file (once, here, into the draft's test/) and seal the version."""
-    if test is not None:
+    """The last step of every run, a search's export too: the version's metadata, the test
+    file scored once (into the draft's test/), and the version sealed."""
+    registry = Registry(draft.root)
+    meta = VersionMeta(
+        labels=model.labels,
+        backbone=registry.portable(cfg.model.backbone),
+        source=registry.portable(cfg.data.source),
+        source_checkpoint=registry.portable(source_checkpoint),
+        candidate=candidate,
+        pretrained=pretrained,
+        train_examples=len(splits.train),
+        outlier_examples=taught_outliers(cfg, splits),
+        tasks=model.tasks,
+        timings=timings,
+        device=device,
+    )
+    if (test := splits.test) is not None:
         scores = evaluate(model, test, cfg.runtime.eval_batch_size, cfg.runtime.progress)
         scores["data"] = portable_path(scores["data"])
         labels = scored_labels(model, "oos_recall" in scores)
@@ -159,8 +184,7 @@ def score_and_publish(
 
 def train_and_register(cfg: RunConfig) -> ModelVersion:
     """Train, score on the test file once, and publish a new registry version."""
-    registry = Registry(cfg.output)
-    with registry.draft(cfg.name) as draft:
+    with Registry(cfg.output).draft(cfg.name) as draft:
         result = run_training(cfg, log_dir=draft.logs_dir)
         cfg = cfg.model_copy(update={"data": with_sample_defaults(cfg.data)})
         metrics = {
@@ -171,16 +195,13 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
         }
         if result.semi_supervised:
             metrics["semi_supervised"] = result.semi_supervised
-        checkpoint = result.source_checkpoint
-        meta = VersionMeta(
-            labels=result.model.labels,
-            backbone=registry.portable(cfg.model.backbone),
-            source=registry.portable(cfg.data.source),
-            source_checkpoint=registry.portable(checkpoint),
-            train_examples=len(result.splits.train),
-            outlier_examples=taught_outliers(cfg, result.splits),
-            tasks=result.model.tasks,
+        return publish(
+            draft,
+            result.model,
+            cfg,
+            result.splits,
+            metrics,
             timings=result.timings,
             device=str(result.model.device),
+            source_checkpoint=result.source_checkpoint,
         )
-        return score_and_publish(draft, result.model, cfg, result.splits.test, metrics, meta)
