@@ -407,6 +407,9 @@ class ReviewConfig(Section):
     port: int = Field(8100, ge=1, le=65535, description="Port of the review page.")
     queue_size: int = Field(25, ge=1, le=500, description="Messages the page lists at once.")
     oos_label: str = Field("oos", description="Label the export gives messages marked out-of-scope.")
+    max_body_bytes: int = Field(
+        65536, ge=1024, le=16 * 2**20, description="Largest request body the review page reads; larger: 413."
+    )
 
 
 class RunConfig(Section):

@@ -30,7 +30,10 @@ def test_dockerignore_keeps_local_state_out() -> None:
     assert "*" in ignore  # an allow-list: everything not named below stays out
     included = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     copied = {
-        src for line in DOCKERFILE.splitlines() if line.startswith("COPY") for src in line.split()[2:-1]
+        src
+        for line in DOCKERFILE.splitlines()
+        if line.startswith("COPY")
+        for src in [word for word in line.split()[1:] if not word.startswith("--")][:-1]
     }
     assert copied == included  # every COPY source gets into the build context, nothing else
     assert not included & {"registry", ".venv", "tune_results", "benchmarks"}

@@ -51,6 +51,31 @@ class ReviewPage:
     log: Path
 
 
+def start_review_page(
+    store_url: str, log: Path, env: dict[str, str], *args: str
+) -> tuple[subprocess.Popen, str]:
+    """`transferdesk review` over the store, with `env` added to the environment, on a free
+    port: the process and its URL, once it answers /healthz."""
+    port = free_port()
+    command = [sys.executable, "-m", "transferdesk", "review", "--store", store_url, "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*command, *args], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"transferdesk review did not start:\n{log.read_text()}")
+        time.sleep(0.3)
+
+
 @pytest.fixture
 def review_page(store_url: str, tmp_path: Path) -> Iterator[ReviewPage]:
     """The page over a store of each kind (SQLite, PostgreSQL) holding MESSAGES."""
@@ -72,32 +97,13 @@ def review_page(store_url: str, tmp_path: Path) -> Iterator[ReviewPage]:
             for i, (text, ranked) in enumerate(MESSAGES)
         ]
     )
-    port = free_port()
-    env = {**os.environ, "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items())}
+    env = {
+        "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items()),
+        "TRANSFERDESK_REVIEW_KEYS_FILE": "",
+        "TRANSFERDESK_REVIEW_SECRET": "",  # a random one: sessions end at restart
+    }
     log = tmp_path / "review.log"
-    command = [
-        sys.executable,
-        "-m",
-        "transferdesk",
-        "review",
-        "--store",
-        store_url,
-        "--port",
-        str(port),
-    ]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"transferdesk review did not start:\n{log.read_text()}")
-        time.sleep(0.3)
+    proc, url = start_review_page(store_url, log, env)
     try:
         yield ReviewPage(url, store, store_url, log)
     finally:
@@ -129,6 +135,8 @@ def test_without_or_with_a_wrong_key_nothing_is_shown_or_recorded(review_page: R
     assert review_page.store.latest_reviews() == []
     signed_in = _login(review_page, KEYS["ana"])
     assert signed_in.get("/").status_code == 200 and first.text in signed_in.get("/").text
+    # No TRANSFERDESK_REVIEW_SECRET: a random one, and the log says what that means.
+    assert "end when the review page restarts" in review_page.log.read_text()
 
 
 def test_two_reviewers_on_one_message_are_both_kept_and_the_last_wins(review_page: ReviewPage) -> None:
@@ -263,6 +271,8 @@ def test_a_reviewer_labels_by_keyboard_in_a_real_browser_and_exports(
         ("ana:short", None, "16 characters at least"),
         ("ana:same-key-0123456789,ben:same-key-0123456789", None, "share a review key"),
         ("", "ana: 1234567890123456789\n", "keys quoted, as text"),  # YAML reads it as a number
+        # An emptied key file revokes its reviewers; it never leaves the others to carry on.
+        ("ana:ana-review-key-0123456789", "", "holds no review key"),
     ],
 )
 def test_bad_review_keys_are_refused_with_what_to_do(

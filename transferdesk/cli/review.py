@@ -17,17 +17,25 @@ def add_review_parser(sub: argparse._SubParsersAction) -> None:
         description="`transferdesk review` starts the review page: captured messages (serving's "
         "args.capture), the least certain first, to confirm, correct, mark out-of-scope or skip, "
         "from the keyboard. Reviewers sign in with a key from $TRANSFERDESK_REVIEW_KEYS "
-        "(name:key,…) or the YAML file named by $TRANSFERDESK_REVIEW_KEYS_FILE. "
+        "(name:key,…) or the YAML file named by $TRANSFERDESK_REVIEW_KEYS_FILE (read again when it "
+        "changes: a reviewer removed from it is signed out at their next request). Signing in sets a "
+        "session cookie signed with $TRANSFERDESK_REVIEW_SECRET (unset: a random secret, and sessions "
+        "end at restart) that lasts $TRANSFERDESK_REVIEW_SESSION_HOURS (default 8). "
         "`transferdesk review export --out reviewed.csv [--pool pool.csv]` writes each reviewed "
         "message with its latest label (train on it with --data.extra_train reviewed.csv) and the "
-        "unreviewed ones as an unlabelled pool (--data.unlabelled pool.csv).",
+        "unreviewed ones as an unlabelled pool (--data.unlabelled pool.csv); CSV cells a spreadsheet "
+        "would run as a formula get a leading ', while .jsonl files keep every text as captured.",
     )
     parser.add_argument(
         "action", nargs="?", choices=("serve", "export"), default="serve", help="[default: serve]"
     )
     parser.add_argument("--config", metavar="FILE", help="YAML with the settings below")
-    parser.add_argument("--out", metavar="FILE", help="export: the labelled CSV (text,label)")
-    parser.add_argument("--pool", metavar="FILE", help="export: the unreviewed messages (text)")
+    parser.add_argument(
+        "--out",
+        metavar="FILE",
+        help="export: the labelled file (text,label): CSV, or JSONL by its .jsonl suffix",
+    )
+    parser.add_argument("--pool", metavar="FILE", help="export: the unreviewed messages (text): CSV or JSONL")
     add_config_flags(
         parser, ReviewConfig, aliases={"store": ("--store", "URL"), "model": ("--model", "MODEL")}
     )
@@ -64,8 +72,8 @@ def export(cfg: ReviewConfig, out: str | None, pool: str | None) -> None:
 def serve(cfg: ReviewConfig) -> None:
     import uvicorn
 
-    from transferdesk.review.app import create_app, review_keys
+    from transferdesk.review.app import create_app
 
-    app = create_app(cfg, review_keys())
+    app = create_app(cfg)  # keys from the environment and the key file, reloaded as it changes
     print(f"review page at http://{cfg.host}:{cfg.port}/ (Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -2,14 +2,26 @@
 confirmed, corrected, marked out-of-scope or skipped by a reviewer, from the keyboard.
 
 Its own process with its own keys (reviewers' names and keys: $TRANSFERDESK_REVIEW_KEYS or
-the file named by $TRANSFERDESK_REVIEW_KEYS_FILE), never part of the serving Ingress.
-Server-rendered (Jinja2) with a little plain JavaScript for the keys; no build step.
+the file named by $TRANSFERDESK_REVIEW_KEYS_FILE, read again when it changes), never part of the
+serving Ingress. Server-rendered (Jinja2) with a little plain JavaScript for the keys; no build
+step.
+
+Before the application reads a body, `Guard` checks the reviewer (a bearer key, or the signed
+session cookie that signing in sets) and the body's size: a stranger is answered 401, a body
+over `max_body_bytes` 413, without either being read.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
+import json
+import logging
 import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,17 +37,31 @@ from transferdesk.config import ReviewConfig
 from transferdesk.errors import TransferDeskError
 from transferdesk.review.store import Action, Store, StoreUnavailable, UnknownMessage, store_url
 
+log = logging.getLogger(__name__)
+
 KEYS_ENV = "TRANSFERDESK_REVIEW_KEYS"  # name:key,name:key
 KEYS_FILE_ENV = "TRANSFERDESK_REVIEW_KEYS_FILE"  # YAML: {name: key, ...} (a mounted Secret)
+SECRET_ENV = "TRANSFERDESK_REVIEW_SECRET"  # signs the session cookies; unset: one per start
+SESSION_HOURS_ENV = "TRANSFERDESK_REVIEW_SESSION_HOURS"  # how long a sign-in lasts
+SESSION_HOURS = 8.0
 MIN_KEY_CHARS = 16
+MIN_SECRET_CHARS = 32
 MAX_NAME_CHARS = 100  # what the store keeps of a reviewer's name
 COOKIE = "transferdesk_review"
+PUBLIC = frozenset({"/healthz", "/login", "/logout"})  # the paths that need no reviewer
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def review_keys() -> dict[str, str]:
     """{key: reviewer} from the environment and the key file; each key MIN_KEY_CHARS long at
-    least, each reviewer named (the name is what the history shows)."""
+    least, each reviewer named (the name is what the history shows). A key file that is named
+    but holds no key is refused: emptying it revokes every reviewer, it does not fall back."""
     pairs: list[tuple[str, str]] = []
     for item in filter(None, (x.strip() for x in os.environ.get(KEYS_ENV, "").split(","))):
         name, sep, key = item.partition(":")
@@ -52,6 +78,8 @@ def review_keys() -> dict[str, str]:
             raise TransferDeskError(
                 f'{KEYS_FILE_ENV}={path}: expected a mapping of reviewer: "key" (keys quoted, as text)'
             )
+        if not loaded:
+            raise TransferDeskError(f"{KEYS_FILE_ENV}={path}: the file holds no review key")
         pairs += [(str(name), key) for name, key in loaded.items()]
     if not pairs:
         raise TransferDeskError(
@@ -70,6 +98,204 @@ def review_keys() -> dict[str, str]:
     return keys
 
 
+class ReviewerKeys:
+    """The reviewers' keys, read again when the key file changes (its modification time, size or
+    inode, checked on each request: stat follows the links of a Secret mount, whose target
+    changes on rotation), so that revoking a reviewer needs no restart. Fails closed: while the
+    file is missing, unreadable, empty or invalid, `current()` is None and every request is
+    refused (503), with one error line in the log per change."""
+
+    def __init__(self, keys: dict[str, str] | None = None) -> None:
+        self.path = os.environ.get(KEYS_FILE_ENV) if keys is None else None
+        self.stamp = self._stamp()  # before reading: a change meanwhile is seen next time
+        self.keys: dict[str, str] | None = review_keys() if keys is None else dict(keys)
+
+    def _stamp(self) -> tuple[int, int, int, int] | None:
+        try:
+            info = os.stat(self.path) if self.path else None
+        except OSError:
+            return None
+        return (info.st_mtime_ns, info.st_size, info.st_ino, info.st_dev) if info else None
+
+    def current(self) -> dict[str, str] | None:
+        """{key: reviewer} as the file holds them now; None while they cannot be read."""
+        if self.path is None:
+            return self.keys
+        if (stamp := self._stamp()) != self.stamp:
+            self.stamp = stamp
+            try:
+                if stamp is None:
+                    raise TransferDeskError(f"{KEYS_FILE_ENV}={self.path}: cannot read it (it is gone)")
+                self.keys = review_keys()
+                log.info(
+                    "review keys reloaded from %s (%d reviewers)", self.path, len(set(self.keys.values()))
+                )
+            except TransferDeskError as err:
+                self.keys = None
+                log.error(
+                    "review keys unusable, refusing every request (503) until the file is fixed: %s", err
+                )
+        return self.keys
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class Sessions:
+    """Sign-in sessions: the cookie holds `payload.signature`, the payload the reviewer's name,
+    a fingerprint of their key and an expiry, the signature an HMAC-SHA256 with the server's
+    secret. A session holds while it has not expired and the reviewer's key is still configured:
+    revoking or changing a key ends its sessions at the next request."""
+
+    def __init__(self, secret: bytes, lifetime_s: float) -> None:
+        self.secret, self.lifetime_s = secret, lifetime_s
+
+    @classmethod
+    def from_env(cls) -> Sessions:
+        """$TRANSFERDESK_REVIEW_SECRET signs; unset, a random secret of this process does (and
+        sessions end when it restarts). $TRANSFERDESK_REVIEW_SESSION_HOURS: a session's life."""
+        hours_text = os.environ.get(SESSION_HOURS_ENV, "").strip()
+        try:
+            hours = float(hours_text) if hours_text else SESSION_HOURS
+        except ValueError:
+            hours = -1.0
+        if not 0 < hours <= 24 * 30:
+            raise TransferDeskError(
+                f"{SESSION_HOURS_ENV}={hours_text}: expected hours, above 0 and at most 720"
+            )
+        secret = os.environ.get(SECRET_ENV, "").strip()
+        if not secret:
+            log.warning(
+                "%s is not set: sessions are signed with a random secret of this process and end when "
+                "the review page restarts (set it, e.g. to `openssl rand -hex 32`, to keep them)",
+                SECRET_ENV,
+            )
+            return cls(secrets.token_bytes(32), hours * 3600)
+        if len(secret) < MIN_SECRET_CHARS:
+            raise TransferDeskError(
+                f"{SECRET_ENV} is shorter than {MIN_SECRET_CHARS} characters; use `openssl rand -hex 32`"
+            )
+        return cls(secret.encode(), hours * 3600)
+
+    def _mac(self, kind: bytes, data: bytes) -> bytes:
+        return hmac.new(self.secret, kind + b"\0" + data, hashlib.sha256).digest()
+
+    def fingerprint(self, key: str) -> str:
+        """Names a key in a session without disclosing it."""
+        return _b64(self._mac(b"review-key", key.encode())[:16])
+
+    def issue(self, name: str, key: str, now: float | None = None) -> str:
+        expires = int((time.time() if now is None else now) + self.lifetime_s)
+        payload = json.dumps({"r": name, "k": self.fingerprint(key), "e": expires}, separators=(",", ":"))
+        body = _b64(payload.encode())
+        return f"{body}.{_b64(self._mac(b'review-session', body.encode()))}"
+
+    def reviewer(self, token: str, keys: dict[str, str], now: float | None = None) -> str | None:
+        """The reviewer a session token names, if its signature is ours (compared in constant
+        time), it has not expired, and that reviewer's key is still configured; else None."""
+        body, _, signature = token.partition(".")
+        expected = _b64(self._mac(b"review-session", body.encode(errors="replace")))
+        if not hmac.compare_digest(expected.encode(), signature.encode(errors="replace")):
+            return None
+        try:
+            payload = json.loads(_unb64(body))
+            name, fingerprint, expires = payload["r"], payload["k"], payload["e"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
+            return None
+        found = None
+        for key, owner in keys.items():
+            if (
+                hmac.compare_digest(self.fingerprint(key).encode(), str(fingerprint).encode())
+                and owner == name
+            ):
+                found = owner
+        return found
+
+
+def owner(keys: dict[str, str], given: str) -> str | None:
+    """The reviewer a key belongs to, else None; every key compared, in constant time."""
+    found = None
+    for key, name in keys.items():
+        if hmac.compare_digest(given.encode(errors="replace"), key.encode()):
+            found = name
+    return found
+
+
+def _cookie(headers: dict[bytes, bytes], name: str) -> str:
+    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value.strip().strip('"')
+    return ""
+
+
+class Guard:
+    """ASGI middleware, ahead of everything else: refuses a request while the reviewers' keys
+    cannot be read (503); outside PUBLIC (and the sign-in page at /) refuses one without a
+    reviewer (401); refuses a body over `max_bytes` (413: its Content-Length, or counted as it
+    arrives when chunked). Each before the application reads a byte of the body. The reviewer
+    found goes to request.state.reviewer."""
+
+    def __init__(self, app: ASGIApp, keys: ReviewerKeys, sessions: Sessions, max_bytes: int) -> None:
+        self.app, self.keys, self.sessions, self.max_bytes = app, keys, sessions, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            return await self.app(scope, receive, send)
+        keys = self.keys.current()
+        if keys is None:
+            return await _error(503, "keys_unavailable", "the review keys cannot be read")(
+                scope, receive, send
+            )
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer":
+            name = owner(keys, token.strip())
+        else:
+            name = self.sessions.reviewer(_cookie(headers, COOKIE), keys)
+        scope.setdefault("state", {})["reviewer"] = name
+        page = scope["path"] == "/" and scope["method"] in ("GET", "HEAD")  # shows the sign-in form
+        if name is None and scope["path"] not in PUBLIC and not page:
+            return await _error(401, "unauthorized", "missing or invalid review key")(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _error(400, "bad_request", "invalid Content-Length")(scope, receive, send)
+            if int(length) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        elif b"transfer-encoding" not in headers:
+            return await self.app(scope, receive, send)  # no body
+        # Read at most max_bytes (+ one chunk), then hand the application the whole body.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay() -> Message:
+            return body.pop() if body else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is over the review page's limit of {self.max_bytes} bytes"
+        await _error(413, "too_large", message)(scope, receive, send)
+
+
 class ReviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,8 +308,14 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
-    """The review app over the configured store (migrated on start)."""
+def create_app(
+    cfg: ReviewConfig, keys: ReviewerKeys | dict[str, str] | None = None, sessions: Sessions | None = None
+) -> FastAPI:
+    """The review app over the configured store (migrated on start). keys: the reviewers' (by
+    default from the environment and the key file, reloaded as it changes); sessions: what
+    signs the sign-in cookies (by default Sessions.from_env())."""
+    keyring = keys if isinstance(keys, ReviewerKeys) else ReviewerKeys(keys)
+    sessions = sessions or Sessions.from_env()
     store = Store(store_url(cfg.store))
     store.migrate()
     model_labels: list[str] = []
@@ -92,19 +324,11 @@ def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
 
         model_labels = open_version(cfg.model).labels
     app = FastAPI(title="TransferDesk review", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def owner(given: str) -> str | None:
-        """The reviewer a key belongs to, else None; every key compared, in constant time."""
-        found = None
-        for key, name in keys.items():
-            if hmac.compare_digest(given.encode(), key.encode()):
-                found = name
-        return found
+    app.add_middleware(Guard, keys=keyring, sessions=sessions, max_bytes=cfg.max_body_bytes)
 
     def reviewer(request: Request) -> str | None:
-        """The reviewer whose key the request carries: the sign-in cookie or a bearer header."""
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return owner(token.strip() if scheme.lower() == "bearer" else request.cookies.get(COOKIE, ""))
+        """The reviewer Guard found: by a bearer key, or the signed session in the cookie."""
+        return getattr(request.state, "reviewer", None)
 
     def intents() -> list[str]:
         return sorted(set(model_labels or store.seen_intents()) | set(store.new_intents()))
@@ -122,20 +346,30 @@ def create_app(cfg: ReviewConfig, keys: dict[str, str]) -> FastAPI:
 
     @app.post("/login")
     async def login(request: Request) -> Response:
+        # Guard has read no more than max_body_bytes of it.
         key = parse_qs((await request.body()).decode(errors="replace")).get("key", [""])[0].strip()
-        if owner(key) is None:
+        name = owner(keyring.current() or {}, key)
+        if name is None:
             return login_page(request, 401, "That review key is not valid.")
         page = RedirectResponse("/", status_code=303)
-        # HttpOnly: no script reads it; SameSite=Strict: no other site's form can post with it;
-        # Secure behind HTTPS (a TLS-terminating proxy in front: set X-Forwarded-Proto).
+        # A signed, expiring session, not the key. HttpOnly: no script reads it; SameSite=Strict:
+        # no other site's form can post with it; Secure behind HTTPS (a TLS-terminating proxy in
+        # front: set X-Forwarded-Proto).
         https = request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
-        page.set_cookie(COOKIE, key, httponly=True, samesite="strict", secure=https)
+        page.set_cookie(
+            COOKIE,
+            sessions.issue(name, key),
+            max_age=int(sessions.lifetime_s),
+            httponly=True,
+            samesite="strict",
+            secure=https,
+        )
         return page
 
     @app.post("/logout")
     def logout() -> Response:
         page = RedirectResponse("/login", status_code=303)
-        page.delete_cookie(COOKIE)
+        page.delete_cookie(COOKIE, httponly=True, samesite="strict")
         return page
 
     @app.get("/", response_class=HTMLResponse)

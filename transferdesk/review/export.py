@@ -1,14 +1,23 @@
 """`transferdesk review export`: the reviewed messages as a labelled training file (for
-`data.extra_train`), and the unreviewed ones as an unlabelled pool (for `data.unlabelled`)."""
+`data.extra_train`), and the unreviewed ones as an unlabelled pool (for `data.unlabelled`).
+
+CSV by default, JSONL where the file's name ends in .jsonl. A CSV cell that a spreadsheet would
+run as a formula (customer text starting with =, +, -, @, a tab or a carriage return) is
+written with a leading single quote, as OWASP recommends; JSONL keeps every text as captured."""
 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from transferdesk.errors import TransferDeskError
 from transferdesk.review.store import Store
+
+# What makes a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell as a formula:
+# OWASP's list (https://owasp.org/www-community/attacks/CSV_Injection).
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -19,13 +28,22 @@ class Exported:
     pool: int
 
 
+def neutralise(cell: str | None) -> str | None:
+    """The cell as a spreadsheet shows it, never runs it: a leading ' before a formula prefix."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_PREFIXES) else cell
+
+
 def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with partial.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+        if path.suffix.lower() == ".jsonl":  # not opened as a spreadsheet: every text as captured
+            for row in rows:
+                f.write(json.dumps(dict(zip(header, row, strict=True)), ensure_ascii=False) + "\n")
+        else:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows([neutralise(cell) for cell in row] for row in rows)
     partial.replace(path)  # a reader never sees half a file
 
 
