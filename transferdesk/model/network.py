@@ -3,6 +3,7 @@ outputs, scores.py), backbone resolution, devices and precision."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence, Sized
 from importlib.resources import files
@@ -66,17 +67,43 @@ def _hub_error(name: str, err: Exception) -> TransferDeskError:
 
 
 def load_encoder(name: str, pretrained: bool = True) -> tuple[PreTrainedModel, object]:
-    """Encoder and fast tokenizer; pretrained=False gives random weights of the same shape."""
+    """Encoder and fast tokenizer; pretrained=False gives random weights of the same shape.
+    From a local directory (a registry version, a cached checkpoint, a local backbone) weights
+    load in the safetensors format only: a pickle (pytorch_model.bin) is refused, never read."""
     where = resolve_backbone(name)
+    local = Path(where).is_dir()
+    if local and pretrained:
+        _refuse_pickled_weights(Path(where))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         if pretrained:
-            encoder = AutoModel.from_pretrained(where)
+            encoder = AutoModel.from_pretrained(where, use_safetensors=True if local else None)
         else:
             encoder = AutoModel.from_config(AutoConfig.from_pretrained(where))
     except (OSError, ValueError) as err:
         raise _hub_error(name, err) from None
     return encoder, tokenizer
+
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _refuse_pickled_weights(where: Path) -> None:
+    """Refuse a local encoder whose weights are not in the safetensors format (loading a pickle
+    can run any code its author put in it)."""
+    named = json.loads((where / "config.json").read_text(encoding="utf-8")).get("transformers_weights")
+    if named is not None and not str(named).endswith(SAFE_WEIGHTS):
+        problem = f"its config.json names {named!r} as its weights"
+    elif not any((where / f).is_file() for f in SAFE_WEIGHTS):
+        held = sorted(p.name for p in where.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+        problem = f"it has no {SAFE_WEIGHTS[0]}" + (f", only {', '.join(held)}" if held else "")
+    else:
+        return
+    raise TransferDeskError(
+        f"refusing to load the encoder in {where}: {problem}. TransferDesk loads weights in the "
+        "safetensors format only, never a pickle (pytorch_model.bin), which can run code when "
+        "read; save it with save_pretrained(safe_serialization=True), or train the model again"
+    )
 
 
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:

@@ -22,26 +22,37 @@ log = logging.getLogger(__name__)
 
 def choose_runtime(version: ModelVersion, runtime: str, device: str) -> str:
     """The runtime to use for `version` on `device`, refused with what to do when the version
-    has no export of the runtime asked for or the device is a GPU."""
+    has no export of the runtime asked for, its export fails its checks, or the device is a GPU."""
     return resolve_runtime(version, runtime, device)[0]
 
 
 def resolve_runtime(version: ModelVersion, runtime: str, device: str) -> tuple[str, Export | None]:
     """choose_runtime, and for an ONNX runtime the export holding it, verified once (hashing an
-    export reads every byte of it: loading should not do that twice)."""
+    export reads every byte of it: loading should not do that twice).
+
+    `auto` is ONNX int8 on CPU where the version has an export holding it, torch where it has
+    none (or on a GPU). An export that is there but fails its checks (altered, tampered with,
+    or left from a replaced version) is refused, not quietly served on torch at several times
+    the CPU a message: re-export it, or name runtime torch to allow torch."""
     if runtime not in RUNTIMES:
         raise TransferDeskError(f"runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     on_gpu = device.startswith("cuda") or (device == "auto" and _cuda_available())
     if runtime == "auto":
-        if on_gpu or not version.has_export("onnx-int8"):
+        if on_gpu or not version.has_any_export():
             return "torch", None
-        try:  # a damaged or stale export means torch, not a replica that cannot start
+        try:
             export = version.open_export()
-            export.file("onnx-int8")
-            return "onnx-int8", export
         except TransferDeskError as err:
-            log.warning("runtime auto: %s serves on torch: %s", version.spec, err)
+            raise TransferDeskError(
+                f"runtime auto: the ONNX export of {version.spec} fails its checks, so it is not "
+                f"served (and not quietly on torch either): {err}. Either export it again: "
+                f"transferdesk export {version.path} --replace true, or allow torch by setting "
+                "runtime: torch explicitly"
+            ) from None
+        if "onnx-int8" not in export.meta.runtimes:  # an fp32-only export: auto means int8 or torch
             return "torch", None
+        export.file("onnx-int8")
+        return "onnx-int8", export
     if runtime == "torch":
         return runtime, None
     if on_gpu:
