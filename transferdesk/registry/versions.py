@@ -304,11 +304,6 @@ class ModelVersion:
     def evaluation_dir(self, label: str) -> Path:
         return self.path / UNSEALED[0] / label
 
-    def has_export(self, runtime: str) -> bool:
-        """Whether an export of this runtime is present (not yet verified: open_export does)."""
-        meta = self.path / EXPORT_DIR / EXPORT_META
-        return meta.is_file() and runtime in read_json(meta).get("runtimes", {})
-
     def has_any_export(self) -> bool:
         """Whether anything is where the version's export goes, sound or not (open_export checks):
         none means torch under runtime auto, a damaged one is refused."""
