@@ -57,8 +57,8 @@ METHODS: dict[str, dict] = {
         "semi_supervised.neighbours": 10,
     },
     # CPFT's first stage on the pool, then the labelled recipe; and then self-training too.
-    "contrastive": {"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
-    "contrastive+soft": {"semi_supervised.contrastive_epochs": 1},
+    "contrastive": {"contrastive.epochs": 1, "semi_supervised.pseudo_labels": False},
+    "contrastive+soft": {"contrastive.epochs": 1},
 }
 
 

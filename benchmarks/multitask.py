@@ -23,8 +23,8 @@ import harness
 MODES = {
     "none": {},
     # One pass over the source: more passes specialise the encoder to CLINC150's intents.
-    "sequential": {"source_training.mode": "sequential", "source_training.epochs": 1},
-    "joint": {"source_training.mode": "joint"},
+    "sequential": {"source_training.epochs": 1},
+    "joint": {"recipe": ["joint", "finetune"]},
 }
 
 

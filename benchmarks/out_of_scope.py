@@ -75,12 +75,10 @@ RECIPES = {
     "supcon": {"training.objective": "supcon"},
     "clinc_source": {
         "data.source": "clinc150/train.csv",
-        "source_training.mode": "sequential",
         "source_training.epochs": 1,
     },
     "banking_source": {
         "data.source": "banking77/train.csv",
-        "source_training.mode": "sequential",
         "source_training.epochs": 1,
     },
     "outliers": {"data.extra_train": "clinc150/oos_train.csv", "training.outlier_weight": 0.5},

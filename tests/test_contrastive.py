@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.conftest import BRIDGE_WORDS, make_tiny_backbone, with_settings
-from transferdesk.config import ModelConfig, RunConfig, SemiSupervisedConfig
+from transferdesk.config import ModelConfig, RunConfig
 from transferdesk.data import load_splits
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
@@ -44,9 +44,7 @@ def test_self_contrastive_rewards_finding_ones_own_view() -> None:
 
 def test_pre_training_spreads_the_pool_apart_and_is_cached(bridge_config: RunConfig, caplog) -> None:
     caplog.set_level(logging.INFO, logger="transferdesk")
-    cfg = with_settings(
-        bridge_config, **{"semi_supervised.contrastive_epochs": 3, "semi_supervised.contrastive_lr": 1e-3}
-    )
+    cfg = with_settings(bridge_config, **{"contrastive.epochs": 3, "contrastive.lr": 1e-3})
     device = configure_runtime(cfg.runtime)
     pool = load_splits(cfg.data, cfg.runtime.seed).pool
     adapted = contrastive_stage(cfg, cfg.model.backbone, pool, device)
@@ -62,9 +60,7 @@ def test_pre_training_spreads_the_pool_apart_and_is_cached(bridge_config: RunCon
     # Another pool, setting or seed is another encoder.
     keys = {
         contrastive_key(cfg, cfg.model.backbone, pool),
-        contrastive_key(
-            with_settings(cfg, **{"semi_supervised.contrastive_temperature": 0.1}), cfg.model.backbone, pool
-        ),
+        contrastive_key(with_settings(cfg, **{"contrastive.temperature": 0.1}), cfg.model.backbone, pool),
         contrastive_key(with_settings(cfg, **{"runtime.seed": 14}), cfg.model.backbone, pool),
         contrastive_key(cfg, cfg.model.backbone, replace(pool, texts=pool.texts[1:])),
         # training's own settings that the stage uses too
@@ -78,7 +74,7 @@ def test_pre_training_spreads_the_pool_apart_and_is_cached(bridge_config: RunCon
 def test_pool_used_only_for_pre_training(bridge_config: RunConfig) -> None:
     cfg = with_settings(
         bridge_config,
-        **{"semi_supervised.contrastive_epochs": 1, "semi_supervised.pseudo_labels": False},
+        **{"contrastive.epochs": 1, "semi_supervised.pseudo_labels": False},
     )
     version = open_version(train_and_register(cfg).path)
     record = version.metrics["semi_supervised"]
@@ -97,9 +93,7 @@ def test_pool_used_only_for_pre_training(bridge_config: RunConfig) -> None:
 
 
 def test_teachers_and_student_fine_tune_the_adapted_encoder(bridge_config: RunConfig, monkeypatch) -> None:
-    cfg = with_settings(
-        bridge_config, **{"semi_supervised.contrastive_epochs": 1, "semi_supervised.student_epochs": 1}
-    )
+    cfg = with_settings(bridge_config, **{"contrastive.epochs": 1, "semi_supervised.student_epochs": 1})
     students: list[str] = []
 
     def student(cfg: RunConfig, backbone: str, *args, **kwargs):
@@ -127,7 +121,7 @@ def test_a_larger_teacher_is_fine_tuned_as_it_is(bridge_config: RunConfig, tmp_p
     cfg = with_settings(
         bridge_config,
         **{
-            "semi_supervised.contrastive_epochs": 1,
+            "contrastive.epochs": 1,
             "semi_supervised.student_epochs": 1,
             "semi_supervised.teacher_backbone": str(wide),
         },
@@ -139,6 +133,8 @@ def test_a_larger_teacher_is_fine_tuned_as_it_is(bridge_config: RunConfig, tmp_p
 
 def test_a_pool_left_without_a_use_is_refused() -> None:
     with pytest.raises(ValidationError, match="leave the pool unused"):
-        SemiSupervisedConfig(pseudo_labels=False)
-    assert SemiSupervisedConfig(pseudo_labels=False, contrastive_epochs=1).contrastive_epochs == 1
-    assert not SemiSupervisedConfig(enabled=False, pseudo_labels=False).enabled  # the pool is ignored anyway
+        RunConfig(semi_supervised={"pseudo_labels": False})
+    cfg = RunConfig(semi_supervised={"pseudo_labels": False}, contrastive={"epochs": 1})
+    assert cfg.contrastive.epochs == 1
+    # the pool is ignored anyway
+    assert not RunConfig(semi_supervised={"enabled": False, "pseudo_labels": False}).semi_supervised.enabled

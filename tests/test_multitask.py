@@ -16,7 +16,6 @@ from transferdesk.config import RunConfig, load_config
 from transferdesk.data import load_splits, read_dataset
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
-from transferdesk.training.recipes.source import source_key
 from transferdesk.training.train import run_training, train_and_register
 from transferdesk.training.trainer import init_head_from_prototypes
 
@@ -154,26 +153,16 @@ def test_joint_source_task_trains_beside_the_target(mood_backbone: Path, tmp_pat
     dropped at publish unless kept."""
     files = _files(tmp_path)
     source = write_csv(tmp_path / "source.csv", [(t, b) for t, _, b in _messages(range(0, 6))])
-    overrides = {"data.source": str(source), "source_training.mode": "joint", "data.tasks": []}
+    overrides = {"data.source": str(source), "recipe": ["joint", "finetune"], "data.tasks": []}
     cfg = _run(mood_backbone, files, tmp_path, **overrides)
     version = train_and_register(cfg)
     assert version.meta.source_checkpoint is None and version.tasks == {}
     assert "source_accuracy" in version.metrics["valid_history"][-1]
     assert "Transfer from the source task: joint" in version.card
-    kept = train_and_register(
-        _run(mood_backbone, files, tmp_path, **overrides, **{"source_training.keep_head": True})
-    )
+    kept = train_and_register(_run(mood_backbone, files, tmp_path, **overrides, **{"joint.keep_head": True}))
     assert kept.tasks == {"source": ["angry", "happy"]}
-    # The joint mode's settings are not part of a sequential source stage's cache key.
-    sequential = _with_mode(cfg, "sequential")
-    assert source_key(sequential) == source_key(_with_mode(cfg, "sequential", weight=0.9))
     [answer] = IntentModel.from_pretrained(kept).predict(["about my parcel furious"])
     assert set(answer.tasks) == {"source"}
-
-
-def _with_mode(cfg: RunConfig, mode: str, **more: object) -> RunConfig:
-    stage = cfg.source_training.model_copy(update={"mode": mode, **more})
-    return cfg.model_copy(update={"source_training": stage})
 
 
 def test_prototype_start_of_a_task_head(mood_backbone: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from transferdesk.config import RunConfig
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import open_version
-from transferdesk.training.chain import default_chain, resolve
+from transferdesk.training.chain import resolve
 from transferdesk.training.recipe import RECIPES
 
 TOY = "tests.toy_recipe:LinearProbe"
@@ -24,27 +24,28 @@ TOY = "tests.toy_recipe:LinearProbe"
     [
         ({}, ["finetune"]),
         ({"data": {"source": "s.csv"}}, ["source", "finetune"]),
-        ({"data": {"source": "s.csv"}, "source_training": {"mode": "joint"}}, ["joint", "finetune"]),
+        ({"data": {"source": "s.csv"}, "recipe": ["joint", "finetune"]}, ["joint", "finetune"]),
         ({"data": {"unlabelled": "p.txt"}}, ["self_training"]),
         ({"data": {"unlabelled": "p.txt"}, "semi_supervised": {"enabled": False}}, ["finetune"]),
         (
             {
                 "data": {"source": "s.csv", "unlabelled": "p.txt"},
-                "semi_supervised": {"contrastive_epochs": 1},
+                "contrastive": {"epochs": 1},
             },
             ["source", "contrastive", "self_training"],
         ),
         (
             {
                 "data": {"unlabelled": "p.txt"},
-                "semi_supervised": {"contrastive_epochs": 1, "pseudo_labels": False},
+                "contrastive": {"epochs": 1},
+                "semi_supervised": {"pseudo_labels": False},
             },
             ["contrastive", "finetune"],
         ),
     ],
 )
 def test_the_chain_a_run_data_implies(settings: dict, expected: list[str]) -> None:
-    assert default_chain(RunConfig.model_validate(settings)) == expected
+    assert RunConfig.model_validate(settings).methods() == expected
     assert set(expected) <= set(RECIPES)  # every one of them registered
 
 

@@ -13,6 +13,7 @@ from transferdesk.config import RunConfig, load_config
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import ModelVersion, Registry, open_version, resolve_version_dir, verify
+from transferdesk.registry.versions import current_settings
 from transferdesk.training.train import train_and_register
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,6 +192,22 @@ def test_a_version_published_by_0_1_0_still_loads_and_answers_the_same(tmp_path:
     assert model.threshold == expected["threshold"]
     assert np.allclose(model.predict_logits(expected["texts"]), expected["logits"], atol=1e-6)
     assert Registry(registry).stages("published-0.1.0")["production"].version == 1
+    # Its config.yaml names settings that have moved since (contrastive_*, joint's).
+    assert version.config.contrastive.batch_size == 64 and version.config.methods() == ["finetune"]
+
+
+def test_settings_published_where_they_used_to_live_read_as_today() -> None:
+    published = {
+        "data": {"source": "clinc.csv"},
+        "source_training": {"epochs": 1, "mode": "joint", "weight": 0.9, "keep_head": True},
+        "semi_supervised": {"contrastive_epochs": 2, "contrastive_temperature": 0.1},
+    }
+    cfg = current_settings(published, "config.yaml")
+    assert cfg.methods() == ["joint", "finetune"] and cfg.source_training.epochs == 1
+    assert (cfg.joint.weight, cfg.joint.keep_head) == (0.9, True)
+    assert (cfg.contrastive.epochs, cfg.contrastive.temperature) == (2, 0.1)
+    sequential = {"data": {"source": "c.csv"}, "source_training": {"mode": "sequential"}}
+    assert current_settings(sequential, "config.yaml").methods() == ["source", "finetune"]
 
 
 def test_a_version_of_format_1_is_refused_with_a_message(registered: ModelVersion, tmp_path: Path) -> None:

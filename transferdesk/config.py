@@ -180,7 +180,7 @@ class StageConfig(Section):
 
 
 class SourceStageConfig(StageConfig):
-    """The source stage: many labels and plenty of data, so a few epochs suffice and keep
+    """The source stage (recipe `source`): many labels and plenty of data, so a few epochs suffice and keep
     the encoder close to its pretrained geometry, which the few-shot target stage needs."""
 
     epochs: int = Field(3, ge=1, description="Maximum passes over the source data.")
@@ -188,22 +188,45 @@ class SourceStageConfig(StageConfig):
     encoder_lr: float = Field(5e-5, gt=0, description="Peak AdamW learning rate of the encoder.")
     head_lr: float = Field(1e-3, gt=0, description="Peak AdamW learning rate of the linear head.")
     patience: int = Field(2, ge=1, description="Stop after this many epochs without improving.")
-    mode: Literal["sequential", "joint"] = Field(
-        "sequential",
-        description="sequential: a source stage first, then the target stage from its encoder. "
-        "joint: the source task trains at the same time as the target, as a task with a head of "
-        "its own (batch_size source rows beside each target batch, at `weight`); the other "
-        "settings here are the sequential stage's.",
-    )
-    weight: float = Field(0.5, gt=0, description="joint: the source task's loss weight.")
+
+
+class JointConfig(Section):
+    """Joint multi-task transfer (recipe `joint`): the source task (data.source) trains at the
+    same time as the target, as a task with a head of its own over the shared encoder, instead
+    of in a source stage before it."""
+
+    weight: float = Field(0.5, gt=0, description="The source task's loss weight.")
     keep_head: bool = Field(
-        False, description="joint: publish the source head too (as task `source`); false drops it."
+        False, description="Publish the source head too (as task `source`); false drops it."
+    )
+
+
+class ContrastiveConfig(Section):
+    """Contrastive pre-training on data.unlabelled (recipe `contrastive`, CPFT's first stage,
+    without labels): passes over the pool in which each message must recognise itself under two
+    dropout masks among the batch's (SimCSE). The student, and the teachers unless
+    semi_supervised.teacher_backbone is set, start from that encoder. Warm-up, weight decay and
+    clipping: training's."""
+
+    epochs: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="Passes over the pool; 0: none (the data-implied chain then leaves the recipe out).",
+    )
+    batch_size: int = Field(
+        64, ge=2, description="Pool messages per contrastive step (the others are each one's negatives)."
+    )
+    lr: float = Field(3e-5, gt=0, description="Peak AdamW learning rate of contrastive training.")
+    temperature: float = Field(
+        0.05, gt=0, le=1, description="Softmax temperature of the contrastive loss (SimCSE's 0.05)."
     )
 
 
 class SemiSupervisedConfig(Section):
-    """Learning from data.unlabelled: optionally contrastive pre-training on the pool first
-    (whose encoder the student and the student-sized teachers fine-tune); then teachers trained
+    """Learning from data.unlabelled (recipe `self_training`; optionally after `contrastive`
+    pre-training on the pool, whose encoder the student and the student-sized teachers
+    fine-tune): teachers trained
     on the labelled rows label the pool, and a student of the same size is trained on the
     labelled rows plus the confident part of the pool. The student is what gets served."""
 
@@ -265,31 +288,6 @@ class SemiSupervisedConfig(Section):
         description="Teachers label the pool and a student learns from it (false: the pool serves "
         "only the contrastive pre-training, then the labelled recipe trains the model).",
     )
-    contrastive_epochs: int = Field(
-        0,
-        ge=0,
-        le=20,
-        description="Contrastive pre-training on the pool first (CPFT's first stage, without "
-        "labels): passes over it in which each message must recognise itself under two dropout "
-        "masks among the batch's (SimCSE); the student, and the teachers unless teacher_backbone "
-        "is set, start from that encoder. 0: none.",
-    )
-    contrastive_batch_size: int = Field(
-        64, ge=2, description="Pool messages per contrastive step (the others are each one's negatives)."
-    )
-    contrastive_lr: float = Field(3e-5, gt=0, description="Peak AdamW learning rate of contrastive training.")
-    contrastive_temperature: float = Field(
-        0.05, gt=0, le=1, description="Softmax temperature of the contrastive loss (SimCSE's 0.05)."
-    )
-
-    @model_validator(mode="after")
-    def _pool_has_a_use(self) -> SemiSupervisedConfig:
-        if self.enabled and not self.pseudo_labels and not self.contrastive_epochs:
-            raise ValueError(
-                "semi_supervised.pseudo_labels false and contrastive_epochs 0 leave the pool unused: "
-                "set contrastive_epochs to 1 or more, or enabled false"
-            )
-        return self
 
 
 class CalibrationConfig(Section):
@@ -430,6 +428,8 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     training: StageConfig = StageConfig()
     source_training: SourceStageConfig = SourceStageConfig()
+    joint: JointConfig = JointConfig()
+    contrastive: ContrastiveConfig = ContrastiveConfig()
     semi_supervised: SemiSupervisedConfig = SemiSupervisedConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -438,6 +438,34 @@ class RunConfig(Section):
     def _few_shot_needs_room(self) -> RunConfig:
         if self.data.few_shot_k == 1 and self.data.valid is None:
             raise ValueError("data.few_shot_k=1 leaves nothing to validate on; give data.valid")
+        return self
+
+    def methods(self) -> list[str]:
+        """The recipe's methods by name: `recipe`, or the chain the data implies: a source
+        task's stage first; with a pool, contrastive pre-training (when contrastive.epochs is
+        set), then self-training (semi_supervised.pseudo_labels); else plain fine-tuning.
+        `joint` transfer is asked for by name."""
+        if self.recipe:
+            return self.recipe
+        chain = ["source"] if self.data.source else []
+        pool = self.data.unlabelled is not None and self.semi_supervised.enabled
+        if pool and self.contrastive.epochs:
+            chain.append("contrastive")
+        chain.append("self_training" if pool and self.semi_supervised.pseudo_labels else "finetune")
+        return chain
+
+    def with_joint_transfer(self) -> RunConfig:
+        """The same run with its source task trained beside the target instead of before it."""
+        return self.model_copy(update={"recipe": ["joint" if m == "source" else m for m in self.methods()]})
+
+    @model_validator(mode="after")
+    def _pool_has_a_use(self) -> RunConfig:
+        semi = self.semi_supervised
+        if semi.enabled and not semi.pseudo_labels and not self.contrastive.epochs:
+            raise ValueError(
+                "semi_supervised.pseudo_labels false and contrastive.epochs 0 leave the pool unused: "
+                "set contrastive.epochs to 1 or more, or semi_supervised.enabled false"
+            )
         return self
 
 

@@ -71,17 +71,19 @@ def candidate_config(spec: TuneSpec, candidate: Candidate) -> RunConfig:
         update={
             "objective": candidate.objective,
             "epochs": candidate.source_epochs or base.source_training.epochs,
-            "mode": candidate.transfer,
         }
     )
     data = base.data.model_copy(update={"source": candidate.source})
-    return base.model_copy(
+    cfg = base.model_copy(
         update={
             "model": base.model.model_copy(update={"backbone": candidate.backbone}),
             "data": data,
             "source_training": stage,
         }
     )
+    if candidate.transfer == "joint":  # the source task beside the target instead of before it
+        cfg = cfg.with_joint_transfer()
+    return cfg
 
 
 def trial_config(spec: TuneSpec, params: dict[str, Any]) -> RunConfig:

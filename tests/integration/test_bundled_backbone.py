@@ -91,7 +91,7 @@ def test_self_training_on_the_bundled_pool(registry: Path, capsys) -> None:
     pseudo-labels, student."""
     args = ["train", "--data.unlabelled", "sample:retail/unlabelled.txt", "--output", str(registry)]
     args += ["--name", "with-pool", "--semi_supervised.student_epochs", "2", *FAST]
-    args += ["--set", "semi_supervised.contrastive_epochs=1"]
+    args += ["--set", "contrastive.epochs=1"]
     assert main(args) == 0
     version = open_version(capsys.readouterr().out.strip().splitlines()[-1])
     record = version.metrics["semi_supervised"]

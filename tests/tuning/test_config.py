@@ -70,7 +70,7 @@ def test_trial_config_applies_samples_and_never_names_the_test_file() -> None:
     # The candidate's recipe, as configured: its backbone and source (the run's own source is not
     # a candidate's), never the test file.
     assert cfg.model.backbone == "all-MiniLM-L6-v2" and cfg.data.source is None and cfg.data.test is None
-    assert cfg.recipe == [] and cfg.source_training.mode == "sequential"
+    assert cfg.methods() == ["finetune"]
     assert cfg.runtime.num_threads == 1 and not cfg.runtime.progress
 
 

@@ -296,7 +296,8 @@ def test_a_search_runs_the_contrastive_stage_once_for_every_trial(
         tmp_path,
         tiny_backbone,
         data={"unlabelled": str(pool)},
-        semi_supervised={"contrastive_epochs": 1, "contrastive_batch_size": 4, "student_epochs": 1},
+        contrastive={"epochs": 1, "batch_size": 4},
+        semi_supervised={"student_epochs": 1},
         space={"epochs": 2, "semi_supervised": [True]},
         search={"num_samples": 2, "algorithm": "random"},
     )

@@ -41,7 +41,7 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         uses = []
         if semi.get("contrastive_encoder"):  # absent from versions made before it existed
             uses.append(
-                f"contrastive pre-training on it first ({settings['contrastive_epochs']} epoch(s), "
+                f"contrastive pre-training on it first ({cfg.contrastive.epochs} epoch(s), "
                 f"encoder `{semi['contrastive_encoder']}`)"
             )
         if semi["teachers"]:
@@ -121,5 +121,5 @@ def _task_lines(cfg: RunConfig, meta: VersionMeta, test: dict) -> list[str]:
             f"- Task `{task}`: a head of its own over the shared encoder ({', '.join(labels)}){score}"
         )
     if meta.source:
-        lines.append(f"- Transfer from the source task: {cfg.source_training.mode}")
+        lines.append(f"- Transfer from the source task: {'joint' if 'joint' in cfg.recipe else 'sequential'}")
     return lines

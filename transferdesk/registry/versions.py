@@ -41,7 +41,8 @@ leaves a half-written version, and an existing version is never overwritten. No 
 a machine path: files inside the registry (source checkpoints) are named relative to it,
 data files and local backbones by their name, so a registry copied elsewhere describes
 itself truthfully.
-Versions of format 1 (before version.json) still open; their metadata is translated he
+A config.yaml written before `joint` and `contrastive` had settings sections of their own
+reads as today's (`current_settings`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,28 @@ from transferdesk.registry.paths import portable_config, split_stage, version_di
 from transferdesk.registry.stages import Stages
 
 log = logging.getLogger(__name__)
+
+# Settings that moved to a section of their own: (section, key) then → (section, key) now.
+MOVED_SETTINGS = {
+    ("source_training", "weight"): ("joint", "weight"),
+    ("source_training", "keep_head"): ("joint", "keep_head"),
+    ("semi_supervised", "contrastive_epochs"): ("contrastive", "epochs"),
+    ("semi_supervised", "contrastive_batch_size"): ("contrastive", "batch_size"),
+    ("semi_supervised", "contrastive_lr"): ("contrastive", "lr"),
+    ("semi_supervised", "contrastive_temperature"): ("contrastive", "temperature"),
+}
+
+
+def current_settings(data: dict, origin: str) -> RunConfig:
+    """A published config.yaml as today's RunConfig: settings that moved are read from where
+    they were written, and `source_training.mode: joint` (joint transfer before it was a
+    recipe of its own) becomes the same chain with `joint` in place of the source stage."""
+    for (section, key), (moved_to, new_key) in MOVED_SETTINGS.items():
+        if key in data.get(section, {}):
+            data.setdefault(moved_to, {})[new_key] = data[section].pop(key)
+    joint = data.get("source_training", {}).pop("mode", "sequential") == "joint"
+    cfg = build_config(data, origin)
+    return cfg.with_joint_transfer() if joint and not cfg.recipe else cfg
 
 
 class SavesPretrained(Protocol):
@@ -295,7 +318,7 @@ class ModelVersion:
 
     @cached_property
     def config(self) -> RunConfig:
-        return build_config(yaml.safe_load((self.path / CONFIG).read_text()), str(self.path / CONFIG))
+        return current_settings(yaml.safe_load((self.path / CONFIG).read_text()), str(self.path / CONFIG))
 
     @property
     def card(self) -> str:

@@ -13,7 +13,7 @@ from transferdesk.training.recipe import RECIPES, Fitted, Prepared, Recipe, Run
 from transferdesk.training.recipes import BUILT_IN
 from transferdesk.training.trainer import configure_runtime
 
-__all__ = ["BUILT_IN", "chain", "default_chain", "fit", "load_run", "prepare", "prepares", "resolve"]
+__all__ = ["BUILT_IN", "chain", "fit", "load_run", "prepare", "prepares", "resolve"]
 
 
 def resolve(name: str) -> Recipe:
@@ -29,22 +29,8 @@ def resolve(name: str) -> Recipe:
     return RECIPES[name]()
 
 
-def default_chain(cfg: RunConfig) -> list[str]:
-    """The methods a run's data implies: a source task trains first (sequential) or beside the
-    target (joint); a pool adapts the encoder (contrastive_epochs) and teaches a student
-    (pseudo_labels); otherwise plain fine-tuning fits the model."""
-    chain = []
-    if cfg.data.source:
-        chain.append("source" if cfg.source_training.mode == "sequential" else "joint")
-    pool = cfg.data.unlabelled is not None and cfg.semi_supervised.enabled
-    if pool and cfg.semi_supervised.contrastive_epochs:
-        chain.append("contrastive")
-    chain.append("self_training" if pool and cfg.semi_supervised.pseudo_labels else "finetune")
-    return chain
-
-
 def chain(cfg: RunConfig) -> list[Recipe]:
-    return [resolve(name) for name in (cfg.recipe or default_chain(cfg))]
+    return [resolve(name) for name in cfg.methods()]
 
 
 def load_run(

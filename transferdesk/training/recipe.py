@@ -72,16 +72,16 @@ class Run:
 
     def tasks(self) -> TaskData | None:
         """The heads the fit trains besides the intent's: data.tasks, and the source task when
-        it trains jointly (a `joint` chain). None: the intent's alone."""
+        it trains jointly (`joint` in the chain). None: the intent's alone."""
         labels = self.splits.task_labels()
         weights = {task: settings.weight for task, settings in self.cfg.data.tasks.items()}
         own = dict(self.splits.own)
-        if self.splits.source is not None and self.cfg.source_training.mode == "joint":
+        if self.splits.source is not None and "joint" in self.cfg.methods():
             own[SOURCE_TASK] = stratified_split(
                 self.splits.source, SOURCE_VALID_FRACTION, self.cfg.runtime.seed
             )
             labels[SOURCE_TASK] = self.splits.source.intents
-            weights[SOURCE_TASK] = self.cfg.source_training.weight
+            weights[SOURCE_TASK] = self.cfg.joint.weight
         return TaskData(labels, weights, own) if labels else None
 
 

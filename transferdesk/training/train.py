@@ -58,7 +58,7 @@ def pool_record(run: Run, rounds: list[dict]) -> dict:
 def finish(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
     """The ending of every run's training: a joint source head dropped unless kept, then
     calibration (see `calibrate`); returns what calibration did."""
-    if SOURCE_TASK in model.tasks and not cfg.source_training.keep_head:
+    if SOURCE_TASK in model.tasks and not cfg.joint.keep_head:
         model.drop_task(SOURCE_TASK)
     return calibrate(model, splits, cfg)
 

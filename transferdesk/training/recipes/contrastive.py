@@ -1,5 +1,5 @@
-"""Contrastive pre-training on the unlabelled pool (`semi_supervised.contrastive_epochs`), CPFT's
-first stage (Zhang et al., 2021): before any labels, each pool message is encoded twice under
+"""Contrastive pre-training on the unlabelled pool (recipe and settings `contrastive`),
+CPFT's first stage (Zhang et al., 2021): before any labels, each pool message is encoded twice under
 two dropout masks, and the encoder learns to pick its own second view out of the batch
 (SimCSE's objective, Gao et al., 2021), so messages of the customer's own domain spread apart
 on the sphere. The student, and the teachers unless they have a backbone of their own
@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 
 def contrastive_settings(cfg: RunConfig) -> StageConfig:
-    """The stage's optimiser settings: semi_supervised's contrastive ones, training's others."""
-    semi, training = cfg.semi_supervised, cfg.training
+    """The stage's optimiser settings: `contrastive`'s own, training's others."""
+    own, training = cfg.contrastive, cfg.training
     return StageConfig(
-        epochs=semi.contrastive_epochs,
-        batch_size=semi.contrastive_batch_size,
-        encoder_lr=semi.contrastive_lr,
+        epochs=own.epochs,
+        batch_size=own.batch_size,
+        encoder_lr=own.lr,
         warmup_ratio=training.warmup_ratio,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
@@ -57,7 +57,7 @@ def contrastive_key(cfg: RunConfig, backbone: str, pool: Pool) -> str:
         "backbone": resolve_backbone(backbone),
         "pool": hashlib.sha256("\n".join(pool.texts).encode()).hexdigest(),
         "settings": contrastive_settings(cfg).model_dump(),
-        "temperature": cfg.semi_supervised.contrastive_temperature,
+        "temperature": cfg.contrastive.temperature,
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "seed": cfg.runtime.seed,
     }
@@ -83,7 +83,7 @@ def _pretrain(
     cfg: RunConfig, backbone: str, pool: Pool, device: torch.device, registry: Registry
 ) -> tuple[IntentModel, dict]:
     """Train the stage; returns the model (its encoder is what is kept) and the cache's record."""
-    semi, stage = cfg.semi_supervised, contrastive_settings(cfg)
+    temperature, stage = cfg.contrastive.temperature, contrastive_settings(cfg)
     # A classifier for its encoder and pooling; its head is never trained and not kept.
     model = IntentModel.from_backbone(backbone, ["pool"], cfg.model, device)
     net = model.network
@@ -109,7 +109,7 @@ def _pretrain(
                 batch = tokenize(model.tokenizer, [pool.texts[i] for i in idx] * 2, model.max_length)
                 with autocast(device, cfg.runtime.precision):
                     views = net.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                    loss = self_contrastive(*views.chunk(2), semi.contrastive_temperature)
+                    loss = self_contrastive(*views.chunk(2), temperature)
                 optimizer_step(loss, net, optimizer, scheduler, scaler, stage.max_grad_norm)
                 total, rows = total + loss.item() * len(idx), rows + len(idx)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
@@ -129,7 +129,7 @@ def _pretrain(
         "backbone": registry.portable(backbone),
         "pool": pool.summary(registry.portable(pool.path)),
         "settings": stage.model_dump(include={"epochs", "batch_size", "encoder_lr"})
-        | {"temperature": semi.contrastive_temperature},
+        | {"temperature": temperature},
         "epoch_losses": losses,
         "seconds": seconds,
     }
@@ -141,10 +141,10 @@ class ContrastivePretraining(Recipe):
     name = "contrastive"
 
     def check(self, run: Run) -> None:
-        if run.splits.pool is None or not run.cfg.semi_supervised.contrastive_epochs:
+        if run.splits.pool is None or not run.cfg.contrastive.epochs:
             raise TransferDeskError(
                 "recipe contrastive needs an unlabelled pool (data.unlabelled) and "
-                "semi_supervised.contrastive_epochs of 1 or more"
+                "contrastive.epochs of 1 or more"
             )
 
     def prepare(self, run: Run) -> None:

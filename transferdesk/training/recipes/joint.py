@@ -1,7 +1,7 @@
-"""Joint multi-task transfer (`source_training`, mode joint): the source task trains at the same
-time as the target, as a task with a head of its own over the shared encoder (a batch of its
-rows beside each target batch, at `source_training.weight`), instead of a source stage before
-it. Its head is dropped at publishing unless `source_training.keep_head`."""
+"""Joint multi-task transfer (recipe `joint`, settings `joint`): the source task trains at the
+same time as the target, as a task with a head of its own over the shared encoder (a batch of
+its rows beside each target batch, at `joint.weight`), instead of a source stage before it.
+Its head is dropped at publishing unless `joint.keep_head`."""
 
 from __future__ import annotations
 
@@ -16,5 +16,5 @@ class JointTransfer(Recipe):
     name = "joint"
 
     def check(self, run: Run) -> None:
-        if run.splits.source is None or run.cfg.source_training.mode != "joint":
-            raise TransferDeskError("recipe joint needs data.source and source_training.mode joint")
+        if run.splits.source is None:
+            raise TransferDeskError("recipe joint trains a source task beside the target: set data.source")

@@ -27,8 +27,7 @@ def source_key(cfg: RunConfig) -> str:
     parts = {
         "backbone": resolve_backbone(cfg.model.backbone),
         "source_sha256": sha256(resolve_path(cfg.data.source)),
-        # The joint mode's settings have no source stage: a sequential one is the same without them.
-        "stage": cfg.source_training.model_dump(exclude={"mode", "weight", "keep_head"}),
+        "stage": cfg.source_training.model_dump(),
         "model": cfg.model.model_dump(exclude={"backbone"}),
         "columns": [cfg.data.text_column, cfg.data.label_column, cfg.data.oos_label],
         "seed": cfg.runtime.seed,
