@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import (
@@ -23,6 +23,9 @@ from transferdesk.config import (
     load_config,
 )
 from transferdesk.errors import TransferDeskError
+
+if TYPE_CHECKING:
+    from transferdesk.registry.signing import Signer
 
 log = logging.getLogger("transferdesk")
 
@@ -217,20 +220,33 @@ def cmd_models_show(args: argparse.Namespace) -> None:
     print(f"\nPath: {version.path}\nFiles: {len(version.files)}, all match the manifest")
 
 
-def _who(args: argparse.Namespace) -> str:
-    return args.by or os.environ.get("TRANSFERDESK_USER") or getpass.getuser()
+def _who(args: argparse.Namespace) -> tuple[str, Signer | None]:
+    """Who changes a stage: the signing key's holder where there is a key (--key, else
+    $TRANSFERDESK_SIGNING_KEY), else --by, $TRANSFERDESK_USER or the login name."""
+    from transferdesk.registry.signing import Signer
+
+    signer = Signer.load(args.key) if args.key else Signer.from_env()
+    if signer is not None and args.by not in (None, signer.name):
+        raise TransferDeskError(f"--by {args.by}: a signed change is made in its key's name, {signer.name}")
+    return args.by or os.environ.get("TRANSFERDESK_USER") or getpass.getuser(), signer
+
+
+def _signed(record: Any) -> str:
+    return f", signed (key {record.key_id})" if record.signature else ", unsigned"
 
 
 def _print_event(event: Any, name: str) -> None:
     was = f" (was v{event.previous})" if event.previous is not None else ""
-    print(f"{name}@{event.stage} → v{event.version}{was}, by {event.by} at {event.at}: {event.reason}")
+    by = f"by {event.by}{_signed(event)} at {event.at}"
+    print(f"{name}@{event.stage} → v{event.version}{was}, {by}: {event.reason}")
 
 
 def cmd_models_promote(args: argparse.Namespace) -> None:
     from transferdesk.registry import Registry, open_version
 
     version = open_version(args.model)
-    event = Registry(version.path.parent.parent).promote(version.path, args.stage, _who(args), args.reason)
+    by, signer = _who(args)
+    event = Registry(version.path.parent.parent).promote(version.path, args.stage, by, args.reason, signer)
     _print_event(event, version.name)
 
 
@@ -238,8 +254,17 @@ def cmd_models_rollback(args: argparse.Namespace) -> None:
     from transferdesk.registry import Registry
 
     model_dir = Path(args.model_dir)
-    event = Registry(model_dir.parent).rollback(model_dir.name, args.stage, _who(args), args.reason)
+    by, signer = _who(args)
+    event = Registry(model_dir.parent).rollback(model_dir.name, args.stage, by, args.reason, signer)
     _print_event(event, model_dir.name)
+
+
+def cmd_models_keygen(args: argparse.Namespace) -> None:
+    from transferdesk.registry.signing import generate
+
+    path, public = generate(args.dir, args.name)
+    print(f"private key: {path} (keep it secret; promote with --key {path})", file=sys.stderr)
+    print(public)
 
 
 def cmd_models_stages(args: argparse.Namespace) -> None:
@@ -263,7 +288,10 @@ def cmd_models_stages(args: argparse.Namespace) -> None:
         )
         return
     for stage, record in sorted(stages.items()):
-        print(f"{model_dir.name}@{stage}: v{record.version}, by {record.by} at {record.at}: {record.reason}")
+        print(
+            f"{model_dir.name}@{stage}: v{record.version}, by {record.by}{_signed(record)} at {record.at}: "
+            f"{record.reason}"
+        )
     print("\nhistory:")
     for event in log_rows:
         print(
@@ -412,9 +440,26 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--stage", required=True, help="e.g. production")
     for command in (promote, rollback):
         command.add_argument("--reason", required=True, help="why: kept in the stage history")
-        command.add_argument("--by", help="who [default: $TRANSFERDESK_USER, else the login name]")
+        command.add_argument(
+            "--key",
+            help="sign the change with this private key (`models keygen`), in its holder's name "
+            "[default: $TRANSFERDESK_SIGNING_KEY; unset: unsigned]",
+        )
+        command.add_argument(
+            "--by", help="who, for an unsigned change [default: $TRANSFERDESK_USER, else the login name]"
+        )
     promote.set_defaults(func=cmd_models_promote)
     rollback.set_defaults(func=cmd_models_rollback)
+    keygen = models.add_parser(
+        "keygen",
+        help="make a key pair for signed promotions",
+        description="Write a new Ed25519 private key to DIR/NAME.pem (readable by you alone) and "
+        "print its public line for the trusted-keys file ($TRANSFERDESK_TRUSTED_KEYS) of whoever "
+        "must check promotions, serving in production first.",
+    )
+    keygen.add_argument("name", help="the key holder's name, as promotions will record it")
+    keygen.add_argument("--dir", default="keys", help="where the private key goes [default: %(default)s]")
+    keygen.set_defaults(func=cmd_models_keygen)
     stages = models.add_parser("stages", help="which version each stage holds, and their history")
     stages.add_argument("model_dir", help="the model directory, registry/<name>")
     stages.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,7 +2,7 @@
 
 Its on-disk format (`versions.py` describes a version's layout) is read and written here
 alone: `manifest.py` (file names, manifests, staging), `versions.py` (sealed versions, drafts,
-exports), `stages.py` (production, canary, …), `card.py` (the model card), `caches.py`
+exports), `stages.py` (production, canary, …), `signing.py` (signed promotions), `card.py` (the model card), `caches.py`
 (training work later runs reuse) and `paths.py` (paths as its files hold them).
 """
 
@@ -31,6 +31,7 @@ from transferdesk.registry.manifest import (
     write_manifest,
 )
 from transferdesk.registry.paths import encoder_dir, portable_config, portable_path, split_stage, version_dirs
+from transferdesk.registry.signing import Signer, TrustedKeys
 from transferdesk.registry.stages import StageEvent, StageRecord, Stages
 from transferdesk.registry.versions import (
     Draft,
@@ -56,6 +57,8 @@ __all__ = [
     "ONNX_FILES",
     "SOURCES",
     "VERSION_RE",
+    "Signer",
+    "TrustedKeys",
     "Draft",
     "Export",
     "ExportMeta",
@@ -116,15 +119,18 @@ class Registry(Stages, Caches):
                         log.warning("skipping %s: %s", root, err)
         return sorted(found, key=lambda v: (v.name, v.version))
 
-    def promote(self, spec: str | Path, stage: str, by: str, reason: str) -> StageEvent:
-        """Point `stage` of the version's model at it, atomically, and log who, when and why."""
+    def promote(
+        self, spec: str | Path, stage: str, by: str, reason: str, signer: Signer | None = None
+    ) -> StageEvent:
+        """Point `stage` of the version's model at it, atomically, and log who, when and why
+        (signed by `signer`, in its name, where given)."""
         version = open_version(spec)  # a damaged version is never promoted
         if version.path.parent.parent.resolve() != self.root.resolve():
             raise TransferDeskError(f"{version.path} is not a version of registry {self.root}")
         with self._stage_lock(version.name):
-            return self._set_stage(version, stage, by, reason, "promote")
+            return self._set_stage(version, stage, by, reason, "promote", signer)
 
-    def rollback(self, name: str, stage: str, by: str, reason: str) -> StageEvent:
+    def rollback(self, name: str, stage: str, by: str, reason: str, signer: Signer | None = None) -> StageEvent:
         """Point `stage` back at the version it held before its current promotion (repeated
         rollbacks walk further back, as an undo would)."""
         with self._stage_lock(name):
@@ -135,7 +141,7 @@ class Registry(Stages, Caches):
             if len(held) < 2:
                 raise TransferDeskError(f"{name}@{stage} has no earlier version to roll back to")
             previous = open_version(self.root / name / f"v{held[-2]}")
-            return self._set_stage(previous, stage, by, reason, "rollback")
+            return self._set_stage(previous, stage, by, reason, "rollback", signer)
 
     def portable(self, path: str | Path | None) -> str | None:
         """`path` as this registry's files hold it (see portable_path)."""

@@ -1,5 +1,6 @@
 """Stages (production, canary, …) of a model: `stages.json` names the version each holds and
-its manifest digest, `stages.log.jsonl` records every promotion and rollback.
+its manifest digest, signed by the promoter's key where one was given (signing.py);
+`stages.log.jsonl` records every promotion and rollback.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transferdesk.registry.manifest import (
     read_json,
     sha256,
 )
+from transferdesk.registry.signing import Signer, TrustedKeys
 
 if TYPE_CHECKING:
     from transferdesk.registry.versions import ModelVersion
@@ -40,8 +42,14 @@ class StageRecord(Section):
     version: int
     manifest_sha256: str = Field(description="Digest of the version's manifest when promoted.")
     at: str
-    by: str
+    by: str = Field(description="Who promoted: the signing key's holder where it is signed.")
     reason: str
+    key_id: str | None = Field(None, description="The signing key's id; unset: not signed.")
+    signature: str | None = Field(None, description="Ed25519 over the other fields, the model and the stage.")
+
+    def signed_fields(self, name: str, stage: str) -> dict:
+        """What the signature covers: which model's stage, and everything else it says."""
+        return {"model": name, "stage": stage, **self.model_dump(include=set(StageRecord.model_fields) - {"signature"})}
 
 
 class StageEvent(StageRecord):
@@ -80,6 +88,8 @@ class Stages:
                 f"{self.root / name} has no {stage!r} stage (stages: {held}); promote a version "
                 f"first: transferdesk models promote {self.root / name}/v<N> --stage {stage}"
             )
+        if (trusted := TrustedKeys.from_env()) is not None:
+            trusted.check(f"{name}@{stage}", record.signed_fields(name, stage), record.signature)
         path = self.root / name / f"v{record.version}"
         if not (path / MANIFEST).is_file() or sha256(path / MANIFEST) != record.manifest_sha256:
             raise TransferDeskError(
@@ -95,10 +105,12 @@ class Stages:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def _set_stage(self, version: ModelVersion, stage: str, by: str, reason: str, action: str) -> StageEvent:
+    def _set_stage(
+        self, version: ModelVersion, stage: str, by: str, reason: str, action: str, signer: Signer | None
+    ) -> StageEvent:
         """Under the stage lock: the history line first (flushed to disk), then stages.json
         replaced atomically, so a crash between them leaves a logged change, never an
-        unlogged one."""
+        unlogged one. Signed by `signer` where given, in its holder's name."""
         if not STAGE_RE.match(stage):
             raise TransferDeskError(
                 f"stage {stage!r}: use lower-case letters, digits, - and _, e.g. production"
@@ -112,9 +124,12 @@ class Stages:
             previous=stages[stage].version if stage in stages else None,
             manifest_sha256=version.manifest_sha256,
             at=datetime.now(UTC).isoformat(timespec="seconds"),
-            by=by,
+            by=signer.name if signer else by,
             reason=reason,
+            key_id=signer.key_id if signer else None,
         )
+        if signer is not None:
+            event.signature = signer.sign(event.signed_fields(version.name, stage))
         with open(model_dir / STAGE_LOG, "a", encoding="utf-8") as log_file:
             log_file.write(event.model_dump_json() + "\n")
             log_file.flush()
