@@ -4,8 +4,11 @@ routing decision, a timestamp and the request id.
 
 A request only appends to a bounded in-memory queue; a writer thread redacts personal data
 and stores the queue in batches. So capturing adds no store round trip to a request and can
-never fail one: a full queue or a failed write loses messages, and the loss is counted (the
-metric `transferdesk_capture_messages{outcome=...}` and /readyz), never raised.
+never fail one. A batch leaves the queue only once written: while the store is down, messages
+wait (up to `max_pending`; past it, new ones are lost), and a row the store refuses (a value
+it cannot hold) is dropped alone while the batch's other rows are written. Every loss is
+counted by reason (the metric `transferdesk_capture_messages{outcome=...}` and /readyz),
+never raised.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ from deployments.config import CaptureSettings
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.prediction import Prediction
 from transferdesk.review.redaction import Redactor
-from transferdesk.review.store import Capture, Store, describe
+from transferdesk.review.store import Capture, RowsRefused, Store, describe
 
 log = logging.getLogger("ray.serve")
 RANKED = 5  # intents kept per message: what a reviewer picks from
 State = Literal["starting", "ok", "degraded"]
-# Why messages are lost: the queue was full, a write failed, or capture itself failed on them.
-LOSSES = ("queue_full", "store_error", "capture_error")
+# Why messages are lost: the queue was full; the store refused the row; capture itself failed
+# on them (a bug); the replica stopped while the store could not take them.
+LOSSES = ("queue_full", "refused", "capture_error", "shutdown")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class CaptureWriter:
         self.settings, self.url = settings, url
         self.redactor = Redactor(settings.redaction)
         self.queue: deque[Offered] = deque()
+        # A batch taken off the queue and redacted, not written yet (the store was down).
+        self.unwritten: list[Capture] = []
         # Every key from the start: /readyz sums the values on the event loop while the writer
         # thread counts, and a key added meanwhile would change the dict's size under it.
         self.written, self.lost = 0, Counter(dict.fromkeys(LOSSES, 0))
@@ -63,7 +69,7 @@ class CaptureWriter:
         self.messages = Metric(
             "transferdesk_capture_messages",
             description="Messages offered to the review capture, by outcome: written, or lost "
-            "(queue_full, store_error, capture_error).",
+            "(queue_full, refused, capture_error, shutdown).",
             tag_keys=("outcome",),
         )
         self.up = Gauge("transferdesk_capture_up", description="1 while the capture store takes writes.")
@@ -97,7 +103,7 @@ class CaptureWriter:
                     if random.random() >= rate:
                         continue
                     reason = "sample"
-                if len(self.queue) >= self.settings.max_pending:
+                if self.pending >= self.settings.max_pending:
                     self._lose("queue_full")
                     continue
                 destination = decision["destination"] if decision is not None else None
@@ -108,21 +114,30 @@ class CaptureWriter:
         if len(self.queue) >= self.settings.batch_size:
             self.wake.set()
 
+    @property
+    def pending(self) -> int:
+        return len(self.queue) + len(self.unwritten)
+
     def status(self) -> dict:
         return {
             "state": self.state,
             "store": describe(self.url),
             "written": self.written,
             "lost": sum(self.lost.values()),
-            "pending": len(self.queue),
+            "pending": self.pending,
             "error": self.error,
         }
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Writes what is queued (within the time given) and stops the thread."""
+        """Writes what is queued (within the time given) and stops the thread; what the store
+        could not take by then is counted lost (shutdown)."""
         self.stopping.set()
         self.wake.set()
         self.thread.join(timeout_s)
+        if not self.thread.is_alive() and self.pending:
+            self._lose("shutdown", self.pending)
+            self.queue.clear()
+            self.unwritten = []
 
     def _lose(self, why: str, n: int = 1) -> None:
         self.lost[why] += n
@@ -149,9 +164,9 @@ class CaptureWriter:
                     store.migrate()  # the first replica creates the tables; the others wait
                     migrated = True
                     self._set_state("ok")
-                while self.queue:
+                while self.pending:
                     self._write(store)
-            except TransferDeskError as err:
+            except TransferDeskError as err:  # the store is down: the batch stays queued
                 self._set_state("degraded", str(err))
             except Exception as err:  # never let the thread die: capture would stop for good
                 self._set_state("degraded", f"{type(err).__name__}: {err}")  # logged once, on change
@@ -161,23 +176,42 @@ class CaptureWriter:
                 return
 
     def _write(self, store: Store) -> None:
-        batch = [self.queue.popleft() for _ in range(min(self.settings.batch_size, len(self.queue)))]
+        """The oldest batch, redacted and written. What the store could not take because it
+        is down stays in `unwritten`, redacted, for the next try (the error goes up)."""
+        if not self.unwritten:
+            batch = [self.queue.popleft() for _ in range(min(self.settings.batch_size, len(self.queue)))]
+            self.unwritten = [c for c in map(self._redacted, batch) if c is not None]
         try:
-            captures = [self._redacted(item) for item in batch]
-        except Exception:
-            self._lose("capture_error", len(batch))
-            raise
-        try:
-            store.add(captures)
+            store.add(self.unwritten)
+            self._written(len(self.unwritten))
+        except RowsRefused:  # each row alone: one the store cannot hold costs no other
+            while self.unwritten:
+                try:
+                    self._written(store.add(self.unwritten[:1]))
+                except RowsRefused as err:
+                    log.error("capture: the store refused a message, which is dropped: %s", err)
+                    self._lose("refused")
+                self.unwritten = self.unwritten[1:]
         except TransferDeskError:
-            self._lose("store_error", len(batch))
             raise
-        self.written += len(batch)
-        self.messages.inc(len(batch), tags={"outcome": "written"})
+        except Exception:  # not the store's answer but a bug, which would fail every retry
+            log.exception("capture cannot write a batch; its messages are dropped")
+            self._lose("capture_error", len(self.unwritten))
+        self.unwritten = []
         self._set_state("ok")
 
-    def _redacted(self, item: Offered) -> Capture:
-        text, found = self.redactor.redact_counts(item.text)
+    def _written(self, n: int) -> None:
+        self.written += n
+        self.messages.inc(n, tags={"outcome": "written"})
+
+    def _redacted(self, item: Offered) -> Capture | None:
+        """The message as stored, personal data redacted; None (counted) where that fails."""
+        try:
+            text, found = self.redactor.redact_counts(item.text)
+        except Exception:
+            log.exception("capture failed on a message; it is dropped")
+            self._lose("capture_error")
+            return None
         return Capture(
             request_id=item.request_id,
             captured_at=datetime.fromtimestamp(item.at, UTC),

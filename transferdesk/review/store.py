@@ -41,7 +41,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, SQLAlchemyError
 
 from transferdesk.errors import TransferDeskError
 
@@ -170,6 +170,11 @@ class StoreUnavailable(TransferDeskError):
     """The database did not answer, or refused (down, unreachable, full, no such schema)."""
 
 
+class RowsRefused(TransferDeskError):
+    """The database answered, and refused what was written (a value it cannot hold, a broken
+    constraint): trying again would fail again, unlike StoreUnavailable."""
+
+
 class UnknownMessage(TransferDeskError):
     """No captured message has that id."""
 
@@ -238,13 +243,17 @@ class Store:
 
     @contextmanager
     def _connection(self, what: str) -> Iterator[Connection]:
-        """A transaction; a database error becomes StoreUnavailable, naming the store."""
+        """A transaction; a database error becomes RowsRefused (the data's fault) or
+        StoreUnavailable (anything else), naming the store."""
         try:
             with self.engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as err:
             reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-            raise StoreUnavailable(f"store {self.where}: cannot {what}: {reason}") from None
+            refused = isinstance(err, DataError | IntegrityError)
+            raise (RowsRefused if refused else StoreUnavailable)(
+                f"store {self.where}: cannot {what}: {reason}"
+            ) from None
 
     # -- schema ---------------------------------------------------------------------------------
 
