@@ -189,15 +189,12 @@ def test_local_overlay_is_cpu_only_and_production_has_gpu_workers(rendered: dict
     assert "--resume-if-exists" in job["entrypoint"] and job["shutdownAfterJobFinishes"] is True
 
 
-def test_only_the_api_and_the_probes_are_exposed(rendered: dict) -> None:
+def test_only_the_api_is_exposed(rendered: dict) -> None:
     for target in TARGETS:
         ingress = one(rendered[target], "Ingress")
         paths = [p for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
-        assert {(p["path"], p["pathType"]) for p in paths} == {
-            ("/v1/", "Prefix"),
-            ("/healthz", "Exact"),
-            ("/readyz", "Exact"),
-        }  # not /docs, /openapi.json or Serve's /-/routes
+        # not the probes, /docs, /openapi.json or Serve's /-/routes
+        assert {(p["path"], p["pathType"]) for p in paths} == {("/v1/", "Prefix")}
         assert all(
             p["backend"]["service"] == {"name": "transferdesk-serve-svc", "port": {"number": 8000}}
             for p in paths
