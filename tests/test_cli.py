@@ -92,23 +92,30 @@ def test_data_check_exit_codes(toy_files: dict, tmp_path: Path, capsys) -> None:
     assert main(["data", "check", str(toy_files["test"]), "--against", str(toy_files["train"])]) == 0
 
 
-def test_user_errors_exit_nonzero_without_traceback(tmp_path: Path) -> None:
-    cases = [
-        ["predict", str(tmp_path / "missing-model"), "hello"],
-        ["train", "--train", str(tmp_path / "missing.csv")],
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "{tmp}/missing-model", "hello"],
+        ["train", "--train", "{tmp}/missing.csv"],
         ["train", "--training.epochs", "-1"],
-        ["train", "--config", str(tmp_path / "nope.yaml")],
-    ]
-    for argv in cases:
-        proc = subprocess.run(
-            [sys.executable, "-m", "transferdesk", *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert proc.stderr.splitlines()[-1].startswith("error:") or "error:" in proc.stderr
-        assert "Traceback" not in proc.stderr
+        ["train", "--config", "{tmp}/nope.yaml"],
+    ],
+)
+def test_user_errors_exit_nonzero_without_traceback(argv: list[str], tmp_path: Path, capsys) -> None:
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_the_installed_command_reports_a_user_error_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "transferdesk", "predict", str(tmp_path / "missing-model"), "hello"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("error:")
+    assert "Traceback" not in proc.stderr
 
 
 def test_help_lists_every_setting() -> None:
