@@ -28,6 +28,7 @@ from deployments.capture import CaptureWriter
 from deployments.config import CALL_TEXTS, MAX_TOP_K, Coalescing, KeyRing, Limits, ServeArgs
 from deployments.gate import BatchGate
 from deployments.routing import Priority
+from deployments.topology import InProcess, attach, in_process
 from transferdesk import __version__
 from transferdesk.model.prediction import Prediction
 
@@ -241,7 +242,7 @@ class CaptureStatus(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"]
-    checks: dict[str, str] = Field(description="Each deployment of the chain and what it answered.")
+    checks: dict[str, str] = Field(description="Each stage of the chain and what it answered.")
     capture: CaptureStatus | None = Field(
         None, description="This replica's capture for review (args.capture), when enabled."
     )
@@ -483,17 +484,21 @@ _BEARER = [
 @serve.deployment  # sizes: deployments/serve.yaml
 @serve.ingress(api)
 class Ingress:
+    """The HTTP API in front of the tokenizer, classifier and router: deployments of their own
+    (handles, the split topology) or objects built in this replica (fused), called alike
+    (deployments/topology.py)."""
+
     def __init__(
         self,
-        tokenizer: DeploymentHandle,
-        classifier: DeploymentHandle,
-        router: DeploymentHandle,
+        tokenizer: DeploymentHandle | InProcess,
+        classifier: DeploymentHandle | InProcess,
+        router: DeploymentHandle | InProcess,
         settings: dict,
     ) -> None:
         from ray.serve.metrics import Counter, Histogram
 
-        self.tokenizer, self.classifier, self.router = tokenizer, classifier, router
         self.settings = ServeArgs.model_validate(settings)
+        self.tokenizer, self.classifier, self.router = map(attach, (tokenizer, classifier, router))
         if self.settings.auth.disabled:
             log.warning("API-key authentication is DISABLED (auth.disabled); for local development only")
         self.keyring = None if self.settings.auth.disabled else KeyRing()
@@ -523,6 +528,21 @@ class Ingress:
         # Serve calls this on a graceful shutdown (a scale-down, a redeploy): write what is queued.
         if getattr(self, "capture", None) is not None:
             self.capture.close()
+
+    async def reconfigure(self, config: dict) -> None:
+        """The classifier's user_config (ClassifierConfig: batching, a model switch, a rollout),
+        which the fused topology gives the Ingress, its one deployment: applied in place."""
+        classifier = in_process(self.classifier)
+        if classifier is None:  # split: the Classifier deployment has its own user_config
+            log.error("user_config on the Ingress is ignored in the split topology: set the Classifier's")
+            return
+        await classifier.reconfigure(config)
+
+    def check_health(self) -> None:
+        """Fused: fails (and Serve replaces the replica) when the classifier held here cannot
+        answer a forward pass. Split: the Classifier deployment checks its own."""
+        if (classifier := in_process(self.classifier)) is not None:
+            classifier.check_health()
 
     def accepts(self, authorization: str) -> bool:
         """Whether an Authorization header carries a current key (every key compared, in
@@ -589,7 +609,7 @@ class Ingress:
     async def _answer_batch(self, jobs: list[Job]) -> list[Answer]:
         """The requests that arrived while earlier batches were under way, together: one
         tokenizer call, one classifier call per CALL_TEXTS texts, one router call. Each hop
-        costs about a millisecond of CPU on each side, whatever it carries; one call for many
+        (split) costs about a millisecond of CPU on each side, whatever it carries; one call for many
         requests is what lets the service keep up under load. A lone request goes at once."""
         self.batch_requests.observe(len(jobs))
         with self.gate.batch():

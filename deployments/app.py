@@ -1,7 +1,9 @@
 """The Ray Serve application: Ingress (FastAPI) → Tokenizer → Classifier (batched) → Router.
 
-Each is its own deployment with its own replicas and autoscaling; they call one another
-through DeploymentHandles. `build_app` is the import_path target of deployments/serve.yaml.
+`args.topology` places them (deployments/topology.py): `split`, each its own deployment with
+its own replicas and autoscaling, called through DeploymentHandles; `fused`, the Ingress the
+one deployment, holding the other three in process. `build_app` is the import_path target of
+deployments/serve.yaml (fused) and deployments/serve-split.yaml.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from deployments.api import Ingress
 from deployments.config import MAX_TOP_K, ClassifierConfig, Rollout, ServeArgs
 from deployments.gate import BatchGate
 from deployments.routing import decide, load_policy
+from deployments.topology import place
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.prediction import Prediction
@@ -56,8 +59,8 @@ def _replica_threads() -> int:
     return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
-# Replica counts, CPUs, autoscaling and max_ongoing_requests: deployments/serve.yaml (and k8s/)
-# alone, so the decorators hold no sizes that could contradict it.
+# Replica counts, CPUs, autoscaling and max_ongoing_requests: deployments/serve*.yaml (and k8s/)
+# alone, so the decorators hold no sizes that could contradict them.
 @serve.deployment
 class Tokenizer:
     """Texts → token ids: fast tokenizer, no padding (the classifier pads per batch)."""
@@ -399,15 +402,19 @@ class Router:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """The application for `serve run deployments/serve.yaml` (args: see ServeArgs)."""
+    """The application for `serve run deployments/serve.yaml` (args: see ServeArgs): the Ingress
+    and, in the split topology, the three deployments behind it."""
     settings = ServeArgs.model_validate(args).resolved()
     # Resolved once (a model directory means its newest version): every deployment gets the
     # same version directory. Fails fast on a missing or damaged model.
     version = open_version(settings.model)
     choose_runtime(version, settings.runtime, settings.device)  # an ONNX runtime without an export
     load_policy(settings.routing_policy, version.labels, version.tasks)  # and on a bad routing policy
-    tokenizer = Tokenizer.bind(str(version.path))
-    classifier = Classifier.bind(
+    topology = settings.topology
+    tokenizer = place(Tokenizer, topology, str(version.path))
+    classifier = place(
+        Classifier,
+        topology,
         str(version.path),
         settings.routing_policy,
         settings.device,
@@ -415,5 +422,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         settings.precision,
         settings.runtime,
     )
-    router = Router.bind(settings.routing_policy, version.tasks)
+    router = place(Router, topology, settings.routing_policy, version.tasks)
     return Ingress.bind(tokenizer, classifier, router, settings.model_dump())

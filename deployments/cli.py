@@ -1,5 +1,6 @@
-"""`transferdesk serve [MODEL]`: `serve run deployments/serve.yaml` with a model, a routing
-policy and an API key filled in, and a ready curl command printed."""
+"""`transferdesk serve [MODEL]`: `serve run deployments/serve.yaml` (or serve-split.yaml, with
+--topology split) with a model, a routing policy and an API key filled in, and a ready curl
+command printed."""
 
 from __future__ import annotations
 
@@ -23,20 +24,23 @@ from deployments.config import (
     is_exact_version,
     serve_env,
 )
+from deployments.topology import DEFAULT, check_deployments, classifier_deployment
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.runtime import choose_runtime
 from transferdesk.registry import open_version, resolve_version_dir, split_stage
 
-SERVE_YAML = Path(__file__).with_name("serve.yaml")
+SERVE_YAML = Path(__file__).with_name("serve.yaml")  # the fused topology, the default
+SERVE_YAMLS = {"fused": SERVE_YAML, "split": SERVE_YAML.with_name("serve-split.yaml")}
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         "serve",
         help="serve a registry model over HTTP with Ray Serve (intent → queue, or a human agent)",
-        description="Start Ray Serve locally with deployments/serve.yaml and the given model. "
+        description="Start Ray Serve locally with deployments/serve.yaml (the fused topology; "
+        "--topology split: deployments/serve-split.yaml) and the given model. "
         f"API keys come from ${KEYS_ENV} or ${KEYS_FILE_ENV}; with neither, a one-time key is "
         "generated and printed. Ctrl-C stops it.",
     )
@@ -47,7 +51,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         help="registry/<name>@<stage>, registry/<name>/v<N>, or registry/<name> for its newest "
         "version now [default: serve.yaml's]",
     )
-    parser.add_argument("--config", default=str(SERVE_YAML), help="Serve config [default: %(default)s]")
+    parser.add_argument(
+        "--config",
+        help="Serve config [default: deployments/serve.yaml, or deployments/serve-split.yaml with "
+        "--topology split]",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument(
@@ -55,7 +63,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     rollout = parser.add_argument_group(
         "rollout",
-        "The Classifier's user_config, which a running service applies in place (--deploy): a "
+        "The classifier's user_config, which a running service applies in place (--deploy): a "
         "second version beside MODEL (`rollout`: a retrained model, say registry/<name>@canary, "
         "pinned to its version now, answers a share of the calls, or scores every call in "
         "shadow; compare in GET /v1/model), or the version served (`model`: promote).",
@@ -72,7 +80,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
         metavar="ADDRESS",
         help="`serve deploy` to the running cluster whose dashboard is at ADDRESS (e.g. "
         "http://127.0.0.1:8265) instead of starting one. Give MODEL and the options the service "
-        "runs with: then only the Classifier's user_config differs (rollout, switch), which the "
+        "runs with: then only the classifier's user_config differs (rollout, switch), which the "
         "replicas apply in place; any other difference redeploys the application (new replicas)",
     )
     # The application's args (serve.yaml's `args:`), e.g. --top_k 5 or --limits.max_text_chars 500.
@@ -82,36 +90,35 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
 
 
 def serve_config(args: argparse.Namespace) -> dict:
-    """serve.yaml with the command line applied and every path made absolute."""
-    config = yaml.safe_load(Path(args.config).read_text())
+    """serve.yaml (or the topology's config) with the command line applied and every path made
+    absolute."""
+    overrides = config_overrides(args)
+    source = args.config or str(SERVE_YAMLS[overrides.get("topology", DEFAULT)])
+    config = yaml.safe_load(Path(source).read_text())
     app = config["applications"][0]
     values = app.setdefault("args", {})
-    for key, value in config_overrides(args).items():
+    for key, value in overrides.items():
         set_dotted(values, key, value)
     if args.model_spec:
         values["model"] = pinned(args.model_spec)
     if args.no_auth:
         set_dotted(values, "auth.disabled", True)
-    settings = build_config(values, f"{args.config} (args) and the command line", ServeArgs).resolved()
+    settings = build_config(values, f"{source} (args) and the command line", ServeArgs).resolved()
+    check_deployments(app, source)
     # A clear error now, not a failed deployment later: a missing or damaged version, or an
     # ONNX runtime asked for where the version has no export.
     choose_runtime(open_version(settings.model), settings.runtime, settings.device)
-    for deployment in app.get("deployments", []):
-        if deployment["name"] != "Classifier":
-            continue
-        user_config = deployment.setdefault("user_config", {})
-        if args.canary or args.shadow:
-            mode, spec = ("canary", args.canary) if args.canary else ("shadow", args.shadow)
-            user_config["rollout"] = {"model": exact(spec), "mode": mode, "share": args.share}
-        if args.switch:
-            user_config["model"] = exact(args.switch)
-        if "user_config" in deployment:
-            checked = build_config(
-                deployment["user_config"], f"{args.config} (Classifier user_config)", ClassifierConfig
-            )
-            if checked.rollout is not None:  # a damaged or missing version: said now
-                second = open_version(checked.rollout.model)
-                choose_runtime(second, checked.rollout.runtime or settings.runtime, settings.device)
+    holder = classifier_deployment(app)
+    user_config = holder.setdefault("user_config", {})
+    if args.canary or args.shadow:
+        mode, spec = ("canary", args.canary) if args.canary else ("shadow", args.shadow)
+        user_config["rollout"] = {"model": exact(spec), "mode": mode, "share": args.share}
+    if args.switch:
+        user_config["model"] = exact(args.switch)
+    checked = build_config(user_config, f"{source} ({holder['name']} user_config)", ClassifierConfig)
+    if checked.rollout is not None:  # a damaged or missing version: said now
+        second = open_version(checked.rollout.model)
+        choose_runtime(second, checked.rollout.runtime or settings.runtime, settings.device)
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config
@@ -147,8 +154,7 @@ def deploy(config: dict, address: str, env: dict[str, str]) -> None:
         done = subprocess.run([serve, "deploy", f.name, "--address", address], env=env)
     if done.returncode != 0:
         raise TransferDeskError(f"serve deploy to {address} failed (exit code {done.returncode})")
-    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    user_config = classifier.get("user_config", {})
+    user_config = classifier_deployment(config["applications"][0]).get("user_config", {})
     rollout = user_config.get("rollout")
     served = user_config.get("model") or config["applications"][0]["args"]["model"]
     what = f"{rollout['mode']} {rollout['model']}" if rollout else "no rollout"
@@ -197,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
         """-d '{"text": "where is my parcel?? it was due on monday, this is ridiculous"}'\n\n"""
         f"The Serve config is {f.name}: to switch models in place, `serve deploy` a copy of it "
-        "with `model:` added to the Classifier's user_config. Replica logs (JSON, with request "
+        "with `model:` added to the classifier's user_config (the Ingress's when fused, the "
+        "Classifier's when split). Replica logs (JSON, with request "
         "ids) are under /tmp/ray/session_latest/logs/serve/.\n",
         flush=True,
     )

@@ -69,9 +69,10 @@ class Rollout(Section):
 
 
 class ClassifierConfig(Section):
-    """The Classifier's user_config (deployments/serve.yaml): batching, and `model` to switch
-    versions in place. Changes reach the running replicas without a restart; the defaults
-    here are the batching a replica starts with."""
+    """The classifier's user_config: batching, and `model` to switch versions in place; on the
+    Ingress deployment in the fused topology (deployments/serve.yaml), on the Classifier in the
+    split one (deployments/serve-split.yaml). Changes reach the running replicas without a
+    restart; the defaults here are the batching a replica starts with."""
 
     max_batch_size: int = Field(
         16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
@@ -165,7 +166,18 @@ class CaptureSettings(Section):
         return store_url(self.store)
 
 
+# Where the tokenizer, classifier and router run (deployments/topology.py).
+Topology = Literal["fused", "split"]
+
+
 class ServeArgs(Section):
+    topology: Topology = Field(
+        "fused",
+        description="fused: one deployment (the Ingress) tokenizes, classifies and routes in process, "
+        "scaling as one; for CPU nodes, where a hop between deployments costs more than the model's "
+        "work. split: Ingress, Tokenizer, Classifier and Router deployments, for a classifier on GPU "
+        "workers. Each has its Serve config: deployments/serve.yaml and deployments/serve-split.yaml.",
+    )
     model: str = Field(
         "registry/northwind-tuned@production",
         description="The version to serve: a stage (registry/<name>@production) or an exact version "

@@ -1,7 +1,8 @@
 """One real `serve run` for the Serve tests of a module (an app takes a minute to come up on
 2 cores; per module, not per session, so it is gone before the tuning tests start Ray):
-two registry versions of the tiny model, and two applications of deployments/serve.yaml:
-/, with API keys, and /open, with auth explicitly disabled."""
+two registry versions of the tiny model, and three applications: /, with API keys, and /open,
+with auth explicitly disabled, both of deployments/serve-split.yaml (four deployments); and
+/fused, the same settings as / in the fused topology of deployments/serve.yaml."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAML, installed_command, sigint_default
-from deployments.config import serve_env
+from deployments.cli import SERVE_YAMLS, installed_command, sigint_default
+from deployments.config import Topology, serve_env
 from tests.conftest import TOY_INTENTS, Postgres, tiny_run, toy_rows, write_csv
 from transferdesk.training.train import train_and_register
 
@@ -149,13 +150,15 @@ def train_versions(tmp: Path, backbone: Path) -> list[Path]:
     return versions
 
 
+PREFIXES = ("", "/open", "/fused")  # the service's applications, by route prefix
 # Where the /open app captures to: nothing listens on port 1, so its capture starts degraded.
 UNREACHABLE_STORE = "postgresql+psycopg://transferdesk@127.0.0.1:1/nothing"
 
 
-def app_config(version: Path, policy: Path, port: int) -> dict:
-    """serve.yaml serving `version` on localhost, with small CPU shares and one replica each."""
-    config = yaml.safe_load(SERVE_YAML.read_text())
+def app_config(version: Path, policy: Path, port: int, topology: Topology = "fused") -> dict:
+    """The topology's serve.yaml serving `version` on localhost, with small CPU shares and one
+    replica each."""
+    config = yaml.safe_load(SERVE_YAMLS[topology].read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"].update(model=str(version), routing_policy=str(policy))
@@ -165,14 +168,16 @@ def app_config(version: Path, policy: Path, port: int) -> dict:
     return config
 
 
-def _config(versions: list[Path], policy: Path, port: int, store: str) -> dict:
-    """serve.yaml with the tiny model, small CPU shares (2 cores hold both apps), and an /open
-    copy of the app without auth. Capture is on: / writes every message to `store` (sample_rate
-    1: a message not handed off is captured as a sample), /open to an unreachable store."""
-    config = app_config(versions[0], policy, port)
+def _config(versions: list[Path], policy: Path, port: int, stores: tuple[str, str]) -> dict:
+    """serve-split.yaml with the tiny model, small CPU shares (2 cores hold the three apps), an
+    /open copy of the app without auth, and a /fused one in the fused topology. Capture is on:
+    / writes every message to stores[0] (sample_rate 1: a message not handed off is captured as
+    a sample), /fused to stores[1], /open to an unreachable store."""
+    config = app_config(versions[0], policy, port, "split")
     app = config["applications"][0]
     app["args"]["limits"]["body_timeout_s"] = 3.0  # slow-body tests wait this long
-    app["args"]["capture"] = {"enabled": True, "store": store, "sample_rate": 1.0, "flush_interval_s": 0.2}
+    capture = {"enabled": True, "store": stores[0], "sample_rate": 1.0, "flush_interval_s": 0.2}
+    app["args"]["capture"] = capture
     classifier = next(d for d in app["deployments"] if d["name"] == "Classifier")
     classifier["autoscaling_config"]["min_replicas"] = 2  # one may be killed by a test
     open_app = yaml.safe_load(yaml.safe_dump(app))
@@ -182,13 +187,16 @@ def _config(versions: list[Path], policy: Path, port: int, store: str) -> dict:
     open_app["args"]["capture"]["store"] = UNREACHABLE_STORE
     for deployment in open_app["deployments"]:
         deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    config["applications"] = [app, open_app]
+    fused = app_config(versions[0], policy, port)["applications"][0]
+    fused.update(name="fused", route_prefix="/fused")
+    fused["args"] = {**app["args"], "topology": "fused", "capture": {**capture, "store": stores[1]}}
+    (ingress,) = fused["deployments"]
+    ingress["autoscaling_config"]["max_replicas"] = 1  # its pid stays through a switch (a test)
+    config["applications"] = [app, open_app, fused]
     return config
 
 
-def wait_until_up(
-    url: str, proc: subprocess.Popen, log: Path, prefixes: tuple[str, ...] = ("", "/open")
-) -> None:
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, prefixes: tuple[str, ...] = PREFIXES) -> None:
     """Until every application (by route prefix) answers /readyz, or fail with the log's end."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -205,7 +213,7 @@ def wait_until_up(
 
 @contextlib.contextmanager
 def serve_running(
-    config: dict, tmp: Path, env: dict[str, str], prefixes: tuple[str, ...] = ("", "/open")
+    config: dict, tmp: Path, env: dict[str, str], prefixes: tuple[str, ...] = PREFIXES
 ) -> Iterator[tuple[str, Path, Path, str]]:
     """`serve run` of `config` (written to tmp/serve.yaml), on a Ray of its own, until the block
     ends: (url, log, Ray's temp directory, dashboard address)."""
@@ -228,8 +236,13 @@ def serve_running(
     url = f"http://127.0.0.1:{config['http_options']['port']}"
     try:
         wait_until_up(url, proc, log, prefixes)
-        match = re.search(r"dashboard at \D*(\d+\.\d+\.\d+\.\d+:\d+)", log.read_text())  # past colour codes
-        yield url, log, ray_tmp, f"http://{match.group(1)}" if match else "http://127.0.0.1:8265"
+        # Colour codes stripped (their digits defeat the pattern): a guessed 8265 would send
+        # `serve deploy` to whichever cluster holds it, another's when two Serves share a machine.
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+        match = re.search(r"dashboard at http://(\d+\.\d+\.\d+\.\d+:\d+)", plain)
+        if match is None:
+            pytest.fail(f"no dashboard address in the log of serve run:\n{plain[-3000:]}")
+        yield url, log, ray_tmp, f"http://{match.group(1)}"
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:
@@ -247,7 +260,7 @@ def service(
     versions = train_versions(tmp, tiny_backbone)
     policy = write_policy(tmp / "policy.yaml")
     store = postgres.new_database()
-    config = _config(versions, policy, free_port(), store)
+    config = _config(versions, policy, free_port(), (store, postgres.new_database()))
     keys_file = tmp / "keys"  # a mounted Secret's stand-in: rotated by a test
     keys_file.write_text("")
     env = {"TRANSFERDESK_API_KEYS": ",".join(KEYS), "TRANSFERDESK_API_KEYS_FILE": str(keys_file)}

@@ -10,7 +10,7 @@ from typing import Any
 from deployments.capture import CaptureWriter
 from deployments.config import CaptureSettings
 from tests.conftest import Postgres
-from tests.deployments.conftest import UNREACHABLE_STORE, Service, ray_metrics, write_policy
+from tests.deployments.conftest import UNREACHABLE_STORE, Service, write_policy
 from transferdesk.model.prediction import Prediction
 from transferdesk.review.store import Store
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.cli import serve_config
+from deployments.cli import SERVE_YAML, serve_config
+from deployments.topology import classifier_deployment
 from tests.deployments.conftest import train_versions
 from transferdesk.cli.main import build_parser
 from transferdesk.errors import TransferDeskError
@@ -59,6 +60,17 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
     assert serve_config(big)["applications"][0]["args"]["coalescing"] == {"max_texts": 128}
 
 
+def test_the_topology_picks_its_serve_config(version: Path) -> None:
+    fused = serve_config(serve_args(str(version)))["applications"][0]
+    assert fused["args"]["topology"] == "fused" and [d["name"] for d in fused["deployments"]] == ["Ingress"]
+    split = serve_config(serve_args(str(version), "--topology", "split"))["applications"][0]
+    assert split["args"]["topology"] == "split"
+    assert {d["name"] for d in split["deployments"]} == {"Ingress", "Tokenizer", "Classifier", "Router"}
+    # A config whose deployments are another topology's: said now, not by Serve once deployed.
+    with pytest.raises(TransferDeskError, match=r"the split topology has \['Classifier', 'Ingress'"):
+        serve_config(serve_args(str(version), "--config", str(SERVE_YAML), "--topology", "split"))
+
+
 def test_served_versions_are_pinned(version: Path) -> None:
     from deployments.config import ClassifierConfig, ServeArgs
 
@@ -76,25 +88,29 @@ def test_served_versions_are_pinned(version: Path) -> None:
         serve_config(serve_args(f"{model_dir}@production"))
 
 
-def test_a_retrained_version_goes_out_as_a_canary_or_in_shadow(version: Path) -> None:
+@pytest.mark.parametrize("topology", ["fused", "split"])
+def test_a_retrained_version_goes_out_as_a_canary_or_in_shadow(version: Path, topology: str) -> None:
     from transferdesk.registry import Registry
 
     model_dir = version.parent
     Registry(model_dir.parent).promote(model_dir / "v2", "canary", "tester", "retrained on reviewed messages")
 
+    def user_config(*argv: str) -> dict:
+        config = serve_config(serve_args(str(version), "--topology", topology, *argv))
+        holder = classifier_deployment(config["applications"][0])
+        assert holder["name"] == ("Ingress" if topology == "fused" else "Classifier")
+        assert holder["user_config"]["max_batch_size"] == 16  # serve.yaml's batching kept
+        return holder["user_config"]
+
     def rollout(*argv: str) -> dict:
-        config = serve_config(serve_args(str(version), *argv))
-        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-        assert classifier["user_config"]["max_batch_size"] == 16  # serve.yaml's batching kept
-        return classifier["user_config"]["rollout"]
+        return user_config(*argv)["rollout"]
 
     # A stage is pinned to its version now: a replica restarted later must load the same one.
     canary = rollout("--canary", f"{model_dir}@canary", "--share", "0.25")
     assert canary == {"model": str((model_dir / "v2").resolve()), "mode": "canary", "share": 0.25}
     assert rollout("--shadow", str(model_dir / "v2"))["mode"] == "shadow"
-    config = serve_config(serve_args(str(version), "--switch", f"{model_dir}@canary"))  # promote in place
-    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    assert classifier["user_config"]["model"] == str((model_dir / "v2").resolve())
+    promoted = user_config("--switch", f"{model_dir}@canary")  # promote in place
+    assert promoted["model"] == str((model_dir / "v2").resolve())
     with pytest.raises(TransferDeskError, match="share: Input should be less than or equal to 1"):
         rollout("--canary", f"{model_dir}@canary", "--share", "2")
     with pytest.raises(TransferDeskError, match="not found"):

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAML, installed_command
+from deployments.cli import SERVE_YAMLS, installed_command
 from deployments.config import serve_env
 from tests.deployments.conftest import KEYS, RAY_ENV, free_port, isolated_env, train_versions, write_policy
 
@@ -87,7 +87,7 @@ def test_losing_a_node_under_load_keeps_the_service_answering(
     cluster: dict, tmp_path: Path, tiny_backbone: Path
 ) -> None:
     versions = train_versions(tmp_path, tiny_backbone)
-    config = yaml.safe_load(SERVE_YAML.read_text())
+    config = yaml.safe_load(SERVE_YAMLS["split"].read_text())  # a Classifier deployment to lose
     port = free_port()
     config["proxy_location"] = "HeadOnly"  # one HTTP port on this one machine
     config["http_options"] = {"host": "127.0.0.1", "port": port}

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deployments.cli import SERVE_YAMLS
 from deployments.config import CALL_TEXTS, ClassifierConfig, ServeArgs
 from deployments.routing import decide, load_policy
+from deployments.topology import check_deployments, classifier_deployment
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.prediction import Prediction
 
@@ -127,15 +129,29 @@ def test_missing_policy_file(tmp_path: Path) -> None:
         load_policy(tmp_path / "nope.yaml", LABELS)
 
 
-def test_serve_yaml_args_are_valid_serve_args() -> None:
-    config = yaml.safe_load((Path(__file__).parents[2] / "deployments" / "serve.yaml").read_text())
-    args = ServeArgs.model_validate(config["applications"][0]["args"])
+@pytest.mark.parametrize("topology", ["fused", "split"])
+def test_serve_yaml_args_are_valid_serve_args(topology: str) -> None:
+    app = yaml.safe_load(SERVE_YAMLS[topology].read_text())["applications"][0]
+    args = ServeArgs.model_validate(app["args"])
+    assert args.topology == topology
     assert not args.auth.disabled and not args.log_texts  # safe defaults in the committed config
-    names = {d["name"] for d in config["applications"][0]["deployments"]}
-    assert names == {"Ingress", "Tokenizer", "Classifier", "Router"}
-    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    assert classifier["max_ongoing_requests"] > classifier["user_config"]["max_batch_size"]
-    ClassifierConfig.model_validate(classifier["user_config"])
+    check_deployments(app, topology)  # the topology's deployments, each sized
+    holder = classifier_deployment(app)
+    assert holder["max_ongoing_requests"] > holder["user_config"]["max_batch_size"]
+    ClassifierConfig.model_validate(holder["user_config"])
+
+
+def test_the_two_serve_configs_differ_only_in_their_deployments() -> None:
+    fused, split = (yaml.safe_load(SERVE_YAMLS[t].read_text()) for t in ("fused", "split"))
+    for config in (fused, split):
+        config["applications"][0]["args"].pop("topology")
+        config["applications"][0].pop("deployments")
+    assert fused == split
+    fused_ingress, split_classifier = (
+        classifier_deployment(yaml.safe_load(SERVE_YAMLS[t].read_text())["applications"][0])
+        for t in ("fused", "split")
+    )
+    assert fused_ingress["user_config"] == split_classifier["user_config"]
 
 
 def test_a_batch_must_hold_one_ingress_call() -> None:

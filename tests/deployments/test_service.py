@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from deployments.topology import classifier_deployment
 from tests.conftest import TOY_INTENTS
 from tests.deployments.conftest import KEYS, Service, ray_metrics, write_policy
 from transferdesk.config import ExportConfig
@@ -89,24 +90,24 @@ def test_request_id_is_echoed(service: Service) -> None:
     assert response.json()["request_id"] == "call-42"
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "field"),
-    [
-        ({"text": ""}, 422, "text"),
-        ({"texts": ["ok", "   "]}, 422, "texts.1"),
-        ({"text": "x" * 1001}, 422, "text"),
-        ({"text": "hi", "top_k": True}, 422, "top_k"),
-        ({"text": "hi", "top_k": "3"}, 422, "top_k"),
-        ({"text": "hi", "top_k": 2.5}, 422, "top_k"),
-        ({"texts": ["hi"] * 65}, 422, "texts"),
-        ({"texts": []}, 422, "texts"),
-        ({"text": "a", "texts": ["b"]}, 422, None),
-        ({}, 422, None),
-        ({"text": 5}, 422, "text"),
-        ({"text": "hi", "top_k": 99}, 422, "top_k"),
-        ({"text": "hi", "surprise": 1}, 422, "surprise"),
-    ],
-)
+BAD_BODIES = [
+    ({"text": ""}, 422, "text"),
+    ({"texts": ["ok", "   "]}, 422, "texts.1"),
+    ({"text": "x" * 1001}, 422, "text"),
+    ({"text": "hi", "top_k": True}, 422, "top_k"),
+    ({"text": "hi", "top_k": "3"}, 422, "top_k"),
+    ({"text": "hi", "top_k": 2.5}, 422, "top_k"),
+    ({"texts": ["hi"] * 65}, 422, "texts"),
+    ({"texts": []}, 422, "texts"),
+    ({"text": "a", "texts": ["b"]}, 422, None),
+    ({}, 422, None),
+    ({"text": 5}, 422, "text"),
+    ({"text": "hi", "top_k": 99}, 422, "top_k"),
+    ({"text": "hi", "surprise": 1}, 422, "surprise"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "field"), BAD_BODIES)
 def test_bad_input_gets_a_json_error_naming_the_field(
     service: Service, body: dict, status: int, field
 ) -> None:
@@ -118,6 +119,61 @@ def test_bad_input_gets_a_json_error_naming_the_field(
     assert error["message"] and "Traceback" not in response.text
     if len(str(body.get("text", ""))) > 100:
         assert body["text"] not in response.text  # customer text is never echoed
+
+
+# The same requests to both topologies: answers, a request of 64 texts (several classifier
+# calls), the chain's readiness, and errors of every kind. (method, path, API key, body)
+SAME_REQUESTS = [
+    ("POST", "/v1/classify", KEYS[0], {"text": TRACK}),
+    ("POST", "/v1/classify", KEYS[0], {"texts": [TRACK, RESET, TRACK], "top_k": 1}),
+    ("POST", "/v1/classify", KEYS[1], {"texts": [RESET], "top_k": 0}),
+    ("POST", "/v1/route", KEYS[0], {"text": TRACK}),
+    ("POST", "/v1/route", KEYS[0], {"texts": [TRACK, RESET, "weather on mars"], "top_k": 2}),
+    ("POST", "/v1/route", KEYS[0], {"texts": [TRACK, RESET] * 32}),
+    ("GET", "/v1/model", KEYS[0], None),
+    ("GET", "/readyz", None, None),
+    ("GET", "/healthz", None, None),
+    ("POST", "/v1/classify", "wrong-key-0123456789", {"text": TRACK}),
+    ("GET", "/v1/model", None, None),
+    ("POST", "/v1/route", KEYS[0], {"text": "x" * 5000}),
+    ("POST", "/v1/classify", KEYS[0], b'{"text": '),
+    ("POST", "/v1/classify", KEYS[0], b'{"text": "' + b"a" * 300_000 + b'"}'),
+    ("GET", "/v1/classify", KEYS[0], None),
+    ("GET", "/v1/nothing", KEYS[0], None),
+    *(("POST", "/v1/route", KEYS[0], body) for body, _, _ in BAD_BODIES),
+]
+# The rest, the request id too (sent by the test), must agree; the length follows the body,
+# compared as parsed (each app's capture store in /readyz's has a name of its own).
+VARYING_HEADERS = {"date", "content-length"}
+
+
+def _exchange(client: httpx.Client, request: tuple, request_id: str) -> tuple[int, dict, object]:
+    method, path, key, body = request
+    headers = {"X-Request-ID": request_id, "Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    response = client.request(method, path, headers=headers, content=content)
+    answer = response.json()
+    if path == "/readyz":
+        answer.pop("capture")  # each app's own store, and how much it wrote
+    kept = {name: value for name, value in response.headers.items() if name not in VARYING_HEADERS}
+    return response.status_code, kept, answer
+
+
+def test_both_topologies_answer_alike(service: Service) -> None:
+    """/ (split: four deployments) and /fused (one) serve the same version with the same args:
+    the same requests get the same status, headers and body, errors included."""
+    statuses = set()
+    with service.client(key=None) as split, service.client(key=None, prefix="/fused") as fused:
+        for i, request in enumerate(SAME_REQUESTS):
+            ours = _exchange(split, request, f"same-{i}")
+            theirs = _exchange(fused, request, f"same-{i}")
+            assert theirs == ours, request[:3]
+            statuses.add(ours[0])
+        info = fused.get("/v1/model", headers=AUTH).json()
+    assert statuses == {200, 401, 404, 405, 413, 422}
+    assert info["version"] == "toy/v1" and info["switch_error"] is None
 
 
 def test_oversized_and_malformed_bodies(service: Service) -> None:
@@ -469,8 +525,8 @@ def test_concurrent_requests_are_gathered_into_ingress_batches(service: Service)
     assert gathered()
 
 
-def _hammer(service: Service, stop: threading.Event, outcomes: list) -> None:
-    with service.client() as client:
+def _hammer(service: Service, stop: threading.Event, outcomes: list, prefix: str = "") -> None:
+    with service.client(prefix=prefix) as client:
         while not stop.is_set():
             try:
                 r = client.post("/v1/classify", json={"texts": [TRACK, RESET]})
@@ -479,12 +535,13 @@ def _hammer(service: Service, stop: threading.Event, outcomes: list) -> None:
                 outcomes.append((type(err).__name__, None))
 
 
-def _classifier_pids() -> set[int]:
-    """Processes of classifier replicas, found by their Ray process title."""
+def _classifier_pids(app: str = "transferdesk", deployment: str = "Classifier") -> set[int]:
+    """Processes of the replicas that hold the app's classifier, found by their Ray process title."""
+    title = f"ServeReplica:{app}:{deployment}".encode()
     pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if b"ServeReplica:transferdesk:Classifier" in (proc / "cmdline").read_bytes():
+            if title in (proc / "cmdline").read_bytes():
                 pids.add(int(proc.name))
         except OSError:  # gone meanwhile
             continue
@@ -602,10 +659,10 @@ def _deploy_rollout(service: Service, model: Path, rollout: dict | None) -> None
     service.deploy(config)
 
 
-def _answers_until(service: Service, done: object, seconds: float = 120) -> list:
+def _answers_until(service: Service, done: object, seconds: float = 120, prefix: str = "") -> list:
     """Keep classifying (under load from 4 clients) until done(outcomes) or time runs out."""
     stop, outcomes = threading.Event(), []
-    workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes)) for _ in range(4)]
+    workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes, prefix)) for _ in range(4)]
     for worker in workers:
         worker.start()
     try:
@@ -655,10 +712,12 @@ def test_canary_then_shadow_then_promote_lose_no_request(service: Service) -> No
     assert _classifier_pids() == pids
 
 
-def _deploy_user_config(service: Service, **user_config: object) -> None:
+def _deploy_user_config(service: Service, app: str = "transferdesk", **user_config: object) -> None:
+    """The classifier's user_config of one app changed (the Classifier's when split, the
+    Ingress's when fused), the rest of the service's config as it started."""
     config = yaml.safe_load(yaml.safe_dump(service.config))
-    classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
-    classifier["user_config"].update(
+    application = next(a for a in config["applications"] if a["name"] == app)
+    classifier_deployment(application)["user_config"].update(
         {k: str(v) if isinstance(v, Path) else v for k, v in user_config.items()}
     )
     service.deploy(config)
@@ -743,3 +802,33 @@ def test_killed_classifier_replica_is_replaced(service: Service) -> None:
     assert victim not in _classifier_pids()
     assert len(_classifier_pids()) >= len(before), "the killed replica was not replaced"
     assert final.status_code == 200
+
+
+def test_the_fused_topology_switches_and_canaries_in_place(service: Service) -> None:
+    """/fused takes the classifier's user_config on its Ingress, the one deployment it has, and
+    hands it to the classifier in the replica: a switch to toy/v2 under load, toy/v1 beside it
+    as a canary, then back to toy/v1 alone; no failed request, no replica restarted. (The rest
+    of the service goes back to its starting config: this test comes last.)"""
+    v1, v2 = service.versions
+    pids = _classifier_pids("fused", "Ingress")
+    _deploy_user_config(service, "fused", model=v2)
+    outcomes = _answers_until(service, lambda o: any(v == "toy/v2" for _, v in o[-10:]), prefix="/fused")
+    assert {s for s, _ in outcomes} == {200} and outcomes[-1][1] == "toy/v2"
+
+    canary = {"model": str(v1), "mode": "canary", "share": 0.5}
+    _deploy_user_config(service, "fused", model=v2, rollout=canary)
+    outcomes = _answers_until(service, lambda o: sum(v == "toy/v1" for _, v in o[-40:]) >= 5, prefix="/fused")
+    assert {s for s, _ in outcomes} == {200} and {"toy/v1", "toy/v2"} <= {v for _, v in outcomes[-40:]}
+    with service.client(prefix="/fused") as client:
+        rollout = client.get("/v1/model").json()["rollout"]
+    assert rollout["mode"] == "canary" and rollout["version"] == "toy/v1" and rollout["share"] == 0.5
+
+    _deploy_user_config(service, "fused", model=v1, rollout=None)  # the canary promoted
+    outcomes = _answers_until(
+        service, lambda o: len(o) > 20 and all(v == "toy/v1" for _, v in o[-20:]), prefix="/fused"
+    )
+    assert {s for s, _ in outcomes} == {200} and outcomes[-1][1] == "toy/v1"
+    with service.client(prefix="/fused") as client:
+        info = client.get("/v1/model").json()
+    assert info["version"] == "toy/v1" and info["rollout"] is None and info["switch_error"] is None
+    assert _classifier_pids("fused", "Ingress") == pids

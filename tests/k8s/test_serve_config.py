@@ -1,5 +1,6 @@
-"""The Serve config is written once (deployments/serve.yaml, plus the cluster's sizes in
-k8s/serve-targets.yaml) and rendered into k8s/ by k8s/render.py: the written files are the
+"""The Serve config is written once per topology (deployments/serve.yaml, fused, and
+deployments/serve-split.yaml, plus the cluster's sizes in k8s/serve-targets.yaml) and rendered
+into k8s/ by k8s/render.py: the written files are the
 rendering, every kustomize target serves its own, each rendering is a valid Serve config that
 fits the Ray cluster it runs on, and what k8s/ repeats of it by hand (ports, mount paths, the
 Ray version) agrees with it."""
@@ -47,6 +48,10 @@ def serve_config(doc: dict) -> dict:
     return yaml.safe_load(doc["spec"]["serveConfigV2"])
 
 
+def topology(config: dict) -> str:
+    return config["applications"][0]["args"]["topology"]
+
+
 def deployments(config: dict) -> dict[str, dict]:
     return {d["name"]: d for d in config["applications"][0]["deployments"]}
 
@@ -63,12 +68,12 @@ def test_every_target_serves_its_own_rendering(rendered: dict) -> None:
     assert set(SECTIONS) == set(TARGETS) and set(SECTIONS.values()) == set(targets()["targets"])
     checked = render.Targets.model_validate(targets())
     for target, section in SECTIONS.items():
-        expected = render.serve_config(serve_yaml(), checked, section)
+        expected = render.serve_config(render.serve_yamls(), checked, section)
         assert serve_config(one(rendered[target], "RayService")) == expected, target
 
 
 def _configs(rendered: dict) -> dict[str, dict]:
-    out = {"deployments/serve.yaml": serve_yaml()}
+    out = {f"deployments/{path.name}": render.load(path) for path in render.SERVE_YAMLS.values()}
     out.update({target: serve_config(one(rendered[target], "RayService")) for target in TARGETS})
     return out
 
@@ -78,6 +83,7 @@ def test_every_serve_config_is_valid(rendered: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.config import ClassifierConfig, ServeArgs
+    from deployments.topology import DEPLOYMENTS, classifier_deployment
 
     for name, config in _configs(rendered).items():
         ServeDeploySchema.model_validate(config)
@@ -89,7 +95,8 @@ def test_every_serve_config_is_valid(rendered: dict) -> None:
             scaling = deployment["autoscaling_config"]
             assert scaling["min_replicas"] <= scaling["max_replicas"], (name, deployment["name"])
             assert "num_cpus" in deployment["ray_actor_options"], (name, deployment["name"])
-        classifier = deployments(config)["Classifier"]
+        assert sorted(deployments(config)) == sorted(DEPLOYMENTS[topology(config)]), name
+        classifier = classifier_deployment(config["applications"][0])
         batching = ClassifierConfig.model_validate(classifier["user_config"])
         assert classifier["max_ongoing_requests"] > batching.max_batch_size, name  # batches can fill
 
@@ -97,22 +104,27 @@ def test_every_serve_config_is_valid(rendered: dict) -> None:
 def test_production_classifies_on_gpus_without_api_docs(rendered: dict) -> None:
     config = serve_config(one(rendered["overlays/production"], "RayService"))
     assert config["applications"][0]["args"]["docs"] == {"exposure": "off"}
+    assert topology(config) == "split"  # the classifier's replicas on the GPU workers
     assert deployments(config)["Classifier"]["ray_actor_options"]["num_gpus"] == 1
     for target in ("base", "overlays/local"):
-        assert "num_gpus" not in str(serve_config(one(rendered[target], "RayService"))), target
+        cpu = serve_config(one(rendered[target], "RayService"))
+        assert topology(cpu) == "fused" and "num_gpus" not in str(cpu), target
 
 
 def test_a_change_to_serve_yaml_reaches_every_target_but_where_one_sizes_it() -> None:
-    changed = serve_yaml()
-    deployments(changed)["Classifier"]["autoscaling_config"]["target_ongoing_requests"] = 17
-    changed["applications"][0]["args"]["top_k"] = 5
+    from deployments.topology import classifier_deployment
+
+    changed = render.serve_yamls()
+    for config in changed.values():
+        classifier_deployment(config["applications"][0])["autoscaling_config"]["target_ongoing_requests"] = 17
+        config["applications"][0]["args"]["top_k"] = 5
     checked = render.Targets.model_validate(targets())
     for section in checked.targets:
         config = render.serve_config(changed, checked, section)
         assert config["applications"][0]["args"]["top_k"] == 5
-        target = deployments(config)["Classifier"]["autoscaling_config"]["target_ongoing_requests"]
-        assert target == (64 if section == "production" else 17), section  # production sizes its own
-    files = render.rendered(serve=changed)
+        scaling = classifier_deployment(config["applications"][0])["autoscaling_config"]
+        assert scaling["target_ongoing_requests"] == (64 if section == "production" else 17), section
+    files = render.rendered(sources=changed)
     assert set(render.stale(files)) == {ROOT / "k8s" / t["output"] for t in targets()["targets"].values()}
 
 
@@ -126,15 +138,16 @@ def test_a_change_to_serve_yaml_reaches_every_target_but_where_one_sizes_it() ->
 )
 def test_a_misspelt_or_unsized_setting_is_refused(change, expected: str) -> None:
     broken = targets()
-    change(broken["targets"]["base"]["deployments"]["Router"])
+    change(broken["targets"]["base"]["deployments"]["Ingress"])
     with pytest.raises(ValidationError, match=expected):
         render.rendered(targets=broken)
 
 
-def test_an_unknown_deployment_is_refused() -> None:
+@pytest.mark.parametrize("name", ["Clasifier", "Classifier"])  # misspelt; the split topology's
+def test_an_unknown_deployment_is_refused(name: str) -> None:
     broken = targets()
-    broken["targets"]["base"]["deployments"]["Clasifier"] = {"max_ongoing_requests": 4}
-    with pytest.raises(ValueError, match="Clasifier"):
+    broken["targets"]["base"]["deployments"][name] = {"max_ongoing_requests": 4}
+    with pytest.raises(ValueError, match=f"no deployment \\['{name}'\\] in the fused topology"):
         render.rendered(targets=broken)
 
 
