@@ -1,4 +1,5 @@
-"""Issue #37, item 6, checked on the rendered manifests: outbound traffic denied by default with
+"""Issue #37, items 3 and 6, checked on the rendered manifests: production serving checks
+signed promotions; outbound traffic denied by default with
 exactly the allowances the pods need (DNS, their Ray peers, the capture store, the API server
 for the autoscaler); production images pinned by digest; a read-only root filesystem in every
 container, with the paths it writes mounted; and, read from the Dockerfile (no Docker daemon
@@ -20,6 +21,28 @@ ROLE = "transferdesk.io/role"
 PART_OF = {"app.kubernetes.io/part-of": "transferdesk"}
 NAMESPACE = "kubernetes.io/metadata.name"
 NODE_TYPE = "ray.io/node-type"  # set by KubeRay on every Ray pod: head or worker
+
+# ---------------------------------------------------------------------------------------------
+# Signed promotions
+
+
+def test_production_serving_resolves_only_signed_stages(rendered: dict) -> None:
+    """Every Ray container of the production service has the trusted keys mounted and named
+    by the variable the registry reads (the app is built on whichever node Serve picks);
+    the local overlay, a laptop's cluster, checks none."""
+    from transferdesk.registry.signing import TRUSTED_KEYS_ENV
+
+    service = [d for d in rendered["overlays/production"] if d["kind"] == "RayService"]
+    for name, _, pod, _ in _ray_pods(service):
+        [container] = [c for c in pod["containers"] if c["name"] != "autoscaler"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert env[TRUSTED_KEYS_ENV] == mounts["trusted-keys"]["mountPath"] + "/keys", name
+        assert mounts["trusted-keys"]["readOnly"] is True, name
+        # Not optional: no ConfigMap, no pod, rather than a service that checks nothing.
+        assert _volumes(pod)["trusted-keys"]["configMap"] == {"name": "transferdesk-trusted-keys"}, name
+    assert TRUSTED_KEYS_ENV not in str(rendered["overlays/local"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Egress
