@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import importlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,7 +17,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    model_validator,
+)
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
@@ -75,9 +85,41 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# A message: not empty, not only white space; pydantic refuses text that is not valid
-# Unicode (a lone surrogate, legal in JSON) as it validates the string.
-CustomerText = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+# A message holds a visible character and no control character but tab, newline and carriage
+# return: NUL and its kin are no text a customer types, and a database may refuse to store them
+# (PostgreSQL refuses NUL). One rule, stated in the schema as this pattern (ECMA and Python read
+# it alike) and checked by `_readable` with a message that names the offending character.
+# pydantic refuses text that is not valid Unicode (a lone surrogate, legal in JSON) as it
+# validates the string.
+CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
+TEXT_PATTERN = rf"^[^{CONTROL}]*[^\s{CONTROL}][^{CONTROL}]*$"
+
+
+def _readable(text: str) -> str:
+    if found := re.search(f"[{CONTROL}]", text):
+        raise ValueError(
+            f"control character U+{ord(found.group()):04X} at position {found.start()}: text may hold "
+            "tab, newline and carriage return, no other control character"
+        )
+    if not re.fullmatch(TEXT_PATTERN, text):
+        raise ValueError("must hold a visible character, not only white space")
+    return text
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """Puts the rule `_readable` checks into the JSON schema, where clients and schema-driven
+    tests read it."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(self, core: Any, handler: GetJsonSchemaHandler) -> dict[str, Any]:
+        return {**handler(core), "pattern": self.pattern}
+
+
+CustomerText = Annotated[
+    str, StringConstraints(min_length=1), AfterValidator(_readable), _Pattern(TEXT_PATTERN)
+]
 
 
 def _whole_number(value: Any) -> Any:
@@ -242,9 +284,11 @@ class CaptureStatus(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"]
-    checks: dict[str, str] = Field(description="Each stage of the chain and what it answered.")
+    checks: dict[str, str] | None = Field(
+        None, description="Each stage of the chain and what it answered (with an API key)."
+    )
     capture: CaptureStatus | None = Field(
-        None, description="This replica's capture for review (args.capture), when enabled."
+        None, description="This replica's capture for review (args.capture), when enabled (with an API key)."
     )
 
 
@@ -387,9 +431,11 @@ class LimitsAndMetrics:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ingress = _live()
-        if scope["type"] != "http" or ingress is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if (ingress := _live()) is None:  # no limits or keys to check requests against yet
+            starting = error(Request(scope), 503, "starting", "the service is starting; retry shortly")
+            return await starting(scope, receive, send)
         request, start, status = Request(scope), time.perf_counter(), 500
 
         async def send_and_note(message: Message) -> None:
@@ -469,7 +515,10 @@ api.add_middleware(LimitsAndMetrics)
 
 
 async def authorize(request: Request) -> None:
-    if not _live().accepts(request.headers.get("authorization", "")):
+    ingress = _live()
+    if not ingress.accepts(request.headers.get("authorization", "")):
+        if ingress.keyring is not None and ingress.keyring.error:  # fails closed, and says it is ours
+            raise ApiError(503, "keys_unavailable", "the service cannot read its API keys; retry shortly")
         raise ApiError(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)")
 
 
@@ -738,10 +787,11 @@ class Ingress:
         return Health(status="ok")
 
     @api.get("/readyz", responses={503: ERRORS[503]})
-    async def readyz(self) -> Readiness:
+    async def readyz(self, request: Request) -> Readiness:
         """Readiness of the whole chain (tokenizer, classifier, router), without auth; answered
-        from the last check for READY_CACHE_S, so frequent probes cost one check. With capture
-        on, its state too (never cached; a degraded capture does not make the service unready)."""
+        from the last check for READY_CACHE_S, so frequent probes cost one check. Only the
+        status without an API key; with one, what each stage answered and, with capture on,
+        its state (never cached; a degraded capture does not make the service unready)."""
         checked, answer = self.ready
         if answer is None or time.monotonic() - checked > READY_CACHE_S:
             try:
@@ -749,8 +799,11 @@ class Ingress:
             except ApiError as err:  # a failure is cached too: probes during an outage stay cheap
                 answer = err
             self.ready = (time.monotonic(), answer)
+        keyed = self.accepts(request.headers.get("authorization", ""))
         if isinstance(answer, ApiError):
-            raise answer
+            raise answer if keyed else ApiError(503, "not_ready", "not ready; retry shortly")
+        if not keyed:
+            return Readiness(status="ready")
         if self.capture is not None:  # not cached: a store outage shows at once
             return answer.model_copy(update={"capture": CaptureStatus(**self.capture.status())})
         return answer

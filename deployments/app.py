@@ -28,7 +28,6 @@ from deployments.topology import place
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
 from transferdesk.model.prediction import Prediction
-from transferdesk.model.runtime import choose_runtime
 from transferdesk.registry import ModelVersion, open_version
 
 log = logging.getLogger("ray.serve")
@@ -405,11 +404,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run deployments/serve.yaml` (args: see ServeArgs): the Ingress
     and, in the split topology, the three deployments behind it."""
     settings = ServeArgs.model_validate(args).resolved()
-    # Resolved once (a model directory means its newest version): every deployment gets the
-    # same version directory. Fails fast on a missing or damaged model.
-    version = open_version(settings.model)
-    choose_runtime(version, settings.runtime, settings.device)  # an ONNX runtime without an export
-    load_policy(settings.routing_policy, version.labels, version.tasks)  # and on a bad routing policy
+    # Resolved once (a stage means the version it holds now): every replica gets the same
+    # version directory. Fails fast on a missing or damaged model or a policy that cannot route it.
+    version = settings.servable()
     topology = settings.topology
     tokenizer = place(Tokenizer, topology, str(version.path))
     classifier = place(

@@ -105,9 +105,7 @@ def serve_config(args: argparse.Namespace) -> dict:
         set_dotted(values, "auth.disabled", True)
     settings = build_config(values, f"{source} (args) and the command line", ServeArgs).resolved()
     check_deployments(app, source)
-    # A clear error now, not a failed deployment later: a missing or damaged version, or an
-    # ONNX runtime asked for where the version has no export.
-    choose_runtime(open_version(settings.model), settings.runtime, settings.device)
+    settings.servable()  # a clear error now, not a build that Serve retries for ever
     holder = classifier_deployment(app)
     user_config = holder.setdefault("user_config", {})
     if args.canary or args.shadow:
@@ -185,9 +183,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     auth = not config["applications"][0]["args"]["auth"]["disabled"]
     if not auth:
         print("warning: API-key authentication is DISABLED: for local development only")
-    if auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV)):
+    # A key of one's own is never printed (terminals are logged and shared); one made for this
+    # run alone is, since nobody could use the service otherwise.
+    generated = auth and not (env.get(KEYS_ENV) or env.get(KEYS_FILE_ENV))
+    if generated:
         env[KEYS_ENV] = secrets.token_urlsafe(24)
-        print(f"no API key configured: generated one for this run: {env[KEYS_ENV]}")
+        print("no API key configured: generated one for this run (below)")
     serve = installed_command("serve")
     if serve is None:
         raise TransferDeskError(
@@ -199,7 +200,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(
         f"serving {config['applications'][0]['args']['model']} at http://{args.host}:{args.port} "
         "(Ctrl-C stops it). When it says the application is RUNNING, try:\n\n"
-        + (f"  export {KEYS_ENV}={env[KEYS_ENV]}\n" if auth and KEYS_ENV in env else "")
+        + (f"  export {KEYS_ENV}={env[KEYS_ENV]}\n" if generated else "")
         + f"  curl -s http://{args.host}:{args.port}/v1/route{key} -H 'Content-Type: application/json' "
         """-d '{"text": "where is my parcel?? it was due on monday, this is ridiculous"}'\n\n"""
         f"The Serve config is {f.name}: to switch models in place, `serve deploy` a copy of it "

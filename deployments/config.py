@@ -13,7 +13,8 @@ from pydantic import Field, field_validator, model_validator
 
 from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
-from transferdesk.registry import VERSION_RE, split_stage
+from transferdesk.model.runtime import choose_runtime
+from transferdesk.registry import VERSION_RE, ModelVersion, open_version, split_stage
 from transferdesk.review.redaction import RedactionConfig
 from transferdesk.review.store import STORE_ENV, STORE_FILE_ENV, absolute_sqlite, check_url, store_url
 
@@ -236,6 +237,24 @@ class ServeArgs(Section):
         update["capture"] = self.capture.model_copy(update={"store": absolute_sqlite(self.capture.store)})
         return self.model_copy(update=update)
 
+    def servable(self) -> ModelVersion:
+        """The version to serve, after what the application needs of it: sound files, an export
+        for an ONNX runtime, a routing policy that routes its intents and asks only its heads.
+        build_app checks this before any replica starts, and `transferdesk serve` before it
+        starts Serve, which would otherwise retry a build that cannot succeed for ever."""
+        from deployments.routing import load_policy
+
+        version = open_version(self.model)
+        choose_runtime(version, self.runtime, self.device)
+        try:
+            load_policy(self.routing_policy, version.labels, version.tasks)
+        except TransferDeskError as err:
+            raise TransferDeskError(
+                f"{err}\n{version.spec} cannot be served with this routing policy: give one written for "
+                "its intents and heads (--policy FILE; deployments/policies/ has examples)"
+            ) from None
+        return version
+
 
 def is_exact_version(spec: str) -> bool:
     """registry/<name>/v<N>: one sealed version, never re-resolved."""
@@ -265,7 +284,9 @@ def api_keys() -> list[bytes]:
 class KeyRing:
     """The accepted API keys, read again when the key file changes (a rotated Kubernetes Secret
     reaches a mounted file within a minute), so that a revoked key stops working without a
-    restart. A change that breaks the file keeps the last good keys, and says so."""
+    restart. A change that empties or breaks the file fails closed: no key is accepted (the
+    service answers 503) until the file holds good keys again, since keeping the old ones
+    would keep a revoked key working."""
 
     def __init__(self) -> None:
         self.keys = api_keys()
@@ -274,6 +295,7 @@ class KeyRing:
                 f"no API keys: set {KEYS_ENV} (comma-separated) or {KEYS_FILE_ENV} (a file, one key a "
                 "line), or set auth.disabled: true for local development"
             )
+        self.error: str | None = None  # why no key is accepted now
         self.stamp, self.checked = self._stamp(), time.monotonic()
 
     @staticmethod
@@ -289,12 +311,14 @@ class KeyRing:
         if now - self.checked >= KEYS_CHECK_S:
             self.checked = now
             if (stamp := self._stamp()) != self.stamp:
+                self.stamp = stamp
                 try:
                     keys = api_keys()
                     if not keys:
                         raise TransferDeskError("the key file holds no key")
-                    self.keys, self.stamp = keys, stamp
+                    self.keys, self.error = keys, None
                     log.info("API keys reloaded (%d keys)", len(keys))
                 except (OSError, TransferDeskError) as err:
-                    log.error("API keys not reloaded, keeping the last good ones: %s", err)
+                    self.keys, self.error = [], f"the API keys cannot be read: {err}"
+                    log.error("%s; no key is accepted until the key file is fixed", self.error)
         return self.keys

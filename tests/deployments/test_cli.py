@@ -6,13 +6,22 @@ import pytest
 
 from deployments.cli import SERVE_YAML, serve_config
 from deployments.topology import classifier_deployment
-from tests.deployments.conftest import train_versions
+from tests.deployments.conftest import train_versions, write_policy
 from transferdesk.cli.main import build_parser
 from transferdesk.errors import TransferDeskError
 
+# The toy versions' routing policy, which every command here serves them with (the default one
+# routes the northwind intents and asks for heads the toy lacks).
+POLICY: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _toy_policy(tmp_path_factory: pytest.TempPathFactory) -> None:
+    POLICY[:] = [write_policy(tmp_path_factory.mktemp("policy") / "policy.yaml")]
+
 
 def serve_args(*argv: str) -> object:
-    return build_parser().parse_args(["serve", *argv])
+    return build_parser().parse_args(["serve", "--policy", str(POLICY[0]), *argv])
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +67,20 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
     )
     big = serve_args(str(version), "--limits.max_batch_texts", "100", "--coalescing.max_texts", "128")
     assert serve_config(big)["applications"][0]["args"]["coalescing"] == {"max_texts": 128}
+
+
+def test_a_model_the_default_policy_cannot_route_stops_the_command(tmp_path: Path, capsys) -> None:
+    """A model trained on other intents, without the heads the default policy's rules ask for:
+    `transferdesk serve` says so and exits, instead of Serve retrying a build for ever."""
+    import shutil
+
+    from transferdesk.cli.main import main
+
+    released = Path(__file__).parents[1] / "fixtures" / "released"
+    registry = shutil.copytree(released, tmp_path / "registry")
+    assert main(["serve", f"{registry}/published-0.1.0@production"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be served with this routing policy" in err and "--policy FILE" in err
 
 
 def test_the_topology_picks_its_serve_config(version: Path) -> None:

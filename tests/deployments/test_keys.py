@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -42,6 +43,30 @@ def test_a_rotated_key_file_is_read_again(key_file: Path) -> None:
     new.write_text("second-key-000000002\n")
     os.replace(new, key_file)
     assert ring.current() == [b"second-key-000000002"]  # the first key is revoked
-    key_file.write_text("short\n")  # a broken rotation keeps the last good keys
-    os.utime(key_file, ns=(1, 1))
-    assert ring.current() == [b"second-key-000000002"]
+    # A broken or emptied file fails closed: no key works (the service says 503) until fixed.
+    for broken in ("short\n", ""):
+        key_file.write_text(broken)
+        os.utime(key_file, ns=(1, len(broken)))
+        assert ring.current() == [] and "cannot be read" in ring.error
+        key_file.write_text("second-key-000000002\n")
+        assert ring.current() == [b"second-key-000000002"] and ring.error is None
+    key_file.unlink()
+    assert ring.current() == [] and ring.error
+
+
+def test_requests_before_the_replica_is_live_are_refused() -> None:
+    """Until the Ingress exists there are no limits or keys to check a request against."""
+    import httpx
+
+    from deployments.api import LIVE, api
+
+    LIVE.pop("ingress", None)
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            return await client.post("/v1/route", json={"text": "hi"})
+
+    response = asyncio.run(call())
+    assert response.status_code == 503 and response.json()["error"]["code"] == "starting"
+    assert response.headers["retry-after"]

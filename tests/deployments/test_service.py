@@ -93,6 +93,8 @@ def test_request_id_is_echoed(service: Service) -> None:
 BAD_BODIES = [
     ({"text": ""}, 422, "text"),
     ({"texts": ["ok", "   "]}, 422, "texts.1"),
+    ({"text": "a\u0000b"}, 422, "text"),  # NUL: no text, and PostgreSQL cannot store it
+    ({"texts": ["ok", "bell\u0007"]}, 422, "texts.1"),
     ({"text": "x" * 1001}, 422, "text"),
     ({"text": "hi", "top_k": True}, 422, "top_k"),
     ({"text": "hi", "top_k": "3"}, 422, "top_k"),
@@ -132,6 +134,7 @@ SAME_REQUESTS = [
     ("POST", "/v1/route", KEYS[0], {"texts": [TRACK, RESET] * 32}),
     ("GET", "/v1/model", KEYS[0], None),
     ("GET", "/readyz", None, None),
+    ("GET", "/readyz", KEYS[0], None),
     ("GET", "/healthz", None, None),
     ("POST", "/v1/classify", "wrong-key-0123456789", {"text": TRACK}),
     ("GET", "/v1/model", None, None),
@@ -156,7 +159,7 @@ def _exchange(client: httpx.Client, request: tuple, request_id: str) -> tuple[in
     response = client.request(method, path, headers=headers, content=content)
     answer = response.json()
     if path == "/readyz":
-        answer.pop("capture")  # each app's own store, and how much it wrote
+        answer.pop("capture", None)  # each app's own store, and how much it wrote
     kept = {name: value for name, value in response.headers.items() if name not in VARYING_HEADERS}
     return response.status_code, kept, answer
 
@@ -378,8 +381,9 @@ def test_hostile_texts_get_200_or_a_json_4xx(service: Service, text: str) -> Non
     with service.client() as client:
         response = client.post("/v1/route", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 200 or (400 <= response.status_code < 500 and response.json()["error"])
-    if "\ud800" in text:
+    if "\ud800" in text or "\u0000" in text or "\x07" in text:  # not Unicode; control characters
         assert response.status_code == 422 and response.json()["error"]["field"] == "text"
+        assert MARKER not in response.text
 
 
 def test_bodies_are_bounded_as_they_arrive(service: Service) -> None:
@@ -444,9 +448,11 @@ def test_method_not_allowed_says_what_is(service: Service) -> None:
 def test_health_is_cheap_and_readiness_checks_the_chain(service: Service) -> None:
     assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service.url}/readyz")
-    assert ready.status_code == 200, ready.text
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": None, "capture": None}
+    with service.client() as client:  # what each stage answered (and capture) for key holders only
+        ready = client.get("/readyz")
     assert set(ready.json()["checks"]) == {"tokenizer", "classifier", "router"}
-    assert ready.json()["checks"]["classifier"] == "toy/v1"
+    assert ready.json()["checks"]["classifier"] == "toy/v1" and ready.json()["capture"]["store"]
 
 
 def test_rotated_keys_take_effect_without_a_restart(service: Service) -> None:
