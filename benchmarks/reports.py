@@ -544,6 +544,9 @@ def runtime_accuracy(r: dict) -> str:
 
 
 def cpu_serving(r: dict) -> str:
+    """In process, then end to end: of a run with rounds, the median of each point over them
+    and the targets of issue #36 with each round's figures; of a run from before the rounds
+    (no `rounds`), its rows."""
     lines = [
         f"Measured on {r['machine']}; model {r['model']}; messages and accuracy from {r['data']} "
         f"({r['messages']} messages). One run, one load generator (aiohttp on uvloop, sharing the 2 cores).",
@@ -562,15 +565,49 @@ def cpu_serving(r: dict) -> str:
             f"| {x['runtime']} | {x['accuracy']:.2%} | {x['batch16_per_s']:.0f} | "
             f"{x['single_p50_ms']:.2f} / {x['single_p95_ms']:.2f} |"
         )
+    if "rounds" not in r:
+        lines += ["", "## End to end, POST /v1/route", ""]
+        lines += _cpu_serving_rows(r["end_to_end"])
+        return "\n".join(lines) + "\n"
     lines += [
         "",
-        "## End to end, POST /v1/route",
+        f"## End to end, POST /v1/route: median of {r['rounds']} rounds",
         "",
+        f"Servers alternating within each round ({r['seconds']:g} s per level): per runtime, TransferDesk "
+        f"Serve in each topology ({', '.join(r['topologies']) or 'none'}), then the peer.",
+        "",
+    ]
+    lines += _cpu_serving_rows(r["summary"])
+    if r["targets"]:
+        lines += [
+            "",
+            "## Targets: ONNX int8, one message a request, against the peer",
+            "",
+            "| topology | measure | Serve | peer | ratio | target | met | Serve, each round "
+            "| peer, each round |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for t in r["targets"]:
+            met = {True: "yes", False: "**no**", None: "(beside)"}[t["met"]]
+            lines.append(
+                f"| {t['topology']} | {t['measure']} | {t['value']:.1f} | {t['peer']:.1f} | "
+                f"{t['ratio']:.2f}x | {t['target'] or '–'} | {met} | {each_round(t['rounds'])} | "
+                f"{each_round(t['peer_rounds'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def each_round(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def _cpu_serving_rows(rows: list[dict]) -> list[str]:
+    lines = [
         "| server | runtime | concurrency | messages a request | requests/s | messages/s | p50 ms | p95 ms "
         "| p99 ms | errors | CPU ms a request, by process |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for x in r["end_to_end"]:
+    for x in rows:
         cpu = ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(x["cpu_ms_per_request"].items(), key=lambda kv: -kv[1]) if v
         )
@@ -579,13 +616,18 @@ def cpu_serving(r: dict) -> str:
             f"{x['per_s']:.1f} | {x['messages_per_s']:.1f} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
             f"{x['p99_ms']:.1f} | {x['errors']} | {cpu} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def serve_load(r: dict) -> str:
     lines = [
         f"Measured on {r['machine']}; model {r['model']}; Ray Serve environment {r['serve_env']}; "
-        f"app args changed: {r['app_args'] or 'none'}.",
+        f"app args changed: {r['app_args'] or 'none'}."
+        + (
+            f" Topology {r['topology']}: the classifier runs in the {r['classifier_process']} replicas."
+            if "topology" in r
+            else ""
+        ),
         "",
         f"Raw in-process ceiling (batched predict loop, batch {r['ceiling']['batch_size']}, "
         f"{r['ceiling']['threads']} threads, precision {r['ceiling']['precision']}): "
@@ -614,7 +656,7 @@ def serve_load(r: dict) -> str:
             f"{k} {v:.0f} s ({v / total:.0%})" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
         ),
         "",
-        "Classifier replicas' resident memory at the end: "
+        f"{r.get('classifier_process', 'Classifier')} replicas' resident memory at the end: "
         + ", ".join(f"{g:.2f} GiB" for g in r["classifier_rss_gib"]),
     ]
     return "\n".join(lines) + "\n"
@@ -659,9 +701,41 @@ def capture_cost(r: dict) -> str:
 
 
 def serve_faults(result: dict) -> str:
+    """One table of events a topology (a run before the topologies: one table), then the
+    targets where the run checked them."""
     lines = [
         f"Measured on {result['machine']}: steady load of {result['steady_concurrency']} clients, one "
         f"message a request, on 127.0.0.1; windows of {WINDOW_S:.0f} s before and after each event.",
+    ]
+    if "topologies" not in result:
+        lines += _fault_events(result["events"], result.get("flood"), result["flood_concurrency"])
+        return "\n".join(lines) + "\n"
+    lines[0] += (
+        f" Clients retry a refused connection after {result['retry_s'] * 1000:.0f} ms, unless the event "
+        "says at once."
+    )
+    for topology, run in result["topologies"].items():
+        lines += ["", f"## {topology} topology (proxy: {run['proxy']})"]
+        lines += _fault_events(run["events"], run.get("flood"), result["flood_concurrency"])
+    if checked := result.get("targets"):
+        met = sum(t["met"] for t in checked)
+        lines += [
+            "",
+            f"## Targets: {met} of {len(checked)} met",
+            "",
+            "| topology | event | target | measured | met |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {t['topology']} | {t['event']} | {t['target']} | {t['value']:g} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+            for t in checked
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _fault_events(events: list[dict], flood: dict | None, flood_concurrency: int) -> list[str]:
+    lines = [
         "",
         "| event | sent | failed | 503 | other 5xx | no answer | longest gap without a success | "
         "event took | p99 before / during / after (ms) | answering after | statuses |",
@@ -671,7 +745,7 @@ def serve_faults(result: dict) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
 
-    for e in result["events"]:
+    for e in events:
         lines.append(
             f"| {e['event']} | {e['sent']} | {e['failed']} | {e['status_503']} | {e['other_5xx']} | "
             f"{e['no_answer']} | {e['longest_gap_s']:.1f} s | {e['event_s']:.1f} s | "
@@ -680,15 +754,15 @@ def serve_faults(result: dict) -> str:
             + ", ".join(f"{k or 'none'}: {v}" for k, v in e["statuses"].items())
             + " |"
         )
-    if flood := result.get("flood"):
+    if flood:
         lines += [
             "",
-            f"The overload's own requests ({flood['sent']}, 8 messages each, {result['flood_concurrency']} "
+            f"The overload's own requests ({flood['sent']}, 8 messages each, {flood_concurrency} "
             f"clients): {flood['status_503']} answered 503 with Retry-After (by error code: "
             f"{flood['codes_503']}; median {flood['ms_503_p50'] or 0:.0f} ms to the 503), "
             f"{flood['other_5xx']} other 5xx, {flood['no_answer']} without an answer, the rest 200.",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {

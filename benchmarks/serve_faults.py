@@ -1,18 +1,27 @@
 """What an operator sees when things go wrong under load: the Serve app on 127.0.0.1 under a
-steady load (bounded in time and count), one event at a time.
+steady load (bounded in time and count), one event at a time, in each topology.
 
-    python benchmarks/serve_faults.py                 # about 10 minutes on 2 cores
+    python benchmarks/serve_faults.py                      # both topologies: about 25 minutes on 2 cores
+    python benchmarks/serve_faults.py --topologies fused --tag fused
 
-Events: a Classifier replica killed, an Ingress replica killed, the HTTP proxy (HAProxy)
-killed, a switch to a corrupted version (one flipped byte), a switch to a version whose head
-gives NaN, a 10% canary and its promotion, a rollback, and an overload at about 10x capacity
-for 20 s. For each: requests sent, failed (neither 200 nor a retryable 503), 503s, the longest
-gap without a success, and p99 latency before, during and after. Two versions of the bundled
-model are trained on the sample data first (a minute). Writes results/serve_faults.{json,md}.
+Each topology (--topologies: fused, deployments/serve.yaml; split, deployments/serve-split.yaml)
+is started in turn, and the events played against it: a replica holding the classifier killed
+(in the fused topology an Ingress replica, which holds it; in the split one a Classifier
+replica, then an Ingress replica), the HTTP proxy (HAProxy, or Ray's ProxyActor where the fast
+path is off) killed twice, with clients that retry a refused connection after 50 ms and with
+clients that retry at once, a switch to a corrupted version (one flipped byte), a switch to a
+version whose head gives NaN, a 10% canary and its promotion, a rollback, and an overload at
+about 10x capacity for 20 s. For each: requests sent, failed (neither 200 nor a retryable
+503), 503s, the longest gap without a success, and p99 latency before, during and after.
+Targets (issue #36): a dead proxy costs at most 5 s without a success with clients that retry
+after 50 ms, at most 15 s with clients that retry at once, and no 404s; 0 failed requests for
+the refused switches, canary and promotion, and rollback. Two versions of the bundled model are
+trained on the sample data first (a minute). Writes results/serve_faults.{json,md}.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -33,9 +42,11 @@ import torch
 import uvloop
 import yaml
 from reports import WINDOW_S
-from serve_load import KEY, ROOT, messages, serve_pids, start_serve
+from serve_load import KEY, ROOT, classifier_process, messages, serve_pids, start_serve
 
 from deployments.cli import installed_command
+from deployments.config import Topology
+from deployments.topology import DEPLOYMENTS, classifier_deployment
 from transferdesk.config import load_config
 from transferdesk.model.modeling import IntentModel
 from transferdesk.registry import Registry, open_version
@@ -43,9 +54,15 @@ from transferdesk.training.train import train_and_register
 
 SETTLE_S = 60.0  # longest an event may take to play out
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+RETRY_S = 0.05  # the steady clients retry a refused connection after this; 0: at once
+# The most seconds without a successful request when the proxy is killed, by the clients' retry
+# delay (issue #36): clients that wait 50 ms, and clients that retry at once (as wrk does).
+PROXY_GAP_S = {RETRY_S: 5.0, 0.0: 15.0}
+# Events that must fail no request (503 with Retry-After is not a failure).
+NO_FAILURES = ("switch_refused", "canary_promote", "rollback")
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     start: float
     end: float
@@ -63,6 +80,7 @@ class Load:
     texts: list[str]
     concurrency: int
     per_request: int = 1
+    retry_s: float = RETRY_S  # after a failed connection (0: at once, which may spin)
     max_requests: int = 200_000
     records: list[Record] = field(default_factory=list)
 
@@ -99,7 +117,7 @@ class Load:
                     elif body.startswith(b"{"):
                         code = json.loads(body).get("error", {}).get("code", "")
             except (aiohttp.ClientError, TimeoutError):
-                await asyncio.sleep(0.05)  # a refused connection fails at once: do not spin
+                await asyncio.sleep(self.retry_s)  # a refused connection fails at once
             self.records.append(Record(start, time.monotonic(), status, version, code))
             i += self.concurrency
 
@@ -139,8 +157,9 @@ def summarize(name: str, records: list[Record], t0: float, t1: float, t2: float,
 
 
 class Service:
-    """The running app: its config, `serve deploy` of a changed Classifier user_config, and
-    what GET /v1/model reports."""
+    """The running app: its config, `serve deploy` of a changed classifier user_config (on the
+    Ingress in the fused topology, on the Classifier in the split one), and what GET /v1/model
+    reports."""
 
     def __init__(self, url: str, config_path: Path) -> None:
         self.url, self.config_path = url, config_path
@@ -148,7 +167,7 @@ class Service:
 
     def deploy_classifier(self, **user_config: object) -> None:
         config = yaml.safe_load(yaml.safe_dump(self.config))
-        classifier = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Classifier")
+        classifier = classifier_deployment(config["applications"][0])
         classifier["user_config"] = {**classifier.get("user_config", {}), **user_config}
         path = self.config_path.with_name("deploy.yaml")
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -183,12 +202,20 @@ def kill_one(name: str, every: bool = False) -> Callable[[Service, Load], None]:
 
     def event(service: Service, load: Load) -> None:
         before = _pids(name)
+        if not before:
+            raise RuntimeError(f"no {name} process to kill")
         for pid in before if every else [min(before)]:
             os.kill(pid, signal.SIGKILL)
         mark = time.monotonic()
         until(lambda: len(_pids(name) - before) >= 1 and _answered_since(load, mark))
 
     return event
+
+
+def proxy_process() -> str:
+    """The HTTP proxy serving on this machine: HAProxy (Serve's fast data path) where it runs,
+    else Ray's own ProxyActor."""
+    return "HAProxy" if _pids("HAProxy") else "ProxyActor"
 
 
 def _answered_since(load: Load, mark: float) -> bool:
@@ -248,6 +275,83 @@ class Overload:
         self.summary = summarize("flood", flood.records, start, start, end, end)
 
 
+@dataclass
+class Event:
+    """One event of a topology's run: `kind` (what the targets know it by), its name in the
+    table, what plays it, and the steady clients' retry delay while it plays."""
+
+    kind: str
+    name: str
+    play: Callable[[Service, Load], None]
+    retry_s: float = RETRY_S
+
+
+def events(
+    topology: Topology, proxy: str, versions: tuple[Path, Path, Path, Path], flood: Overload
+) -> list[Event]:
+    """The events played against a topology, in order. Killing the replica that holds the
+    classifier is killing an Ingress replica in the fused topology: played once there."""
+    v1, v2, corrupt, nan = versions
+    holder = classifier_process(topology)
+    # "a Classifier replica" in the split topology; "an Ingress replica" in the fused one.
+    article = "an" if holder[0] in "AEIOU" else "a"
+    name = f"kill {article} {holder} replica" + (" (it holds the classifier)" if holder == "Ingress" else "")
+    killed = [Event("kill_classifier", name, kill_one(holder))]
+    if holder != "Ingress":
+        killed.append(Event("kill_ingress", "kill an Ingress replica", kill_one("Ingress")))
+    return [
+        *killed,
+        *(
+            Event(
+                "kill_proxy",
+                f"kill the proxy ({proxy}), clients retry {when}",
+                kill_one(proxy, every=True),
+                retry,
+            )
+            for retry, when in ((RETRY_S, f"after {RETRY_S * 1000:.0f} ms"), (0.0, "at once"))
+        ),
+        Event("switch_refused", "switch to a corrupted version", switch_refused(corrupt)),
+        Event("switch_refused", "switch to a NaN version", switch_refused(nan)),
+        Event("canary_promote", "10% canary, then promote it", canary_then_promote(v1, v2)),
+        Event("rollback", "roll back", switch_to(v1)),
+        Event(
+            "overload",
+            f"overload: {flood.concurrency} clients x 8 messages for {flood.seconds:.0f} s",
+            flood,
+        ),
+    ]
+
+
+def targets(topologies: dict[str, dict]) -> list[dict]:
+    """Each target (issue #36) for each event it concerns, from the runs' summaries
+    (`topologies`: topology → {"events": [...]}): the proxy's death costs at most PROXY_GAP_S
+    without a success, by the clients' retry delay, and answers no 404; NO_FAILURES events fail
+    no request."""
+    rows = []
+    for topology, run in topologies.items():
+        for e in run["events"]:
+            kind = e.get("kind")
+            if kind == "kill_proxy":
+                limit = PROXY_GAP_S.get(e["retry_s"])
+                if limit is not None:
+                    rows.append(_target(topology, e, f"longest gap ≤ {limit:g} s", e["longest_gap_s"], limit))
+                rows.append(_target(topology, e, "no 404s", e["statuses"].get("404", 0), 0))
+            elif kind in NO_FAILURES:
+                rows.append(_target(topology, e, "0 failed requests", e["failed"], 0))
+    return rows
+
+
+def _target(topology: str, event: dict, target: str, value: float, limit: float) -> dict:
+    return {
+        "topology": topology,
+        "event": event["event"],
+        "target": target,
+        "value": value,
+        "limit": limit,
+        "met": value <= limit,
+    }
+
+
 def train_versions(work: Path) -> list[Path]:
     versions = []
     for seed in (1, 2):
@@ -280,8 +384,52 @@ def bad_versions(good: Path) -> tuple[Path, Path]:
     return corrupt, nan
 
 
+def run_topology(
+    topology: Topology, args: argparse.Namespace, versions: tuple[Path, Path, Path, Path], texts: list[str]
+) -> dict:
+    """Start the service in this topology, play every event against it under the steady load,
+    stop it: {"proxy", "events", "flood"}."""
+    print(f"== starting the service: {topology} topology", flush=True)
+    log = args.work / f"serve-{topology}.log"
+    proc, config_path = start_serve(str(versions[0]), args.port, log, {"topology": topology})
+    url = f"http://127.0.0.1:{args.port}"
+    service = Service(url, config_path)
+    flood = Overload(texts, args.flood, args.flood_seconds)
+    proxy = proxy_process()
+    load = Load(url, texts, args.steady).start()
+    results = []
+    try:
+        time.sleep(WINDOW_S)  # warm-up
+        for event in events(topology, proxy, versions, flood):
+            print(f"== {topology}: {event.name}", flush=True)
+            if event.retry_s != load.retry_s:  # other clients for this event, from its window on
+                load.stop()
+                max_requests = 1_000_000 if event.retry_s == 0 else Load.max_requests
+                load = Load(url, texts, args.steady, retry_s=event.retry_s, max_requests=max_requests).start()
+            t0 = time.monotonic()
+            time.sleep(WINDOW_S)
+            t1 = time.monotonic()
+            event.play(service, load)
+            t2 = time.monotonic()
+            time.sleep(WINDOW_S)
+            summary = summarize(event.name, load.records, t0, t1, t2, time.monotonic())
+            results.append({**summary, "kind": event.kind, "topology": topology, "retry_s": event.retry_s})
+            print(json.dumps(results[-1]), flush=True)
+    finally:
+        load.stop()
+        harness.stop(proc, log=log)
+    return {"proxy": proxy, "events": results, "flood": flood.summary}
+
+
 def main() -> None:
     parser = harness.parser(__doc__, work="faults")
+    parser.add_argument(
+        "--topologies",
+        nargs="+",
+        choices=list(DEPLOYMENTS),
+        default=list(DEPLOYMENTS),
+        help="the topologies to fault, each started in turn [default: fused split]",
+    )
     parser.add_argument("--port", type=int, default=8124)
     parser.add_argument("--steady", type=int, default=4, help="steady-load clients [default: 4]")
     parser.add_argument(
@@ -294,45 +442,22 @@ def main() -> None:
     print("== training two versions", flush=True)
     v1, v2 = train_versions(args.work)
     corrupt, nan = bad_versions(v1)
-    print("== starting the service", flush=True)
-    proc, config_path = start_serve(str(v1), args.port, args.work / "serve.log", {})
-    url = f"http://127.0.0.1:{args.port}"
-    service = Service(url, config_path)
     texts = messages()
-    flood = Overload(texts, args.flood, args.flood_seconds)
-    events = [
-        ("kill a Classifier replica", kill_one("Classifier")),
-        ("kill an Ingress replica", kill_one("Ingress")),
-        ("kill the proxy (HAProxy)", kill_one("HAProxy", every=True)),
-        ("switch to a corrupted version", switch_refused(corrupt)),
-        ("switch to a NaN version", switch_refused(nan)),
-        ("10% canary, then promote it", canary_then_promote(v1, v2)),
-        ("roll back", switch_to(v1)),
-        (f"overload: {args.flood} clients x 8 messages for {args.flood_seconds:.0f} s", flood),
-    ]
-    load = Load(url, texts, args.steady).start()
-    results = []
-    try:
-        time.sleep(WINDOW_S)  # warm-up
-        for name, event in events:
-            print(f"== {name}", flush=True)
-            t0 = time.monotonic()
-            time.sleep(WINDOW_S)
-            t1 = time.monotonic()
-            event(service, load)
-            t2 = time.monotonic()
-            time.sleep(WINDOW_S)
-            results.append(summarize(name, load.records, t0, t1, t2, time.monotonic()))
-            print(json.dumps(results[-1]), flush=True)
-    finally:
-        load.stop()
-        harness.stop(proc, log=args.work / "serve.log")
+    runs = {t: run_topology(t, args, (v1, v2, corrupt, nan), texts) for t in args.topologies}
+    checked = targets(runs)
+    for row in checked:
+        print(
+            f"target {row['topology']}, {row['event']}: {row['target']}: {row['value']} "
+            f"{'met' if row['met'] else 'NOT MET'}",
+            flush=True,
+        )
     result = {
-        "machine": harness.machine(note="Ray Serve's fast data path (HAProxy)"),
+        "machine": harness.machine(note="proxy " + ", ".join(sorted({r["proxy"] for r in runs.values()}))),
         "steady_concurrency": args.steady,
         "flood_concurrency": args.flood,
-        "events": results,
-        "flood": flood.summary,
+        "retry_s": RETRY_S,
+        "topologies": runs,
+        "targets": checked,
     }
     harness.save("serve_faults", result, args.results, args.tag)
 

@@ -4,15 +4,18 @@ in-process ceiling of the same model, on this machine.
     python benchmarks/serve_load.py                        # model: registry/northwind-tuned
     python benchmarks/serve_load.py --model registry/x/v3 --seconds 20
     python benchmarks/serve_load.py --precision bf16 --tag bf16
+    python benchmarks/serve_load.py --topology split --tag split
 
 1. Ceiling: the model's batched predict loop in this process (no HTTP, no Serve).
-2. `serve run deployments/serve.yaml` with that model; an aiohttp load generator on uvloop
+2. `serve run` of the --topology's Serve config (deployments/serve.yaml, fused, the default;
+   deployments/serve-split.yaml, split) with that model; an aiohttp load generator on uvloop
    sends one message a request to 127.0.0.1 at several concurrency levels, each bounded
    in time, and records requests/s, p50/p95/p99 latency and errors. It shares the CPUs
    with the server, so it should be light: 0.4 ms of CPU a request at concurrency 16,
    where an httpx client took 1.8-2.2 ms.
 3. CPU seconds each Serve process and the load generator used during the load (which
-   deployment is the bottleneck) and the classifier replicas' resident memory.
+   deployment is the bottleneck), and the replicas that hold the classifier (the Ingress's in
+   the fused topology, the Classifier's in the split one): their count and resident memory.
 Writes results/serve_load[-TAG].{json,md}.
 """
 
@@ -35,14 +38,16 @@ import numpy as np
 import uvloop
 import yaml
 
-from deployments.cli import installed_command, sigint_default
-from deployments.config import FAST_PATH_ENV, ServeArgs, serve_env
+from deployments.cli import SERVE_YAMLS, installed_command, sigint_default
+from deployments.config import FAST_PATH_ENV, ServeArgs, Topology, serve_env
+from deployments.topology import CLASSIFIER_CONFIG, DEFAULT, DEPLOYMENTS, topology_of
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import set_dotted
 
 ROOT = harness.ROOT
 KEY = "benchmark-key-0123456789"  # 16 characters at least
-SERVE_PROCESSES = ("Ingress", "Tokenizer", "Classifier", "Router", "ProxyActor")
+# The Serve processes counted, by name: every deployment of either topology, and Ray's proxy.
+SERVE_PROCESSES = (*dict.fromkeys(d for names in DEPLOYMENTS.values() for d in names), "ProxyActor")
 HAPROXY = re.compile(r"(^|/)haproxy\s")  # the HTTP front of the fast data path
 LOAD_GENERATOR = "load generator"  # this process: it takes its CPU from the same 2 cores
 
@@ -75,10 +80,26 @@ def ceiling(model_dir: str, texts: list[str], batch_size: int, seconds: float, p
     }
 
 
+def serve_config(topology: Topology = DEFAULT) -> dict:
+    """The topology's Serve config as deployments/ has it (serve.yaml: fused; serve-split.yaml:
+    split)."""
+    config = yaml.safe_load(SERVE_YAMLS[topology].read_text())
+    if (found := topology_of(config["applications"][0])) != topology:
+        raise ValueError(f"{SERVE_YAMLS[topology]} serves the {found} topology, not {topology}")
+    return config
+
+
+def classifier_process(topology: Topology) -> str:
+    """The Serve process (deployment) whose replicas hold the classifier: the Ingress in the
+    fused topology, the Classifier in the split one."""
+    return CLASSIFIER_CONFIG[topology]
+
+
 def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> tuple[subprocess.Popen, Path]:
-    """`serve run` of deployments/serve.yaml with this model and app args; returns the process
-    and the config it runs (`serve deploy` a changed copy to change it in place)."""
-    config = yaml.safe_load((ROOT / "deployments" / "serve.yaml").read_text())
+    """`serve run` of the Serve config of the topology `overrides` name (the default: fused,
+    deployments/serve.yaml) with this model and app args; returns the process and the config it
+    runs (`serve deploy` a changed copy to change it in place)."""
+    config = serve_config(overrides.get("topology", DEFAULT))
     app_args = config["applications"][0]["args"]
     app_args["model"] = str(Path(model_dir).resolve())
     for key, value in overrides.items():
@@ -163,7 +184,12 @@ async def level(
 
 
 def serve_pids() -> dict[int, str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    """The Serve processes running on this machine: pid → deployment name, ProxyActor or HAProxy."""
+    return parse_ps(subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout)
+
+
+def parse_ps(out: str) -> dict[int, str]:
+    """`ps -eo pid,args`'s output, read for SERVE_PROCESSES and HAProxy."""
     pids = {}
     for line in out.splitlines()[1:]:
         pid, _, args = line.strip().partition(" ")
@@ -213,6 +239,8 @@ def main() -> None:
     from transferdesk.registry import open_version
 
     overrides = config_overrides(args)
+    topology = overrides.get("topology", DEFAULT)
+    holder = classifier_process(topology)
     model_dir = str(open_version(overrides.pop("model", ServeArgs().model)).path)
     texts = messages()
     precision = overrides.get("precision", "auto")
@@ -233,14 +261,14 @@ def main() -> None:
             pids = serve_pids()
             before = {**cpu_seconds(pids), LOAD_GENERATOR: time.process_time()}
             for concurrency, per_request in phase:
-                replicas = sum(name == "Classifier" for name in serve_pids().values())
+                replicas = sum(name == holder for name in serve_pids().values())
                 load = level(url, texts, concurrency, args.seconds, args.max_requests, per_request)
                 levels.append({**uvloop.run(load), "classifier_replicas": replicas})
                 print(json.dumps(levels[-1]), flush=True)
             pids = serve_pids()  # autoscaling may have added replicas
             for name, seconds in {**cpu_seconds(pids), LOAD_GENERATOR: time.process_time()}.items():
                 cpu[name] = cpu.get(name, 0.0) + seconds - before.get(name, 0.0)
-        rss = rss_gib(pids, "Classifier")
+        rss = rss_gib(pids, holder)
     finally:
         harness.stop(proc, log=log)
     # Again on the quiet machine: this CPU's speed drifts between runs; the faster one counts.
@@ -251,6 +279,8 @@ def main() -> None:
         "model": model_dir,
         "serve_env": {k: serve_env()[k] for k in FAST_PATH_ENV},
         "app_args": overrides,
+        "topology": topology,
+        "classifier_process": holder,  # whose replicas classifier_replicas and _rss_gib count
         "ceiling": {**max(first, second, key=lambda c: c["per_s"]), "runs": runs},
         "levels": levels,
         "cpu_seconds_under_load": cpu,
