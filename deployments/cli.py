@@ -24,6 +24,7 @@ from deployments.config import (
     is_exact_version,
     serve_env,
 )
+from deployments.routing import load_policy, narrowed
 from deployments.topology import DEFAULT, check_deployments, classifier_deployment
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import build_config, set_dotted
@@ -105,6 +106,8 @@ def serve_config(args: argparse.Namespace) -> dict:
         set_dotted(values, "auth.disabled", True)
     settings = build_config(values, f"{source} (args) and the command line", ServeArgs).resolved()
     check_deployments(app, source)
+    if args.config is None and "routing_policy" not in overrides:
+        settings = fitted(settings)
     settings.servable()  # a clear error now, not a build that Serve retries for ever
     holder = classifier_deployment(app)
     user_config = holder.setdefault("user_config", {})
@@ -120,6 +123,27 @@ def serve_config(args: argparse.Namespace) -> dict:
     app["args"] = settings.model_dump()
     config["http_options"] = {**config.get("http_options", {}), "host": args.host, "port": args.port}
     return config
+
+
+def fitted(settings: ServeArgs) -> ServeArgs:
+    """With no policy named: the default one where it fits the model, else the default narrowed
+    to it (routing.narrowed), written to a file of this run, so that any version `transferdesk
+    train` makes serves with the defaults."""
+    version = open_version(settings.model)
+    try:
+        load_policy(settings.routing_policy, version.labels, version.tasks)
+        return settings
+    except TransferDeskError as err:
+        why = str(err)
+    policy = narrowed(load_policy(settings.routing_policy), version.labels, version.tasks)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-policy-", delete=False) as f:
+        yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True), f, sort_keys=False)
+    print(
+        f"note: the default routing policy does not fit {version.spec} ({why}); serving with it "
+        f"narrowed to the model, {f.name}: its intents without a route go to "
+        f"{policy.fallback.destination}. Name a policy of its own with --policy FILE."
+    )
+    return settings.model_copy(update={"routing_policy": f.name})
 
 
 def pinned(spec: str) -> str:

@@ -154,6 +154,26 @@ def load_policy(
     return policy
 
 
+def narrowed(policy: RoutingPolicy, labels: list[str], tasks: dict[str, list[str]]) -> RoutingPolicy:
+    """A policy written for another model, made to fit this one: routes of intents it does not
+    know and rules (and priorities) on heads or labels it lacks dropped; its intents without a
+    route sent to the fallback, people, as any message the policy cannot place."""
+    rules = [r for r in policy.rules if r.label in tasks.get(r.task, [])]
+    priority = policy.priority_from if policy.priority_from and policy.priority_from.task in tasks else None
+    routes = {intent: route for intent, route in policy.routes.items() if intent in labels}
+    routed = {route.destination for route in routes.values()} | {policy.fallback.destination}
+    return policy.model_copy(
+        update={
+            "version": f"{policy.version}-narrowed",
+            "routes": routes,
+            "default": policy.default or policy.fallback,
+            "queues": {name: queue for name, queue in policy.queues.items() if name in routed},
+            "rules": rules,
+            "priority_from": priority,
+        }
+    )
+
+
 def _check_heads(policy: RoutingPolicy, path: str | Path, tasks: dict[str, list[str]]) -> None:
     heads = ", ".join(f"{task} ({', '.join(labels)})" for task, labels in tasks.items()) or "none"
     for rule in policy.rules:

@@ -69,16 +69,29 @@ def test_bad_values_and_missing_models_are_clear_errors(tmp_path: Path, version:
     assert serve_config(big)["applications"][0]["args"]["coalescing"] == {"max_texts": 128}
 
 
-def test_a_model_the_default_policy_cannot_route_stops_the_command(tmp_path: Path, capsys) -> None:
+def test_a_model_the_default_policy_was_not_written_for_serves_with_it_narrowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """A model trained on other intents, without the heads the default policy's rules ask for:
-    `transferdesk serve` says so and exits, instead of Serve retrying a build for ever."""
+    with no policy named, it serves with the default narrowed to it; a policy named for it
+    that cannot route it stops `transferdesk serve` (exit 2), before Serve would retry a build
+    that cannot succeed for ever."""
     import shutil
 
+    from deployments.routing import load_policy
     from transferdesk.cli.main import main
+    from transferdesk.registry import open_version
 
     released = Path(__file__).parents[1] / "fixtures" / "released"
-    registry = shutil.copytree(released, tmp_path / "registry")
-    assert main(["serve", f"{registry}/published-0.1.0@production"]) == 2
+    spec = f"{shutil.copytree(released, tmp_path / 'registry')}/published-0.1.0@production"
+    version = open_version(spec)
+    app_args = serve_config(build_parser().parse_args(["serve", spec]))["applications"][0]["args"]
+    assert "serving with it narrowed to the model" in capsys.readouterr().out
+    policy = load_policy(app_args["routing_policy"], version.labels, version.tasks)  # it fits
+    assert policy.rules == [] and policy.priority_from is None
+    assert set(policy.routes) <= set(version.labels) and policy.default == policy.fallback
+    default = str(Path(__file__).parents[2] / "deployments" / "policies" / "northwind.yaml")
+    assert main(["serve", spec, "--policy", default]) == 2
     err = capsys.readouterr().err
     assert "cannot be served with this routing policy" in err and "--policy FILE" in err
 
