@@ -40,6 +40,10 @@ FAST_PATH_ENV = {
     # The controller checks each proxy every this many seconds and replaces it after three
     # failures: at the default 10 s a killed HAProxy meant about 30 s without an answer.
     "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
+    # A starting proxy gets this long to say it is ready (Ray's default 5 s), else it is killed
+    # and, at `serve run`'s start, the command fails: on a busy 2-core node HAProxy's manager
+    # took longer. A proxy that starts sooner is not held back.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
 }
 
 
