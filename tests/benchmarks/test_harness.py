@@ -187,8 +187,14 @@ def test_require_exits_with_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_stop_ends_a_server_and_kills_one_that_will_not_stop() -> None:
-    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # SIGINT as a terminal gives it: a job started in the background inherits it ignored.
+    polite = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    start = time.monotonic()
     assert harness.stop(polite, grace=30) != 0  # SIGINT: KeyboardInterrupt
+    assert time.monotonic() - start < 20  # it stopped, not killed after the grace
     stubborn = subprocess.Popen(
         [
             sys.executable,
