@@ -362,7 +362,10 @@ def train_versions(work: Path) -> list[Path]:
             "training.epochs": 3,
             "runtime.progress": False,
         }
-        versions.append(train_and_register(load_config(None, overrides)).path)
+        # The demo's recipe, urgency and sentiment heads included: the default routing policy's
+        # rules need them.
+        cfg = load_config(Path(__file__).parents[1] / "configs" / "sample.yaml", overrides)
+        versions.append(train_and_register(cfg).path)
     return versions
 
 
