@@ -95,13 +95,18 @@ CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f"
 TEXT_PATTERN = rf"^[^{CONTROL}]*[^\s{CONTROL}][^{CONTROL}]*$"
 
 
+_CONTROL_CHAR = re.compile(f"[{CONTROL}]")
+
+
 def _readable(text: str) -> str:
-    if found := re.search(f"[{CONTROL}]", text):
+    """TEXT_PATTERN, checked on every message of every request: no control character, then
+    not only white space (str.isspace is the pattern's \\s)."""
+    if found := _CONTROL_CHAR.search(text):
         raise ValueError(
             f"control character U+{ord(found.group()):04X} at position {found.start()}: text may hold "
             "tab, newline and carriage return, no other control character"
         )
-    if not re.fullmatch(TEXT_PATTERN, text):
+    if text.isspace():
         raise ValueError("must hold a visible character, not only white space")
     return text
 
