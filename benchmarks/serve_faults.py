@@ -7,9 +7,10 @@ steady load (bounded in time and count), one event at a time, in each topology.
 Each topology (--topologies: fused, deployments/serve.yaml; split, deployments/serve-split.yaml)
 is started in turn, and the events played against it: a replica holding the classifier killed
 (in the fused topology an Ingress replica, which holds it; in the split one a Classifier
-replica, then an Ingress replica), the HTTP proxy (HAProxy, or Ray's ProxyActor where the fast
-path is off) killed twice, with clients that retry a refused connection after 50 ms and with
-clients that retry at once, a switch to a corrupted version (one flipped byte), a switch to a
+replica, then an Ingress replica), Serve's HTTP proxy (HAProxy, or Ray's ProxyActor where the
+fast path is off) and then the front door in front of it (deployments/front.py, as `transferdesk
+serve` runs it) each killed twice, with clients that retry a refused connection after 50 ms and
+with clients that retry at once, a switch to a corrupted version (one flipped byte), a switch to a
 version whose head gives NaN, a 10% canary and its promotion, a rollback, and an overload at
 about 10x capacity for 20 s. For each: requests sent, failed (neither 200 nor a retryable
 503), 503s, the longest gap without a success, and p99 latency before, during and after.
@@ -42,10 +43,10 @@ import torch
 import uvloop
 import yaml
 from reports import WINDOW_S
-from serve_load import KEY, ROOT, classifier_process, messages, serve_pids, start_serve
+from serve_load import FRONT_DOOR, KEY, ROOT, classifier_process, messages, serve_pids, start_serve
 
-from deployments.cli import installed_command
 from deployments.config import Topology
+from deployments.processes import installed_command
 from deployments.topology import DEPLOYMENTS, classifier_deployment
 from transferdesk.config import load_config
 from transferdesk.model.modeling import IntentModel
@@ -302,12 +303,8 @@ def events(
     return [
         *killed,
         *(
-            Event(
-                "kill_proxy",
-                f"kill the proxy ({proxy}), clients retry {when}",
-                kill_one(proxy, every=True),
-                retry,
-            )
+            Event("kill_proxy", f"kill {what}, clients retry {when}", kill_one(process, every=True), retry)
+            for process, what in ((proxy, f"Serve's proxy ({proxy})"), (FRONT_DOOR, "the front door"))
             for retry, when in ((RETRY_S, f"after {RETRY_S * 1000:.0f} ms"), (0.0, "at once"))
         ),
         Event("switch_refused", "switch to a corrupted version", switch_refused(corrupt)),

@@ -38,8 +38,9 @@ import numpy as np
 import uvloop
 import yaml
 
-from deployments.cli import SERVE_YAMLS, installed_command, sigint_default
+from deployments.cli import SERVE_YAMLS
 from deployments.config import FAST_PATH_ENV, ServeArgs, Topology, serve_env
+from deployments.processes import sigint_default
 from deployments.topology import CLASSIFIER_CONFIG, DEFAULT, DEPLOYMENTS, topology_of
 from transferdesk.cli.flags import add_config_flags, config_overrides
 from transferdesk.config import set_dotted
@@ -48,7 +49,8 @@ ROOT = harness.ROOT
 KEY = "benchmark-key-0123456789"  # 16 characters at least
 # The Serve processes counted, by name: every deployment of either topology, and Ray's proxy.
 SERVE_PROCESSES = (*dict.fromkeys(d for names in DEPLOYMENTS.values() for d in names), "ProxyActor")
-HAPROXY = re.compile(r"(^|/)haproxy\s")  # the HTTP front of the fast data path
+HAPROXY = re.compile(r"(^|/)haproxy\s")  # Serve's HTTP proxy on the fast data path
+FRONT_DOOR = "front door"  # deployments/front.py: an HAProxy of ours, in front of Serve's
 LOAD_GENERATOR = "load generator"  # this process: it takes its CPU from the same 2 cores
 
 
@@ -108,16 +110,21 @@ def start_serve(model_dir: str, port: int, log: Path, overrides: dict) -> tuple[
 
 
 def run_config(config: dict, port: int, log: Path) -> tuple[subprocess.Popen, Path]:
-    """`serve run` of a Serve config on `port`, once /readyz answers 200."""
+    """`serve run` of a Serve config behind the front door at `port`, as `transferdesk serve`
+    runs it, once /readyz answers 200."""
     config["http_options"]["port"] = port
     path = Path(tempfile.mkdtemp()) / "serve.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     # A throwaway cluster on loopback: without Ray's token auth, `serve deploy` needs no token.
     env = {**serve_env(), "TRANSFERDESK_API_KEYS": KEY, "RAY_AUTH_MODE": "disabled"}
     with open(log, "w") as out:
-        serve = installed_command("serve") or "serve"
         proc = subprocess.Popen(
-            [serve, "run", str(path)], cwd=ROOT, env=env, stdout=out, stderr=out, preexec_fn=sigint_default
+            [sys.executable, "-m", "deployments.front", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+            preexec_fn=sigint_default,
         )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -189,7 +196,7 @@ def serve_pids() -> dict[int, str]:
 
 
 def parse_ps(out: str) -> dict[int, str]:
-    """`ps -eo pid,args`'s output, read for SERVE_PROCESSES and HAProxy."""
+    """`ps -eo pid,args`'s output, read for SERVE_PROCESSES, Serve's HAProxy and the front door."""
     pids = {}
     for line in out.splitlines()[1:]:
         pid, _, args = line.strip().partition(" ")
@@ -197,7 +204,7 @@ def parse_ps(out: str) -> dict[int, str]:
             if re.search(rf"ray::(ServeReplica:\w+:)?{name}\b", args):
                 pids[int(pid)] = name
         if HAPROXY.search(args):
-            pids[int(pid)] = "HAProxy"
+            pids[int(pid)] = FRONT_DOOR if args.rstrip().endswith("/front.cfg") else "HAProxy"
     return pids
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,8 @@ from deployments.config import (
     is_exact_version,
     serve_env,
 )
+from deployments.front import serve_behind
+from deployments.processes import serve_command
 from deployments.routing import load_policy, narrowed
 from deployments.topology import DEFAULT, check_deployments, classifier_deployment
 from transferdesk.cli.flags import add_config_flags, config_overrides
@@ -59,6 +59,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    parser.add_argument(
+        "--no-front",
+        action="store_true",
+        help="serve from Serve's own proxy at --port, without the front door (deployments/front.py) "
+        "that keeps answering while that proxy is restarted",
+    )
     parser.add_argument(
         "--no-auth", action="store_true", help="same as --auth.disabled true: local development only"
     )
@@ -165,11 +171,7 @@ def exact(spec: str) -> str:
 def deploy(config: dict, address: str, env: dict[str, str]) -> None:
     """`serve deploy` the config to a running cluster: Serve applies a changed user_config
     (a rollout, a model switch) to the running replicas in place."""
-    serve = installed_command("serve")
-    if serve is None:
-        raise TransferDeskError(
-            "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"
-        )
+    serve = serve_command()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-deploy-") as f:
         yaml.safe_dump(config, f, sort_keys=False)
         f.flush()
@@ -184,18 +186,6 @@ def deploy(config: dict, address: str, env: dict[str, str]) -> None:
         f"deployed to {address}: {served}, {what}. GET /v1/model shows what serves, the rollout "
         "and, in shadow, how often the two disagree"
     )
-
-
-def installed_command(name: str) -> str | None:
-    """A console script of this Python environment, even when its bin/ is not on PATH."""
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else shutil.which(name)
-
-
-def sigint_default() -> None:
-    """preexec_fn for a `serve run` child: stop cleanly on SIGINT even when started from a
-    background job, whose children inherit SIGINT ignored (and would never shut down)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -213,11 +203,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if generated:
         env[KEYS_ENV] = secrets.token_urlsafe(24)
         print("no API key configured: generated one for this run (below)")
-    serve = installed_command("serve")
-    if serve is None:
-        raise TransferDeskError(
-            "the `serve` command of Ray Serve is not installed (pip install 'ray[serve]')"
-        )
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="transferdesk-serve-", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
     key = f' -H "Authorization: Bearer ${KEYS_ENV}"' if auth else ""
@@ -233,4 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "ids) are under /tmp/ray/session_latest/logs/serve/.\n",
         flush=True,
     )
+    if not args.no_front:
+        sys.exit(serve_behind(Path(f.name), env))
+    serve = serve_command()
     os.execvpe(serve, [serve, "run", f.name], env)

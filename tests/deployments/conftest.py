@@ -1,8 +1,9 @@
-"""One real `serve run` for the Serve tests of a module (an app takes a minute to come up on
-2 cores; per module, not per session, so it is gone before the tuning tests start Ray):
-two registry versions of the tiny model, and three applications: /, with API keys, and /open,
-with auth explicitly disabled, both of deployments/serve-split.yaml (four deployments); and
-/fused, the same settings as / in the fused topology of deployments/serve.yaml."""
+"""One real `serve run` for the Serve tests of this folder, behind the front door as `transferdesk
+serve` runs it (an app takes a minute to come up on 2 cores; started once, and gone before the
+tuning tests start Ray): two registry versions of the tiny model, and three applications: /,
+with API keys, and /open, with auth explicitly disabled, both of deployments/serve-split.yaml
+(four deployments); and /fused, the same settings as / in the fused topology of
+deployments/serve.yaml. Tests add applications of their own to it (test_chinese)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAMLS, installed_command, sigint_default
+from deployments.cli import SERVE_YAMLS
 from deployments.config import Topology, serve_env
+from deployments.front import FrontDoor
+from deployments.processes import installed_command, sigint_default
 from tests.conftest import TOY_INTENTS, Postgres, tiny_run, toy_rows, write_csv
 from transferdesk.training.train import train_and_register
 
@@ -83,6 +86,7 @@ class Service:
     ray_tmp: Path  # this cluster's RAY_TMPDIR: its session files, metrics targets among them
     keys_file: Path  # TRANSFERDESK_API_KEYS_FILE: keys beside those of the environment
     store: str  # the capture store of the / app (PostgreSQL)
+    front: FrontDoor  # what the url reaches: deployments/front.py
 
     def client(self, key: str | None = KEYS[0], prefix: str = "") -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -202,47 +206,63 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, prefixes: tuple[s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if all(httpx.get(f"{url}{p}/readyz", timeout=5).status_code == 200 for p in prefixes):
-                return
-        except httpx.HTTPError:
-            pass
+        if all(_ready(f"{url}{p}") for p in prefixes):
+            return
         time.sleep(2)
     pytest.fail(f"the Serve app did not come up in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def wait_until_ready(url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until the application at `url` (one deployed to a running cluster) answers /readyz."""
+    deadline = time.monotonic() + timeout_s
+    while not _ready(url):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} was not ready in {timeout_s} s")
+        time.sleep(1)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @contextlib.contextmanager
 def serve_running(
     config: dict, tmp: Path, env: dict[str, str], prefixes: tuple[str, ...] = PREFIXES
-) -> Iterator[tuple[str, Path, Path, str]]:
-    """`serve run` of `config` (written to tmp/serve.yaml), on a Ray of its own, until the block
-    ends: (url, log, Ray's temp directory, dashboard address)."""
+) -> Iterator[tuple[str, Path, Path, str, FrontDoor]]:
+    """`serve run` of `config` (written to tmp/serve.yaml), on a Ray of its own, behind a front
+    door, until the block ends: (url, log, Ray's temp directory, dashboard address, front door)."""
     if SERVE is None:
         pytest.fail("Ray Serve's `serve` command is not installed")
+    # Short, under /tmp: Ray's socket paths inside it must stay under 108 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="td-ray-", dir="/tmp"))
+    env = {**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), **env}
+    front = FrontDoor.claim(config, env)  # as `transferdesk serve` runs it: requests go through it
     config_path = tmp / "serve.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     log = tmp / "serve.log"
-    # Short, under /tmp: Ray's socket paths inside it must stay under 108 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="td-ray-", dir="/tmp"))
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [SERVE, "run", str(config_path)],
             cwd=ROOT,
-            env={**serve_env(), **RAY_ENV, **isolated_env(ray_tmp), **env},
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             preexec_fn=sigint_default,
         )
-    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    url = f"http://127.0.0.1:{front.port}"
     try:
-        wait_until_up(url, proc, log, prefixes)
-        # Colour codes stripped (their digits defeat the pattern): a guessed 8265 would send
-        # `serve deploy` to whichever cluster holds it, another's when two Serves share a machine.
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
-        match = re.search(r"dashboard at http://(\d+\.\d+\.\d+\.\d+:\d+)", plain)
-        if match is None:
-            pytest.fail(f"no dashboard address in the log of serve run:\n{plain[-3000:]}")
-        yield url, log, ray_tmp, f"http://{match.group(1)}"
+        with front:
+            wait_until_up(url, proc, log, prefixes)
+            # Colour codes stripped (their digits defeat the pattern): a guessed 8265 would send
+            # `serve deploy` to whichever cluster holds it, another's when two Serves share a machine.
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+            match = re.search(r"dashboard at http://(\d+\.\d+\.\d+\.\d+:\d+)", plain)
+            if match is None:
+                pytest.fail(f"no dashboard address in the log of serve run:\n{plain[-3000:]}")
+            yield url, log, ray_tmp, f"http://{match.group(1)}", front
     finally:
         proc.send_signal(signal.SIGINT)  # serve run shuts the app and its local Ray down
         try:
@@ -252,7 +272,18 @@ def serve_running(
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of this folder that use the shared service run after its others, together, so
+    that it starts once and is gone before the next folder's tests (Tune's Ray among them)."""
+    here = [i for i, item in enumerate(items) if Path(item.path).is_relative_to(Path(__file__).parent)]
+    if here:
+        block = items[here[0] : here[-1] + 1]
+        block.sort(key=lambda item: "service" in item.fixturenames)
+        items[here[0] : here[-1] + 1] = block
+
+
+# Per package, not per session: Tune's tests, which start a Ray of their own, come after.
+@pytest.fixture(scope="package")
 def service(
     tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path, postgres: Postgres
 ) -> Iterator[Service]:
@@ -264,6 +295,8 @@ def service(
     keys_file = tmp / "keys"  # a mounted Secret's stand-in: rotated by a test
     keys_file.write_text("")
     env = {"TRANSFERDESK_API_KEYS": ",".join(KEYS), "TRANSFERDESK_API_KEYS_FILE": str(keys_file)}
-    with serve_running(config, tmp, env) as (url, log, ray_tmp, dashboard):
+    with serve_running(config, tmp, env) as (url, log, ray_tmp, dashboard, front):
         config_path = tmp / "serve.yaml"
-        yield Service(url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file, store)
+        yield Service(
+            url, config, config_path, dashboard, policy, versions, log, ray_tmp, keys_file, store, front
+        )

@@ -4,6 +4,7 @@ from the command line, and served over real HTTP; UTF-8 all the way."""
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import make_tiny_backbone, tiny_run
-from tests.deployments.conftest import app_config, free_port, serve_running
+from tests.deployments.conftest import Service, app_config, wait_until_ready
 from transferdesk.cli.main import main
 from transferdesk.data import read_dataset, sample_path
 from transferdesk.evaluation.report import label_font, plot_confusion
@@ -37,7 +38,8 @@ def chinese_backbone(path: Path) -> Path:
     return make_tiny_backbone(path, (chars | digits) - set(string.ascii_lowercase))
 
 
-@pytest.fixture(scope="module")
+# Per package: the served test runs later, among the shared service's tests (conftest).
+@pytest.fixture(scope="package")
 def zh_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("zh")
     backbone = chinese_backbone(tmp / "bert")
@@ -85,7 +87,9 @@ def test_plots_with_chinese_labels_draw_them_or_number_them(tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def zh_service(zh_version: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def zh_service(zh_version: Path, service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The Chinese version as one more application (/zh) of the shared service's cluster,
+    deployed as an operator would add one, and removed again."""
     tmp = tmp_path_factory.mktemp("zh-serve")
     labels = json.loads((zh_version / "version.json").read_text())["labels"]
     policy = {
@@ -94,10 +98,17 @@ def zh_service(zh_version: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "routes": {label: {"destination": f"{label}-组"} for label in labels},
     }
     (tmp / "policy.yaml").write_text(yaml.safe_dump(policy, allow_unicode=True), encoding="utf-8")
-    config = app_config(zh_version, tmp / "policy.yaml", free_port())
-    config["applications"][0]["args"]["auth"] = {"disabled": True}
-    with serve_running(config, tmp, {}, prefixes=("",)) as (url, *_):
-        yield url
+    (app,) = app_config(zh_version, tmp / "policy.yaml", 0)["applications"]
+    app.update(name="zh", route_prefix="/zh")
+    app["args"]["auth"] = {"disabled": True}
+    config = copy.deepcopy(service.config)
+    config["applications"].append(app)
+    service.deploy(config)
+    try:
+        wait_until_ready(f"{service.url}/zh")
+        yield f"{service.url}/zh"
+    finally:
+        service.deploy(service.config)
 
 
 def test_serve_classifies_and_routes_chinese(zh_service: str) -> None:

@@ -18,8 +18,9 @@ import httpx
 import pytest
 import yaml
 
-from deployments.cli import SERVE_YAMLS, installed_command
+from deployments.cli import SERVE_YAMLS
 from deployments.config import serve_env
+from deployments.processes import installed_command
 from tests.deployments.conftest import KEYS, RAY_ENV, free_port, isolated_env, train_versions, write_policy
 
 pytestmark = pytest.mark.integration

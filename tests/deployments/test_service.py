@@ -536,21 +536,27 @@ def _hammer(service: Service, stop: threading.Event, outcomes: list, prefix: str
         while not stop.is_set():
             try:
                 r = client.post("/v1/classify", json={"texts": [TRACK, RESET]})
-                outcomes.append((r.status_code, r.json().get("model_version")))
+                json_body = r.headers.get("content-type", "").startswith("application/json")
+                outcomes.append((r.status_code, r.json().get("model_version") if json_body else r.text[:80]))
             except httpx.HTTPError as err:
                 outcomes.append((type(err).__name__, None))
 
 
 def _classifier_pids(app: str = "transferdesk", deployment: str = "Classifier") -> set[int]:
     """Processes of the replicas that hold the app's classifier, found by their Ray process title."""
-    title = f"ServeReplica:{app}:{deployment}".encode()
+    return _pids(f"ServeReplica:{app}:{deployment}")
+
+
+def _pids(*parts: str) -> set[int]:
+    """Processes whose command line holds every one of `parts`."""
     pids = set()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if title in (proc / "cmdline").read_bytes():
-                pids.add(int(proc.name))
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
+        if all(part in cmdline for part in parts):
+            pids.add(int(proc.name))
     return pids
 
 
@@ -838,3 +844,58 @@ def test_the_fused_topology_switches_and_canaries_in_place(service: Service) -> 
         info = client.get("/v1/model").json()
     assert info["version"] == "toy/v1" and info["rollout"] is None and info["switch_error"] is None
     assert _classifier_pids("fused", "Ingress") == pids
+
+
+def _serve_proxies(service: Service) -> set[int]:
+    """Serve's own HAProxy processes of this cluster: their configuration is under its RAY_TMPDIR."""
+    return _pids("haproxy", str(service.ray_tmp))
+
+
+def test_a_killed_serve_proxy_fails_no_request_and_answers_no_404(service: Service) -> None:
+    """The front door sends the requests to Serve's fallback proxy while Serve replaces its
+    HAProxy, and to the new one only once it has the routes (before, it answers 404)."""
+    killed = _serve_proxies(service)
+    assert killed, "no HAProxy of Serve's found"
+    stop, outcomes = threading.Event(), []
+    workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes, "/fused")) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        time.sleep(1)
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (_serve_proxies(service) - killed):
+            time.sleep(0.5)
+        time.sleep(3)  # the front door's checks take the new proxy back
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert _serve_proxies(service) - killed, "Serve did not start a new proxy"
+    statuses = [status for status, _ in outcomes]
+    counts = {s: statuses.count(s) for s in set(statuses)}
+    # Only the requests in flight in the killed proxy may be lost (a POST's streamed body cannot
+    # be sent again): a 502 from the front door for each; no 404 or other error for any request.
+    lost = [status for status, _ in outcomes if status != 200]
+    assert set(lost) <= {502} and len(lost) <= len(workers), counts
+    assert all("proxy_lost" in body for status, body in outcomes if status == 502)
+    assert counts[200] > 20
+
+
+def test_the_front_door_is_started_again_when_it_dies(service: Service) -> None:
+    before, restarts = service.front.pid, service.front.restarts
+    assert before is not None
+    os.kill(before, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while service.front.pid == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.front.pid != before and service.front.restarts == restarts + 1
+    with service.client() as client:
+        answered = None
+        while time.monotonic() < deadline and answered is None:
+            try:
+                answered = client.post("/v1/classify", json={"text": TRACK})
+            except httpx.ConnectError:  # not listening yet: milliseconds
+                time.sleep(0.05)
+    assert answered is not None and answered.status_code == 200

@@ -14,8 +14,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deployments.cli import installed_command
 from deployments.config import FAST_PATH_ENV
+from deployments.processes import installed_command
 from tests.k8s.kuberay_schema import KubeRayValidator
 from transferdesk.review.store import STORE_FILE_ENV
 
@@ -266,6 +266,23 @@ def test_two_ingress_replicas_on_the_cluster(rendered: dict) -> None:
         deployments = _applications(one(rendered[target], "RayService"))[0]["deployments"]
         ingress = next(d for d in deployments if d["name"] == "Ingress")
         assert ingress["autoscaling_config"]["min_replicas"] >= 2, target
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_a_serving_pod_whose_proxy_is_down_leaves_the_service_within_a_second(
+    rendered: dict, target: str
+) -> None:
+    """Issue #36: a proxy on every worker (EveryNode) behind the Service, each pod's readiness
+    its proxy's /-/healthz (503 while it has no routes), checked every second."""
+    service = one(rendered[target], "RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"])["proxy_location"] == "EveryNode"
+    workers = [t for name, t in _pod_templates(service) if not name.endswith("-head")]
+    assert workers, target
+    for template in workers:
+        [container] = [c for c in template["spec"]["containers"] if c["name"] == "ray-worker"]
+        probe = container["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/-/healthz", "port": 8000}, target
+        assert probe["periodSeconds"] * probe["failureThreshold"] <= 1, target
 
 
 def as_pod(name: str, template: dict) -> dict:
