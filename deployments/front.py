@@ -4,7 +4,7 @@ again the moment it exits.
 
 Why: when Serve's proxy dies (HAProxy on the fast path, or Ray's ProxyActor), Serve notices at
 its next health checks and starts another, which answers 404 until it has been given the routes:
-about 8 s without a success, then 404s (benchmarks/results/serve_faults-fused.md). The front
+about 8 s without a success, then 404s (docs/operations.md, before the front door). The front
 door sends requests to Serve's proxy while its /-/healthz says it has the routes, and otherwise
 to the fallback proxy Serve keeps on the head node (Ray's ProxyActor, which knows every route),
 retrying a request whose connection failed. Its own configuration names
