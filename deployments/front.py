@@ -128,8 +128,7 @@ class FrontDoor:
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._dir = Path(tempfile.mkdtemp(prefix="td-front-"))
-        self.config_path = self._dir / "front.cfg"
+        self._dir = Path()  # its files' folder, made when it starts
         self._supervisor = threading.Thread(target=self._supervise, name="front-door", daemon=True)
 
     @classmethod
@@ -147,7 +146,9 @@ class FrontDoor:
         return None if self._proc is None else self._proc.pid
 
     def __enter__(self) -> FrontDoor:
-        self.config_path.write_text(front_config(self.host, self.port, self.serve_port, self.fallback_port))
+        self._dir = Path(tempfile.mkdtemp(prefix="td-front-"))
+        config = front_config(self.host, self.port, self.serve_port, self.fallback_port)
+        (self._dir / "front.cfg").write_text(config)
         self._proc = self._spawn()
         time.sleep(0.2)
         if self._proc.poll() is not None:
@@ -172,7 +173,7 @@ class FrontDoor:
     def _spawn(self) -> subprocess.Popen:
         with open(self._dir / "stderr.log", "wb") as err:
             return subprocess.Popen(
-                [haproxy_binary(), "-db", "-f", str(self.config_path)],
+                [haproxy_binary(), "-db", "-f", str(self._dir / "front.cfg")],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,

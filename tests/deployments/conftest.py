@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,7 +26,7 @@ import yaml
 
 from deployments.cli import SERVE_YAMLS
 from deployments.config import Topology, serve_env
-from deployments.front import FrontDoor
+from deployments.front import FrontDoor, free_port
 from deployments.processes import installed_command, sigint_default
 from tests.conftest import TOY_INTENTS, Postgres, tiny_run, toy_rows, write_csv
 from transferdesk.training.train import train_and_register
@@ -52,12 +51,6 @@ def isolated_env(ray_tmp: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_policy(path: Path, min_confidence: float = 0.0, version: str = "test-1", **more: object) -> Path:
