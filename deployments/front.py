@@ -152,9 +152,11 @@ class FrontDoor:
         self._proc = self._spawn()
         time.sleep(0.2)
         if self._proc.poll() is not None:
+            why = self._stderr()
+            shutil.rmtree(self._dir, ignore_errors=True)
             raise TransferDeskError(
                 f"the front door (HAProxy on {self.host}:{self.port}) exited at once: "
-                f"{self._stderr()} (is the port taken?)"
+                f"{why} (is the port taken?)"
             )
         self._supervisor.start()
         return self

@@ -23,6 +23,8 @@ from transferdesk.errors import TransferDeskError
 
 
 class QuietServer(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 resets connections under HAProxy's checks and load
+
     def handle_error(self, *args: object) -> None:
         pass  # HAProxy's health checks hang up without reading the answer
 
