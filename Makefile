@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # from the local wheel cache instead of downloading a multi-GB CUDA build.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install system-packages teacher-mpnet demo test lint format docs render-k8s benchmark benchmark-unlabelled benchmark-review-loop benchmark-multitask benchmark-out-of-scope clean
+.PHONY: install system-packages teacher-mpnet demo test lint format docs render-k8s benchmark benchmark-unlabelled benchmark-review-loop benchmark-emerging-intents benchmark-multi-intent benchmark-multitask benchmark-out-of-scope clean
 
 install: $(VENV)/.installed
 
@@ -16,12 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian packages the tests start for real: a PostgreSQL server (the review store's tests run
-# their own, on a free port) and Chromium (the review page's browser test, driven by
-# Playwright). Installed once, when missing.
+# their own, on a free port), Chromium (the review page's browser test, driven by Playwright)
+# and Prometheus's promtool (the alert rules' tests; no server is started). Installed once,
+# when missing.
 system-packages:
 	@need=""; \
 	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need="$$need postgresql"; \
 	test -x /usr/bin/chromium || need="$$need chromium"; \
+	command -v promtool >/dev/null || need="$$need prometheus"; \
 	if [ -n "$$need" ]; then \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		echo "installing$$need"; \
@@ -130,6 +132,14 @@ benchmark-review-loop: install
 
 # Multi-task models: transfer modes (none, sequential, joint) on BANKING77 10-shot with CLINC150
 # as the source, 3 seeds; then each head's accuracy on the sample and what two extra heads cost.
+# New intents found among the hand-offs, added by a warm start, seen by drift: 3 seeds, ~45 min.
+benchmark-emerging-intents: install
+	$(PY) benchmarks/emerging_intents.py
+
+# Two requests in one message and explanations of decisions: 3 seeds, ~30 min.
+benchmark-multi-intent: install
+	$(PY) benchmarks/multi_intent.py
+
 benchmark-multitask: install
 	$(PY) benchmarks/multitask.py
 	$(PY) benchmarks/heads_cost.py

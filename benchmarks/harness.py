@@ -59,6 +59,8 @@ BENCHMARKS: dict[str, tuple[str, ...]] = {
         "oos_shift",
         "heads_cost",
         "review_loop",
+        "emerging_intents",
+        "multi_intent",
         "runtime_accuracy",
     ),
     "Serving": ("cpu_serving", "serve_load", "capture_cost", "serve_faults"),
@@ -231,6 +233,30 @@ def rerun(script: str, args: argparse.Namespace, *one: object, seed: int) -> Chi
         if getattr(args, dest, None) is not None:
             command += [flag, str(getattr(args, dest))]
     return run_child(command)
+
+
+def seed_runs(name: str, script: str, args: argparse.Namespace) -> dict:
+    """Each of --seeds run by `rerun`, its answer (with its peak memory) saved as soon as it
+    comes, beside the earlier seeds' answers: results/<name>.json is {"machine", "runs": {seed:
+    answer}}. Returns that."""
+    result = {"machine": machine(), "runs": load(name, args.results, args.tag).get("runs", {})}
+    for seed in args.seeds:
+        print(f"== seed {seed}", flush=True)
+        child = rerun(script, args, "seed", seed=seed)
+        result["runs"][str(seed)] = {**child.json(), "peak_rss_gib": child.peak_rss_gib}
+        print(json.dumps(result["runs"][str(seed)], indent=2), flush=True)
+        save(name, result, args.results, args.tag)
+    return result
+
+
+def seeded_main(doc: str | None, name: str, script: str, run: Callable[..., dict]) -> None:
+    """The whole `main` of a benchmark that runs each seed on BANKING77 in a child of its own
+    (`run(step, seed=, data=, work=)` there; `seed_runs` here)."""
+    args = parser(doc, data=True, seeds=[1, 2, 3], work=name, one=True).parse_args()
+    if answer(args, run):
+        return
+    require(args.data_dir, "banking77/train_10.csv", what="BANKING77")
+    seed_runs(name, script, args)
 
 
 def emit(result: dict) -> None:

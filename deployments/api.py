@@ -10,7 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -24,7 +24,9 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    SerializerFunctionWrapHandler,
     StringConstraints,
+    model_serializer,
     model_validator,
 )
 from ray import serve
@@ -36,10 +38,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.capture import CaptureWriter
 from deployments.config import CALL_TEXTS, MAX_TOP_K, Coalescing, KeyRing, Limits, ServeArgs
+from deployments.drift import DriftMonitor
 from deployments.gate import BatchGate
 from deployments.routing import Priority
 from deployments.topology import InProcess, attach, in_process
 from transferdesk import __version__
+from transferdesk.model.explain import variants, weigh
+from transferdesk.model.multi_intent import chosen_cuts, cut_parts, requests
 from transferdesk.model.prediction import Prediction
 
 log = logging.getLogger("ray.serve")
@@ -167,6 +172,33 @@ class TextsRequest(Strict):
         return [self.text] if self.text is not None else list(self.texts or [])
 
 
+class ExplainRequest(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: CustomerText = Field(description="The message.")
+    intent: str | None = Field(
+        None, min_length=1, description="The intent to explain; default: the message's top intent."
+    )
+
+
+class ExplainedWord(BaseModel):
+    text: str
+    start: int = Field(description="Character offset of the word in the message.")
+    end: int
+    weight: float = Field(
+        description="How much the intent's confidence falls when the word is left out; negative: the "
+        "word held it down."
+    )
+
+
+class ExplainResponse(BaseModel):
+    request_id: str
+    model_version: str
+    intent: str
+    confidence: float = Field(description="The intent's confidence with every word in.")
+    words: list[ExplainedWord] = Field(description="Every word of the message, in order.")
+
+
 class Alternative(BaseModel):
     intent: str
     confidence: float
@@ -184,7 +216,19 @@ TASKS_FIELD = Field(
 )
 
 
-class Classification(BaseModel):
+class OnlyWithTwoRequests(BaseModel):
+    """An answer whose `requests` appear only for a message with two (args.multi_intent): one
+    with a single request has exactly the shape it has without the search."""
+
+    @model_serializer(mode="wrap")
+    def _without_requests(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("requests") is None:
+            data.pop("requests", None)
+        return data
+
+
+class Classification(OnlyWithTwoRequests):
     intent: str
     confidence: float
     out_of_scope: bool = Field(
@@ -193,6 +237,11 @@ class Classification(BaseModel):
     )
     alternatives: list[Alternative]
     tasks: dict[str, TaskAnswer] = TASKS_FIELD
+    requests: list[Alternative] | None = Field(
+        None,
+        description="Only for a message with two requests (args.multi_intent): each one's intent and "
+        "confidence, in the message's order; `intent` stays the whole message's top intent.",
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -201,7 +250,18 @@ class ClassifyResponse(BaseModel):
     results: list[Classification]
 
 
-class Decision(BaseModel):
+class RequestDecision(BaseModel):
+    """One of a message's two requests, routed on its own."""
+
+    intent: str
+    confidence: float
+    destination: str
+    priority: Priority
+    handoff: bool
+    reason: Literal["intent", "default", "low_confidence", "queue_threshold", "no_route", "rule"]
+
+
+class Decision(OnlyWithTwoRequests):
     intent: str
     confidence: float
     destination: str
@@ -213,6 +273,12 @@ class Decision(BaseModel):
     rule: str | None = Field(None, description="The policy rule that chose the queue (reason `rule`).")
     alternatives: list[Alternative]
     tasks: dict[str, TaskAnswer] = TASKS_FIELD
+    requests: list[RequestDecision] | None = Field(
+        None,
+        description="Only for a message with two requests (args.multi_intent): each one's decision, in "
+        "the message's order; this decision is the primary one's (the routing policy's `primary`), so "
+        "that contact-center software can open a ticket per request.",
+    )
 
 
 class RouteResponse(BaseModel):
@@ -287,6 +353,20 @@ class CaptureStatus(BaseModel):
     error: str | None
 
 
+class DriftStatus(BaseModel):
+    """One version's drift figures over its last messages on this replica (args.drift)."""
+
+    messages: int = Field(description="In the window, up to args.drift.window.")
+    routed: int = Field(description="Of them, routed (/v1/route): what the hand-off rates are shares of.")
+    out_of_scope_rate: float
+    mean_confidence: float
+    handoff_rates: dict[str, float] = Field(description="By the decision's reason.")
+    divergence: float | None = Field(
+        description="Jensen-Shannon divergence (bits) of the decisions' mix from validation's; null until "
+        "the window is full, or for a version that recorded no validation mix."
+    )
+
+
 class Readiness(BaseModel):
     status: Literal["ready"]
     checks: dict[str, str] | None = Field(
@@ -294,6 +374,9 @@ class Readiness(BaseModel):
     )
     capture: CaptureStatus | None = Field(
         None, description="This replica's capture for review (args.capture), when enabled (with an API key)."
+    )
+    drift: dict[str, DriftStatus] | None = Field(
+        None, description="This replica's drift figures by model version (with an API key)."
     )
 
 
@@ -318,6 +401,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (422, "Invalid request; `error.field` names the field."),
         (503, "Overloaded or not ready: retry after the `Retry-After` header's seconds."),
     )
+}
+
+
+EXPLAIN_ERRORS = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "`intent` is not an intent of the served model."},
 }
 
 
@@ -408,6 +497,7 @@ class Answer:
     answered_by: list[str]  # each text's model version (mid-switch or under a canary: two)
     decisions: list[dict] | None = None
     error: Exception | None = None  # a classifier call that failed this request's texts
+    requests: list[list[tuple[str, float]] | None] | None = None  # each text's two, where looked for
 
     @property
     def versions(self) -> str:
@@ -558,8 +648,10 @@ class Ingress:
         self.keyring = None if self.settings.auth.disabled else KeyRing()
         capture = self.settings.capture
         self.capture = CaptureWriter(capture, capture.url()) if capture.enabled else None
+        self.drift = DriftMonitor(self.settings.drift, lambda: self.classifier.references.remote())
         self._answer_batch.set_max_batch_size(self.settings.coalescing.max_texts)
         self.gate = BatchGate(CONCURRENT_BATCHES)
+        self.explaining = 0  # explanations under way (args.explain.max_concurrent)
         self.ready: tuple[float, Readiness | ApiError | None] = (0.0, None)
         tags = ("route", "status", "model_version")
         self.requests = Counter("transferdesk_requests", description="HTTP requests.", tag_keys=tags)
@@ -646,6 +738,7 @@ class Ingress:
             self.capture.offer(
                 _request_id(request), answer.answered_by, texts, answer.predictions, answer.decisions
             )
+        self.drift.observe(answer.answered_by, answer.predictions, answer.decisions)
         if self.settings.log_texts:
             log.info("texts: %s", texts)
         return answer
@@ -698,17 +791,31 @@ class Ingress:
             # A request's texts may be scored by two versions mid-way through a switch.
             by = [version for version, _ in mine]
             answers.append(Answer([prediction for _, prediction in mine], by))
+        if self.settings.multi_intent.enabled:
+            found = await self._requests(texts, deadline)
+            for job, answer in zip(jobs, answers, strict=True):
+                answer.requests, found = found[: len(job.texts)], found[len(job.texts) :]
         routed = [
             (answer, job.top_k)
             for answer, job in zip(answers, jobs, strict=True)
             if job.top_k is not None and answer.error is None
         ]
         if routed:
-            groups = [(answer.predictions, top_k) for answer, top_k in routed]
+            groups = [(answer.predictions, top_k, answer.requests) for answer, top_k in routed]
             decided = await self._within_time(lambda: self.router.remote(groups), deadline)
             for (answer, _), decisions in zip(routed, decided, strict=True):
                 answer.decisions = decisions
         return answers
+
+    async def _requests(self, texts: list[str], deadline: float) -> list[list[tuple[str, float]] | None]:
+        """Each text's two requests, or None (args.multi_intent): every part of every cut of
+        the batch's texts tokenized and scored in one call each, by the served version."""
+        starts, parts = cut_parts(texts)
+        if not parts:
+            return [None] * len(texts)
+        ids = await self._within_time(lambda: self.tokenizer.remote(parts), deadline)
+        threshold, tops = await self._within_time(lambda: self.classifier.tops.remote(ids), deadline)
+        return [requests(cut, threshold) for cut in chosen_cuts(starts, tops)]
 
     async def _within_time(self, call: Callable[[], Awaitable[T]], deadline: float | None = None) -> T:
         """A downstream call, made again once on another replica when the one it reached died
@@ -734,7 +841,7 @@ class Ingress:
     @api.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS, dependencies=_BEARER)
     async def classify(self, body: TextsRequest, request: Request) -> Response:
         """Intent, confidence and alternatives for one message or several."""
-        predictions = (await self._answer(request, body, route=False)).predictions
+        answer = await self._answer(request, body, route=False)
         k = self._top_k(body)
         results = [
             Classification(
@@ -743,8 +850,11 @@ class Ingress:
                 out_of_scope=p.out_of_scope,
                 alternatives=[Alternative(intent=i, confidence=c) for i, c in p.alternatives[:k]],
                 tasks={task: TaskAnswer(label=label, confidence=c) for task, (label, c) in p.tasks.items()},
+                requests=[Alternative(intent=i, confidence=c) for i, c in found] if found else None,
             )
-            for p in predictions
+            for p, found in zip(
+                answer.predictions, answer.requests or [None] * len(answer.predictions), strict=True
+            )
         ]
         log.debug("classify n=%d model=%s", len(results), request.state.model)
         return _json(
@@ -769,6 +879,44 @@ class Ingress:
                 model_version=request.state.model,
                 policy_version=decisions[0]["policy_version"],
                 decisions=decisions,
+            )
+        )
+
+    @api.post("/v1/explain", response_model=ExplainResponse, responses=EXPLAIN_ERRORS, dependencies=_BEARER)
+    async def explain(self, body: ExplainRequest, request: Request) -> Response:
+        """The words that raised and lowered the confidence of one message's top intent (or of
+        `intent`): each left out in turn, one forward pass per word (limits: args.explain)."""
+        limits = self.settings.explain
+        if len(body.text) > self.settings.limits.max_text_chars:
+            raise ApiError(
+                422, "text_too_long", f"at most {self.settings.limits.max_text_chars} characters", "text"
+            )
+        texts = variants(body.text)
+        if len(texts) - 1 > limits.max_words:
+            raise ApiError(422, "too_many_words", f"at most {limits.max_words} words to explain", "text")
+        if self.explaining >= limits.max_concurrent:
+            raise ApiError(503, "busy", "explanations are under way at their limit; retry shortly")
+        self.explaining += 1
+        try:
+            ids = await self._within_time(lambda: self.tokenizer.remote(texts))
+            found = await self._within_time(lambda: self.classifier.explain.remote(ids, body.intent))
+        finally:
+            self.explaining -= 1
+        if found is None:
+            # 404, not 422: the request is well formed; the intent it names is not there.
+            raise ApiError(
+                404, "unknown_intent", f"{body.intent!r} is not an intent of the served model", "intent"
+            )
+        version, intent, confidences = found
+        request.state.model = version
+        why = weigh(body.text, intent, confidences)
+        return _json(
+            ExplainResponse(
+                request_id=_request_id(request),
+                model_version=version,
+                intent=why.intent,
+                confidence=why.confidence,
+                words=[ExplainedWord(**asdict(word)) for word in why.words],
             )
         )
 
@@ -809,9 +957,10 @@ class Ingress:
             raise answer if keyed else ApiError(503, "not_ready", "not ready; retry shortly")
         if not keyed:
             return Readiness(status="ready")
-        if self.capture is not None:  # not cached: a store outage shows at once
-            return answer.model_copy(update={"capture": CaptureStatus(**self.capture.status())})
-        return answer
+        # Neither cached: a store outage shows at once, and the figures as they are now.
+        drift = {version: DriftStatus(**figures) for version, figures in self.drift.status().items()}
+        capture = CaptureStatus(**self.capture.status()) if self.capture is not None else None
+        return answer.model_copy(update={"capture": capture, "drift": drift})
 
     async def _check_chain(self) -> Readiness:
         calls = {

@@ -23,7 +23,7 @@ from ray import serve
 from deployments.api import Ingress
 from deployments.config import MAX_TOP_K, ClassifierConfig, Rollout, ServeArgs
 from deployments.gate import BatchGate
-from deployments.routing import decide, load_policy
+from deployments.routing import decide_message, load_policy
 from deployments.topology import place
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.modeling import IntentModel
@@ -44,6 +44,9 @@ BATCHING = ClassifierConfig()
 # One call's answer: the model version that answered (a call is never split across batches,
 # so one version) and a prediction per text.
 CallResult = tuple[str, list[Prediction]]
+# One HTTP request's share of a Router call: its predictions, top_k, and each message's two
+# requests where serving looks for them (None: one request each).
+Routed = tuple[list[Prediction], int, list[list[tuple[str, float]] | None] | None]
 
 
 def count_texts(calls: list[list[list[int]]]) -> int:
@@ -97,6 +100,34 @@ class Served:
 
     def serves(self, path: str, runtime: str) -> bool:
         return str(self.version.path) == path and self.asked == runtime
+
+    def reference(self) -> dict | None:
+        """What its live traffic is compared with (deployments/drift.py): the mix of decisions on
+        its validation rows and their count, as training recorded them; None for a version
+        trained before they were."""
+        calibration = self.version.metrics.get("calibration") or {}
+        mix = calibration.get("valid_intent_mix")
+        return {"mix": mix, "rows": calibration.get("valid_rows")} if mix else None
+
+    def tops(self, ids: list[list[int]]) -> tuple[float | None, list[tuple[str, float]]]:
+        """Its threshold for two requests in a message (None: not calibrated for them) and the
+        top intent and confidence of each tokenized text: the parts of messages' cuts
+        (transferdesk/model/multi_intent.py)."""
+        model = self.model
+        probs = model.split_heads(model.logits_from_ids(ids)).intent
+        tops = [(model.labels[i], float(c)) for i, c in zip(probs.argmax(1), probs.max(1), strict=True)]
+        return model.multi_intent_threshold, tops
+
+    def confidences(self, ids: list[list[int]], intent: str | None) -> tuple[str, list[float]] | None:
+        """The confidence in `intent` (None: the top intent of the first text) on each tokenized
+        text, an explanation's variants (transferdesk/model/explain.py); None: not an intent of
+        this version."""
+        model = self.model
+        if intent is not None and intent not in model.labels:
+            return None
+        probs = model.split_heads(model.logits_from_ids(ids)).intent
+        column = model.labels.index(intent) if intent is not None else int(probs[0].argmax())
+        return model.labels[column], probs[:, column].tolist()
 
     def info(self) -> dict:
         model = self.model
@@ -310,6 +341,23 @@ class Classifier:
         await self.gate.wait()
         return await self.predict(ids)
 
+    async def explain(self, ids: list[list[int]], intent: str | None) -> tuple[str, str, list[float]] | None:
+        """The served version, the intent explained and its confidence on each variant of one
+        message (Served.confidences): one forward pass over them all, outside the batches of
+        `predict`, by the served version (a canary's answers are not explained)."""
+        await self.gate.wait()
+        served = self.served
+        with self.gate.batch():
+            found = await asyncio.to_thread(served.confidences, ids, intent)
+        return None if found is None else (served.version.spec, *found)
+
+    async def tops(self, ids: list[list[int]]) -> tuple[float | None, list[tuple[str, float]]]:
+        """Served.tops by the served version: where its messages hold two requests."""
+        await self.gate.wait()
+        served = self.served
+        with self.gate.batch():
+            return await asyncio.to_thread(served.tops, ids)
+
     def info(self) -> dict:
         rollout = None
         if self.rollout is not None:
@@ -327,6 +375,11 @@ class Classifier:
             "switch_error": self.switch_error,
             "rollout": rollout,
         }
+
+    def references(self) -> dict[str, dict | None]:
+        """Each version this replica serves (and its rollout's): its validation mix of decisions
+        (Served.reference), for the Ingress's drift figures."""
+        return {s.version.spec: s.reference() for s in (self.served, self.second) if s is not None}
 
     def check_health(self) -> None:
         """Fails (and Serve replaces the replica) when the model cannot answer a forward pass."""
@@ -384,12 +437,19 @@ class Router:
         except (TransferDeskError, OSError) as err:  # keep routing with the last good policy
             log.error("routing policy not reloaded: %s", err)
 
-    async def __call__(self, requests: list[tuple[list[Prediction], int]]) -> list[list[dict]]:
-        """Decisions for the predictions of each request (with its top_k), under one policy even
-        if a reload lands meanwhile. async: as Tokenizer."""
+    async def __call__(self, calls: list[Routed]) -> list[list[dict]]:
+        """Decisions for the predictions of each HTTP request (with its top_k and, where serving
+        looks for them, each message's two requests), under one policy even if a reload lands
+        meanwhile. async: as Tokenizer."""
         self._maybe_reload()
         policy = self.policy
-        return [[decide(policy, p, top_k) for p in predictions] for predictions, top_k in requests]
+        return [
+            [
+                decide_message(policy, p, top_k, r)
+                for p, r in zip(predictions, found or [None] * len(predictions), strict=True)
+            ]
+            for predictions, top_k, found in calls
+        ]
 
     async def thresholds(self) -> dict:
         """The policy's version and confidence thresholds (GET /v1/model)."""

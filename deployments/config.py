@@ -116,6 +116,32 @@ class Limits(Section):
     )
 
 
+class ExplainLimits(Section):
+    """POST /v1/explain costs a forward pass per word of its message: limits of its own."""
+
+    max_words: int = Field(
+        64, ge=1, le=512, description="Most words in a message to explain (each is one more forward pass)."
+    )
+    max_concurrent: int = Field(
+        2,
+        ge=1,
+        description="Explanations under way at once per Ingress replica; past it, 503 with Retry-After, "
+        "so that explanations never crowd out classification.",
+    )
+
+
+class MultiIntentSettings(Section):
+    """Two requests in one message (transferdesk/model/multi_intent.py): each message cut in two
+    at every word, both parts scored; for a version trained with calibration.multi_intent_rows."""
+
+    enabled: bool = Field(
+        False,
+        description="Look for two requests in each message (two forward passes per word). A decision "
+        "then lists both under `requests` and is the primary one's (the routing policy's `primary`); "
+        "a message with one request is answered exactly as without.",
+    )
+
+
 class Coalescing(Section):
     """How the Ingress gathers concurrent requests into one call of each deployment."""
 
@@ -171,6 +197,48 @@ class CaptureSettings(Section):
         return store_url(self.store)
 
 
+class DriftSettings(Section):
+    """Rolling figures of live traffic per model version, exported to Prometheus
+    (deployments/drift.py), and the thresholds of the alerts k8s/render.py writes from them into
+    the PrometheusRule: defined here only. Defaults and how they were chosen:
+    docs/operations.md#drift."""
+
+    window: int = Field(
+        2000,
+        ge=100,
+        le=100_000,
+        description="Messages each figure is computed over (the last ones, per Ingress replica and "
+        "version). A count, not a time: the divergence's noise floor falls as 1/window, so a fixed "
+        "count gives one threshold at any traffic. Longer: less noise, slower to fill and to react.",
+    )
+    export_interval_s: float = Field(
+        5.0, gt=0, le=300, description="How often the figures are recomputed and exported (on a request)."
+    )
+    divergence_alert: float = Field(
+        0.025,
+        gt=0,
+        le=1,
+        description="Alert above this Jensen–Shannon divergence (bits) of the live decisions' mix from "
+        "the validation one: above what unchanged traffic reaches in 99.9% of windows for ~70 intents, "
+        "2,000 messages and 1,500 validation rows; more intents or fewer rows need more.",
+    )
+    handoff_rate_alert: float = Field(
+        0.3, gt=0, le=1, description="Alert above this share of routed messages handed to people (any cause)."
+    )
+    out_of_scope_rate_alert: float = Field(
+        0.2, gt=0, le=1, description="Alert above this share of messages below the out-of-scope threshold."
+    )
+    mean_confidence_alert: float = Field(
+        0.5, gt=0, le=1, description="Alert below this mean confidence of the top intent."
+    )
+    alert_for_minutes: int = Field(
+        15,
+        ge=1,
+        le=1440,
+        description="How long a figure stays past its threshold before its alert fires (the rule's `for`).",
+    )
+
+
 # Where the tokenizer, classifier and router run (deployments/topology.py).
 Topology = Literal["fused", "split"]
 
@@ -204,6 +272,8 @@ class ServeArgs(Section):
         "assigned it).",
     )
     limits: Limits = Limits()
+    explain: ExplainLimits = ExplainLimits()
+    multi_intent: MultiIntentSettings = MultiIntentSettings()
     coalescing: Coalescing = Coalescing()
     auth: Auth = Auth()
     docs: Docs = Docs()
@@ -211,6 +281,7 @@ class ServeArgs(Section):
         False, description="Write message texts to the logs. They are personal data: off by default."
     )
     capture: CaptureSettings = CaptureSettings()
+    drift: DriftSettings = DriftSettings()
 
     @field_validator("model")
     @classmethod

@@ -85,6 +85,12 @@ class RoutingPolicy(Section):
     )
     rules: list[Rule] = Field(default_factory=list, description="Rules on other heads' answers, in order.")
     priority_from: PriorityFrom | None = Field(None, description="Raise priorities from a head's answer.")
+    primary: list[str] = Field(
+        default_factory=list,
+        description="A message with two requests (serving's multi_intent): which one its decision is, "
+        "the other listed beside it. The first destination or intent named here that either request "
+        "has; neither named: the higher priority, then the more confident.",
+    )
 
     @model_validator(mode="after")
     def _thresholds_where_they_apply(self) -> RoutingPolicy:
@@ -231,6 +237,48 @@ def decide(policy: RoutingPolicy, prediction: Prediction, alternatives: int) -> 
         "tasks": {task: {"label": label, "confidence": c} for task, (label, c) in prediction.tasks.items()},
         "policy_version": policy.version,
     }
+
+
+def decide_message(
+    policy: RoutingPolicy,
+    prediction: Prediction,
+    alternatives: int,
+    requests: list[tuple[str, float]] | None = None,
+) -> dict:
+    """A message's decision: `decide`'s, or with two requests (multi_intent.py) the decision of
+    the primary one (`policy.primary`), with every request's decision under `requests`, in the
+    message's order. A message with one request gets exactly `decide`'s answer."""
+    if not requests:
+        return decide(policy, prediction, alternatives)
+    # Each request on its own: the other heads' answers are the whole message's.
+    each = [
+        decide(
+            policy,
+            Prediction(intent, confidence, False, intent, ((intent, confidence),), prediction.tasks),
+            0,
+        )
+        for intent, confidence in requests
+    ]
+    primary = min(range(len(each)), key=lambda i: _precedence(policy, each[i]))
+    listed = [
+        {k: d[k] for k in ("intent", "confidence", "destination", "priority", "handoff", "reason")}
+        for d in each
+    ]
+    alternatives_of = decide(policy, prediction, alternatives)["alternatives"]
+    return {**each[primary], "alternatives": alternatives_of, "requests": listed}
+
+
+def _precedence(policy: RoutingPolicy, decision: dict) -> tuple[int, int, float]:
+    """How a request ranks for the primary decision: named first in policy.primary, then the
+    higher priority, then the more confident (lower sorts first)."""
+    named = [
+        i for i, name in enumerate(policy.primary) if name in (decision["destination"], decision["intent"])
+    ]
+    return (
+        named[0] if named else len(policy.primary),
+        -PRIORITIES.index(decision["priority"]),
+        -decision["confidence"],
+    )
 
 
 def _fired(policy: RoutingPolicy, prediction: Prediction) -> Rule | None:

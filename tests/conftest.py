@@ -142,6 +142,21 @@ def tiny_config(tiny_backbone: Path, toy_files: dict[str, Path], tmp_path: Path)
     return tiny_run(tiny_backbone, toy_files, tmp_path / "registry")
 
 
+@pytest.fixture(scope="session")
+def toy_version(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A published toy version, calibrated for two requests in a message too; for tests that
+    only read it."""
+    from transferdesk.training.train import train_and_register
+
+    tmp = tmp_path_factory.mktemp("toy-version")
+    files = {
+        "train": write_csv(tmp / "train.csv", toy_rows(0, 5)),
+        "valid": write_csv(tmp / "valid.csv", [*toy_rows(5, 8), ("weather today", "oos")]),
+    }
+    cfg = tiny_run(tiny_backbone, files, tmp / "registry", **{"calibration.multi_intent_rows": 50})
+    return train_and_register(cfg).path
+
+
 # PostgreSQL, for the review store's tests: Debian's server (`apt-get install postgresql`,
 # which .ci/run does), started once per session on a free loopback port, in a directory of
 # its own. initdb refuses to run as root, so as root it runs as the `postgres` user.

@@ -300,3 +300,8 @@ def test_a_target_measured_on_few_rows_is_flagged(tiny_config: RunConfig, caplog
     assert "the threshold's oos_recall was measured on 1 validation row(s)" in caplog.text
     card = "measured on 1 validation row(s): on traffic like them it is likely (95%) between 20.7%"
     assert card in version.card
+    # the drift reference: every validation row's decision, out-of-scope ones included
+    calibration = version.metrics["calibration"]
+    mix, rows = calibration["valid_intent_mix"], calibration["valid_rows"]
+    assert set(mix) <= {*version.labels, "oos"} and sum(mix.values()) == pytest.approx(1.0)
+    assert all(share * rows == pytest.approx(round(share * rows)) for share in mix.values())

@@ -22,7 +22,7 @@ from transferdesk.model.network import resolve_backbone
 from transferdesk.registry import ModelVersion, Registry, portable_config
 from transferdesk.training.chain import load_run
 from transferdesk.training.train import finish, pool_record, publish
-from transferdesk.training.trainer import resolve_monitor
+from transferdesk.training.validation import resolve_monitor
 from tuning.config import TuneSpec
 from tuning.prepare import Preparations, preparation, prepare_candidates
 from tuning.report import plot_curves, trial_rows, write_table

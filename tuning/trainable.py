@@ -10,12 +10,13 @@ from ray import tune
 
 from transferdesk.model.modeling import IntentModel
 from transferdesk.training.chain import fit, load_run
-from transferdesk.training.trainer import Callback, selection_key
+from transferdesk.training.trainer import Callback
+from transferdesk.training.validation import selection_key
 from tuning.config import TuneSpec
 from tuning.prepare import Preparations, preparation
 from tuning.space import trial_config
 
-# And, where validation has out-of-scope rows, oos_auroc and accuracy_auroc (trainer.validation_score).
+# And, where validation has out-of-scope rows, oos_auroc and accuracy_auroc (validation_score).
 REPORTED = ("epoch", "loss", "accuracy", "macro_f1", "oos_auroc", "accuracy_auroc")
 
 

@@ -141,6 +141,7 @@ def train_versions(tmp: Path, backbone: Path) -> list[Path]:
             # Seven validation rows of a tiny random encoder: its energy says little, and these
             # tests need the toy's in-scope messages in scope (the score has tests of its own).
             "calibration.score": "softmax",
+            "calibration.multi_intent_rows": 50,  # the /open app looks for two requests a message
         }
         cfg = tiny_run(backbone, files, tmp / "registry", **overrides)
         versions.append(train_and_register(cfg).path)
@@ -182,6 +183,7 @@ def _config(versions: list[Path], policy: Path, port: int, stores: tuple[str, st
     open_app["args"]["auth"] = {"disabled": True}
     open_app["args"]["docs"] = {"exposure": "off"}
     open_app["args"]["capture"]["store"] = UNREACHABLE_STORE
+    open_app["args"]["multi_intent"] = {"enabled": True}
     for deployment in open_app["deployments"]:
         deployment["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     fused = app_config(versions[0], policy, port)["applications"][0]

@@ -7,7 +7,7 @@ import yaml
 
 from deployments.cli import SERVE_YAMLS
 from deployments.config import CALL_TEXTS, ClassifierConfig, ServeArgs
-from deployments.routing import decide, load_policy
+from deployments.routing import decide, decide_message, load_policy
 from deployments.topology import check_deployments, classifier_deployment
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.prediction import Prediction
@@ -49,6 +49,30 @@ def test_decisions(tmp_path: Path, ranked: list, out_of_scope: bool, reason: str
     assert (decision["reason"], decision["destination"]) == (reason, destination)
     assert decision["handoff"] == (destination == "human-agents")
     assert len(decision["alternatives"]) == len(ranked) - 1
+
+
+def test_two_requests_route_each_and_the_primary_decides(tmp_path: Path) -> None:
+    whole = prediction([("reset_password", 0.5), ("track_order", 0.4)])
+    found = [("reset_password", 0.9), ("track_order", 0.8)]
+    # Unnamed: the higher priority first (orders: high), whatever the order or confidence.
+    decision = decide_message(load_policy(policy_file(tmp_path)), whole, 1, found)
+    assert (decision["intent"], decision["destination"], decision["priority"]) == (
+        "track_order",
+        "orders",
+        "high",
+    )
+    assert [(r["intent"], r["destination"]) for r in decision["requests"]] == [
+        ("reset_password", "general"),
+        ("track_order", "orders"),
+    ]
+    assert decision["alternatives"] == decide(load_policy(policy_file(tmp_path)), whole, 1)["alternatives"]
+    # Named in `primary`, a destination (or an intent) wins over priority.
+    named = decide_message(load_policy(policy_file(tmp_path, primary=["general"])), whole, 1, found)
+    assert (named["intent"], named["destination"]) == ("reset_password", "general")
+    # One request: exactly decide's answer, without `requests`.
+    assert decide_message(load_policy(policy_file(tmp_path)), whole, 1, None) == decide(
+        load_policy(policy_file(tmp_path)), whole, 1
+    )
 
 
 def test_alternatives_are_cut_to_top_k(tmp_path: Path) -> None:

@@ -133,6 +133,11 @@ SAME_REQUESTS = [
     ("POST", "/v1/route", KEYS[0], {"texts": [TRACK, RESET, "weather on mars"], "top_k": 2}),
     ("POST", "/v1/route", KEYS[0], {"texts": [TRACK, RESET] * 32}),
     ("GET", "/v1/model", KEYS[0], None),
+    ("POST", "/v1/explain", KEYS[0], {"text": TRACK}),
+    ("POST", "/v1/explain", KEYS[0], {"text": TRACK, "intent": "reset_password"}),
+    ("POST", "/v1/explain", KEYS[0], {"text": TRACK, "intent": "no_such_intent"}),
+    ("POST", "/v1/explain", KEYS[0], {"text": " ".join(["parcel"] * 65)}),
+    ("POST", "/v1/explain", None, {"text": TRACK}),
     ("GET", "/readyz", None, None),
     ("GET", "/readyz", KEYS[0], None),
     ("GET", "/healthz", None, None),
@@ -160,6 +165,7 @@ def _exchange(client: httpx.Client, request: tuple, request_id: str) -> tuple[in
     answer = response.json()
     if path == "/readyz":
         answer.pop("capture", None)  # each app's own store, and how much it wrote
+        answer.pop("drift", None)  # each app's own traffic
     kept = {name: value for name, value in response.headers.items() if name not in VARYING_HEADERS}
     return response.status_code, kept, answer
 
@@ -177,6 +183,44 @@ def test_both_topologies_answer_alike(service: Service) -> None:
         info = fused.get("/v1/model", headers=AUTH).json()
     assert statuses == {200, 401, 404, 405, 413, 422}
     assert info["version"] == "toy/v1" and info["switch_error"] is None
+
+
+def test_an_explanation_names_the_words_that_decided(service: Service) -> None:
+    """Every word weighed; leaving out the heaviest lowers the confidence by its weight, as
+    /v1/classify sees it; too long a message and an unknown intent are refused, naming why."""
+    with service.client() as client:
+        why = client.post("/v1/explain", json={"text": TRACK}).json()
+        assert [w["text"] for w in why["words"]] == TRACK.split() and why["intent"] == "track_order"
+        assert [TRACK[w["start"] : w["end"]] for w in why["words"]] == TRACK.split()
+        top = max(why["words"], key=lambda w: w["weight"])
+        assert top["weight"] > 0
+        rest = " ".join(w["text"] for w in why["words"] if w is not top)
+        after = client.post("/v1/classify", json={"text": rest, "top_k": 5}).json()["results"][0]
+        ranked = {after["intent"]: after["confidence"]} | {
+            a["intent"]: a["confidence"] for a in after["alternatives"]
+        }
+        assert ranked.get("track_order", 0.0) == pytest.approx(why["confidence"] - top["weight"], abs=1e-4)
+        too_long = client.post("/v1/explain", json={"text": " ".join(["parcel"] * 65)})
+        assert too_long.status_code == 422 and too_long.json()["error"]["code"] == "too_many_words"
+        unknown = client.post("/v1/explain", json={"text": TRACK, "intent": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["field"] == "intent"
+
+
+def test_two_requests_in_one_message_are_both_routed(service: Service) -> None:
+    """/open looks for two requests a message (args.multi_intent): a message with two lists both,
+    each routed, the decision the primary one's; one with a single request is answered exactly
+    as / answers it."""
+    pair = f"{TRACK} and {RESET}"
+    with service.client(key=None, prefix="/open") as client:
+        two, one = client.post("/v1/route", json={"texts": [pair, TRACK]}).json()["decisions"]
+        found = client.post("/v1/classify", json={"text": pair}).json()["results"][0]
+    assert [r["intent"] for r in two["requests"]] == ["track_order", "reset_password"]
+    assert [r["destination"] for r in two["requests"]] == ["track_order-queue", "reset_password-queue"]
+    assert (two["intent"], two["destination"]) in {(r["intent"], r["destination"]) for r in two["requests"]}
+    assert [r["intent"] for r in found["requests"]] == ["track_order", "reset_password"]
+    with service.client() as keyed:
+        alone = keyed.post("/v1/route", json={"text": TRACK}).json()["decisions"][0]
+    assert one == alone and "requests" not in one
 
 
 def test_oversized_and_malformed_bodies(service: Service) -> None:
@@ -448,11 +492,14 @@ def test_method_not_allowed_says_what_is(service: Service) -> None:
 def test_health_is_cheap_and_readiness_checks_the_chain(service: Service) -> None:
     assert httpx.get(f"{service.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{service.url}/readyz")
-    assert ready.status_code == 200 and ready.json() == {"status": "ready", "checks": None, "capture": None}
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "checks": None, "capture": None, "drift": None}
     with service.client() as client:  # what each stage answered (and capture) for key holders only
         ready = client.get("/readyz")
     assert set(ready.json()["checks"]) == {"tokenizer", "classifier", "router"}
     assert ready.json()["checks"]["classifier"] == "toy/v1" and ready.json()["capture"]["store"]
+    # this replica's drift figures, by the versions it has answered with
+    assert all(f["messages"] >= 1 and 0 <= f["mean_confidence"] <= 1 for f in ready.json()["drift"].values())
 
 
 def test_rotated_keys_take_effect_without_a_restart(service: Service) -> None:
@@ -483,6 +530,8 @@ def test_request_and_batch_metrics_are_exported(service: Service) -> None:
         "ray_transferdesk_requests_total": {**ingress, "status": "200"},
         "ray_transferdesk_request_latency_ms_count": ingress,
         "ray_transferdesk_batch_size_count": {"deployment": "Classifier", "model_version": version},
+        # the drift figures (deployments/drift.py), by the names k8s/'s alerts read
+        "ray_transferdesk_mean_confidence": {"deployment": "Ingress", "model_version": version},
     }
 
     def found() -> set[str]:

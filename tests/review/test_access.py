@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.review.test_app import start_review_page
-from transferdesk.review.app import COOKIE
+from transferdesk.review.access import COOKIE
 
 KEYS = {"ana": "ana-review-key-0123456789", "ben": "ben-review-key-0123456789"}
 SECRET = "review-session-secret-0123456789abcdef"
@@ -126,7 +126,7 @@ def test_the_cookie_is_a_signed_expiring_session_not_the_key(page: Page) -> None
         return httpx.get(page.url, cookies={COOKIE: token}, timeout=10).status_code
 
     assert shown(token) == 200
-    from transferdesk.review.app import Sessions
+    from transferdesk.review.access import Sessions
 
     ours = Sessions(SECRET.encode(), 3600)
     assert shown(ours.issue("ana", KEYS["ana"])) == 200  # signed with the configured secret

@@ -12,12 +12,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.deployments.conftest import free_port
+from tests.review.conftest import GIFT_CARDS, add_handoffs
+from transferdesk.registry import ModelVersion
 from transferdesk.review.store import Capture, Store
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, Playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEYS = {"ana": "ana-review-key-0123456789", "ben": "ben-review-key-0123456789"}
@@ -41,6 +47,13 @@ MESSAGES = [
     ("what's the weather like in Lisbon", [("track_order", 0.31), ("refund_status", 0.12)]),
     ("please reset my password", [("reset_password", 0.97), ("account_locked", 0.01)]),
 ]
+
+
+ENV = {
+    "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items()),
+    "TRANSFERDESK_REVIEW_KEYS_FILE": "",
+    "TRANSFERDESK_REVIEW_SECRET": "",  # a random one: sessions end at restart
+}
 
 
 @dataclass
@@ -97,13 +110,8 @@ def review_page(store_url: str, tmp_path: Path) -> Iterator[ReviewPage]:
             for i, (text, ranked) in enumerate(MESSAGES)
         ]
     )
-    env = {
-        "TRANSFERDESK_REVIEW_KEYS": ",".join(f"{n}:{k}" for n, k in KEYS.items()),
-        "TRANSFERDESK_REVIEW_KEYS_FILE": "",
-        "TRANSFERDESK_REVIEW_SECRET": "",  # a random one: sessions end at restart
-    }
     log = tmp_path / "review.log"
-    proc, url = start_review_page(store_url, log, env)
+    proc, url = start_review_page(store_url, log, ENV)
     try:
         yield ReviewPage(url, store, store_url, log)
     finally:
@@ -177,6 +185,33 @@ def test_a_label_the_model_does_not_know_needs_confirming(review_page: ReviewPag
     assert missing.status_code == 404
 
 
+def _chromium(playwright: Playwright) -> Browser:
+    if not CHROMIUM.exists():
+        pytest.fail("no Chromium: apt-get install chromium (make test installs it)")
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
+
+
+def _signed_in(browser: Browser, url: str, reviewer: str) -> Page:
+    """A page of the review page, signed in through its form."""
+    page = browser.new_page(viewport={"width": 1280, "height": 820})
+    assert page.goto(url).status == 401
+    page.fill("#key", KEYS[reviewer])
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.inner_text("#reviewer") == reviewer
+    return page
+
+
 def _export(page: ReviewPage, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [
@@ -209,28 +244,11 @@ def test_a_reviewer_labels_by_keyboard_in_a_real_browser_and_exports(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    if not CHROMIUM.exists():
-        pytest.fail("no Chromium: apt-get install chromium (make test installs it)")
     shots = Path(SCREENSHOTS) if SCREENSHOTS else tmp_path
     queue = [m.text for m in review_page.store.pending()]
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 820})
-        assert page.goto(review_page.url).status == 401
-        page.fill("#key", KEYS["ana"])
-        with page.expect_navigation():
-            page.click("button[type=submit]")
-        assert page.inner_text("#reviewer") == "ana"
+        browser = _chromium(p)
+        page = _signed_in(browser, review_page.url, "ana")
 
         def press(*keys: str) -> None:
             with page.expect_navigation():  # the page reloads with the next message on top
@@ -279,7 +297,7 @@ def test_bad_review_keys_are_refused_with_what_to_do(
     env: str, file: str | None, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transferdesk.errors import TransferDeskError
-    from transferdesk.review.app import review_keys
+    from transferdesk.review.access import review_keys
 
     monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS", env)
     if file is not None:
@@ -291,3 +309,75 @@ def test_bad_review_keys_are_refused_with_what_to_do(
     monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS_FILE", str(tmp_path / "good.yaml"))
     monkeypatch.setenv("TRANSFERDESK_REVIEW_KEYS", "ana:ana-review-key-0123456789")
     assert review_keys() == {"ana-review-key-0123456789": "ana", "0123456789012345678": "ben"}
+
+
+def test_without_the_served_model_the_page_says_clustering_needs_it(review_page: ReviewPage) -> None:
+    ana = _login(review_page, KEYS["ana"])
+    assert "clustering the hand-offs needs the served model" in ana.get("/").text
+    answer = ana.get("/api/clusters")
+    assert answer.status_code == 409 and answer.json()["error"]["code"] == "no_model"
+    message = review_page.store.pending(1)[0].id
+    assert ana.get(f"/api/messages/{message}/explain").json()["error"]["code"] == "no_model"
+    assert httpx.get(f"{review_page.url}/api/clusters").status_code == 401
+
+
+@pytest.fixture
+def cluster_page(served_version: ModelVersion, tmp_path: Path) -> Iterator[ReviewPage]:
+    """The page with the served model, over a SQLite store of hand-offs holding two clusters."""
+    url = f"sqlite:///{tmp_path / 'capture.db'}"
+    store = Store(url)
+    store.migrate()
+    add_handoffs(store)
+    log = tmp_path / "review.log"
+    model = ["--model", str(served_version.path), "--clusters.min_cluster_size", "4"]
+    proc, page_url = start_review_page(url, log, ENV, *model)
+    try:
+        yield ReviewPage(page_url, store, url, log)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_reviewer_names_a_cluster_in_a_real_browser(cluster_page: ReviewPage) -> None:
+    from playwright.sync_api import sync_playwright
+
+    ids = {m.text: m.id for m in cluster_page.store.pending(100)}
+    ana = {"Authorization": f"Bearer {KEYS['ana']}"}
+    # The first clustering loads the model and embeds every hand-off: seconds on a busy machine.
+    gone = httpx.post(
+        f"{cluster_page.url}/api/clusters/00000000/name", json={"label": "x"}, headers=ana, timeout=120
+    )
+    assert gone.status_code == 404 and "list them again" in gone.json()["error"]["message"]
+    first = cluster_page.store.pending(1)[0]
+    why = httpx.get(f"{cluster_page.url}/api/messages/{first.id}/explain", headers=ana, timeout=60).json()
+    assert [w["text"] for w in why["words"]] == first.text.split() and why["intent"] == first.intent
+    missing = httpx.get(f"{cluster_page.url}/api/messages/999999/explain", headers=ana)
+    assert missing.status_code == 404
+    with sync_playwright() as p:
+        browser = _chromium(p)
+        page = _signed_in(browser, cluster_page.url, "ana")
+        # The selected message's words, highlighted by how much each moved the confidence.
+        marks = page.locator(".item.selected .text mark")
+        marks.first.wait_for()
+        assert marks.all_inner_texts() == first.text.split()
+        assert page.locator(".item.selected .text").inner_text() == first.text
+        card = page.locator(".cluster", has_text=GIFT_CARDS[0])
+        card.locator("summary").first.click()  # shows its messages and the naming form
+        assert card.locator("summary").first.inner_text().startswith("8 messages")
+        assert "gift" in card.locator(".words").inner_text()
+        assert page.locator(".cluster").count() == 2
+        card.locator(f"input[value='{ids[GIFT_CARDS[0]]}']").uncheck()
+        card.locator("input[list=intents]").fill("gift_cards")
+        if SCREENSHOTS:
+            page.screenshot(path=str(Path(SCREENSHOTS) / "review-clusters.png"))
+        page.once("dialog", lambda dialog: dialog.accept())  # yes: a new intent
+        with page.expect_navigation():
+            card.locator(".name-cluster").click()
+        # Clustered again, without the named ones (the crypto messages, alone with the noise, are
+        # no cluster: HDBSCAN finds a group only beside another).
+        page.wait_for_function("!/^Clustering/.test(document.getElementById('cluster-list').textContent)")
+        assert "No clusters: 13 of 13 unreviewed" in page.inner_text("#cluster-list")  # 1 unticked
+        assert "gift_cards" in page.inner_text("#history")
+        browser.close()
+    labels = {m.text: (r.reviewer, r.label, r.new_intent) for m, r in cluster_page.store.latest_reviews()}
+    assert labels == {text: ("ana", "gift_cards", True) for text in GIFT_CARDS[1:]}

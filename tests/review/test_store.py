@@ -75,6 +75,18 @@ def test_the_queue_puts_the_least_certain_message_first(store: Store) -> None:
     assert first.reason == "low_confidence" and not first.out_of_scope
 
 
+def test_the_hand_offs_to_cluster_are_the_unreviewed_ones_of_those_reasons_newest_first(
+    store: Store,
+) -> None:
+    ids = {m.text: m.id for m in filled(store).pending()}
+    reasons = ["out_of_scope", "low_confidence"]
+    assert [m.text for m in store.handoffs(reasons, 10)] == ["weather on mars", "a close call"]
+    assert [m.text for m in store.handoffs(reasons, 1)] == ["weather on mars"]
+    store.review(ids["weather on mars"], "ana", "skip")
+    assert [m.text for m in store.handoffs(reasons, 10)] == ["a close call"]
+    assert store.unreviewed(list(ids.values())) == {ids["a close call"], ids["sure thing"]}
+
+
 def test_reviews_leave_the_queue_and_the_last_write_wins_with_both_kept(store: Store) -> None:
     ids = {m.text: m.id for m in filled(store).pending()}
     store.review(ids["a close call"], "ana", "correct", "track_order")

@@ -31,6 +31,7 @@ ALIASES = {
     "model.backbone": ("--backbone", "NAME_OR_DIR"),
     "output": ("--output", "DIR"),
     "name": ("--name", "NAME"),
+    "warm_start.parent": ("--from", "MODEL"),
 }
 NULL_WORDS = {"none", "null", ""}
 # Numbers as typed: YAML 1.1 reads 013 as octal 11, and 1e-4 (no dot) as text.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import logging
 import os
 import sys
@@ -13,10 +12,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from transferdesk.cli.common import MODEL_HELP, add_model_args, print_json
 from transferdesk.cli.flags import add_config_flags, config_overrides
+from transferdesk.cli.predict import add_predict_parser
 from transferdesk.config import (
-    RUNTIME_HELP,
-    RUNTIMES,
     ExportConfig,
     RunConfig,
     build_config,
@@ -28,10 +27,6 @@ if TYPE_CHECKING:
     from transferdesk.registry.signing import Signer
 
 log = logging.getLogger("transferdesk")
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str, ensure_ascii=False))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -70,45 +65,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(written["metrics"])
 
 
-def _read_lines(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise TransferDeskError(f"--file {path} not found")
-    return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def cmd_predict(args: argparse.Namespace) -> None:
-    from transferdesk.model.modeling import IntentModel
-
-    texts = list(args.texts) + (_read_lines(args.file) if args.file else [])
-    if not texts:
-        raise TransferDeskError("nothing to predict: give texts as arguments or --file FILE")
-    model = IntentModel.from_pretrained(args.model, args.device, args.runtime)
-    rows = [
-        {
-            "text": text,
-            "intent": p.label,
-            "out_of_scope": p.out_of_scope,
-            "top": [{"intent": lab, "confidence": round(c, 4)} for lab, c in p.ranked],
-            **(
-                {"tasks": {t: {"label": lab, "confidence": round(c, 4)} for t, (lab, c) in p.tasks.items()}}
-                if p.tasks
-                else {}
-            ),
-        }
-        for text, p in zip(texts, model.predict(texts, args.top_k), strict=True)
-    ]
-    if args.json:
-        _print_json(rows)
-        return
-    for row in rows:
-        print(f"{row['text']}\n  → {row['intent']}" + ("  (below threshold)" if row["out_of_scope"] else ""))
-        for task, answer in row.get("tasks", {}).items():
-            print(f"    {task}: {answer['label']} ({answer['confidence']:.1%})")
-        for alt in row["top"]:
-            print(f"    {alt['confidence']:6.1%}  {alt['intent']}")
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     from transferdesk.model.export import export_version, summary
 
@@ -144,7 +100,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(args.backbone))
     summary = summarize(ds, args.oos_label, tokenizer)
     if args.json:
-        _print_json({**summary, "problems": [vars(p) for p in problems]})
+        print_json({**summary, "problems": [vars(p) for p in problems]})
     else:
         print(
             f"{summary['file']}: {summary['rows']} rows, {summary['intents']} intents, "
@@ -187,7 +143,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
         for version in Registry(args.registry).versions()
     ]
     if args.json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         print(f"no models in {args.registry}")
@@ -206,7 +162,7 @@ def cmd_models_show(args: argparse.Namespace) -> None:
 
     version = open_version(args.model)
     if args.json:
-        _print_json(
+        print_json(
             {
                 **version.summary(),
                 "format": version.format,
@@ -274,7 +230,7 @@ def cmd_models_stages(args: argparse.Namespace) -> None:
     registry = Registry(model_dir.parent)
     stages, log_rows = registry.stages(model_dir.name), registry.stage_log(model_dir.name)
     if args.json:
-        _print_json(
+        print_json(
             {
                 "stages": {k: v.model_dump() for k, v in stages.items()},
                 "history": [e.model_dump() for e in log_rows],
@@ -297,25 +253,6 @@ def cmd_models_stages(args: argparse.Namespace) -> None:
         print(
             f"  {event.at}  {event.action:<8} {event.stage:<11} v{event.version}  {event.by}: {event.reason}"
         )
-
-
-MODEL_HELP = "registry version (dir/v<N>), model@stage, or a model directory (its newest version)"
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help=MODEL_HELP)
-    parser.add_argument(
-        "--device",
-        default="auto",
-        choices=["auto", "cpu", "cuda"],
-        help="where to run the model [default: auto]",
-    )
-    parser.add_argument(
-        "--runtime",
-        default="torch",
-        choices=RUNTIMES,
-        help=f"{RUNTIME_HELP} [default: torch]",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,24 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
         "out-of-scope metrics (when the file has out-of-scope rows) and speed. Writes "
         "metrics.json, report.md and confusion.png to a new directory.",
     )
-    _add_model_args(evaluate)
+    add_model_args(evaluate)
     evaluate.add_argument("--data", required=True, help="labelled CSV/TSV/JSONL file")
     evaluate.add_argument("--output", help="output directory [default: MODEL/evaluations/<file>-<time>]")
     evaluate.add_argument("--batch-size", type=int, default=64, help="prediction batch size [default: 64]")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = sub.add_parser(
-        "predict",
-        help="top intents with confidences for some texts",
-        description="Print the top intents with (calibrated) confidences, and whether the model "
-        "calls each message out-of-scope (its out-of-scope score below its threshold).",
-    )
-    _add_model_args(predict)
-    predict.add_argument("texts", nargs="*", help="utterances to classify")
-    predict.add_argument("--file", help="text file with one utterance per line")
-    predict.add_argument("--top-k", type=int, default=3, help="alternatives to show [default: 3]")
-    predict.add_argument("--json", action="store_true", help="machine-readable output")
-    predict.set_defaults(func=cmd_predict)
+    add_predict_parser(sub)
 
     export = sub.add_parser(
         "export",

@@ -1,1 +1,2 @@
-"""Scoring a model on labelled data: metrics, reports and plots."""
+"""Scoring a model on labelled data: metrics, reports and plots; and how far live traffic has
+drifted from its validation data (drift.py)."""

@@ -94,12 +94,15 @@ class IntentModel:
         calibration: CalibrationConfig | None = None,
         temperature: float = 1.0,
         outputs: tuple[str, ...] = (),
+        multi_intent_threshold: float | None = None,
     ) -> None:
         self.network, self.tokenizer, self.labels = network, tokenizer, list(labels)
         self.tasks = {task: list(names) for task, names in (tasks or {}).items()}
         self.max_length, self.threshold, self.oos_label = max_length, threshold, oos_label
         self.calibration = calibration or training_calibration(CalibrationConfig())
         self.temperature = temperature
+        # Where a message holds two requests (multi_intent.py); None: not calibrated for it.
+        self.multi_intent_threshold = multi_intent_threshold
         self.device = device or torch.device("cpu")
         self.precision = precision  # of predictions; see network.autocast_dtype
         self.session, self.runtime = session, runtime
@@ -175,6 +178,7 @@ class IntentModel:
             "calibration": CalibrationConfig.model_validate(settings["calibration"]),
             "temperature": settings["temperature"],
             "outputs": network_outputs(name for name, value in settings.items() if value is True),
+            "multi_intent_threshold": settings.get("multi_intent_threshold"),
         }
 
     @staticmethod
@@ -236,6 +240,7 @@ class IntentModel:
             calibration=self.calibration,
             temperature=self.temperature,
             outputs=self.layout.output_names,
+            multi_intent_threshold=self.multi_intent_threshold,
         )
 
     @property
@@ -278,6 +283,7 @@ class IntentModel:
             "max_length": self.max_length,
             "calibration": self.calibration.model_dump(mode="json"),
             "temperature": self.temperature,
+            "multi_intent_threshold": self.multi_intent_threshold,
             **({"tasks": self.tasks} if self.tasks else {}),
         }
         if clash := settings.keys() & outputs.keys():

@@ -32,6 +32,7 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         f"- Target data: `{cfg.data.train}`{''.join(f' + `{path}`' for path in cfg.data.extra_train)} "
         f"({meta.train_examples} examples, {len(meta.labels)} intents{_outliers_note(meta)})",
         f"- Source stage: {'`' + meta.source + '`' if meta.source else 'none'}",
+        *_warm_start_lines(metrics.get("warm_start")),
         *_confidence_lines(cfg, model, metrics),
         *_task_lines(cfg, meta, test),
         f"- Training time: {meta.timings.get('train_seconds', 0):.0f} s on {meta.device}",
@@ -79,6 +80,24 @@ def model_card(cfg: RunConfig, version: str, meta: VersionMeta, metrics: dict, m
         "go to a human agent. Evaluate on your own traffic before relying on it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _warm_start_lines(record: dict | None) -> list[str]:
+    """Where a warm start began and what it changed (recipe warm_start)."""
+    if not record:
+        return []
+    added = ", ".join(f"`{intent}` ({n} examples)" for intent, n in record["added"].items()) or "none"
+    changes = [f"intents added: {added}"]
+    changes += [f"`{old}` renamed `{new}`" for old, new in record["renamed"].items()]
+    changes += [
+        f"{', '.join(f'`{i}`' for i in old)} merged into `{new}`" for new, old in record["merged"].items()
+    ]
+    changes += [f"`{intent}` removed" for intent in record["removed"]]
+    return [
+        f"- Warm start from `{record['parent']}` (manifest sha256 {record['parent_manifest_sha256'][:12]}), "
+        f"its encoder and heads kept, {record['epochs']} epoch(s) with it as a teacher "
+        f"(weight {record['teacher_weight']}): {'; '.join(changes)}"
+    ]
 
 
 def _confidence_lines(cfg: RunConfig, model: SavesPretrained, metrics: dict) -> list[str]:

@@ -338,6 +338,26 @@ class Store:
         with self._connection("read the review queue") as conn:
             return [_message(row) for row in conn.execute(query).mappings()]
 
+    def handoffs(self, reasons: Sequence[str], limit: int) -> list[Message]:
+        """Messages nobody has reviewed, captured for one of `reasons`, the newest first: what
+        the review page clusters into candidate new intents."""
+        reviewed = select(reviews.c.message_id)
+        query = (
+            select(messages)
+            .where(messages.c.id.not_in(reviewed), messages.c.reason.in_(reasons))
+            .order_by(messages.c.captured_at.desc(), messages.c.id.desc())
+            .limit(limit)
+        )
+        with self._connection("read the hand-offs") as conn:
+            return [_message(row) for row in conn.execute(query).mappings()]
+
+    def unreviewed(self, message_ids: Sequence[int]) -> set[int]:
+        """Those of `message_ids` nobody has reviewed yet."""
+        reviewed = select(reviews.c.message_id)
+        query = select(messages.c.id).where(messages.c.id.in_(message_ids), messages.c.id.not_in(reviewed))
+        with self._connection("read the review queue") as conn:
+            return set(conn.execute(query).scalars())
+
     def message(self, message_id: int) -> Message:
         with self._connection("read a message") as conn:
             row = conn.execute(select(messages).where(messages.c.id == message_id)).mappings().first()

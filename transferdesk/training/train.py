@@ -5,15 +5,19 @@ on validation data, the test file scored once, and a new registry version publis
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from transferdesk.config import SOURCE_TASK, RunConfig
-from transferdesk.data import Splits, with_sample_defaults
+from transferdesk.data import Dataset, Splits, with_sample_defaults
+from transferdesk.evaluation.drift import intent_mix
 from transferdesk.evaluation.metrics import evaluate, scored_labels, scores_alone
 from transferdesk.evaluation.report import write_evaluation
 from transferdesk.model.confidence import INTERVAL_CONFIDENCE
 from transferdesk.model.modeling import IntentModel
+from transferdesk.model.multi_intent import best_cuts, choose_threshold
 from transferdesk.registry import Draft, ModelVersion, Registry, VersionMeta, portable_path
 from transferdesk.training.chain import fit, load_run, prepare
 from transferdesk.training.recipe import Run
@@ -41,6 +45,7 @@ class RunResult:
     timings: dict[str, float]
     semi_supervised: dict | None = None  # what the run learnt from its unlabelled pool
     calibration: dict | None = None  # what calibration did on validation data
+    record: dict = field(default_factory=dict)  # what the recipe adds to metrics.json
 
 
 def learns_from_pool(run: Run) -> bool:
@@ -79,15 +84,17 @@ def run_training(cfg: RunConfig, log_dir: Path | None = None) -> RunResult:
     )
     fitted = fit(run, prepare(run))
     timings = {**run.prepared.timings, **fitted.timings}
+    record = dict(fitted.record)
+    rounds = record.pop("rounds", [])
     semi = None
     if learns_from_pool(run):
         # The stage trained for this run's pool (a source stage serves any target: apart).
         timings["train_seconds"] += timings.get("contrastive_seconds", 0.0)
-        semi = pool_record(run, fitted.record.get("rounds", []))
+        semi = pool_record(run, rounds)
     calibration = finish(fitted.model, splits, run.cfg)
     checkpoint = run.prepared.source_checkpoint
     return RunResult(
-        fitted.model, splits, fitted.fit, checkpoint and Path(checkpoint), timings, semi, calibration
+        fitted.model, splits, fitted.fit, checkpoint and Path(checkpoint), timings, semi, calibration, record
     )
 
 
@@ -134,7 +141,33 @@ def calibrate(model: IntentModel, splits: Splits, cfg: RunConfig) -> dict:
         "valid_ece_before": before,
         "valid_ece_after": after,
         "valid": point.to_dict(),
+        # What the served version's live mix of decisions is compared with (drift): the top
+        # intent, or the out-of-scope label below the threshold, as the service decides, of
+        # every validation row, out-of-scope ones included.
+        "valid_intent_mix": intent_mix(model.decide(model.split_heads(logits))),
+        "valid_rows": len(valid),
+        **calibrate_multi_intent(model, valid, cfg),
     }
+
+
+def calibrate_multi_intent(model: IntentModel, valid: Dataset, cfg: RunConfig) -> dict:
+    """Where the run asks for it (calibration.multi_intent_rows), the threshold above which a
+    message holds two requests, chosen on in-scope validation messages (a seeded sample), all
+    of them single requests: at most calibration.multi_intent_single_rate of them split."""
+    settings = cfg.calibration
+    known = [text for text, label in zip(valid.texts, valid.labels, strict=True) if label in model.labels]
+    if not settings.multi_intent_rows or not known:
+        return {}
+    rng = np.random.default_rng(cfg.runtime.seed)
+    rows = rng.choice(len(known), min(settings.multi_intent_rows, len(known)), replace=False)
+    singles = best_cuts(model, [known[i] for i in rows], cfg.runtime.eval_batch_size)
+    model.multi_intent_threshold = choose_threshold(singles, settings.multi_intent_single_rate)
+    log.info(
+        "two requests in a message above confidence %.3f in both parts (%d validation messages)",
+        model.multi_intent_threshold,
+        len(rows),
+    )
+    return {"multi_intent": {"threshold": model.multi_intent_threshold, "rows": len(rows)}}
 
 
 def publish(
@@ -192,6 +225,7 @@ def train_and_register(cfg: RunConfig) -> ModelVersion:
             "best_epoch": result.fit.best_epoch,
             "calibration": result.calibration,
             **result.timings,
+            **result.record,
         }
         if result.semi_supervised:
             metrics["semi_supervised"] = result.semi_supervised

@@ -10,7 +10,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from transferdesk.config import (
-    SOURCE_TASK,
     CalibrationConfig,
     ModelConfig,
     RunConfig,
@@ -29,8 +28,6 @@ from transferdesk.config import (
     StageConfig,
 )
 from transferdesk.data import Dataset
-from transferdesk.errors import TransferDeskError
-from transferdesk.evaluation.metrics import auroc, classification_metrics
 from transferdesk.model.modeling import IntentModel, training_calibration
 from transferdesk.model.network import (
     autocast,
@@ -42,6 +39,7 @@ from transferdesk.model.network import (
 from transferdesk.training.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
 from transferdesk.training.optim import build_optimizer, warmup_linear_decay
 from transferdesk.training.sampling import epoch_batches
+from transferdesk.training.validation import VALID_METRICS, monitored, selection_key, validation_score
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ PROTOTYPE_LOGIT_SCALE = 20.0
 # Rows per class a head's starting prototypes are averaged over: plenty for a mean, and a
 # large source task (joint transfer) is not embedded whole before training starts.
 PROTOTYPE_ROWS = 32
-VALID_METRICS = ("accuracy", "macro_f1")
 
 
 class Callback:
@@ -158,65 +155,6 @@ def init_head_from_prototypes(model: IntentModel, ds: Dataset, task: str | None 
     # The head sees unnormalised embeddings: divide by their typical norm to get cosines.
     head.weight.copy_(prototypes * (PROTOTYPE_LOGIT_SCALE / norm))
     head.bias.zero_()
-
-
-def validation_score(
-    model: IntentModel, valid: Dataset, batch_size: int, own: dict[str, Dataset] | None = None
-) -> dict:
-    """Accuracy and macro-F1 on the in-scope validation rows (no threshold applied), the
-    out-of-scope AUROC of the model's score where validation has out-of-scope rows, and each
-    other task's accuracy (`<task>_accuracy`) on the rows labelled for it, out-of-scope ones
-    included (as `evaluate` scores them): the validation file's, or the task's own validation
-    rows (`own`)."""
-    known = set(model.labels)
-    rows = [i for i, lab in enumerate(valid.labels) if lab in known]
-    if not rows:
-        raise TransferDeskError(f"validation data {valid.path} shares no intent with the training data")
-    heads = model.predict_heads(valid.texts, batch_size)
-    tasks = dict(heads.tasks)
-    pred = [model.labels[j] for j in heads.intent[rows].argmax(axis=1)]
-    scores = classification_metrics([valid.labels[i] for i in rows], pred, model.labels)
-    out = {name: scores[name] for name in VALID_METRICS}
-    is_oos = np.array([label == model.oos_label for label in valid.labels])
-    if is_oos.any():
-        out["oos_auroc"] = auroc(-heads.score, is_oos)
-        out["accuracy_auroc"] = (out["accuracy"] + out["oos_auroc"]) / 2
-    truth = {task: valid.tasks.get(task, []) for task in tasks}
-    for task, data in (own or {}).items():
-        tasks[task], truth[task] = model.predict_heads(data.texts, batch_size).tasks[task], data.labels
-    for task, task_probs in tasks.items():
-        if labelled := [i for i, label in enumerate(truth[task]) if label is not None]:
-            names = model.tasks[task]
-            hits = [names[task_probs[i].argmax()] == truth[task][i] for i in labelled]
-            out[f"{task}_accuracy"] = float(np.mean(hits))
-    return out
-
-
-def resolve_monitor(monitor: str, valid_has_oos: bool) -> str:
-    """The validation metric `monitor` names: auto is accuracy_auroc where validation has
-    out-of-scope rows (in-scope accuracy alone is flat there after the first epoch, while the
-    separation of out-of-scope messages keeps improving), accuracy elsewhere."""
-    if monitor == "auto":
-        return "accuracy_auroc" if valid_has_oos else "accuracy"
-    if monitor == "accuracy_auroc" and not valid_has_oos:
-        raise TransferDeskError(
-            f"the validation metric {monitor} needs out-of-scope rows in the validation data"
-        )
-    return monitor
-
-
-def monitored(monitor: str, scores: dict) -> str:
-    """resolve_monitor for one epoch's validation scores (AUROC only where there were
-    out-of-scope rows)."""
-    return resolve_monitor(monitor, "accuracy_auroc" in scores)
-
-
-def selection_key(scores: dict, metric: str, tasks: Iterable[str]) -> tuple[float, float]:
-    """How an epoch's validation scores rank: the intent's `metric`, ties broken by the mean
-    accuracy of the other heads that ship (not the joint source's), so that an intent head
-    already as good as it gets leaves the others time to learn."""
-    accuracies = [scores[f"{t}_accuracy"] for t in tasks if t != SOURCE_TASK and f"{t}_accuracy" in scores]
-    return scores[monitored(metric, scores)], float(np.mean(accuracies)) if accuracies else 0.0
 
 
 def _task_targets(tasks: TaskData | None, train: Dataset) -> dict[str, torch.Tensor]:
@@ -449,12 +387,42 @@ class Trainer:
             pretrained,
             tasks and tasks.labels,
         )
-        model.calibration = training_calibration(self.calibration)
-        freeze_lower_layers(model.network.encoder, stage.freeze_layers)
         if self.model.head_init == "prototypes":
             init_head_from_prototypes(model, train)
             for task, rows in (tasks.heads(train) if tasks else {}).items():
                 init_head_from_prototypes(model, rows, task)
+        result = self.fine_tune(
+            model,
+            train,
+            valid,
+            stage,
+            desc,
+            log_dir=log_dir,
+            callbacks=callbacks,
+            soft_targets=soft_targets,
+            tasks=tasks,
+            outliers=outliers,
+        )
+        return model, result
+
+    def fine_tune(
+        self,
+        model: IntentModel,
+        train: Dataset,
+        valid: Dataset,
+        stage: StageConfig,
+        desc: str,
+        *,
+        log_dir: Path | None = None,
+        callbacks: Sequence[Callback] = (),
+        soft_targets: torch.Tensor | None = None,
+        tasks: TaskData | None = None,
+        outliers: Sequence[str] = (),
+    ) -> FitResult:
+        """Fine-tune `model` in place (a new classifier, or one a warm start grew from a
+        version) with `stage`'s settings, a progress bar and TensorBoard logs (see fit)."""
+        model.calibration = training_calibration(self.calibration)
+        freeze_lower_layers(model.network.encoder, stage.freeze_layers)
         callbacks = list(callbacks)
         if self.runtime.progress:
             callbacks.append(ProgressBar(desc, stage.monitor))
@@ -470,4 +438,4 @@ class Trainer:
             result.epochs_run,
             result.seconds,
         )
-        return model, result
+        return result
