@@ -37,7 +37,7 @@ def configmap_mount(root: Path, version: str, stamp: str) -> Path:
 
 def route_version(router: object) -> str:
     prediction = Prediction("track_order", 0.9, False, "track_order", (("track_order", 0.9),))
-    return asyncio.run(router([([prediction], 3)]))[0][0]["policy_version"]
+    return asyncio.run(router([([prediction], 3, None)]))[0][0]["policy_version"]
 
 
 def test_policy_on_a_configmap_mount_reloads_and_survives_a_restart(
