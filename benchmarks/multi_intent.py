@@ -187,7 +187,7 @@ def run_one(_: str, seed: int, data: Path, work: Path) -> dict:
     model = IntentModel.from_pretrained(version)
     multi = two_requests(model, test, rng)
     explained = [test[i][0] for i in rng.choice(len(test), EXPLAINED, replace=False)]
-    export_version(str(version.path), ExportConfig())
+    export_version(str(version.path), ExportConfig(data=str(data / "banking77/valid.csv")))
     int8 = IntentModel.from_pretrained(version, runtime="onnx-int8")
     return {
         "seed": seed,
