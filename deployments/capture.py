@@ -25,8 +25,9 @@ from typing import Literal
 from deployments.config import CaptureSettings
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.prediction import Prediction
+from transferdesk.review.database import RowsRefused, describe
 from transferdesk.review.redaction import Redactor
-from transferdesk.review.store import Capture, RowsRefused, Store, describe
+from transferdesk.review.store import Capture, Store
 
 log = logging.getLogger("ray.serve")
 RANKED = 5  # intents kept per message: what a reviewer picks from

@@ -15,8 +15,8 @@ from transferdesk.config import RUNTIME_HELP, Runtime, Section
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.runtime import choose_runtime
 from transferdesk.registry import VERSION_RE, ModelVersion, open_version, split_stage
+from transferdesk.review.database import STORE_ENV, STORE_FILE_ENV, absolute_sqlite, check_url, store_url
 from transferdesk.review.redaction import RedactionConfig
-from transferdesk.review.store import STORE_ENV, STORE_FILE_ENV, absolute_sqlite, check_url, store_url
 
 log = logging.getLogger("ray.serve")
 KEYS_ENV = "TRANSFERDESK_API_KEYS"  # comma-separated keys

@@ -12,7 +12,7 @@ from tests.conftest import TOY_INTENTS, toy_rows
 from transferdesk.config import CalibrationConfig, ModelConfig, build_config
 from transferdesk.errors import TransferDeskError
 from transferdesk.model.export import export_onnx
-from transferdesk.model.modeling import IntentModel, training_calibration
+from transferdesk.model.modeling import IntentModel
 from transferdesk.model.runtime import OnnxSession
 from transferdesk.model.scores import (
     OUTPUTS,
@@ -22,6 +22,7 @@ from transferdesk.model.scores import (
     OutputLayout,
     register_output,
     register_score,
+    training_calibration,
 )
 
 

@@ -207,20 +207,22 @@ def test_an_explanation_names_the_words_that_decided(service: Service) -> None:
 
 
 def test_two_requests_in_one_message_are_both_routed(service: Service) -> None:
-    """/open looks for two requests a message (args.multi_intent): a message with two lists both,
-    each routed, the decision the primary one's; one with a single request is answered exactly
-    as / answers it."""
-    pair = f"{TRACK} and {RESET}"
+    """/open serves a version trained for two requests in a message and lists them
+    (args.multi_intent): a message with two lists both, each routed, the decision the primary
+    one's; one with a single request has exactly the shape of /'s answer."""
+    pair = f"{TRACK} & {RESET}"
     with service.client(key=None, prefix="/open") as client:
         two, one = client.post("/v1/route", json={"texts": [pair, TRACK]}).json()["decisions"]
         found = client.post("/v1/classify", json={"text": pair}).json()["results"][0]
-    assert [r["intent"] for r in two["requests"]] == ["track_order", "reset_password"]
-    assert [r["destination"] for r in two["requests"]] == ["track_order-queue", "reset_password-queue"]
+    both = {"track_order", "reset_password"}
+    assert {r["intent"] for r in two["requests"]} == both
+    assert {r["destination"] for r in two["requests"]} == {"track_order-queue", "reset_password-queue"}
     assert (two["intent"], two["destination"]) in {(r["intent"], r["destination"]) for r in two["requests"]}
-    assert [r["intent"] for r in found["requests"]] == ["track_order", "reset_password"]
+    assert {r["intent"] for r in found["requests"]} == both
     with service.client() as keyed:
         alone = keyed.post("/v1/route", json={"text": TRACK}).json()["decisions"][0]
-    assert one == alone and "requests" not in one
+    assert "requests" not in one and one["intent"] == alone["intent"] == "track_order"
+    assert one.keys() == alone.keys()
 
 
 def test_oversized_and_malformed_bodies(service: Service) -> None:
@@ -907,19 +909,25 @@ def _serve_proxies(service: Service) -> set[int]:
 def test_a_killed_serve_proxy_fails_no_request_and_answers_no_404(service: Service) -> None:
     """The front door sends the requests to Serve's fallback proxy while Serve replaces its
     HAProxy, and to the new one only once it has the routes (before, it answers 404)."""
-    killed = _serve_proxies(service)
-    assert killed, "no HAProxy of Serve's found"
+    assert _serve_proxies(service), "no HAProxy of Serve's found"
     stop, outcomes = threading.Event(), []
     workers = [threading.Thread(target=_hammer, args=(service, stop, outcomes, "/fused")) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
         time.sleep(1)
-        for pid in list(killed):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:  # a process of an earlier reload, gone by itself meanwhile
-                killed.discard(pid)
+        killed: set[int] = set()
+        deadline = time.monotonic() + 10
+        # Serve reloads its HAProxy gracefully (a new process, the old one exits once drained), so
+        # the processes listed a moment ago may all be gone: list them again until one is killed.
+        while not killed and time.monotonic() < deadline:
+            for pid in _serve_proxies(service):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         assert killed, "no HAProxy of Serve's left to kill"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (_serve_proxies(service) - killed):

@@ -17,7 +17,7 @@ import yaml
 from deployments.config import FAST_PATH_ENV
 from deployments.processes import installed_command
 from tests.k8s.kuberay_schema import KubeRayValidator
-from transferdesk.review.store import STORE_FILE_ENV
+from transferdesk.review.database import STORE_FILE_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"

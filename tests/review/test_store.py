@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import Postgres
 from transferdesk.errors import TransferDeskError
-from transferdesk.review.store import STORE_ENV, STORE_FILE_ENV, Capture, Store, store_url
+from transferdesk.review.database import STORE_ENV, STORE_FILE_ENV, store_url
+from transferdesk.review.store import Capture, Store
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 

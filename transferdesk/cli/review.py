@@ -92,8 +92,9 @@ def cmd_review(args: argparse.Namespace) -> None:
 
 
 def export(cfg: ReviewConfig, out: str | None, pool: str | None) -> None:
+    from transferdesk.review.database import store_url
     from transferdesk.review.export import export_reviews
-    from transferdesk.review.store import Store, store_url
+    from transferdesk.review.store import Store
 
     if not out:
         raise TransferDeskError("review export needs --out FILE (the labelled CSV to write)")
@@ -116,7 +117,8 @@ def _clusters(cfg: ReviewConfig) -> tuple[Store, ClusterCache, list[str]]:
     from transferdesk.model.modeling import IntentModel
     from transferdesk.registry import open_version
     from transferdesk.review.clusters import NO_MODEL, ClusterCache
-    from transferdesk.review.store import Store, store_url
+    from transferdesk.review.database import store_url
+    from transferdesk.review.store import Store
 
     if not cfg.model:
         raise TransferDeskError(NO_MODEL)

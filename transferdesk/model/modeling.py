@@ -47,7 +47,14 @@ from transferdesk.model.network import (
 )
 from transferdesk.model.prediction import Heads, Prediction, rounded
 from transferdesk.model.runtime import OnnxSession, resolve_runtime
-from transferdesk.model.scores import OUTPUTS, OutputLayout, get_score, needed_outputs, network_outputs
+from transferdesk.model.scores import (
+    OUTPUTS,
+    OutputLayout,
+    get_score,
+    needed_outputs,
+    network_outputs,
+    training_calibration,
+)
 from transferdesk.registry import ENCODER_DIR, ModelVersion, open_version
 
 # The model object's own files inside a saved directory (a registry version holds more).
@@ -56,19 +63,6 @@ SETTINGS_FILE = "classifier.json"
 # Key prefix of the other tasks' heads in HEAD_FILE (the intent head's keys have none); each
 # network output's fitted tensor is under the output's name (scores.py).
 TASK_PREFIX = "tasks."
-# What a model in training scores out-of-scope messages by in place of a score that reads a
-# network output, which training fits last (train.calibrate).
-TRAINING_SCORE = "energy"
-
-
-def training_calibration(calibration: CalibrationConfig) -> CalibrationConfig:
-    """What a model in training scores out-of-scope messages by (validation's AUROC chooses
-    its epoch with it): the run's score, or TRAINING_SCORE in place of one that reads a network
-    output (the centroid score). Measured so: the centroid figures of benchmarks/out_of_scope.py
-    are of models whose epochs energy chose."""
-    if not get_score(calibration.score).outputs:
-        return calibration
-    return calibration.model_copy(update={"score": TRAINING_SCORE})
 
 
 class IntentModel:

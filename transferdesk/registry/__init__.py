@@ -1,9 +1,10 @@
 """The model registry: self-contained, versioned, checksummed model directories.
 
 Its on-disk format (`versions.py` describes a version's layout) is read and written here
-alone: `manifest.py` (file names, manifests, staging), `versions.py` (sealed versions, drafts,
-exports), `stages.py` (production, canary, …), `signing.py` (signed promotions), `card.py` (the model card), `caches.py`
-(training work later runs reuse) and `paths.py` (paths as its files hold them).
+alone: `manifest.py` (file names, manifests, staging), `versions.py` (sealed versions, drafts),
+`exports.py` (a version's ONNX export), `stages.py` (production, canary, …), `signing.py` (signed
+promotions), `card.py` (the model card), `caches.py` (training work later runs reuse) and
+`paths.py` (paths as its files hold them).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from transferdesk.errors import TransferDeskError
 from transferdesk.registry.caches import Caches, SavesEncoder, TeacherRecord
 from transferdesk.registry.card import model_card
+from transferdesk.registry.exports import Export, ExportMeta, HeadCheck, RuntimeCheck, save_export
 from transferdesk.registry.manifest import (
     ENCODER_DIR,
     EXPORT_DIR,
@@ -35,17 +37,12 @@ from transferdesk.registry.signing import Signer, TrustedKeys
 from transferdesk.registry.stages import StageEvent, StageRecord, Stages
 from transferdesk.registry.versions import (
     Draft,
-    Export,
-    ExportMeta,
-    HeadCheck,
     ModelVersion,
-    RuntimeCheck,
     SavesPretrained,
     VersionMeta,
     open_version,
     read_version,
     resolve_version_dir,
-    save_export,
 )
 
 log = logging.getLogger(__name__)
@@ -57,8 +54,6 @@ __all__ = [
     "ONNX_FILES",
     "SOURCES",
     "VERSION_RE",
-    "Signer",
-    "TrustedKeys",
     "Draft",
     "Export",
     "ExportMeta",
@@ -68,9 +63,11 @@ __all__ = [
     "RuntimeCheck",
     "SavesEncoder",
     "SavesPretrained",
+    "Signer",
     "StageEvent",
     "StageRecord",
     "TeacherRecord",
+    "TrustedKeys",
     "VersionMeta",
     "encoder_dir",
     "model_card",
@@ -130,7 +127,9 @@ class Registry(Stages, Caches):
         with self._stage_lock(version.name):
             return self._set_stage(version, stage, by, reason, "promote", signer)
 
-    def rollback(self, name: str, stage: str, by: str, reason: str, signer: Signer | None = None) -> StageEvent:
+    def rollback(
+        self, name: str, stage: str, by: str, reason: str, signer: Signer | None = None
+    ) -> StageEvent:
         """Point `stage` back at the version it held before its current promotion (repeated
         rollbacks walk further back, as an undo would)."""
         with self._stage_lock(name):

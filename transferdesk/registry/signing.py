@@ -60,13 +60,17 @@ class Signer:
     def load(cls, path: str | Path) -> Signer:
         path = Path(path)
         if not path.is_file():
-            raise TransferDeskError(f"signing key {path} not found; make one: transferdesk models keygen NAME")
+            raise TransferDeskError(
+                f"signing key {path} not found; make one: transferdesk models keygen NAME"
+            )
         if path.stat().st_mode & 0o077:
             raise TransferDeskError(f"signing key {path} is readable by others; chmod 600 it")
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         except (ValueError, TypeError) as err:
-            raise TransferDeskError(f"signing key {path} is not an unencrypted PEM private key: {err}") from None
+            raise TransferDeskError(
+                f"signing key {path} is not an unencrypted PEM private key: {err}"
+            ) from None
         if not isinstance(key, Ed25519PrivateKey):
             raise TransferDeskError(f"signing key {path} is not an Ed25519 key")
         if not NAME_RE.match(path.stem):
@@ -150,10 +154,14 @@ class TrustedKeys:
                 "promotions; promote it again with --key"
             )
         if fields["key_id"] not in self.keys:
-            raise TransferDeskError(f"{what} is signed by key {fields['key_id']}, which {self.origin} does not trust")
+            raise TransferDeskError(
+                f"{what} is signed by key {fields['key_id']}, which {self.origin} does not trust"
+            )
         name, public = self.keys[fields["key_id"]]
         if fields.get("by") != name:
-            raise TransferDeskError(f"{what} says it was promoted by {fields.get('by')!r}, but its key is held by {name!r}")
+            raise TransferDeskError(
+                f"{what} says it was promoted by {fields.get('by')!r}, but its key is held by {name!r}"
+            )
         try:
             public.verify(base64.b64decode(signature), signed_bytes(fields))
         except (InvalidSignature, ValueError):

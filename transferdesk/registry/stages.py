@@ -49,7 +49,11 @@ class StageRecord(Section):
 
     def signed_fields(self, name: str, stage: str) -> dict:
         """What the signature covers: which model's stage, and everything else it says."""
-        return {"model": name, "stage": stage, **self.model_dump(include=set(StageRecord.model_fields) - {"signature"})}
+        return {
+            "model": name,
+            "stage": stage,
+            **self.model_dump(include=set(StageRecord.model_fields) - {"signature"}),
+        }
 
 
 class StageEvent(StageRecord):

@@ -31,7 +31,8 @@ from transferdesk.model.explain import explain
 from transferdesk.review.access import COOKIE, Guard, ReviewerKeys, Sessions, json_error, owner
 from transferdesk.review.clusters import NO_MODEL, ClusterCache, UnknownCluster, UnknownIntent, name_cluster
 from transferdesk.review.config import ReviewConfig
-from transferdesk.review.store import Action, Store, StoreUnavailable, UnknownMessage, store_url
+from transferdesk.review.database import StoreUnavailable, UnknownMessage, store_url
+from transferdesk.review.store import Action, Store
 
 if TYPE_CHECKING:
     from transferdesk.model.modeling import IntentModel

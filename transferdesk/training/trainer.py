@@ -28,7 +28,7 @@ from transferdesk.config import (
     StageConfig,
 )
 from transferdesk.data import Dataset
-from transferdesk.model.modeling import IntentModel, training_calibration
+from transferdesk.model.modeling import IntentModel
 from transferdesk.model.network import (
     autocast,
     autocast_dtype,
@@ -36,6 +36,7 @@ from transferdesk.model.network import (
     select_device,
     tokenize,
 )
+from transferdesk.model.scores import training_calibration
 from transferdesk.training.losses import UNLABELLED, intent_loss, outlier_loss, task_loss
 from transferdesk.training.optim import build_optimizer, warmup_linear_decay
 from transferdesk.training.sampling import epoch_batches
