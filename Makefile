@@ -130,16 +130,16 @@ benchmark-review-loop: install
 	test -d registry/banking77-10shot || $(VENV)/bin/transferdesk train --config configs/banking77-10shot.yaml
 	$(PY) benchmarks/capture_cost.py --model registry/banking77-10shot/v1 --data ../shared/data/banking77/test.csv
 
-# Multi-task models: transfer modes (none, sequential, joint) on BANKING77 10-shot with CLINC150
-# as the source, 3 seeds; then each head's accuracy on the sample and what two extra heads cost.
 # New intents found among the hand-offs, added by a warm start, seen by drift: 3 seeds, ~45 min.
 benchmark-emerging-intents: install
 	$(PY) benchmarks/emerging_intents.py
 
-# Two requests in one message and explanations of decisions: 3 seeds, ~30 min.
+# Two requests in one message and explanations of decisions: 3 seeds, ~45 min.
 benchmark-multi-intent: install
 	$(PY) benchmarks/multi_intent.py
 
+# Multi-task models: transfer modes (none, sequential, joint) on BANKING77 10-shot with CLINC150
+# as the source, 3 seeds; then each head's accuracy on the sample and what two extra heads cost.
 benchmark-multitask: install
 	$(PY) benchmarks/multitask.py
 	$(PY) benchmarks/heads_cost.py

@@ -1,7 +1,7 @@
 """Messages as customers write them, on BANKING77 10-shot: two requests in one message, found by
 the single-intent model, and explanations of its decisions, how faithful and what they cost.
 
-    python benchmarks/multi_intent.py              # seeds 1 2 3 (about 30 min on 2 cores)
+    python benchmarks/multi_intent.py              # seeds 1 2 3 (about 45 min on 2 cores)
     python benchmarks/multi_intent.py --seeds 1
 
 Per seed, in a process of its own, the default recipe trains on `banking77/train_10.csv`
