@@ -770,10 +770,7 @@ class Ingress:
         # No call larger than a classifier batch; the calls spread over the replicas. A call that
         # fails (back-pressure, a time-out) fails the requests whose texts it held, not the batch.
         calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
-        parts = await asyncio.gather(
-            *(self._within_time(lambda c=c: self.classifier.remote(c), deadline) for c in calls),
-            return_exceptions=True,
-        )
+        parts = await self._classify(calls, deadline)
         scored: list[tuple[str, Prediction] | Exception] = []
         for call, part in zip(calls, parts, strict=True):
             if isinstance(part, BaseException):
@@ -806,6 +803,20 @@ class Ingress:
             for (answer, _), decisions in zip(routed, decided, strict=True):
                 answer.decisions = decisions
         return answers
+
+    async def _classify(self, calls: list[list[list[int]]], deadline: float) -> list[Any]:
+        """Each call's answer or the exception it failed with: fused, one call of the classifier
+        in this replica with them all (this batch is its batch); split, each call on whichever
+        Classifier replica its handle picks, where it joins the batch under way."""
+        if (classifier := in_process(self.classifier)) is not None:
+            try:
+                return await self._within_time(lambda: classifier.answer(calls), deadline)
+            except Exception as err:
+                return [err] * len(calls)
+        return await asyncio.gather(
+            *(self._within_time(lambda c=c: self.classifier.remote(c), deadline) for c in calls),
+            return_exceptions=True,
+        )
 
     async def _requests(self, texts: list[str], deadline: float) -> list[list[tuple[str, float]] | None]:
         """Each text's two requests, or None (args.multi_intent): every part of every cut of

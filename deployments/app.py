@@ -188,6 +188,8 @@ class Classifier:
         self.device, self.precision, self.policy_path = device, precision, routing_policy
         self.runtime = runtime  # args.runtime: what a user_config without `runtime` asks for
         self.gate = BatchGate()  # closed while a forward pass runs (deployments/gate.py)
+        self.passes = asyncio.Lock()  # one batch's forward passes at a time, whoever calls
+        self.max_batch_size = BATCHING.max_batch_size
         self.served = Served.load(model, device, precision, runtime, self.threads)
         self.requested = self.started_with = model
         self.requested_runtime = runtime
@@ -224,6 +226,7 @@ class Classifier:
             log.error("%s", self.switch_error)
             return
         self.predict.set_max_batch_size(cfg.max_batch_size)
+        self.max_batch_size = cfg.max_batch_size
         self.predict.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         # Unset means args.model: what a replica started now would serve.
         path = os.path.abspath(Path(cfg.model).expanduser()) if cfg.model else self.started_with
@@ -291,21 +294,37 @@ class Classifier:
         batch_size_fn=count_texts,
     )
     async def predict(self, calls: list[list[list[int]]]) -> list[CallResult]:
+        """The split topology's batches: calls of several Ingress replicas, together."""
+        return await self._answer_batch(calls)
+
+    async def answer(self, calls: list[list[list[int]]]) -> list[CallResult]:
+        """The fused topology's Ingress calls this with its whole batch: that batch is the
+        classifier's (a queue of the classifier's own would add a hand-over to every request),
+        in batches of at most max_batch_size texts."""
+        answers: list[CallResult] = []
+        for start, end in _batch_bounds([len(call) for call in calls], self.max_batch_size):
+            answers += await self._answer_batch(calls[start:end])
+        return answers
+
+    async def _answer_batch(self, calls: list[list[list[int]]]) -> list[CallResult]:
         """One forward pass over the texts of several calls (each call: up to CALL_TEXTS texts of
         one Ingress batch), and one more by the rollout's version over its calls (canary) or all
-        of them (shadow)."""
-        # One model (and rollout) for the whole batch, even if a switch lands meanwhile.
-        served, second, rollout = self.served, self.second, self.rollout
-        canary = [
-            second is not None and rollout.mode == "canary" and random.random() < rollout.share for _ in calls
-        ]
-        shadow = second if second is not None and rollout.mode == "shadow" else None
-        for model, picked in ((served, False), (second, True)):
-            if texts := sum(len(c) for c, k in zip(calls, canary, strict=True) if k is picked):
-                self.batch_sizes.observe(texts, tags={"model_version": model.version.spec})
-        # In a thread, so the replica stays responsive (health checks, metrics) meanwhile.
-        with self.gate.batch():
-            answers, shadowed = await asyncio.to_thread(self._answer, calls, served, second, canary, shadow)
+        of them (shadow); one batch at a time."""
+        async with self.passes:
+            # One model (and rollout) for the whole batch, even if a switch lands meanwhile.
+            served, second, rollout = self.served, self.second, self.rollout
+            canary = [
+                second is not None and rollout.mode == "canary" and random.random() < rollout.share
+                for _ in calls
+            ]
+            shadow = second if second is not None and rollout.mode == "shadow" else None
+            for model, picked in ((served, False), (second, True)):
+                if texts := sum(len(c) for c, k in zip(calls, canary, strict=True) if k is picked):
+                    self.batch_sizes.observe(texts, tags={"model_version": model.version.spec})
+            # In a thread, so the replica stays responsive (health checks, metrics) meanwhile.
+            with self.gate.batch():
+                work = (calls, served, second, canary, shadow)
+                answers, shadowed = await asyncio.to_thread(self._answer, *work)
         if shadowed:
             self._tally(shadow, answers, shadowed)
         return answers
@@ -384,6 +403,18 @@ class Classifier:
     def check_health(self) -> None:
         """Fails (and Serve replaces the replica) when the model cannot answer a forward pass."""
         self.served.model.check_forward()
+
+
+def _batch_bounds(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive runs of calls (their sizes in texts) of at most `limit` texts each; a call
+    larger than the limit runs alone."""
+    bounds, start, texts = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and texts + size > limit:
+            bounds.append((start, i))
+            start, texts = i, 0
+        texts += size
+    return [*bounds, (start, len(sizes))] if sizes else []
 
 
 def _score(served: Served, calls: list[list[list[int]]]) -> list[list[Prediction]]:

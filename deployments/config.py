@@ -83,7 +83,11 @@ class ClassifierConfig(Section):
         16, ge=CALL_TEXTS, le=256, description=f"Texts per forward pass at most (at least {CALL_TEXTS})."
     )
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, le=1, description="How long a batch waits to fill before it runs anyway."
+        0.0,
+        ge=0,
+        le=1,
+        description="How long a batch waits to fill before it runs anyway (the split topology's "
+        "Classifier; fused, the Ingress's batches never wait).",
     )
     model: str | None = Field(
         None,
