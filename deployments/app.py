@@ -300,7 +300,9 @@ class Classifier:
     async def answer(self, calls: list[list[list[int]]]) -> list[CallResult]:
         """The fused topology's Ingress calls this with its whole batch: that batch is the
         classifier's (a queue of the classifier's own would add a hand-over to every request),
-        in batches of at most max_batch_size texts."""
+        in batches of at most max_batch_size texts. Like a call of the split topology, it waits
+        at the gate while another pass (an explanation's) runs."""
+        await self.gate.wait()
         answers: list[CallResult] = []
         for start, end in _batch_bounds([len(call) for call in calls], self.max_batch_size):
             answers += await self._answer_batch(calls[start:end])
