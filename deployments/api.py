@@ -767,8 +767,9 @@ class Ingress:
         deadline = max(job.deadline for job in jobs)
         texts = [text for job in jobs for text in job.texts]
         ids = await self._within_time(lambda: self.tokenizer.remote(texts), deadline)
-        # No call larger than a classifier batch; the calls spread over the replicas. A call that
-        # fails (back-pressure, a time-out) fails the requests whose texts it held, not the batch.
+        # No call larger than a classifier batch; split, the calls spread over the replicas, and a
+        # call that fails (back-pressure, a time-out) fails the requests whose texts it held, not
+        # the batch. Fused, the classifier in this replica takes them all at once.
         calls = [ids[i : i + CALL_TEXTS] for i in range(0, len(ids), CALL_TEXTS)]
         parts = await self._classify(calls, deadline)
         scored: list[tuple[str, Prediction] | Exception] = []
