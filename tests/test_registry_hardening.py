@@ -103,6 +103,16 @@ def test_a_file_the_manifest_does_not_list_is_refused(v1: Path, name: str) -> No
         open_version(v1)
 
 
+def test_a_version_opened_earlier_is_verified_again_when_its_model_is_loaded(v1: Path) -> None:
+    from transferdesk.model.modeling import IntentModel
+
+    version = open_version(v1)  # verified now; the weights are read later
+    head = v1 / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    with pytest.raises(TransferDeskError, match=r"head\.safetensors"):
+        IntentModel.from_pretrained(version)
+
+
 def test_a_link_the_manifest_does_not_list_is_refused(v1: Path, tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     (v1 / "encoder" / "extra").symlink_to(tmp_path / "elsewhere", target_is_directory=True)

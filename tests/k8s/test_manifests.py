@@ -74,6 +74,18 @@ def test_standard_kinds_match_the_kubernetes_schemas(rendered: dict, target: str
 
 
 @pytest.mark.parametrize("target", TARGETS)
+def test_every_namespaced_object_lands_in_the_projects_namespace(rendered: dict, target: str) -> None:
+    # An object without one goes wherever `kubectl apply` points: a disruption budget in
+    # `default` guards no pod of ours, and nothing says so.
+    elsewhere = [
+        (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace"))
+        for d in rendered[target]
+        if d["kind"] != "Namespace" and d["metadata"].get("namespace") != "transferdesk"
+    ]
+    assert not elsewhere
+
+
+@pytest.mark.parametrize("target", TARGETS)
 def test_kuberay_kinds_match_the_crds(rendered: dict, kuberay: KubeRayValidator, target: str) -> None:
     ray_docs = [d for d in rendered[target] if d["apiVersion"] == "ray.io/v1"]
     assert {d["kind"] for d in ray_docs} == {"RayService", "RayJob", "RayCluster"}

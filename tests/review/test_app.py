@@ -3,8 +3,10 @@ over real HTTP, driven in a real headless Chromium (Debian's, by Playwright), an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -321,21 +323,51 @@ def test_without_the_served_model_the_page_says_clustering_needs_it(review_page:
     assert httpx.get(f"{review_page.url}/api/clusters").status_code == 401
 
 
-@pytest.fixture
-def cluster_page(served_version: ModelVersion, tmp_path: Path) -> Iterator[ReviewPage]:
-    """The page with the served model, over a SQLite store of hand-offs holding two clusters."""
+@contextlib.contextmanager
+def page_with_model(model: Path, tmp_path: Path) -> Iterator[ReviewPage]:
+    """The page with `model` served, over a SQLite store of hand-offs holding two clusters."""
     url = f"sqlite:///{tmp_path / 'capture.db'}"
     store = Store(url)
     store.migrate()
     add_handoffs(store)
     log = tmp_path / "review.log"
-    model = ["--model", str(served_version.path), "--clusters.min_cluster_size", "4"]
-    proc, page_url = start_review_page(url, log, ENV, *model)
+    settings = ["--model", str(model), "--clusters.min_cluster_size", "4"]
+    proc, page_url = start_review_page(url, log, ENV, *settings)
     try:
         yield ReviewPage(page_url, store, url, log)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def cluster_page(served_version: ModelVersion, tmp_path: Path) -> Iterator[ReviewPage]:
+    with page_with_model(served_version.path, tmp_path) as page:
+        yield page
+
+
+def test_a_served_model_that_cannot_be_loaded_is_a_clear_503_until_it_is_mended(
+    served_version: ModelVersion, tmp_path: Path
+) -> None:
+    # A copy of the registry: the session's version stays intact for the other tests.
+    registry = shutil.copytree(served_version.path.parents[1], tmp_path / "registry")
+    version = registry / served_version.path.parent.name / served_version.path.name
+    head = version / "head.safetensors"
+    intact = head.read_bytes()
+    ana = {"Authorization": f"Bearer {KEYS['ana']}"}
+    with page_with_model(version, tmp_path) as page:
+        # Replaced after the page started, before the model's first use (it is loaded lazily).
+        head.write_bytes(intact[:-4] + b"\x00\x00\x00\x00")
+        message = page.store.pending(1)[0].id
+        for path in (f"/api/messages/{message}/explain", "/api/clusters"):
+            answer = httpx.get(f"{page.url}{path}", headers=ana, timeout=60)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "model_unavailable"
+            assert str(version) in answer.json()["error"]["message"]
+        head.write_bytes(intact)  # mended: the next request loads it, without a restart
+        why = httpx.get(f"{page.url}/api/messages/{message}/explain", headers=ana, timeout=60)
+        assert why.status_code == 200 and why.json()["text"] == page.store.pending(1)[0].text
+        assert len(httpx.get(f"{page.url}/api/clusters", headers=ana, timeout=60).json()["clusters"]) == 2
 
 
 def test_a_reviewer_names_a_cluster_in_a_real_browser(cluster_page: ReviewPage) -> None:

@@ -143,8 +143,10 @@ class IntentModel:
     ) -> IntentModel:
         """A registry version (or a model directory: its newest), after verifying its manifest;
         with an ONNX runtime (or auto, see runtime.py), after verifying its export too.
-        `threads`: ONNX Runtime's intra-op threads (torch's are set process-wide)."""
-        version = spec if isinstance(spec, ModelVersion) else open_version(spec)
+        `threads`: ONNX Runtime's intra-op threads (torch's are set process-wide). A version
+        opened earlier is verified again: its files may have been replaced since (the review
+        page, say, opens its version at start and loads the model at its first use)."""
+        version = open_version(spec.path if isinstance(spec, ModelVersion) else spec)
         runtime, export = resolve_runtime(version, runtime, device)
         if export is None:
             return cls._load(version.path, device)

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=Path(__file__).with_name("templates"))
 
 
+class ModelUnavailable(TransferDeskError):
+    """The served model (--model) cannot be loaded now: its files changed or went missing."""
+
+
 class ReviewRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,13 +85,16 @@ def create_app(
         version = open_version(cfg.model)
         model_labels = version.labels
 
-        @cache
+        @cache  # successes only: a load that failed is tried again by the next request
         def served_model() -> IntentModel:
             # Loaded on the first clustering, not at start: a page nobody clusters on needs no
             # encoder in memory. Torch: embeddings come from the torch network.
             from transferdesk.model.modeling import IntentModel
 
-            return IntentModel.from_pretrained(version, runtime="torch")
+            try:
+                return IntentModel.from_pretrained(version, runtime="torch")
+            except (TransferDeskError, OSError) as err:
+                raise ModelUnavailable(f"the served model {version.path} cannot be loaded: {err}") from err
 
         clusters = ClusterCache(store, cfg.clusters, served_model)
     app = FastAPI(title="TransferDesk review", docs_url=None, redoc_url=None, openapi_url=None)
@@ -237,6 +244,11 @@ def create_app(
         except TransferDeskError as err:
             return json_error(422, "invalid_name", str(err))
         return asdict(named)
+
+    @app.exception_handler(ModelUnavailable)
+    async def _model_down(request: Request, err: ModelUnavailable) -> JSONResponse:
+        # The operator's to mend (the version's files, or --model); the page needs no restart.
+        return json_error(503, "model_unavailable", str(err))
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(request: Request, err: StoreUnavailable) -> JSONResponse:
