@@ -150,8 +150,7 @@ def test_a_post_in_flight_in_a_proxy_that_dies_is_a_json_502(
     proxies[0].dies_during_slow_requests = True
     # The body's end comes after its start has gone on to the proxy, as an upload's does: HAProxy
     # never holds this POST whole, so it cannot send it again. (A small body sent with its
-    # headers may be held whole, and then goes to the fallback like a GET: on a busy machine
-    # that happened here.)
+    # headers may be held whole, and then sent to the fallback like a GET.)
     body = json.dumps({"text": "where is my parcel"}).encode()
 
     def late() -> Iterator[bytes]:
